@@ -1,0 +1,322 @@
+"""Command line interface: ``pyrepl3-kernel <command> ...``.
+
+Each subcommand is a single function registered with :func:`subcommand`; its
+docstring is the help text and its arguments are declared in the decorator::
+
+    @subcommand("status", arg("--json", action="store_true", help="..."))
+    def cmd_status(args: argparse.Namespace) -> int:
+        \"\"\"Show the state of running kernels.\"\"\"
+        ...
+        return 0
+
+Handlers return the process exit code. Keep heavy imports inside handlers so
+that ``pyrepl3-kernel --version`` and ``--help`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pyrepl3_kernel._version import __version__
+
+PROG = "pyrepl3-kernel"
+DEFAULT_KERNEL_NAME = "pyrepl3"
+DEFAULT_DISPLAY_NAME = "PyREPL3"
+RESOURCES_DIR = Path(__file__).resolve().parent / "resources"
+LOGO_FILES = ("logo-32x32.png", "logo-64x64.png", "logo-svg.svg")
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# --------------------------------------------------------------------------
+# Subcommand registry
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Arg:
+    """Positional and keyword arguments for ``ArgumentParser.add_argument``."""
+
+    flags: tuple[str, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Exclusive:
+    """A mutually exclusive group of :class:`Arg`."""
+
+    args: tuple[Arg, ...]
+    required: bool = False
+
+
+def arg(*flags: str, **kwargs: Any) -> Arg:
+    return Arg(flags, kwargs)
+
+
+def exclusive(*args: Arg, required: bool = False) -> Exclusive:
+    return Exclusive(args, required)
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    handler: Handler
+    arguments: tuple[Arg | Exclusive, ...]
+
+    @property
+    def description(self) -> str:
+        return inspect.cleandoc(self.handler.__doc__ or "")
+
+    @property
+    def help(self) -> str:
+        return self.description.split("\n", 1)[0]
+
+
+#: subcommand name -> handler and its argument declarations, in CLI order.
+SUBCOMMANDS: dict[str, Subcommand] = {}
+
+
+def subcommand(name: str, *arguments: Arg | Exclusive) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the handler of ``pyrepl3-kernel NAME``."""
+
+    def register(handler: Handler) -> Handler:
+        if name in SUBCOMMANDS:
+            raise ValueError(f"subcommand {name!r} registered twice")
+        SUBCOMMANDS[name] = Subcommand(handler, arguments)
+        return handler
+
+    return register
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="PyREPL3: a Jupyter kernel that runs user code in an isolated worker process.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>", title="commands")
+    for name, spec in SUBCOMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=spec.help,
+            description=spec.description,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        for item in spec.arguments:
+            if isinstance(item, Exclusive):
+                group = p.add_mutually_exclusive_group(required=item.required)
+                for a in item.args:
+                    group.add_argument(*a.flags, **a.kwargs)
+            else:
+                p.add_argument(*item.flags, **item.kwargs)
+        p.set_defaults(handler=spec.handler)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    return handler(args)
+
+
+def _error(message: str) -> int:
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    return 1
+
+
+# --------------------------------------------------------------------------
+# Kernel spec
+# --------------------------------------------------------------------------
+
+
+def kernel_spec_dict(
+    executable: str | None = None,
+    display_name: str = DEFAULT_DISPLAY_NAME,
+    env: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """The content of the ``kernel.json`` written by ``install``."""
+    spec: dict[str, Any] = {
+        "argv": [
+            executable or sys.executable,
+            "-m",
+            "pyrepl3_kernel",
+            "-f",
+            "{connection_file}",
+        ],
+        "display_name": display_name,
+        "language": "python",
+        "interrupt_mode": "message",
+        "metadata": {"debugger": False, "pyrepl3": {"version": __version__}},
+    }
+    if env:
+        spec["env"] = dict(env)
+    return spec
+
+
+def write_kernel_spec(
+    directory: Path,
+    executable: str | None = None,
+    display_name: str = DEFAULT_DISPLAY_NAME,
+    env: dict[str, str] | None = None,
+) -> list[str]:
+    """Write kernel.json and copy the logos into *directory*.
+
+    Returns the names of logo files that could not be found.
+    """
+    import shutil
+
+    spec = kernel_spec_dict(executable, display_name, env)
+    (directory / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
+    missing = []
+    for name in LOGO_FILES:
+        src = RESOURCES_DIR / name
+        if src.is_file():
+            shutil.copyfile(src, directory / name)
+        else:
+            missing.append(name)
+    return missing
+
+
+def _env_pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+# --------------------------------------------------------------------------
+# Subcommands
+# --------------------------------------------------------------------------
+
+
+@subcommand(
+    "install",
+    exclusive(
+        arg("--user", action="store_true", help="install for the current user"),
+        arg(
+            "--sys-prefix",
+            action="store_true",
+            help=f"install into this Python environment ({sys.prefix})",
+        ),
+        arg("--prefix", metavar="PATH", help="install into PATH/share/jupyter/kernels"),
+    ),
+    arg(
+        "--name",
+        default=DEFAULT_KERNEL_NAME,
+        help=f"kernel spec name (default: {DEFAULT_KERNEL_NAME})",
+    ),
+    arg(
+        "--display-name",
+        default=DEFAULT_DISPLAY_NAME,
+        help=f"name shown in Jupyter front ends (default: {DEFAULT_DISPLAY_NAME})",
+    ),
+    arg(
+        "--env",
+        metavar="KEY=VALUE",
+        type=_env_pair,
+        nargs="+",
+        action="extend",
+        default=[],
+        help="environment variable to set for the kernel (repeatable)",
+    ),
+)
+def cmd_install(args: argparse.Namespace) -> int:
+    """Install the PyREPL3 kernel spec for Jupyter.
+
+    Without --user, --sys-prefix or --prefix the spec goes to the system-wide
+    Jupyter directory, like `jupyter kernelspec install`. The kernel is started
+    with the Python running this command.
+    """
+    import logging
+    import tempfile
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    ksm = KernelSpecManager()
+    # We report a missing search path ourselves, more readably.
+    ksm.log = logging.getLogger("pyrepl3_kernel.cli.kernelspec")
+    ksm.log.disabled = True
+
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    with tempfile.TemporaryDirectory(prefix="pyrepl3-kernelspec-") as tmp:
+        # The temp dir is 0700 and copytree keeps that mode: make it readable
+        # by everyone, or a system-wide spec is invisible to other users.
+        os.chmod(tmp, 0o755)
+        missing = write_kernel_spec(Path(tmp), sys.executable, args.display_name, dict(args.env))
+        try:
+            dest = ksm.install_kernel_spec(
+                tmp, kernel_name=args.name, user=args.user, prefix=prefix
+            )
+        except ValueError as exc:  # invalid kernel name
+            return _error(str(exc))
+        except PermissionError as exc:
+            return _error(f"{exc}\n(try --user or --sys-prefix)")
+        except OSError as exc:
+            return _error(str(exc))
+
+    for name in missing:
+        print(f"{PROG}: warning: logo {name} not found in {RESOURCES_DIR}", file=sys.stderr)
+    print(f"Installed kernel spec {args.name.lower()!r} ({args.display_name}) in {dest}")
+    kernels_dir = os.path.dirname(dest)
+    if os.path.abspath(kernels_dir) not in map(os.path.abspath, ksm.kernel_dirs):
+        print(
+            f"{PROG}: warning: {kernels_dir} is not on Jupyter's kernel search path; "
+            f"add {os.path.dirname(kernels_dir)} to JUPYTER_PATH so Jupyter can find it",
+            file=sys.stderr,
+        )
+    return 0
+
+
+@subcommand(
+    "uninstall",
+    arg(
+        "--name",
+        default=DEFAULT_KERNEL_NAME,
+        help=f"kernel spec name (default: {DEFAULT_KERNEL_NAME})",
+    ),
+    arg("-y", "--yes", action="store_true", help="do not ask for confirmation"),
+)
+def cmd_uninstall(args: argparse.Namespace) -> int:
+    """Remove an installed PyREPL3 kernel spec.
+
+    Removes the spec Jupyter would use (the first one on its search path).
+    """
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    name = args.name.lower()
+    ksm = KernelSpecManager()
+    ksm.ensure_native_kernel = False
+    specs = ksm.find_kernel_specs()
+    if name not in specs:
+        return _error(f"kernel spec {name!r} is not installed")
+    if not args.yes:
+        try:
+            answer = input(f"Remove kernel spec {name!r} in {specs[name]}? [y/N] ")
+        except EOFError:
+            answer = ""
+        if answer.strip().lower() not in ("y", "yes"):
+            return _error("aborted; nothing removed (use -y to skip this question)")
+    try:
+        removed = ksm.remove_kernel_spec(name)
+    except OSError as exc:
+        return _error(f"could not remove {specs[name]}: {exc}")
+    print(f"Removed kernel spec {name!r} from {removed}")
+    other = ksm.find_kernel_specs().get(name)
+    if other:
+        print(f"Note: another {name!r} kernel spec is still installed in {other}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,452 @@
+"""The native protocol's messages, as plain data classes.
+
+Every message has an ``id``, a ``timestamp`` and, when it answers or belongs to
+another message, a ``parent_id``. Its ``type`` is a :class:`MessageType`, a
+``str`` enum, so ``msg.type == "output"`` and ``msg.type == MessageType.OUTPUT``
+both hold. ``docs/protocol.md`` is the normative description; this module is
+its Python rendering and holds no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+import typing
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+
+class MessageType(str, enum.Enum):
+    """Every message type of protocol version 1."""
+
+    # handshake and lifecycle
+    READY = "ready"
+    HELLO = "hello"
+    PING = "ping"
+    PONG = "pong"
+    SHUTDOWN = "shutdown"
+    SHUTDOWN_REPLY = "shutdown_reply"
+    STATUS = "status"
+    PROTOCOL_ERROR = "protocol_error"
+    # execution
+    EXECUTE = "execute"
+    OUTPUT = "output"
+    DISPLAY = "display"
+    CLEAR_OUTPUT = "clear_output"
+    RESULT = "result"
+    ERROR = "error"
+    EXECUTE_REPLY = "execute_reply"
+    INPUT = "input"
+    INPUT_RESPONSE = "input_response"
+    INTERRUPT = "interrupt"
+    # introspection
+    COMPLETE = "complete"
+    COMPLETE_REPLY = "complete_reply"
+    INSPECT = "inspect"
+    INSPECT_REPLY = "inspect_reply"
+    HISTORY = "history"
+    HISTORY_REPLY = "history_reply"
+    IS_COMPLETE = "is_complete"
+    IS_COMPLETE_REPLY = "is_complete_reply"
+    # comms
+    COMM_OPEN = "comm_open"
+    COMM_MSG = "comm_msg"
+    COMM_CLOSE = "comm_close"
+    COMM_INFO = "comm_info"
+    COMM_INFO_REPLY = "comm_info_reply"
+    ACK = "ack"
+    # health
+    HEALTH = "health"
+    HEALTH_REPLY = "health_reply"
+    # reserved for state management (a version-1 worker that does not
+    # implement them answers with protocol_error "unsupported")
+    CHECKPOINT = "checkpoint"
+    CHECKPOINT_REPLY = "checkpoint_reply"
+    RESTORE = "restore"
+    RESTORE_REPLY = "restore_reply"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def new_id() -> str:
+    """A fresh message id (32 hex digits)."""
+    return uuid.uuid4().hex
+
+
+@dataclass(kw_only=True)
+class Message:
+    """Fields common to every message."""
+
+    type: ClassVar[MessageType]
+    id: str = field(default_factory=new_id)
+    timestamp: float = field(default_factory=time.time)
+    parent_id: str | None = None
+
+
+# -- handshake and lifecycle -------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ReadyMessage(Message):
+    """Worker -> client, first message: the worker is up and what it speaks."""
+
+    type: ClassVar[MessageType] = MessageType.READY
+    protocol_versions: list[int] = field(default_factory=list)
+    pid: int = 0
+    implementation: str = ""
+    implementation_version: str = ""
+    language_info: dict[str, Any] = field(default_factory=dict)
+    banner: str = ""
+    capabilities: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class HelloMessage(Message):
+    """Client -> worker, answer to READY: the protocol version both will use."""
+
+    type: ClassVar[MessageType] = MessageType.HELLO
+    version: int = 1
+
+
+@dataclass(kw_only=True)
+class PingMessage(Message):
+    type: ClassVar[MessageType] = MessageType.PING
+
+
+@dataclass(kw_only=True)
+class PongMessage(Message):
+    type: ClassVar[MessageType] = MessageType.PONG
+
+
+@dataclass(kw_only=True)
+class ShutdownMessage(Message):
+    type: ClassVar[MessageType] = MessageType.SHUTDOWN
+    restart: bool = False
+
+
+@dataclass(kw_only=True)
+class ShutdownReplyMessage(Message):
+    type: ClassVar[MessageType] = MessageType.SHUTDOWN_REPLY
+    status: str = "ok"
+    restart: bool = False
+
+
+@dataclass(kw_only=True)
+class StatusMessage(Message):
+    """State of the worker as seen by its supervisor (``dead``, ``restarted``)."""
+
+    type: ClassVar[MessageType] = MessageType.STATUS
+    state: str = ""
+    detail: str = ""
+
+
+@dataclass(kw_only=True)
+class ProtocolErrorMessage(Message):
+    """A message could not be accepted. ``code`` is one of ``malformed``,
+    ``unknown_type``, ``unsupported_version``, ``too_large``, ``bad_field``,
+    ``unexpected``, ``unsupported``."""
+
+    type: ClassVar[MessageType] = MessageType.PROTOCOL_ERROR
+    code: str = ""
+    detail: str = ""
+
+
+# -- execution ---------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ExecuteMessage(Message):
+    """Client -> worker: run ``code``."""
+
+    type: ClassVar[MessageType] = MessageType.EXECUTE
+    code: str = ""
+    silent: bool = False
+    store_history: bool = True
+    user_expressions: dict[str, Any] = field(default_factory=dict)
+    allow_stdin: bool = True
+    cell_id: str | None = None
+
+
+@dataclass(kw_only=True)
+class OutputMessage(Message):
+    """Text written to ``stdout`` or ``stderr`` (``stream``) while a request ran."""
+
+    type: ClassVar[MessageType] = MessageType.OUTPUT
+    stream: str = "stdout"
+    data: str = ""
+
+
+@dataclass(kw_only=True)
+class DisplayMessage(Message):
+    """A rich display (``update`` = update the display named by
+    ``transient["display_id"]``)."""
+
+    type: ClassVar[MessageType] = MessageType.DISPLAY
+    data: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    transient: dict[str, Any] = field(default_factory=dict)
+    update: bool = False
+
+    @property
+    def display_id(self) -> str | None:
+        value = self.transient.get("display_id")
+        return value if isinstance(value, str) else None
+
+
+@dataclass(kw_only=True)
+class ClearOutputMessage(Message):
+    type: ClassVar[MessageType] = MessageType.CLEAR_OUTPUT
+    wait: bool = False
+
+
+@dataclass(kw_only=True)
+class ResultMessage(Message):
+    """The value of the cell's last expression (Jupyter's execute_result)."""
+
+    type: ClassVar[MessageType] = MessageType.RESULT
+    execution_count: int = 0
+    data: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class ErrorMessage(Message):
+    type: ClassVar[MessageType] = MessageType.ERROR
+    ename: str = ""
+    evalue: str = ""
+    traceback: list[str] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class ExecuteReplyMessage(Message):
+    """Last message of an execution. ``status`` is ``ok``, ``error`` or
+    ``aborted``."""
+
+    type: ClassVar[MessageType] = MessageType.EXECUTE_REPLY
+    status: str = "ok"
+    execution_count: int = 0
+    ename: str = ""
+    evalue: str = ""
+    traceback: list[str] = field(default_factory=list)
+    payload: list[dict[str, Any]] = field(default_factory=list)
+    user_expressions: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class InputMessage(Message):
+    """Worker -> client: the running code waits for a line of input. Answer
+    with an INPUT_RESPONSE whose ``parent_id`` is this message's ``id``."""
+
+    type: ClassVar[MessageType] = MessageType.INPUT
+    prompt: str = ""
+    password: bool = False
+
+
+@dataclass(kw_only=True)
+class InputResponseMessage(Message):
+    type: ClassVar[MessageType] = MessageType.INPUT_RESPONSE
+    value: str = ""
+
+
+@dataclass(kw_only=True)
+class InterruptMessage(Message):
+    """Raise KeyboardInterrupt in the running code. With ``target``, only if
+    the execution with that id is the one running."""
+
+    type: ClassVar[MessageType] = MessageType.INTERRUPT
+    target: str | None = None
+
+
+# -- introspection -----------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class CompleteMessage(Message):
+    type: ClassVar[MessageType] = MessageType.COMPLETE
+    code: str = ""
+    cursor_pos: int | None = None
+
+
+@dataclass(kw_only=True)
+class CompleteReplyMessage(Message):
+    type: ClassVar[MessageType] = MessageType.COMPLETE_REPLY
+    status: str = "ok"
+    matches: list[str] = field(default_factory=list)
+    cursor_start: int = 0
+    cursor_end: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class InspectMessage(Message):
+    type: ClassVar[MessageType] = MessageType.INSPECT
+    code: str = ""
+    cursor_pos: int | None = None
+    detail_level: int = 0
+
+
+@dataclass(kw_only=True)
+class InspectReplyMessage(Message):
+    type: ClassVar[MessageType] = MessageType.INSPECT_REPLY
+    status: str = "ok"
+    found: bool = False
+    data: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class HistoryMessage(Message):
+    """``hist_access_type`` is ``tail``, ``range`` or ``search``, with the
+    fields of Jupyter's history_request."""
+
+    type: ClassVar[MessageType] = MessageType.HISTORY
+    hist_access_type: str = "tail"
+    output: bool = False
+    raw: bool = True
+    session: int = 0
+    start: int = 0
+    stop: int | None = None
+    n: int | None = None
+    pattern: str = "*"
+    unique: bool = False
+
+
+@dataclass(kw_only=True)
+class HistoryReplyMessage(Message):
+    """``history``: ``[session, line, input]`` or, with output,
+    ``[session, line, [input, output]]`` entries."""
+
+    type: ClassVar[MessageType] = MessageType.HISTORY_REPLY
+    status: str = "ok"
+    history: list[Any] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class IsCompleteMessage(Message):
+    type: ClassVar[MessageType] = MessageType.IS_COMPLETE
+    code: str = ""
+
+
+@dataclass(kw_only=True)
+class IsCompleteReplyMessage(Message):
+    """``status`` is ``complete``, ``incomplete``, ``invalid`` or ``unknown``."""
+
+    type: ClassVar[MessageType] = MessageType.IS_COMPLETE_REPLY
+    status: str = "unknown"
+    indent: str = ""
+
+
+# -- comms -------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class CommOpenMessage(Message):
+    type: ClassVar[MessageType] = MessageType.COMM_OPEN
+    comm_id: str = ""
+    target_name: str = ""
+    target_module: str | None = None
+    data: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    buffers: list[bytes] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class CommMsgMessage(Message):
+    type: ClassVar[MessageType] = MessageType.COMM_MSG
+    comm_id: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    buffers: list[bytes] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class CommCloseMessage(Message):
+    type: ClassVar[MessageType] = MessageType.COMM_CLOSE
+    comm_id: str = ""
+    data: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, Any] = field(default_factory=dict)
+    buffers: list[bytes] = field(default_factory=list)
+
+
+@dataclass(kw_only=True)
+class CommInfoMessage(Message):
+    type: ClassVar[MessageType] = MessageType.COMM_INFO
+    target_name: str | None = None
+
+
+@dataclass(kw_only=True)
+class CommInfoReplyMessage(Message):
+    type: ClassVar[MessageType] = MessageType.COMM_INFO_REPLY
+    status: str = "ok"
+    comms: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class AckMessage(Message):
+    """Last message for a client request that has no reply of its own
+    (comm_open, comm_msg and comm_close from the client)."""
+
+    type: ClassVar[MessageType] = MessageType.ACK
+    status: str = "ok"
+    ename: str = ""
+    evalue: str = ""
+
+
+# -- health ------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class HealthMessage(Message):
+    type: ClassVar[MessageType] = MessageType.HEALTH
+
+
+@dataclass(kw_only=True)
+class HealthReplyMessage(Message):
+    """Resource usage of the worker process, measured by the worker."""
+
+    type: ClassVar[MessageType] = MessageType.HEALTH_REPLY
+    pid: int = 0
+    rss_bytes: int = 0
+    max_rss_bytes: int = 0
+    cpu_user_s: float = 0.0
+    cpu_system_s: float = 0.0
+    uptime_s: float = 0.0
+    threads: int = 0
+    executing: str | None = None
+    execution_count: int = 0
+
+
+MESSAGE_CLASSES: dict[MessageType, type[Message]] = {}
+for _cls in list(globals().values()):
+    if isinstance(_cls, type) and issubclass(_cls, Message) and _cls is not Message:
+        MESSAGE_CLASSES[_cls.type] = _cls
+
+#: The reply type that ends each request the worker answers. Everything the
+#: worker sends on behalf of a request comes before its reply.
+REPLY_TYPES: dict[MessageType, MessageType] = {
+    MessageType.EXECUTE: MessageType.EXECUTE_REPLY,
+    MessageType.COMPLETE: MessageType.COMPLETE_REPLY,
+    MessageType.INSPECT: MessageType.INSPECT_REPLY,
+    MessageType.HISTORY: MessageType.HISTORY_REPLY,
+    MessageType.IS_COMPLETE: MessageType.IS_COMPLETE_REPLY,
+    MessageType.COMM_INFO: MessageType.COMM_INFO_REPLY,
+    MessageType.COMM_OPEN: MessageType.ACK,
+    MessageType.COMM_MSG: MessageType.ACK,
+    MessageType.COMM_CLOSE: MessageType.ACK,
+    MessageType.HEALTH: MessageType.HEALTH_REPLY,
+    MessageType.SHUTDOWN: MessageType.SHUTDOWN_REPLY,
+    MessageType.PING: MessageType.PONG,
+}
+
+
+def _field_types(cls: type[Message]) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+FIELD_TYPES: dict[type[Message], dict[str, Any]] = {
+    cls: _field_types(cls) for cls in MESSAGE_CLASSES.values()
+}

@@ -1,0 +1,230 @@
+"""``SessionPool``: warm sessions, ready before anyone asks.
+
+A session is handed out once. ``release`` never hands it on: it is shut down
+and a fresh one warms up in its place, so no user ever sees another user's
+state. Idle sessions whose worker died are replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from ..protocol import ExecuteMessage, MessageType
+from .manager import Session, WorkerStartError
+
+log = logging.getLogger("pyrepl3.pool")
+
+
+class PoolExhausted(RuntimeError):
+    """No session could be had within the acquire timeout."""
+
+
+@dataclass
+class PoolConfig:
+    """How a :class:`SessionPool` behaves.
+
+    ``min_idle`` warm sessions are kept ready; at most ``max_sessions`` exist
+    at once (idle, warming and handed out). ``warmup_code`` runs in every
+    session before it is handed out (silently, outside the history).
+    """
+
+    min_idle: int = 2
+    max_sessions: int = 10
+    warmup_code: str = ""
+    acquire_timeout: float = 30.0
+    #: How many sessions may be warming up at the same time.
+    max_concurrent_starts: int = 2
+    python: str | None = None
+    cwd: str | None = None
+    env: Mapping[str, str] | None = None
+    startup_timeout: float = 60.0
+    session_factory: Callable[[], Session] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.min_idle < 0:
+            raise ValueError("min_idle must be >= 0")
+        if self.max_sessions < 1:
+            raise ValueError("max_sessions must be >= 1")
+        if self.min_idle > self.max_sessions:
+            raise ValueError(f"min_idle ({self.min_idle}) exceeds max_sessions ({self.max_sessions})")
+        if self.max_concurrent_starts < 1:
+            raise ValueError("max_concurrent_starts must be >= 1")
+
+
+class WarmupError(WorkerStartError):
+    """The warm-up code failed; the session was discarded."""
+
+
+class SessionPool:
+    """A pool of warm :class:`Session` objects."""
+
+    def __init__(self, config: PoolConfig | None = None) -> None:
+        self.config = config or PoolConfig()
+        self._idle: list[Session] = []
+        self._leased: set[Session] = set()
+        self._starting = 0
+        self._changed = asyncio.Condition()
+        self._start_slots = asyncio.Semaphore(self.config.max_concurrent_starts)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._running = False
+        self._consecutive_failures = 0
+        self.last_error: BaseException | None = None
+
+    # -- public API -------------------------------------------------------------
+
+    async def start(self, wait: bool = True) -> None:
+        """Begin warming ``min_idle`` sessions; with ``wait``, until they are ready."""
+        self._running = True
+        self._refill()
+        if wait:
+            async with self._changed:
+                await self._changed.wait_for(
+                    lambda: len(self._idle) >= self.config.min_idle or self._consecutive_failures >= 3
+                )
+            if len(self._idle) < self.config.min_idle and self.last_error is not None:
+                raise WorkerStartError(f"the pool could not warm up sessions: {self.last_error}")
+
+    async def acquire(self, timeout: float | None = None) -> Session:
+        """A warm session for exclusive use, started on demand if none is idle.
+
+        Raises :class:`PoolExhausted` if ``max_sessions`` are in use and none
+        comes free within ``timeout`` (default: ``config.acquire_timeout``).
+        """
+        if not self._running:
+            raise RuntimeError("the pool is not started")
+        timeout = self.config.acquire_timeout if timeout is None else timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            session = self._pop_idle()
+            if session is not None:
+                self._leased.add(session)
+                self._refill()
+                return session
+            if self._total < self.config.max_sessions:
+                self._spawn()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise PoolExhausted(
+                    f"no session available within {timeout:.1f} s: {len(self._leased)} of "
+                    f"max_sessions={self.config.max_sessions} are in use; release one or raise max_sessions"
+                )
+            async with self._changed:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), remaining)
+
+    async def release(self, session: Session) -> None:
+        """Give a session back. It is shut down (never handed on) and the pool
+        warms a replacement."""
+        if session not in self._leased:
+            raise ValueError("this session was not acquired from this pool (or was released already)")
+        self._leased.discard(session)
+        await session.shutdown()
+        await self._notify()
+        self._refill()
+
+    async def stop(self) -> None:
+        """Shut down every session, idle and leased, and stop refilling."""
+        self._running = False
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        sessions = self._idle + list(self._leased)
+        self._idle.clear()
+        self._leased.clear()
+        await asyncio.gather(*(s.shutdown() for s in sessions), return_exceptions=True)
+
+    @property
+    def stats(self) -> dict[str, int]:
+        return {
+            "idle": len(self._idle),
+            "leased": len(self._leased),
+            "starting": self._starting,
+            "max_sessions": self.config.max_sessions,
+            "min_idle": self.config.min_idle,
+        }
+
+    async def __aenter__(self) -> SessionPool:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    # -- internals --------------------------------------------------------------
+
+    @property
+    def _total(self) -> int:
+        return len(self._idle) + len(self._leased) + self._starting
+
+    def _pop_idle(self) -> Session | None:
+        while self._idle:
+            session = self._idle.pop(0)
+            if session.is_alive:
+                return session
+            log.warning("discarding dead idle session: %s", session.death_cause)
+        return None
+
+    def _refill(self) -> None:
+        if not self._running or self._consecutive_failures >= 3:
+            return
+        self._idle = [s for s in self._idle if s.is_alive]
+        missing = self.config.min_idle - len(self._idle) - self._starting
+        room = self.config.max_sessions - self._total
+        for _ in range(max(0, min(missing, room))):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        self._starting += 1
+        task = asyncio.get_running_loop().create_task(self._warm_one())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _new_session(self) -> Session:
+        if self.config.session_factory is not None:
+            return self.config.session_factory()
+        cfg = self.config
+        return Session(python=cfg.python, cwd=cfg.cwd, env=cfg.env, startup_timeout=cfg.startup_timeout)
+
+    async def _warm_one(self) -> None:
+        session = self._new_session()
+        try:
+            async with self._start_slots:
+                await session.start()
+                if self.config.warmup_code:
+                    await self._warm_up(session)
+        except BaseException as exc:
+            self._starting -= 1
+            await session.shutdown()
+            if not isinstance(exc, asyncio.CancelledError):
+                self._consecutive_failures += 1
+                self.last_error = exc
+                log.error("could not warm a session: %s", exc)
+            await self._notify()
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        self._starting -= 1
+        self._consecutive_failures = 0
+        if self._running:
+            self._idle.append(session)
+        else:
+            await session.shutdown()
+        await self._notify()
+
+    async def _warm_up(self, session: Session) -> None:
+        code = self.config.warmup_code
+        msg = ExecuteMessage(code=code, silent=True, store_history=False, allow_stdin=False)
+        async for reply in session.execute(msg):
+            if reply.type == MessageType.EXECUTE_REPLY and getattr(reply, "status", "") != "ok":
+                raise WarmupError(
+                    f"warmup_code failed with {getattr(reply, 'ename', '')}: {getattr(reply, 'evalue', '')}"
+                )
+
+    async def _notify(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()

@@ -1,0 +1,1 @@
+"""The worker subprocess. Only its own entry point imports this package."""

@@ -1,0 +1,468 @@
+"""The worker: runs user code on the main thread, talks on an I/O thread.
+
+Requests that touch the shell (execute, complete, inspect, history, comms, ...)
+are queued to the main thread and answered in order; interrupt, input
+responses, ping and health are answered on the I/O thread at once, even while
+user code runs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import getpass
+import logging
+import os
+import queue
+import resource
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .._version import __version__
+from ..protocol import (
+    SUPPORTED_VERSIONS,
+    AckMessage,
+    CommInfoReplyMessage,
+    CompleteReplyMessage,
+    ExecuteMessage,
+    ExecuteReplyMessage,
+    HealthReplyMessage,
+    HelloMessage,
+    HistoryMessage,
+    HistoryReplyMessage,
+    InputMessage,
+    InputResponseMessage,
+    InspectReplyMessage,
+    InterruptMessage,
+    IsCompleteReplyMessage,
+    Message,
+    MessageType,
+    PongMessage,
+    ProtocolErrorMessage,
+    ReadyMessage,
+    ShutdownReplyMessage,
+)
+from .channel import Channel
+
+log = logging.getLogger("pyrepl3.worker")
+
+#: Requests answered in order on the main thread.
+MAIN_THREAD_TYPES = frozenset(
+    {
+        MessageType.EXECUTE,
+        MessageType.COMPLETE,
+        MessageType.INSPECT,
+        MessageType.HISTORY,
+        MessageType.IS_COMPLETE,
+        MessageType.COMM_INFO,
+        MessageType.COMM_OPEN,
+        MessageType.COMM_MSG,
+        MessageType.COMM_CLOSE,
+        MessageType.SHUTDOWN,
+    }
+)
+
+LANGUAGE_INFO = {
+    "name": "python",
+    "version": sys.version.split()[0],
+    "mimetype": "text/x-python",
+    "codemirror_mode": {"name": "ipython", "version": 3},
+    "pygments_lexer": "ipython3",
+    "nbconvert_exporter": "python",
+    "file_extension": ".py",
+}
+
+CAPABILITIES = ["stdin", "interrupt", "comms", "display", "complete", "inspect", "history", "health"]
+
+
+class _InputSlot:
+    __slots__ = ("event", "value")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value = ""
+
+
+class Worker:
+    """One worker process: a shell, a channel and the request loop."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.channel = Channel(sock, (1, 2))
+        self.started = time.monotonic()
+        self._requests: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        self._inputs: dict[str, _InputSlot] = {}
+        self._parent: str | None = None  # request whose effects are being emitted
+        self._running: str | None = None  # id of the request running user code
+        self._allow_stdin = False
+        self._in_user_code = False
+        self._handlers: dict[MessageType, Callable[[Any], None]] = {
+            MessageType.EXECUTE: self._execute,
+            MessageType.COMPLETE: self._complete,
+            MessageType.INSPECT: self._inspect,
+            MessageType.HISTORY: self._history,
+            MessageType.IS_COMPLETE: self._is_complete,
+            MessageType.COMM_INFO: self._comm_info,
+            MessageType.COMM_OPEN: self._comm,
+            MessageType.COMM_MSG: self._comm,
+            MessageType.COMM_CLOSE: self._comm,
+        }
+        self.shell = self._make_shell()
+
+    # -- Outlet (used by the shell hooks and comms) ---------------------------
+
+    @property
+    def parent_id(self) -> str | None:
+        return self._parent
+
+    def emit(self, msg: Message) -> None:
+        self.channel.drain_streams()
+        self.channel.send(msg)
+
+    # -- setup ----------------------------------------------------------------
+
+    def _make_shell(self) -> Any:
+        from traitlets.config import Config
+
+        from . import comms
+        from .shell import KernelShim, ZMQInteractiveShell
+
+        if "MPLBACKEND" not in os.environ:
+            import importlib.util
+
+            if importlib.util.find_spec("matplotlib_inline") is not None:
+                os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+        config = Config()
+        # tqdm.autonotebook and others look for this key to detect a kernel.
+        config.IPKernelApp = Config()
+        shell = ZMQInteractiveShell.instance(config=config, outlet=self)
+        shell.kernel = KernelShim(self)
+        self.comm_manager = comms.install(self)
+        builtins.input = self._input
+        getpass.getpass = self._getpass
+        return shell
+
+    # -- the request loop -----------------------------------------------------
+
+    def run(self) -> None:
+        signal.signal(signal.SIGINT, self._on_sigint)
+        reader = threading.Thread(target=self.channel.serve, args=(self._dispatch,), daemon=True, name="pyrepl3-io")
+        reader.start()
+        self.channel.send(
+            ReadyMessage(
+                protocol_versions=list(SUPPORTED_VERSIONS),
+                pid=os.getpid(),
+                implementation="pyrepl3",
+                implementation_version=__version__,
+                language_info=LANGUAGE_INFO,
+                banner=self.shell.banner,
+                capabilities=CAPABILITIES,
+            )
+        )
+        while True:
+            try:
+                req = self._requests.get()
+            except KeyboardInterrupt:
+                continue
+            if req is None:
+                break
+            if req.type == MessageType.SHUTDOWN:
+                self._shutdown(req)
+                break
+            self._parent = req.id
+            try:
+                self._handlers[req.type](req)
+            except KeyboardInterrupt:
+                self._fail(req, "KeyboardInterrupt", "interrupted")
+            except Exception as exc:
+                log.exception("error handling %s", req.type)
+                self._fail(req, type(exc).__name__, str(exc))
+
+    def _dispatch(self, msg: Message) -> None:
+        """Called on the I/O thread for every incoming message."""
+        kind = msg.type
+        if kind in MAIN_THREAD_TYPES:
+            self._requests.put(msg)
+        elif kind == MessageType.INTERRUPT:
+            assert isinstance(msg, InterruptMessage)
+            running = self._running
+            if running is not None and msg.target in (None, running):
+                signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+        elif kind == MessageType.INPUT_RESPONSE:
+            assert isinstance(msg, InputResponseMessage)
+            slot = self._inputs.get(msg.parent_id or "")
+            if slot is None:
+                log.warning("input_response for unknown input request %s", msg.parent_id)
+            else:
+                slot.value = msg.value
+                slot.event.set()
+        elif kind == MessageType.PING:
+            self.channel.send(PongMessage(parent_id=msg.id))
+        elif kind == MessageType.HEALTH:
+            self.channel.send(self._health(msg))
+        elif kind == MessageType.HELLO:
+            assert isinstance(msg, HelloMessage)
+            if msg.version not in SUPPORTED_VERSIONS:
+                self.channel.send(
+                    ProtocolErrorMessage(
+                        code="unsupported_version", detail=f"version {msg.version} not supported", parent_id=msg.id
+                    )
+                )
+        elif kind in (MessageType.CHECKPOINT, MessageType.RESTORE):
+            self.channel.send(
+                ProtocolErrorMessage(
+                    code="unsupported", detail=f"this worker does not implement {kind.value}", parent_id=msg.id
+                )
+            )
+        else:
+            self.channel.send(
+                ProtocolErrorMessage(
+                    code="unexpected", detail=f"a worker does not accept {kind.value!r} messages", parent_id=msg.id
+                )
+            )
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        # An interrupt only ever lands in user code; one that arrives while the
+        # worker does its own bookkeeping is dropped rather than lose a reply.
+        if self._in_user_code:
+            raise KeyboardInterrupt
+
+    def _fail(self, req: Message, ename: str, evalue: str) -> None:
+        reply: Message
+        if req.type == MessageType.EXECUTE:
+            reply = ExecuteReplyMessage(
+                status="error", ename=ename, evalue=evalue, execution_count=self.shell.execution_count - 1
+            )
+        elif req.type in (MessageType.COMM_OPEN, MessageType.COMM_MSG, MessageType.COMM_CLOSE):
+            reply = AckMessage(status="error", ename=ename, evalue=evalue)
+        else:
+            reply = ProtocolErrorMessage(code="failed", detail=f"{ename}: {evalue}")
+        reply.parent_id = req.id
+        self.emit(reply)
+
+    # -- execution ------------------------------------------------------------
+
+    def _execute(self, req: ExecuteMessage) -> None:
+        shell = self.shell
+        shell._last_traceback = None
+        self._allow_stdin = req.allow_stdin
+        self._running = req.id
+        result = None
+        try:
+            self._in_user_code = True
+            result = shell.run_cell(
+                req.code, store_history=req.store_history, silent=req.silent, cell_id=req.cell_id
+            )
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._in_user_code = False
+            self._running = None
+        reply = ExecuteReplyMessage(parent_id=req.id, execution_count=shell.execution_count - 1)
+        if result is not None and result.success:
+            reply.user_expressions = self._user_expressions(req.user_expressions)
+        else:
+            err = None if result is None else (result.error_before_exec or result.error_in_exec)
+            reply.status = "error"
+            reply.ename = type(err).__name__ if err is not None else "KeyboardInterrupt"
+            reply.evalue = str(err) if err is not None else ""
+            reply.traceback = list(shell._last_traceback or [])
+        payload_manager = shell.payload_manager
+        reply.payload = self._jsonable(payload_manager.read_payload())
+        payload_manager.clear_payload()
+        self.emit(reply)
+
+    def _user_expressions(self, expressions: dict[str, Any]) -> dict[str, Any]:
+        if not expressions:
+            return {}
+        return self._jsonable(self.shell.user_expressions(expressions))  # type: ignore[no-any-return]
+
+    @staticmethod
+    def _jsonable(value: Any) -> Any:
+        from .shell import jsonable
+
+        return jsonable(value)
+
+    # -- stdin ------------------------------------------------------------------
+
+    def _input(self, prompt: object = "") -> str:
+        return self._request_input(str(prompt), password=False)
+
+    def _getpass(self, prompt: str = "Password: ", stream: Any = None) -> str:
+        return self._request_input(prompt, password=True)
+
+    def _request_input(self, prompt: str, password: bool) -> str:
+        if not self._allow_stdin or self._parent is None:
+            from IPython.core.error import StdinNotImplementedError
+
+            raise StdinNotImplementedError("raw_input was called, but this frontend does not support input requests.")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        request = InputMessage(prompt=prompt, password=password, parent_id=self._parent)
+        slot = _InputSlot()
+        self._inputs[request.id] = slot
+        try:
+            self.emit(request)
+            slot.event.wait()
+        finally:
+            self._inputs.pop(request.id, None)
+        if slot.value == "\x04":
+            raise EOFError("EOF when reading a line")
+        return slot.value
+
+    # -- introspection ------------------------------------------------------------
+
+    def _complete(self, req: Any) -> None:
+        from IPython.core.completer import provisionalcompleter, rectify_completions
+
+        code = req.code
+        cursor = len(code) if req.cursor_pos is None else req.cursor_pos
+        with provisionalcompleter():
+            completions = list(rectify_completions(code, self.shell.Completer.completions(code, cursor)))
+        reply = CompleteReplyMessage(parent_id=req.id, cursor_start=cursor, cursor_end=cursor)
+        if completions:
+            reply.cursor_start = completions[0].start
+            reply.cursor_end = completions[0].end
+            reply.matches = [c.text for c in completions]
+        reply.metadata = {
+            "_jupyter_types_experimental": [
+                {"start": c.start, "end": c.end, "text": c.text, "type": c.type, "signature": c.signature}
+                for c in completions
+            ]
+        }
+        self.emit(reply)
+
+    def _inspect(self, req: Any) -> None:
+        from IPython.utils.tokenutil import token_at_cursor
+
+        code = req.code
+        cursor = len(code) if req.cursor_pos is None else req.cursor_pos
+        name = token_at_cursor(code, cursor)
+        reply = InspectReplyMessage(parent_id=req.id)
+        try:
+            bundle = self.shell.object_inspect_mime(name, detail_level=req.detail_level)
+            if not self.shell.enable_html_pager:
+                bundle.pop("text/html", None)
+            reply.data = self._jsonable(bundle)
+            reply.found = True
+        except KeyError:
+            reply.found = False
+        self.emit(reply)
+
+    def _history(self, req: HistoryMessage) -> None:
+        manager = self.shell.history_manager
+        if req.hist_access_type == "tail":
+            hist = manager.get_tail(req.n or 10, raw=req.raw, output=req.output, include_latest=True)
+        elif req.hist_access_type == "range":
+            hist = manager.get_range(req.session, req.start, req.stop, raw=req.raw, output=req.output)
+        elif req.hist_access_type == "search":
+            hist = manager.search(req.pattern, raw=req.raw, output=req.output, n=req.n, unique=req.unique)
+        else:
+            hist = []
+        self.emit(HistoryReplyMessage(parent_id=req.id, history=self._jsonable(list(hist))))
+
+    def _is_complete(self, req: Any) -> None:
+        status, indent = self.shell.input_transformer_manager.check_complete(req.code)
+        reply = IsCompleteReplyMessage(parent_id=req.id, status=status)
+        if status == "incomplete":
+            reply.indent = " " * (indent or 0)
+        self.emit(reply)
+
+    # -- comms ------------------------------------------------------------------
+
+    def _comm_info(self, req: Any) -> None:
+        comms = {
+            comm_id: {"target_name": c.target_name}
+            for comm_id, c in list(self.comm_manager.comms.items())
+            if req.target_name is None or c.target_name == req.target_name
+        }
+        self.emit(CommInfoReplyMessage(parent_id=req.id, comms=comms))
+
+    def _comm(self, req: Any) -> None:
+        from .comms import as_jupyter_msg
+
+        handler = getattr(self.comm_manager, req.type.value)
+        self._running = req.id
+        self._allow_stdin = False
+        try:
+            self._in_user_code = True
+            handler(None, None, as_jupyter_msg(req))
+        finally:
+            self._in_user_code = False
+            self._running = None
+        self.emit(AckMessage(parent_id=req.id))
+
+    # -- health and shutdown ------------------------------------------------------
+
+    def _health(self, req: Message) -> HealthReplyMessage:
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        try:
+            with open("/proc/self/statm") as f:
+                rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            rss = 0
+        return HealthReplyMessage(
+            parent_id=req.id,
+            pid=os.getpid(),
+            rss_bytes=rss,
+            max_rss_bytes=usage.ru_maxrss * 1024,
+            cpu_user_s=usage.ru_utime,
+            cpu_system_s=usage.ru_stime,
+            uptime_s=time.monotonic() - self.started,
+            threads=threading.active_count(),
+            executing=self._running,
+            execution_count=getattr(self.shell, "execution_count", 0),
+        )
+
+    def _shutdown(self, req: Any) -> None:
+        try:
+            self.shell.atexit_operations()
+        except Exception:
+            log.exception("error in atexit operations")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.emit(ShutdownReplyMessage(parent_id=req.id, restart=req.restart))
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel to SIGKILL us when the supervisor dies (Linux)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+    if parent_pid and os.getppid() != parent_pid:
+        os._exit(0)  # the supervisor died before prctl took effect
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m pyrepl3_kernel.worker")
+    parser.add_argument("--fd", type=int, required=True, help="inherited socket fd of the native protocol")
+    parser.add_argument("--parent-pid", type=int, default=0)
+    parser.add_argument("--log-fd", type=int, default=-1, help="fd for the worker's own log (default: none)")
+    parser.add_argument("--log-level", default="WARNING")
+    args = parser.parse_args(argv)
+    _die_with_parent(args.parent_pid)
+    sock = socket.socket(fileno=args.fd)
+    os.set_inheritable(args.fd, False)
+    if args.log_fd >= 0:
+        os.set_inheritable(args.log_fd, False)
+        handler = logging.StreamHandler(os.fdopen(args.log_fd, "w", buffering=1))
+        handler.setFormatter(logging.Formatter("[pyrepl3 worker %(process)d] %(levelname)s %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(args.log_level)
+        log.propagate = False
+    import faulthandler
+
+    faulthandler.enable(file=sys.__stderr__, all_threads=False)
+    worker = Worker(sock)
+    worker.run()
+    os._exit(0)

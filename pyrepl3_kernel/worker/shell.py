@@ -1,0 +1,197 @@
+"""The IPython shell of the worker and its hooks into the native protocol.
+
+Rich output (display, update_display, clear_output, execute results, errors)
+and payloads (pager, set_next_input, exit) become protocol messages, sent
+through ``shell.outlet``, the :class:`Outlet` the worker installs.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+from typing import TYPE_CHECKING, Any, Protocol
+
+from IPython.core import page
+from IPython.core.displayhook import DisplayHook
+from IPython.core.displaypub import DisplayPublisher
+from IPython.core.interactiveshell import InteractiveShell, InteractiveShellABC
+from traitlets import Any as AnyTrait
+from traitlets import Type
+
+if TYPE_CHECKING:
+    from ..protocol import Message
+
+
+class Outlet(Protocol):
+    """Where the shell's messages go; implemented by the worker."""
+
+    def emit(self, msg: Message) -> None: ...
+
+    @property
+    def parent_id(self) -> str | None: ...
+
+
+def jsonable(obj: Any, depth: int = 0) -> Any:
+    """``obj`` made of the types every codec carries (as ipykernel's
+    ``json_clean`` does for Jupyter): tuples become lists, keys strings,
+    numpy scalars numbers, non-finite floats ``None``, anything else its repr."""
+    if obj is None or isinstance(obj, (str, bool, int)):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if depth > 64:
+        return repr(obj)
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return [jsonable(v, depth + 1) for v in obj]
+    if isinstance(obj, (bytes, bytearray, memoryview)):
+        return base64.b64encode(bytes(obj)).decode("ascii")
+    item = getattr(obj, "item", None)  # numpy scalars
+    if callable(item):
+        try:
+            return jsonable(item(), depth + 1)
+        except Exception:
+            pass
+    return repr(obj)
+
+
+def mime_bundle(data: dict[str, Any]) -> dict[str, Any]:
+    """A display's data with binary values base64-encoded, as Jupyter wants."""
+    return {str(k): jsonable(v) for k, v in data.items()}
+
+
+class WorkerDisplayPublisher(DisplayPublisher):
+    """``display()``, ``update_display()`` and ``clear_output()``."""
+
+    def publish(  # type: ignore[override]
+        self,
+        data: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+        source: Any = None,
+        *,
+        transient: dict[str, Any] | None = None,
+        update: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        from ..protocol import DisplayMessage
+
+        self._validate_data(data, metadata)
+        outlet: Outlet = self.shell.outlet  # type: ignore[union-attr]
+        outlet.emit(
+            DisplayMessage(
+                data=mime_bundle(data),
+                metadata=jsonable(metadata or {}),
+                transient=jsonable(transient or {}),
+                update=update,
+                parent_id=outlet.parent_id,
+            )
+        )
+
+    def clear_output(self, wait: bool = False) -> None:
+        from ..protocol import ClearOutputMessage
+
+        outlet: Outlet = self.shell.outlet  # type: ignore[union-attr]
+        outlet.emit(ClearOutputMessage(wait=wait, parent_id=outlet.parent_id))
+
+
+class WorkerDisplayHook(DisplayHook):
+    """The value of a cell's last expression becomes a RESULT message."""
+
+    _bundle: tuple[dict[str, Any], dict[str, Any]] | None = None
+
+    def start_displayhook(self) -> None:
+        self._bundle = None
+
+    def write_output_prompt(self) -> None:
+        pass
+
+    def write_format_data(self, format_dict: dict[str, Any], md_dict: Any = None) -> None:
+        self._bundle = (format_dict, md_dict or {})
+
+    def finish_displayhook(self) -> None:
+        from ..protocol import ResultMessage
+
+        bundle, self._bundle = self._bundle, None
+        if not bundle or not bundle[0]:
+            return
+        outlet: Outlet = self.shell.outlet  # type: ignore[union-attr]
+        outlet.emit(
+            ResultMessage(
+                execution_count=self.prompt_count,
+                data=mime_bundle(bundle[0]),
+                metadata=jsonable(bundle[1]),
+                parent_id=outlet.parent_id,
+            )
+        )
+
+
+class KernelShim:
+    """What libraries look up as ``get_ipython().kernel`` (ipywidgets'
+    Output widget reads the parent message id from it)."""
+
+    def __init__(self, outlet: Outlet) -> None:
+        self._outlet = outlet
+
+    def get_parent(self, channel: str = "shell") -> dict[str, Any]:
+        return self._parent_header
+
+    @property
+    def _parent_header(self) -> dict[str, Any]:
+        parent = self._outlet.parent_id
+        return {"header": {"msg_id": parent, "msg_type": "execute_request"}} if parent else {}
+
+
+# Libraries (tqdm.auto, plotly, rich, ...) decide "this is a Jupyter kernel" by
+# the shell's class name, so the worker's shell carries ipykernel's name.
+class ZMQInteractiveShell(InteractiveShell):
+    """IPython's InteractiveShell wired to the native protocol."""
+
+    displayhook_class = Type(WorkerDisplayHook)
+    display_pub_class = Type(WorkerDisplayPublisher)
+    outlet = AnyTrait()
+    kernel = AnyTrait()
+    _last_traceback: list[str] | None = None
+
+    def init_hooks(self) -> None:
+        super().init_hooks()
+        self.set_hook("show_in_pager", page.as_hook(self._page_payload), 99)
+
+    def init_environment(self) -> None:
+        import os
+
+        os.environ.update({"PAGER": "cat", "GIT_PAGER": "cat"})
+
+    def enable_gui(self, gui: Any = None) -> None:
+        # Only the inline backend is meaningful in a kernel; it needs no loop.
+        if gui not in (None, "inline"):
+            print(f"Warning: GUI event loop {gui!r} is not supported in this kernel.")
+
+    def _page_payload(self, strg: Any, start: int = 0, screen_lines: int = 0, pager_cmd: Any = None) -> None:
+        data = strg if isinstance(strg, dict) else {"text/plain": strg}
+        self.payload_manager.write_payload({"source": "page", "data": data, "start": max(0, start)})  # type: ignore[union-attr]
+
+    def set_next_input(self, text: str, replace: bool = False) -> None:
+        self.payload_manager.write_payload(  # type: ignore[union-attr]
+            {"source": "set_next_input", "text": text, "replace": replace}
+        )
+
+    def ask_exit(self) -> None:
+        self.payload_manager.write_payload({"source": "ask_exit", "keepkernel": False})  # type: ignore[union-attr]
+
+    def _showtraceback(self, etype: Any, evalue: Any, stb: list[str]) -> None:
+        from ..protocol import ErrorMessage
+
+        self._last_traceback = stb
+        outlet: Outlet = self.outlet
+        outlet.emit(
+            ErrorMessage(
+                ename=getattr(etype, "__name__", str(etype)),
+                evalue=str(evalue),
+                traceback=[str(line) for line in stb],
+                parent_id=outlet.parent_id,
+            )
+        )
+
+
+InteractiveShellABC.register(ZMQInteractiveShell)
