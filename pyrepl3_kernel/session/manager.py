@@ -456,7 +456,11 @@ class Session:
                 )
             self._route(self._synthetic_reply(req_id, req_type, cause, aborted=req_id != running))
         self._inflight.clear()
-        self._route(StatusMessage(state="dead", detail=cause, parent_id=running or self._last_parent))
+        # The death is news for the supervisor, not for a request stream
+        # (those have just been closed with their replies).
+        status = StatusMessage(state="dead", detail=cause, parent_id=running or self._last_parent)
+        if self.on_unrouted is not None:
+            self.on_unrouted(status)
 
     @staticmethod
     def _synthetic_reply(req_id: str, req_type: MessageType, cause: str, aborted: bool) -> Message:
@@ -464,10 +468,12 @@ class Session:
         if cls is ExecuteReplyMessage:
             if aborted:
                 return ExecuteReplyMessage(status="aborted", parent_id=req_id)
+            evalue = f"the worker process died ({cause}) while running this cell"
             return ExecuteReplyMessage(
                 status="error",
                 ename="WorkerDied",
-                evalue=f"the worker process died ({cause}) while running this cell",
+                evalue=evalue,
+                traceback=[f"\x1b[0;31mWorkerDied\x1b[0m: {evalue}"],
                 parent_id=req_id,
             )
         if cls is ShutdownReplyMessage:

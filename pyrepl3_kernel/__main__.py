@@ -1,0 +1,3 @@
+from .gateway.standalone import main
+
+main()

@@ -1,0 +1,5 @@
+"""Jupyter messaging in front of native workers."""
+
+from .kernel import JupyterGateway
+
+__all__ = ["JupyterGateway"]

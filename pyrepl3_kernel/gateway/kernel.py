@@ -1,0 +1,599 @@
+"""``JupyterGateway``: one Jupyter kernel in front of one worker.
+
+The gateway owns the kernel's five channels and key for the kernel's whole
+life, translates Jupyter messaging (protocol 5.4) to the native protocol and
+back, and replaces its worker when it dies. Several gateways can share one
+asyncio event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.session import Session as JupyterSession
+
+from ..protocol import (
+    CommCloseMessage,
+    CommInfoMessage,
+    CommMsgMessage,
+    CommOpenMessage,
+    CompleteMessage,
+    ExecuteMessage,
+    ExecuteReplyMessage,
+    HistoryMessage,
+    InspectMessage,
+    Message,
+    MessageType,
+)
+from ..session import Session, WorkerDeadError, WorkerStartError
+from . import translate
+from .heartbeat import Heartbeat
+
+log = logging.getLogger("pyrepl3.gateway")
+
+JupyterMsg = dict[str, Any]
+
+#: Shell requests answered by the gateway at once, even while a cell runs.
+IMMEDIATE_SHELL = frozenset({"kernel_info_request", "is_complete_request"})
+
+
+class JupyterGateway:
+    """Serve one Jupyter kernel on the ports of ``connection_info``.
+
+    Ports given as 0 are chosen at bind time; :attr:`connection_info` holds
+    the final ones. ``session`` is the worker supervisor (a new
+    :class:`Session` by default; a started one is adopted as it is).
+    """
+
+    def __init__(
+        self,
+        connection_info: dict[str, Any],
+        *,
+        session: Session | None = None,
+        kernel_id: str | None = None,
+        on_shutdown: Callable[[], Awaitable[None] | None] | None = None,
+    ) -> None:
+        info = dict(connection_info)
+        key = info.get("key", b"")
+        if isinstance(key, str):
+            key = key.encode()
+        info["key"] = key
+        info.setdefault("transport", "tcp")
+        info.setdefault("ip", "127.0.0.1")
+        info.setdefault("signature_scheme", "hmac-sha256")
+        self.connection_info = info
+        self.kernel_id = kernel_id or str(uuid.uuid4())
+        self.session = session or Session()
+        self.session.on_unrouted = self._on_unrouted
+        self.on_shutdown = on_shutdown
+        self.jsession = JupyterSession(key=key, signature_scheme=info["signature_scheme"], username="kernel")
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._heartbeat: Heartbeat | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._shell_queue: asyncio.Queue[tuple[list[bytes], JupyterMsg]] = asyncio.Queue()
+        self._parents: collections.OrderedDict[str, JupyterMsg] = collections.OrderedDict()
+        self._last_parent: JupyterMsg = {}
+        self._input_requests: dict[str, str] = {}  # jupyter input_request msg_id -> native input id
+        self._running_exec: str | None = None
+        self._busy = False
+        self._exec_count = 0
+        self._worker_ready = asyncio.Event()
+        self._restarting: asyncio.Task[None] | None = None
+        self._closing = False
+        self.closed = asyncio.Event()
+        self.restarts = 0
+        self.last_crash: str | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind the channels and bring the worker up."""
+        self._bind()
+        self._publish_status("starting", {})
+        for channel in ("shell", "control", "stdin", "iopub"):
+            self._spawn(self._recv_loop(channel))
+        self._spawn(self._shell_loop())
+        if self.session.is_alive:
+            self._worker_ready.set()
+        else:
+            self._restarting = self._spawn(self._start_worker())
+
+    async def wait_ready(self) -> None:
+        await self._worker_ready.wait()
+
+    async def stop(self) -> None:
+        """Stop the worker and close every channel."""
+        if self._closing:
+            await self.closed.wait()
+            return
+        self._closing = True
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self.session.shutdown()
+        for sock in self._sockets.values():
+            sock.close(linger=200)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+        self.closed.set()
+
+    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("gateway task failed", exc_info=task.exception())
+
+    def _bind(self) -> None:
+        info = self.connection_info
+        transport, ip = info["transport"], info["ip"]
+        url = f"{transport}://{ip}"
+        kinds = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER, "iopub": zmq.XPUB}
+        for channel, kind in kinds.items():
+            sock = self._ctx.socket(kind)
+            sock.linger = 1000
+            if kind == zmq.ROUTER:
+                sock.router_handover = 1
+            if kind == zmq.XPUB:
+                sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+            port = int(info.get(f"{channel}_port") or 0)
+            if transport == "tcp":
+                if port:
+                    sock.bind(f"{url}:{port}")
+                else:
+                    port = sock.bind_to_random_port(url)
+            else:
+                if not port:
+                    raise ValueError("ipc transport needs explicit port numbers")
+                sock.bind(f"{url}-{port}")
+            info[f"{channel}_port"] = port
+            self._sockets[channel] = sock
+        self._heartbeat = Heartbeat(url, int(info.get("hb_port") or 0))
+        info["hb_port"] = self._heartbeat.port
+        self._heartbeat.start()
+
+    async def _start_worker(self) -> None:
+        self._worker_ready.clear()
+        try:
+            await self.session.start()
+        except WorkerStartError as exc:
+            log.error("could not start the worker: %s", exc)
+            self.last_crash = str(exc)
+            self._publish(
+                "stream",
+                {"name": "stderr", "text": f"pyrepl3: could not start a worker: {exc}\n"},
+                self._last_parent,
+            )
+            return
+        self._exec_count = 0  # a new worker counts from 1 again
+        self._worker_ready.set()
+
+    async def _ensure_worker(self) -> None:
+        if self._worker_ready.is_set() and not self.session.is_alive:
+            self._on_worker_dead(self.session.death_cause or "unknown cause")
+        if not self._worker_ready.is_set():
+            if self._restarting is None or self._restarting.done():
+                self._restarting = self._spawn(self._start_worker())
+            await self._restarting
+            if not self._worker_ready.is_set():
+                raise WorkerDeadError(self.last_crash or "the worker could not be started")
+
+    def _on_worker_dead(self, cause: str) -> None:
+        if self._closing:
+            return
+        self.restarts += 1
+        self.last_crash = cause
+        log.warning("worker died (%s); starting a new one", cause)
+        self._worker_ready.clear()
+        self._restarting = self._spawn(self._start_worker())
+
+    # -- receiving ----------------------------------------------------------------
+
+    async def _recv_loop(self, channel: str) -> None:
+        sock = self._sockets[channel]
+        while True:
+            frames = await sock.recv_multipart()
+            if channel == "iopub":
+                self._on_subscription(frames)
+                continue
+            try:
+                idents, msg_list = self.jsession.feed_identities(frames)
+                msg = self.jsession.deserialize(msg_list)
+            except Exception as exc:
+                log.warning("dropped an invalid message on %s: %s", channel, exc)
+                continue
+            msg_type = msg["header"].get("msg_type", "")
+            if channel == "shell":
+                if msg_type in IMMEDIATE_SHELL:
+                    self._spawn(self._handle_shell(idents, msg))
+                else:
+                    self._shell_queue.put_nowait((idents, msg))
+            elif channel == "control":
+                self._spawn(self._handle_control(idents, msg))
+            else:
+                self._handle_stdin(msg)
+
+    def _on_subscription(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            if frame[:1] == b"\x01":
+                topic = frame[1:]
+                # JEP 65: tell each new subscriber that it is connected.
+                welcome = self.jsession.msg("iopub_welcome", {"subscription": topic.decode(errors="replace")})
+                self.jsession.send(self._sockets["iopub"], welcome, ident=topic or None)
+
+    async def _shell_loop(self) -> None:
+        while True:
+            idents, msg = await self._shell_queue.get()
+            try:
+                await self._handle_shell(idents, msg)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("error handling %s", msg["header"].get("msg_type"))
+
+    # -- shell ----------------------------------------------------------------------
+
+    async def _handle_shell(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        msg_type = msg["header"].get("msg_type", "")
+        owns_status = not (msg_type in IMMEDIATE_SHELL and self._busy)
+        if owns_status:
+            self._busy = msg_type not in IMMEDIATE_SHELL or self._busy
+            self._publish_status("busy", msg)
+        try:
+            handler = self._shell_handlers.get(msg_type)
+            if handler is None:
+                self._reply_unknown(self._sockets["shell"], idents, msg)
+            else:
+                await handler(self, idents, msg)
+        finally:
+            if owns_status:
+                if msg_type not in IMMEDIATE_SHELL:
+                    self._busy = False
+                self._publish_status("idle", msg)
+
+    async def _kernel_info(self, idents: list[bytes], msg: JupyterMsg, channel: str = "shell") -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(asyncio.shield(self._worker_ready.wait()), 30)
+        self._reply(channel, idents, msg, "kernel_info_reply", translate.kernel_info_content(self.session.ready))
+
+    async def _execute(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        content = msg["content"]
+        code = content.get("code", "")
+        silent = bool(content.get("silent", False))
+        store_history = bool(content.get("store_history", not silent))
+        stop_on_error = bool(content.get("stop_on_error", True))
+        if not silent:
+            count = self._exec_count + 1 if store_history else self._exec_count
+            self._publish("execute_input", {"code": code, "execution_count": count}, msg)
+        msg_id = msg["header"]["msg_id"]
+        native = ExecuteMessage(
+            id=msg_id if msg_id and msg_id not in self._parents else uuid.uuid4().hex,
+            code=code,
+            silent=silent,
+            store_history=store_history,
+            user_expressions=content.get("user_expressions") or {},
+            allow_stdin=bool(content.get("allow_stdin", True)),
+            cell_id=(msg.get("metadata") or {}).get("cellId"),
+        )
+        started = datetime.now(timezone.utc).isoformat()
+        reply: Any = None
+        crashed = False
+        self._remember(native.id, msg)
+        try:
+            await self._ensure_worker()
+            self._running_exec = native.id
+            async for out in self.session.execute(native):
+                if out.type == MessageType.EXECUTE_REPLY:
+                    reply = out
+                elif out.type == MessageType.INPUT:
+                    self._forward_input(idents, msg, out)
+                elif out.type == MessageType.ERROR and out.ename == "WorkerDied":  # type: ignore[attr-defined]
+                    crashed = True
+                    self._publish_native(out, msg)
+                else:
+                    self._publish_native(out, msg)
+        except WorkerDeadError as exc:
+            crashed = True
+            error = translate.error_reply_content("WorkerDied", exc.cause)
+            self._publish("error", {k: error[k] for k in ("ename", "evalue", "traceback")}, msg)
+            reply = ExecuteReplyMessage(status="error", ename="WorkerDied", evalue=exc.cause)
+        finally:
+            self._running_exec = None
+        if reply is None:
+            reply = ExecuteReplyMessage(status="error", ename="WorkerDied", evalue="no reply from the worker")
+        reply_content = translate.execute_reply_content(reply)
+        if reply.status == "ok" or not reply_content.get("execution_count"):
+            reply_content["execution_count"] = reply.execution_count or self._exec_count + (
+                1 if store_history and not silent else 0
+            )
+        self._exec_count = max(self._exec_count, reply_content["execution_count"])
+        metadata = {"started": started, "dependencies_met": True, "engine": self.kernel_id, "status": reply.status}
+        self._reply("shell", idents, msg, "execute_reply", reply_content, metadata=metadata)
+        if crashed or (reply.status == "error" and stop_on_error):
+            await self._abort_queued()
+
+    async def _abort_queued(self) -> None:
+        """Reply ``aborted`` to the execute requests already queued."""
+        keep: list[tuple[list[bytes], JupyterMsg]] = []
+        while not self._shell_queue.empty():
+            idents, msg = self._shell_queue.get_nowait()
+            if msg["header"].get("msg_type") != "execute_request":
+                keep.append((idents, msg))
+                continue
+            self._publish_status("busy", msg)
+            self._reply(
+                "shell", idents, msg, "execute_reply", {"status": "aborted", "execution_count": self._exec_count},
+                metadata={"status": "aborted", "engine": self.kernel_id},
+            )
+            self._publish_status("idle", msg)
+        for item in keep:
+            self._shell_queue.put_nowait(item)
+
+    def _forward_input(self, idents: list[bytes], parent: JupyterMsg, request: Any) -> None:
+        sent = self.jsession.send(
+            self._sockets["stdin"],
+            "input_request",
+            {"prompt": request.prompt, "password": request.password},
+            parent=parent,
+            ident=idents,
+        )
+        self._input_requests[sent["header"]["msg_id"]] = request.id
+
+    async def _forward(self, idents: list[bytes], msg: JupyterMsg, native: Message, reply_type: str) -> None:
+        """Send a request to the worker; reply with its answer's fields."""
+        try:
+            await self._ensure_worker()
+            reply: Any = None
+            async for out in self.session.stream(native):
+                if out.parent_id == native.id and out.type in (MessageType.PROTOCOL_ERROR, *_REPLY_OF.values()):
+                    reply = out
+                else:
+                    self._publish_native(out, msg)
+        except WorkerDeadError as exc:
+            self._reply("shell", idents, msg, reply_type, translate.error_reply_content("WorkerDied", exc.cause))
+            return
+        if reply is None or reply.type == MessageType.PROTOCOL_ERROR:
+            detail = getattr(reply, "detail", "no reply")
+            self._reply("shell", idents, msg, reply_type, translate.error_reply_content("KernelError", detail))
+            return
+        if reply_type:
+            fields = {k: v for k, v in reply.__dict__.items() if k not in ("id", "timestamp", "parent_id")}
+            self._reply("shell", idents, msg, reply_type, fields)
+
+    async def _complete(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        c = msg["content"]
+        native = CompleteMessage(code=c.get("code", ""), cursor_pos=c.get("cursor_pos"))
+        await self._forward(idents, msg, native, "complete_reply")
+
+    async def _inspect(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        c = msg["content"]
+        native = InspectMessage(
+            code=c.get("code", ""), cursor_pos=c.get("cursor_pos"), detail_level=int(c.get("detail_level") or 0)
+        )
+        await self._forward(idents, msg, native, "inspect_reply")
+
+    async def _history(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        c = msg["content"]
+        native = HistoryMessage(
+            hist_access_type=str(c.get("hist_access_type", "tail")),
+            output=bool(c.get("output", False)),
+            raw=bool(c.get("raw", True)),
+            session=int(c.get("session") or 0),
+            start=int(c.get("start") or 0),
+            stop=c.get("stop") if isinstance(c.get("stop"), int) else None,
+            n=c.get("n") if isinstance(c.get("n"), int) else None,
+            pattern=str(c.get("pattern") or "*"),
+            unique=bool(c.get("unique", False)),
+        )
+        await self._forward(idents, msg, native, "history_reply")
+
+    async def _is_complete(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        code = msg["content"].get("code", "")
+        status, indent = await asyncio.get_running_loop().run_in_executor(None, _check_complete, code)
+        content: dict[str, Any] = {"status": status}
+        if status == "incomplete":
+            content["indent"] = " " * (indent or 0)
+        self._reply("shell", idents, msg, "is_complete_reply", content)
+
+    async def _comm_info(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        native = CommInfoMessage(target_name=msg["content"].get("target_name"))
+        await self._forward(idents, msg, native, "comm_info_reply")
+
+    async def _comm(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        c = msg["content"]
+        buffers = [bytes(b) for b in msg.get("buffers") or []]
+        fields: dict[str, Any] = {
+            "comm_id": str(c.get("comm_id", "")),
+            "data": c.get("data") or {},
+            "metadata": msg.get("metadata") or {},
+            "buffers": buffers,
+        }
+        msg_type = msg["header"]["msg_type"]
+        native: Message
+        if msg_type == "comm_open":
+            native = CommOpenMessage(target_name=str(c.get("target_name", "")), target_module=c.get("target_module"), **fields)
+        elif msg_type == "comm_msg":
+            native = CommMsgMessage(**fields)
+        else:
+            native = CommCloseMessage(**fields)
+        self._remember(native.id, msg)
+        await self._forward(idents, msg, native, "")
+
+    async def _shutdown_shell(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        await self._shutdown("shell", idents, msg)
+
+    _shell_handlers: dict[str, Callable[..., Awaitable[None]]] = {
+        "kernel_info_request": _kernel_info,
+        "execute_request": _execute,
+        "complete_request": _complete,
+        "inspect_request": _inspect,
+        "history_request": _history,
+        "is_complete_request": _is_complete,
+        "comm_info_request": _comm_info,
+        "comm_open": _comm,
+        "comm_msg": _comm,
+        "comm_close": _comm,
+        "shutdown_request": _shutdown_shell,
+    }
+
+    # -- control and stdin -------------------------------------------------------------
+
+    async def _handle_control(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        msg_type = msg["header"].get("msg_type", "")
+        if msg_type == "kernel_info_request":
+            await self._kernel_info(idents, msg, channel="control")
+        elif msg_type == "interrupt_request":
+            await self.interrupt()
+            self._reply("control", idents, msg, "interrupt_reply", {"status": "ok"})
+        elif msg_type == "shutdown_request":
+            await self._shutdown("control", idents, msg)
+        else:
+            self._reply_unknown(self._sockets["control"], idents, msg)
+
+    def _handle_stdin(self, msg: JupyterMsg) -> None:
+        if msg["header"].get("msg_type") != "input_reply":
+            log.warning("unexpected message on stdin: %s", msg["header"].get("msg_type"))
+            return
+        parent_id = (msg.get("parent_header") or {}).get("msg_id", "")
+        native_id = self._input_requests.pop(parent_id, None)
+        if native_id is None and self._input_requests:
+            # A client that does not set the parent header answers the oldest.
+            native_id = self._input_requests.pop(next(iter(self._input_requests)))
+        if native_id is None:
+            log.warning("input_reply for no pending input request")
+            return
+        value = msg["content"].get("value", "")
+        with contextlib.suppress(WorkerDeadError):
+            self._spawn(self.session.input_response(native_id, str(value)))
+
+    async def interrupt(self) -> None:
+        """Interrupt the running cell (pending input() included), if any."""
+        if self._running_exec is not None and self.session.is_alive:
+            with contextlib.suppress(WorkerDeadError):
+                await self.session.interrupt(target=self._running_exec)
+
+    async def _shutdown(self, channel: str, idents: list[bytes], msg: JupyterMsg) -> None:
+        restart = bool(msg["content"].get("restart", False))
+        content = {"status": "ok", "restart": restart}
+        self._reply(channel, idents, msg, "shutdown_reply", content)
+        self._publish("shutdown_reply", content, msg)
+        if self.on_shutdown is not None:
+            result = self.on_shutdown()
+            if asyncio.iscoroutine(result):
+                await result
+        else:
+            await self.session.shutdown()
+            self._worker_ready.clear()
+
+    async def restart_worker(self) -> None:
+        """Swap in a new worker; ports and key stay (restart in place)."""
+        self._exec_count = 0
+        await self.session.shutdown()
+        self._restarting = self._spawn(self._start_worker())
+        await self._restarting
+
+    # -- sending --------------------------------------------------------------------
+
+    def _reply(
+        self,
+        channel: str,
+        idents: list[bytes],
+        parent: JupyterMsg,
+        msg_type: str,
+        content: dict[str, Any],
+        metadata: dict[str, Any] | None = None,
+    ) -> None:
+        if self._closing and channel not in self._sockets:
+            return
+        self.jsession.send(self._sockets[channel], msg_type, content, parent=parent, ident=idents, metadata=metadata)
+
+    def _reply_unknown(self, sock: zmq.asyncio.Socket, idents: list[bytes], msg: JupyterMsg) -> None:
+        msg_type = msg["header"].get("msg_type", "")
+        log.warning("unsupported request %r", msg_type)
+        if msg_type.endswith("_request"):
+            content = translate.error_reply_content("NotImplementedError", f"{msg_type} is not supported by this kernel")
+            self.jsession.send(sock, msg_type[: -len("_request")] + "_reply", content, parent=msg, ident=idents)
+
+    def _publish(
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        parent: JupyterMsg,
+        metadata: dict[str, Any] | None = None,
+        buffers: list[bytes] | None = None,
+    ) -> None:
+        sock = self._sockets.get("iopub")
+        if sock is None or sock.closed:
+            return
+        topic = f"kernel.{self.kernel_id}.{msg_type}".encode()
+        self.jsession.send(sock, msg_type, content, parent=parent or None, ident=topic, metadata=metadata, buffers=buffers)
+
+    def _publish_status(self, state: str, parent: JupyterMsg) -> None:
+        self._publish("status", {"execution_state": state}, parent)
+
+    def _publish_native(self, msg: Message, parent: JupyterMsg) -> None:
+        out = translate.iopub_for(msg)
+        if out is not None:
+            msg_type, content, metadata, buffers = out
+            self._publish(msg_type, content, parent, metadata=metadata, buffers=buffers)
+
+    def _remember(self, native_id: str, parent: JupyterMsg) -> None:
+        self._parents[native_id] = parent
+        self._last_parent = parent
+        while len(self._parents) > 512:
+            self._parents.popitem(last=False)
+
+    def _on_unrouted(self, msg: Message) -> None:
+        """Output of background threads, comm traffic after a cell ended, and
+        the death of the worker."""
+        parent = self._parents.get(msg.parent_id or "", self._last_parent)
+        if msg.type == MessageType.STATUS and getattr(msg, "state", "") == "dead":
+            cause = getattr(msg, "detail", "")
+            if self._running_exec is None and not self._closing:
+                self._publish(
+                    "stream",
+                    {"name": "stderr", "text": f"pyrepl3: the worker process died ({cause}) while idle; a new worker was started\n"},
+                    parent,
+                )
+            self._on_worker_dead(cause)
+            return
+        if msg.type == MessageType.PROTOCOL_ERROR:
+            log.warning("protocol error from the worker: %s", msg)
+            return
+        self._publish_native(msg, parent)
+
+
+_REPLY_OF = {
+    MessageType.COMPLETE: MessageType.COMPLETE_REPLY,
+    MessageType.INSPECT: MessageType.INSPECT_REPLY,
+    MessageType.HISTORY: MessageType.HISTORY_REPLY,
+    MessageType.COMM_INFO: MessageType.COMM_INFO_REPLY,
+    MessageType.COMM_OPEN: MessageType.ACK,
+}
+
+
+_transformer_manager: Any = None
+
+
+def _check_complete(code: str) -> tuple[str, int | None]:
+    global _transformer_manager
+    if _transformer_manager is None:
+        from IPython.core.inputtransformer2 import TransformerManager
+
+        _transformer_manager = TransformerManager()
+    return _transformer_manager.check_complete(code)  # type: ignore[no-any-return]
