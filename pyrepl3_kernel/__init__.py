@@ -13,9 +13,23 @@ from ._version import __version__
 
 if TYPE_CHECKING:
     from .protocol import *  # noqa: F403
-    from .session import PoolConfig, PoolExhausted, Session, SessionPool, WorkerDeadError, WorkerStartError
+    from .session import (
+        PoolConfig,
+        PoolExhausted,
+        Session,
+        SessionPool,
+        WorkerDeadError,
+        WorkerStartError,
+    )
 
-_SESSION_NAMES = {"Session", "SessionPool", "PoolConfig", "PoolExhausted", "WorkerDeadError", "WorkerStartError"}
+_SESSION_NAMES = {
+    "Session",
+    "SessionPool",
+    "PoolConfig",
+    "PoolExhausted",
+    "WorkerDeadError",
+    "WorkerStartError",
+}
 
 
 def __getattr__(name: str) -> Any:
@@ -36,4 +50,12 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | _SESSION_NAMES | set(protocol.__all__))
 
 
-__all__ = ["__version__", *sorted(_SESSION_NAMES)]
+__all__ = [
+    "PoolConfig",
+    "PoolExhausted",
+    "Session",
+    "SessionPool",
+    "WorkerDeadError",
+    "WorkerStartError",
+    "__version__",
+]

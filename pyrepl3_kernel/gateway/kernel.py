@@ -75,7 +75,9 @@ class JupyterGateway:
         self.session = session or Session()
         self.session.on_unrouted = self._on_unrouted
         self.on_shutdown = on_shutdown
-        self.jsession = JupyterSession(key=key, signature_scheme=info["signature_scheme"], username="kernel")
+        self.jsession = JupyterSession(
+            key=key, signature_scheme=info["signature_scheme"], username="kernel"
+        )
         self._ctx = zmq.asyncio.Context.instance()
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._heartbeat: Heartbeat | None = None
@@ -233,7 +235,9 @@ class JupyterGateway:
             if frame[:1] == b"\x01":
                 topic = frame[1:]
                 # JEP 65: tell each new subscriber that it is connected.
-                welcome = self.jsession.msg("iopub_welcome", {"subscription": topic.decode(errors="replace")})
+                welcome = self.jsession.msg(
+                    "iopub_welcome", {"subscription": topic.decode(errors="replace")}
+                )
                 self.jsession.send(self._sockets["iopub"], welcome, ident=topic or None)
 
     async def _shell_loop(self) -> None:
@@ -266,10 +270,18 @@ class JupyterGateway:
                     self._busy = False
                 self._publish_status("idle", msg)
 
-    async def _kernel_info(self, idents: list[bytes], msg: JupyterMsg, channel: str = "shell") -> None:
+    async def _kernel_info(
+        self, idents: list[bytes], msg: JupyterMsg, channel: str = "shell"
+    ) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._worker_ready.wait()), 30)
-        self._reply(channel, idents, msg, "kernel_info_reply", translate.kernel_info_content(self.session.ready))
+        self._reply(
+            channel,
+            idents,
+            msg,
+            "kernel_info_reply",
+            translate.kernel_info_content(self.session.ready),
+        )
 
     async def _execute(self, idents: list[bytes], msg: JupyterMsg) -> None:
         content = msg["content"]
@@ -315,14 +327,21 @@ class JupyterGateway:
         finally:
             self._running_exec = None
         if reply is None:
-            reply = ExecuteReplyMessage(status="error", ename="WorkerDied", evalue="no reply from the worker")
+            reply = ExecuteReplyMessage(
+                status="error", ename="WorkerDied", evalue="no reply from the worker"
+            )
         reply_content = translate.execute_reply_content(reply)
         if reply.status == "ok" or not reply_content.get("execution_count"):
             reply_content["execution_count"] = reply.execution_count or self._exec_count + (
                 1 if store_history and not silent else 0
             )
         self._exec_count = max(self._exec_count, reply_content["execution_count"])
-        metadata = {"started": started, "dependencies_met": True, "engine": self.kernel_id, "status": reply.status}
+        metadata = {
+            "started": started,
+            "dependencies_met": True,
+            "engine": self.kernel_id,
+            "status": reply.status,
+        }
         self._reply("shell", idents, msg, "execute_reply", reply_content, metadata=metadata)
         if crashed or (reply.status == "error" and stop_on_error):
             await self._abort_queued()
@@ -337,7 +356,11 @@ class JupyterGateway:
                 continue
             self._publish_status("busy", msg)
             self._reply(
-                "shell", idents, msg, "execute_reply", {"status": "aborted", "execution_count": self._exec_count},
+                "shell",
+                idents,
+                msg,
+                "execute_reply",
+                {"status": "aborted", "execution_count": self._exec_count},
                 metadata={"status": "aborted", "engine": self.kernel_id},
             )
             self._publish_status("idle", msg)
@@ -352,27 +375,47 @@ class JupyterGateway:
             parent=parent,
             ident=idents,
         )
+        assert sent is not None
         self._input_requests[sent["header"]["msg_id"]] = request.id
 
-    async def _forward(self, idents: list[bytes], msg: JupyterMsg, native: Message, reply_type: str) -> None:
+    async def _forward(
+        self, idents: list[bytes], msg: JupyterMsg, native: Message, reply_type: str
+    ) -> None:
         """Send a request to the worker; reply with its answer's fields."""
         try:
             await self._ensure_worker()
             reply: Any = None
             async for out in self.session.stream(native):
-                if out.parent_id == native.id and out.type in (MessageType.PROTOCOL_ERROR, *_REPLY_OF.values()):
+                if out.parent_id == native.id and out.type in (
+                    MessageType.PROTOCOL_ERROR,
+                    *_REPLY_OF.values(),
+                ):
                     reply = out
                 else:
                     self._publish_native(out, msg)
         except WorkerDeadError as exc:
-            self._reply("shell", idents, msg, reply_type, translate.error_reply_content("WorkerDied", exc.cause))
+            self._reply(
+                "shell",
+                idents,
+                msg,
+                reply_type,
+                translate.error_reply_content("WorkerDied", exc.cause),
+            )
             return
         if reply is None or reply.type == MessageType.PROTOCOL_ERROR:
             detail = getattr(reply, "detail", "no reply")
-            self._reply("shell", idents, msg, reply_type, translate.error_reply_content("KernelError", detail))
+            self._reply(
+                "shell",
+                idents,
+                msg,
+                reply_type,
+                translate.error_reply_content("KernelError", detail),
+            )
             return
         if reply_type:
-            fields = {k: v for k, v in reply.__dict__.items() if k not in ("id", "timestamp", "parent_id")}
+            fields = {
+                k: v for k, v in reply.__dict__.items() if k not in ("id", "timestamp", "parent_id")
+            }
             self._reply("shell", idents, msg, reply_type, fields)
 
     async def _complete(self, idents: list[bytes], msg: JupyterMsg) -> None:
@@ -383,7 +426,9 @@ class JupyterGateway:
     async def _inspect(self, idents: list[bytes], msg: JupyterMsg) -> None:
         c = msg["content"]
         native = InspectMessage(
-            code=c.get("code", ""), cursor_pos=c.get("cursor_pos"), detail_level=int(c.get("detail_level") or 0)
+            code=c.get("code", ""),
+            cursor_pos=c.get("cursor_pos"),
+            detail_level=int(c.get("detail_level") or 0),
         )
         await self._forward(idents, msg, native, "inspect_reply")
 
@@ -404,7 +449,9 @@ class JupyterGateway:
 
     async def _is_complete(self, idents: list[bytes], msg: JupyterMsg) -> None:
         code = msg["content"].get("code", "")
-        status, indent = await asyncio.get_running_loop().run_in_executor(None, _check_complete, code)
+        status, indent = await asyncio.get_running_loop().run_in_executor(
+            None, _check_complete, code
+        )
         content: dict[str, Any] = {"status": status}
         if status == "incomplete":
             content["indent"] = " " * (indent or 0)
@@ -426,7 +473,11 @@ class JupyterGateway:
         msg_type = msg["header"]["msg_type"]
         native: Message
         if msg_type == "comm_open":
-            native = CommOpenMessage(target_name=str(c.get("target_name", "")), target_module=c.get("target_module"), **fields)
+            native = CommOpenMessage(
+                target_name=str(c.get("target_name", "")),
+                target_module=c.get("target_module"),
+                **fields,
+            )
         elif msg_type == "comm_msg":
             native = CommMsgMessage(**fields)
         else:
@@ -520,14 +571,27 @@ class JupyterGateway:
     ) -> None:
         if self._closing and channel not in self._sockets:
             return
-        self.jsession.send(self._sockets[channel], msg_type, content, parent=parent, ident=idents, metadata=metadata)
+        self.jsession.send(
+            self._sockets[channel],
+            msg_type,
+            content,
+            parent=parent,
+            ident=idents,
+            metadata=metadata,
+        )
 
-    def _reply_unknown(self, sock: zmq.asyncio.Socket, idents: list[bytes], msg: JupyterMsg) -> None:
+    def _reply_unknown(
+        self, sock: zmq.asyncio.Socket, idents: list[bytes], msg: JupyterMsg
+    ) -> None:
         msg_type = msg["header"].get("msg_type", "")
         log.warning("unsupported request %r", msg_type)
         if msg_type.endswith("_request"):
-            content = translate.error_reply_content("NotImplementedError", f"{msg_type} is not supported by this kernel")
-            self.jsession.send(sock, msg_type[: -len("_request")] + "_reply", content, parent=msg, ident=idents)
+            content = translate.error_reply_content(
+                "NotImplementedError", f"{msg_type} is not supported by this kernel"
+            )
+            self.jsession.send(
+                sock, msg_type[: -len("_request")] + "_reply", content, parent=msg, ident=idents
+            )
 
     def _publish(
         self,
@@ -535,13 +599,21 @@ class JupyterGateway:
         content: dict[str, Any],
         parent: JupyterMsg,
         metadata: dict[str, Any] | None = None,
-        buffers: list[bytes] | None = None,
+        buffers: list[Any] | None = None,
     ) -> None:
         sock = self._sockets.get("iopub")
         if sock is None or sock.closed:
             return
         topic = f"kernel.{self.kernel_id}.{msg_type}".encode()
-        self.jsession.send(sock, msg_type, content, parent=parent or None, ident=topic, metadata=metadata, buffers=buffers)
+        self.jsession.send(
+            sock,
+            msg_type,
+            content,
+            parent=parent or None,
+            ident=topic,
+            metadata=metadata,
+            buffers=buffers,
+        )
 
     def _publish_status(self, state: str, parent: JupyterMsg) -> None:
         self._publish("status", {"execution_state": state}, parent)
@@ -567,7 +639,10 @@ class JupyterGateway:
             if self._running_exec is None and not self._closing:
                 self._publish(
                     "stream",
-                    {"name": "stderr", "text": f"pyrepl3: the worker process died ({cause}) while idle; a new worker was started\n"},
+                    {
+                        "name": "stderr",
+                        "text": f"pyrepl3: the worker process died ({cause}) while idle; a new worker was started\n",
+                    },
                     parent,
                 )
             self._on_worker_dead(cause)

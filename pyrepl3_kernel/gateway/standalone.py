@@ -33,11 +33,17 @@ async def serve(connection_file: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pyrepl3_kernel", description="Run one PyREPL3 Jupyter kernel.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pyrepl3_kernel", description="Run one PyREPL3 Jupyter kernel."
+    )
     parser.add_argument("-f", "--connection-file", required=True, help="Jupyter connection file")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr, format="[pyrepl3 %(name)s] %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="[pyrepl3 %(name)s] %(levelname)s %(message)s",
+    )
     asyncio.run(serve(args.connection_file))
 
 

@@ -71,6 +71,9 @@ MAIN_THREAD_TYPES = frozenset(
         MessageType.SHUTDOWN,
     }
 )
+#: Stream output written within this many seconds of the previous send is
+#: batched into one OUTPUT message (the first write after a pause is not held).
+OUTPUT_COALESCE_S = 0.002
 TERMINAL_TYPES = frozenset(REPLY_TYPES.values()) | {MessageType.PROTOCOL_ERROR}
 
 _REPLY_CLASSES: dict[MessageType, type[Message]] = {
@@ -195,6 +198,9 @@ class Session:
         self._last_parent: str | None = None
         self._decoders: dict[int, codecs.IncrementalDecoder] = {}
         self._startup_stderr = bytearray()
+        self._pending_output: list[tuple[int, str, str | None]] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0
         self._gone_task: asyncio.Task[None] | None = None
         self._dead = asyncio.Event()
         self._generation = 0
@@ -254,15 +260,23 @@ class Session:
             child_sock.close()
         self._process = transport  # type: ignore[assignment]
         self._process_protocol = protocol
-        control, _ = await loop.create_unix_connection(lambda: _ControlProtocol(self, generation), sock=parent_sock)
+        control, _ = await loop.create_unix_connection(
+            lambda: _ControlProtocol(self, generation), sock=parent_sock
+        )
         self._control = control
         try:
             ready = await asyncio.wait_for(asyncio.shield(self._ready_future), self.startup_timeout)
         except (asyncio.TimeoutError, WorkerDeadError) as exc:
             stderr = self._startup_stderr.decode(errors="replace").strip()
             await self._kill()
-            detail = "did not become ready in time" if isinstance(exc, asyncio.TimeoutError) else str(exc)
-            raise WorkerStartError(f"worker {detail}" + (f":\n{stderr}" if stderr else "")) from None
+            detail = (
+                "did not become ready in time"
+                if isinstance(exc, asyncio.TimeoutError)
+                else str(exc)
+            )
+            raise WorkerStartError(
+                f"worker {detail}" + (f":\n{stderr}" if stderr else "")
+            ) from None
         try:
             self._send(negotiate(ready))
         except ProtocolError as exc:
@@ -276,15 +290,20 @@ class Session:
         if self._process is None:
             return
         if self.is_alive:
-            with contextlib.suppress(Exception):
+            try:
                 await asyncio.wait_for(self.request(ShutdownMessage()), timeout)
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._dead.wait(), timeout)
+            except Exception:
+                pass  # no answer (busy or stuck): it is killed below
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._dead.wait(), timeout)
         self._generation += 1  # what the old worker does from now on is not news
         await self._kill()
         if not self._dead.is_set():
             self.death_cause = "shut down"
             self._dead.set()
+            # A cell still running (or queued) must not leave its stream open.
+            self._end_open_requests(self.death_cause)
 
     async def restart(self) -> None:
         """A new worker in place of the current one (state is not kept)."""
@@ -387,6 +406,8 @@ class Session:
         self._route(ProtocolErrorMessage(code=item.code, detail=f"from worker: {item.detail}"))
 
     def _on_message(self, msg: Message) -> None:
+        if self._pending_output:
+            self._flush_output()
         if msg.type == MessageType.READY:
             assert isinstance(msg, ReadyMessage)
             if self._ready_future is not None and not self._ready_future.done():
@@ -394,7 +415,11 @@ class Session:
             return
         if msg.type in TERMINAL_TYPES and self._inflight and msg.parent_id == self._inflight[0]:
             self._inflight.popleft()
-        elif msg.type in TERMINAL_TYPES and msg.parent_id in self._inflight:
+        elif (
+            msg.type in TERMINAL_TYPES
+            and msg.parent_id is not None
+            and msg.parent_id in self._inflight
+        ):
             self._inflight.remove(msg.parent_id)
         self._route(msg)
 
@@ -407,14 +432,52 @@ class Session:
         if decoder is None:
             decoder = self._decoders[fd] = codecs.getincrementaldecoder("utf-8")(errors="replace")
         text = decoder.decode(data)
-        if text:
-            parent = self._inflight[0] if self._inflight else self._last_parent
-            self._route(OutputMessage(stream="stdout" if fd == 1 else "stderr", data=text, parent_id=parent))
+        if not text:
+            return
+        parent = self._inflight[0] if self._inflight else self._last_parent
+        self._pending_output.append((fd, text, parent))
+        # The first write after a quiet spell goes out at once; writes that
+        # follow within OUTPUT_COALESCE_S are sent together.
+        if self._flush_handle is None:
+            loop = asyncio.get_running_loop()
+            due = self._last_flush + OUTPUT_COALESCE_S
+            if loop.time() >= due:
+                self._flush_output()
+            else:
+                self._flush_handle = loop.call_at(due, self._flush_output)
+
+    def _flush_output(self) -> None:
+        """Route pending stream output; called before any worker message is
+        routed, so output always precedes what the worker sent after it."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._last_flush = asyncio.get_running_loop().time()
+        pending, self._pending_output = self._pending_output, []
+        i = 0
+        while i < len(pending):
+            fd, text, parent = pending[i]
+            j = i + 1
+            while j < len(pending) and pending[j][0] == fd and pending[j][2] == parent:
+                j += 1
+            if j > i + 1:
+                text = "".join(chunk for _, chunk, _ in pending[i:j])
+            self._route(
+                OutputMessage(stream="stdout" if fd == 1 else "stderr", data=text, parent_id=parent)
+            )
+            i = j
 
     def _route(self, msg: Message) -> None:
-        queue = self._streams.get(msg.parent_id or "")
+        parent = msg.parent_id or ""
+        queue = self._streams.get(parent)
         if queue is not None:
             queue.put_nowait(msg)
+            if msg.type in TERMINAL_TYPES:
+                # The stream ends with this message: what comes later for this
+                # request (output of a thread the cell left running) goes to
+                # ``on_unrouted``, not to a queue nobody reads any more.
+                del self._streams[parent]
+                self._request_types.pop(parent, None)
         elif self.on_unrouted is not None:
             self.on_unrouted(msg)
         elif msg.type == MessageType.PROTOCOL_ERROR:
@@ -437,6 +500,8 @@ class Session:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(proto.pipes_closed), 0.25)
         await self._kill()
+        if self._pending_output:
+            self._flush_output()
         cause = describe_exit(self.returncode)
         self.death_cause = cause
         self._dead.set()
@@ -444,23 +509,31 @@ class Session:
             self._ready_future.set_exception(WorkerDeadError(cause))
             return
         running = self._inflight[0] if self._inflight else None
+        self._end_open_requests(cause)
+        # The death is news for the supervisor, not for a request stream
+        # (those have just been closed with their replies).
+        status = StatusMessage(state="dead", detail=cause, parent_id=running or self._last_parent)
+        if self.on_unrouted is not None:
+            self.on_unrouted(status)
+
+    def _end_open_requests(self, cause: str) -> None:
+        """End every open request stream: the running cell gets an ERROR and an
+        error reply, other requests a synthetic reply (cells: ``aborted``)."""
+        running = self._inflight[0] if self._inflight else None
         for req_id, req_type in list(self._request_types.items()):
             if req_id == running and req_type == MessageType.EXECUTE:
                 self._route(
                     ErrorMessage(
                         ename="WorkerDied",
                         evalue=f"the worker process died ({cause}) while running this cell",
-                        traceback=[f"\x1b[0;31mWorkerDied\x1b[0m: the worker process died ({cause}) while running this cell"],
+                        traceback=[
+                            f"\x1b[0;31mWorkerDied\x1b[0m: the worker process died ({cause}) while running this cell"
+                        ],
                         parent_id=req_id,
                     )
                 )
             self._route(self._synthetic_reply(req_id, req_type, cause, aborted=req_id != running))
         self._inflight.clear()
-        # The death is news for the supervisor, not for a request stream
-        # (those have just been closed with their replies).
-        status = StatusMessage(state="dead", detail=cause, parent_id=running or self._last_parent)
-        if self.on_unrouted is not None:
-            self.on_unrouted(status)
 
     @staticmethod
     def _synthetic_reply(req_id: str, req_type: MessageType, cause: str, aborted: bool) -> Message:
@@ -478,7 +551,9 @@ class Session:
             )
         if cls is ShutdownReplyMessage:
             return ShutdownReplyMessage(parent_id=req_id)
-        return ProtocolErrorMessage(code="worker_died", detail=f"the worker process died ({cause})", parent_id=req_id)
+        return ProtocolErrorMessage(
+            code="worker_died", detail=f"the worker process died ({cause})", parent_id=req_id
+        )
 
     async def _kill(self) -> None:
         """Kill the worker's process group and reap the worker."""
@@ -510,9 +585,17 @@ class Session:
         self._inflight.clear()
         self._decoders.clear()
         self._startup_stderr.clear()
+        self._pending_output = []
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
         self._gone_task = None
         self._dead = asyncio.Event()
 
     def __repr__(self) -> str:
-        state = "alive" if self.is_alive else (f"dead: {self.death_cause}" if self.death_cause else "not started")
+        state = (
+            "alive"
+            if self.is_alive
+            else (f"dead: {self.death_cause}" if self.death_cause else "not started")
+        )
         return f"<Session pid={self.pid} {state}>"

@@ -50,7 +50,9 @@ class PoolConfig:
         if self.max_sessions < 1:
             raise ValueError("max_sessions must be >= 1")
         if self.min_idle > self.max_sessions:
-            raise ValueError(f"min_idle ({self.min_idle}) exceeds max_sessions ({self.max_sessions})")
+            raise ValueError(
+                f"min_idle ({self.min_idle}) exceeds max_sessions ({self.max_sessions})"
+            )
         if self.max_concurrent_starts < 1:
             raise ValueError("max_concurrent_starts must be >= 1")
 
@@ -83,10 +85,14 @@ class SessionPool:
         if wait:
             async with self._changed:
                 await self._changed.wait_for(
-                    lambda: len(self._idle) >= self.config.min_idle or self._consecutive_failures >= 3
+                    lambda: (
+                        len(self._idle) >= self.config.min_idle or self._consecutive_failures >= 3
+                    )
                 )
             if len(self._idle) < self.config.min_idle and self.last_error is not None:
-                raise WorkerStartError(f"the pool could not warm up sessions: {self.last_error}")
+                raise WorkerStartError(
+                    f"the pool could not warm up sessions: {self.last_error}"
+                ) from self.last_error
 
     async def acquire(self, timeout: float | None = None) -> Session:
         """A warm session for exclusive use, started on demand if none is idle.
@@ -121,7 +127,9 @@ class SessionPool:
         """Give a session back. It is shut down (never handed on) and the pool
         warms a replacement."""
         if session not in self._leased:
-            raise ValueError("this session was not acquired from this pool (or was released already)")
+            raise ValueError(
+                "this session was not acquired from this pool (or was released already)"
+            )
         self._leased.discard(session)
         await session.shutdown()
         await self._notify()
@@ -188,7 +196,9 @@ class SessionPool:
         if self.config.session_factory is not None:
             return self.config.session_factory()
         cfg = self.config
-        return Session(python=cfg.python, cwd=cfg.cwd, env=cfg.env, startup_timeout=cfg.startup_timeout)
+        return Session(
+            python=cfg.python, cwd=cfg.cwd, env=cfg.env, startup_timeout=cfg.startup_timeout
+        )
 
     async def _warm_one(self) -> None:
         session = self._new_session()
@@ -204,6 +214,7 @@ class SessionPool:
                 self._consecutive_failures += 1
                 self.last_error = exc
                 log.error("could not warm a session: %s", exc)
+                self._refill()  # try again, until 3 failures in a row
             await self._notify()
             if isinstance(exc, asyncio.CancelledError):
                 raise

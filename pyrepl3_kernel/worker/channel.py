@@ -19,7 +19,15 @@ import threading
 import time
 from collections.abc import Callable
 
-from ..protocol import FrameDecoder, Message, ProtocolError, ProtocolErrorMessage, decode, encode, frame
+from ..protocol import (
+    FrameDecoder,
+    Message,
+    ProtocolError,
+    ProtocolErrorMessage,
+    decode,
+    encode,
+    frame,
+)
 
 log = logging.getLogger("pyrepl3.worker")
 
@@ -69,7 +77,9 @@ class Channel:
 
     def serve(self, dispatch: Callable[[Message], None]) -> None:
         """Read messages until EOF (run on the I/O thread)."""
-        signal.pthread_sigmask(signal.SIG_BLOCK, set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP})
+        signal.pthread_sigmask(
+            signal.SIG_BLOCK, set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+        )
         decoder = FrameDecoder()
         while True:
             try:

@@ -76,7 +76,16 @@ LANGUAGE_INFO = {
     "file_extension": ".py",
 }
 
-CAPABILITIES = ["stdin", "interrupt", "comms", "display", "complete", "inspect", "history", "health"]
+CAPABILITIES = [
+    "stdin",
+    "interrupt",
+    "comms",
+    "display",
+    "complete",
+    "inspect",
+    "history",
+    "health",
+]
 
 
 class _InputSlot:
@@ -149,7 +158,9 @@ class Worker:
 
     def run(self) -> None:
         signal.signal(signal.SIGINT, self._on_sigint)
-        reader = threading.Thread(target=self.channel.serve, args=(self._dispatch,), daemon=True, name="pyrepl3-io")
+        reader = threading.Thread(
+            target=self.channel.serve, args=(self._dispatch,), daemon=True, name="pyrepl3-io"
+        )
         reader.start()
         self.channel.send(
             ReadyMessage(
@@ -208,19 +219,25 @@ class Worker:
             if msg.version not in SUPPORTED_VERSIONS:
                 self.channel.send(
                     ProtocolErrorMessage(
-                        code="unsupported_version", detail=f"version {msg.version} not supported", parent_id=msg.id
+                        code="unsupported_version",
+                        detail=f"version {msg.version} not supported",
+                        parent_id=msg.id,
                     )
                 )
         elif kind in (MessageType.CHECKPOINT, MessageType.RESTORE):
             self.channel.send(
                 ProtocolErrorMessage(
-                    code="unsupported", detail=f"this worker does not implement {kind.value}", parent_id=msg.id
+                    code="unsupported",
+                    detail=f"this worker does not implement {kind.value}",
+                    parent_id=msg.id,
                 )
             )
         else:
             self.channel.send(
                 ProtocolErrorMessage(
-                    code="unexpected", detail=f"a worker does not accept {kind.value!r} messages", parent_id=msg.id
+                    code="unexpected",
+                    detail=f"a worker does not accept {kind.value!r} messages",
+                    parent_id=msg.id,
                 )
             )
 
@@ -234,7 +251,10 @@ class Worker:
         reply: Message
         if req.type == MessageType.EXECUTE:
             reply = ExecuteReplyMessage(
-                status="error", ename=ename, evalue=evalue, execution_count=self.shell.execution_count - 1
+                status="error",
+                ename=ename,
+                evalue=evalue,
+                execution_count=self.shell.execution_count - 1,
             )
         elif req.type in (MessageType.COMM_OPEN, MessageType.COMM_MSG, MessageType.COMM_CLOSE):
             reply = AckMessage(status="error", ename=ename, evalue=evalue)
@@ -298,7 +318,9 @@ class Worker:
         if not self._allow_stdin or self._parent is None:
             from IPython.core.error import StdinNotImplementedError
 
-            raise StdinNotImplementedError("raw_input was called, but this frontend does not support input requests.")
+            raise StdinNotImplementedError(
+                "raw_input was called, but this frontend does not support input requests."
+            )
         sys.stdout.flush()
         sys.stderr.flush()
         request = InputMessage(prompt=prompt, password=password, parent_id=self._parent)
@@ -321,7 +343,9 @@ class Worker:
         code = req.code
         cursor = len(code) if req.cursor_pos is None else req.cursor_pos
         with provisionalcompleter():
-            completions = list(rectify_completions(code, self.shell.Completer.completions(code, cursor)))
+            completions = list(
+                rectify_completions(code, self.shell.Completer.completions(code, cursor))
+            )
         reply = CompleteReplyMessage(parent_id=req.id, cursor_start=cursor, cursor_end=cursor)
         if completions:
             reply.cursor_start = completions[0].start
@@ -329,7 +353,13 @@ class Worker:
             reply.matches = [c.text for c in completions]
         reply.metadata = {
             "_jupyter_types_experimental": [
-                {"start": c.start, "end": c.end, "text": c.text, "type": c.type, "signature": c.signature}
+                {
+                    "start": c.start,
+                    "end": c.end,
+                    "text": c.text,
+                    "type": c.type,
+                    "signature": c.signature,
+                }
                 for c in completions
             ]
         }
@@ -355,11 +385,22 @@ class Worker:
     def _history(self, req: HistoryMessage) -> None:
         manager = self.shell.history_manager
         if req.hist_access_type == "tail":
-            hist = manager.get_tail(req.n or 10, raw=req.raw, output=req.output, include_latest=True)
+            hist = manager.get_tail(
+                req.n or 10, raw=req.raw, output=req.output, include_latest=True
+            )
         elif req.hist_access_type == "range":
-            hist = manager.get_range(req.session, req.start, req.stop, raw=req.raw, output=req.output)
+            # IPython numbers the entries of the current session 0 (its alias
+            # for "current"); a client needs the real number it asked for.
+            hist = [
+                (session or manager.session_number, line, entry)
+                for session, line, entry in manager.get_range(
+                    req.session, req.start, req.stop, raw=req.raw, output=req.output
+                )
+            ]
         elif req.hist_access_type == "search":
-            hist = manager.search(req.pattern, raw=req.raw, output=req.output, n=req.n, unique=req.unique)
+            hist = manager.search(
+                req.pattern, raw=req.raw, output=req.output, n=req.n, unique=req.unique
+            )
         else:
             hist = []
         self.emit(HistoryReplyMessage(parent_id=req.id, history=self._jsonable(list(hist))))
@@ -445,9 +486,13 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m pyrepl3_kernel.worker")
-    parser.add_argument("--fd", type=int, required=True, help="inherited socket fd of the native protocol")
+    parser.add_argument(
+        "--fd", type=int, required=True, help="inherited socket fd of the native protocol"
+    )
     parser.add_argument("--parent-pid", type=int, default=0)
-    parser.add_argument("--log-fd", type=int, default=-1, help="fd for the worker's own log (default: none)")
+    parser.add_argument(
+        "--log-fd", type=int, default=-1, help="fd for the worker's own log (default: none)"
+    )
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
@@ -456,13 +501,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.log_fd >= 0:
         os.set_inheritable(args.log_fd, False)
         handler = logging.StreamHandler(os.fdopen(args.log_fd, "w", buffering=1))
-        handler.setFormatter(logging.Formatter("[pyrepl3 worker %(process)d] %(levelname)s %(message)s"))
+        handler.setFormatter(
+            logging.Formatter("[pyrepl3 worker %(process)d] %(levelname)s %(message)s")
+        )
         log.addHandler(handler)
         log.setLevel(args.log_level)
         log.propagate = False
     import faulthandler
 
-    faulthandler.enable(file=sys.__stderr__, all_threads=False)
+    faulthandler.enable(file=2, all_threads=False)
     worker = Worker(sock)
     worker.run()
     os._exit(0)

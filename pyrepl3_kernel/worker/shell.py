@@ -167,7 +167,9 @@ class ZMQInteractiveShell(InteractiveShell):
         if gui not in (None, "inline"):
             print(f"Warning: GUI event loop {gui!r} is not supported in this kernel.")
 
-    def _page_payload(self, strg: Any, start: int = 0, screen_lines: int = 0, pager_cmd: Any = None) -> None:
+    def _page_payload(
+        self, strg: Any, start: int = 0, screen_lines: int = 0, pager_cmd: Any = None
+    ) -> None:
         data = strg if isinstance(strg, dict) else {"text/plain": strg}
         self.payload_manager.write_payload({"source": "page", "data": data, "start": max(0, start)})  # type: ignore[union-attr]
 

@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Create .venv (if needed), install pyrepl3-kernel with its dev extras, and
+# register the pyrepl3 kernelspec inside the venv. Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/pyrepl3-kernel install --sys-prefix >/dev/null
+echo "setup done: $(.venv/bin/pyrepl3-kernel --version), kernelspec 'pyrepl3' in .venv"
