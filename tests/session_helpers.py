@@ -70,7 +70,9 @@ def reply_of(msgs: list[Message]) -> Any:
 
 def stream_text(msgs: list[Message], stream: str = "stdout") -> str:
     return "".join(
-        m.data for m in msgs if m.type == MessageType.OUTPUT and m.stream == stream  # type: ignore[attr-defined]
+        m.data
+        for m in msgs
+        if m.type == MessageType.OUTPUT and m.stream == stream  # type: ignore[attr-defined]
     )
 
 

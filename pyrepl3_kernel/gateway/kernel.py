@@ -31,6 +31,7 @@ from ..protocol import (
     ExecuteReplyMessage,
     HistoryMessage,
     InspectMessage,
+    IsCompleteMessage,
     Message,
     MessageType,
 )
@@ -43,6 +44,9 @@ log = logging.getLogger("pyrepl3.gateway")
 JupyterMsg = dict[str, Any]
 
 #: Shell requests answered by the gateway at once, even while a cell runs.
+#: How long an is_complete_request waits for an idle worker before the
+#: gateway answers it itself.
+IS_COMPLETE_WORKER_TIMEOUT = 0.25
 IMMEDIATE_SHELL = frozenset({"kernel_info_request", "is_complete_request"})
 
 
@@ -449,12 +453,27 @@ class JupyterGateway:
 
     async def _is_complete(self, idents: list[bytes], msg: JupyterMsg) -> None:
         code = msg["content"].get("code", "")
-        status, indent = await asyncio.get_running_loop().run_in_executor(
-            None, _check_complete, code
-        )
-        content: dict[str, Any] = {"status": status}
-        if status == "incomplete":
-            content["indent"] = " " * (indent or 0)
+        content: dict[str, Any] | None = None
+        if not self._busy and self.session.is_alive:
+            # An idle worker answers in well under a millisecond; asking it
+            # keeps IPython out of the gateway process.
+            with contextlib.suppress(asyncio.TimeoutError, WorkerDeadError):
+                reply: Any = await asyncio.wait_for(
+                    self.session.request(IsCompleteMessage(code=code)), IS_COMPLETE_WORKER_TIMEOUT
+                )
+                if reply.type == MessageType.IS_COMPLETE_REPLY:
+                    content = {"status": reply.status}
+                    if reply.status == "incomplete":
+                        content["indent"] = reply.indent
+        if content is None:
+            # The worker is busy with a cell: answer here, so a console
+            # never waits for the cell to finish (it gives up after 1 s).
+            status, indent = await asyncio.get_running_loop().run_in_executor(
+                None, _check_complete, code
+            )
+            content = {"status": status}
+            if status == "incomplete":
+                content["indent"] = " " * (indent or 0)
         self._reply("shell", idents, msg, "is_complete_reply", content)
 
     async def _comm_info(self, idents: list[bytes], msg: JupyterMsg) -> None:

@@ -519,6 +519,8 @@ class Session:
     def _end_open_requests(self, cause: str) -> None:
         """End every open request stream: the running cell gets an ERROR and an
         error reply, other requests a synthetic reply (cells: ``aborted``)."""
+        if self._pending_output:
+            self._flush_output()  # output the worker wrote comes before the replies
         running = self._inflight[0] if self._inflight else None
         for req_id, req_type in list(self._request_types.items()):
             if req_id == running and req_type == MessageType.EXECUTE:
