@@ -320,3 +320,125 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# -- the manager daemon ------------------------------------------------------
+
+
+def _daemon_paths(args: argparse.Namespace) -> Any:
+    from .gateway.daemon_client import DaemonPaths
+
+    return DaemonPaths.default(getattr(args, "runtime_dir", None))
+
+
+_RUNTIME_DIR = arg(
+    "--runtime-dir",
+    metavar="DIR",
+    default=None,
+    help="Jupyter runtime directory of the daemon (default: jupyter --runtime-dir)",
+)
+
+
+@subcommand(
+    "serve",
+    _RUNTIME_DIR,
+    arg(
+        "--idle-timeout",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="exit after this long without leases (default: 600)",
+    ),
+    arg("--log-level", default="INFO", help="log level (default: INFO)"),
+)
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the manager daemon in the foreground.
+
+    It hosts many kernels in one process and keeps warm workers for the
+    pyrepl3-pool provisioner. Kernel launches start it on demand; running it
+    by hand is for debugging.
+    """
+    import logging
+
+    from .gateway.daemon import run
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        stream=sys.stderr,
+        format="%(asctime)s [pyrepl3 %(name)s] %(levelname)s %(message)s",
+    )
+    return run(_daemon_paths(args), idle_timeout=args.idle_timeout)
+
+
+@subcommand(
+    "status",
+    _RUNTIME_DIR,
+    arg("--json", action="store_true", help="print the raw status as JSON"),
+)
+def cmd_status(args: argparse.Namespace) -> int:
+    """Show the manager daemon, its pools and its leases."""
+    from .gateway.daemon_client import DaemonClient, DaemonError, DaemonUnavailable
+
+    client = DaemonClient(_daemon_paths(args), timeout=10)
+    try:
+        status = client.call("status")
+    except DaemonUnavailable:
+        print(f"no pyrepl3 daemon is running (socket {client.paths.socket})")
+        return 3
+    except DaemonError as exc:
+        return _error(f"the daemon refused: {exc}")
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return 0
+    d = status["daemon"]
+    print(
+        f"daemon pid {d['pid']} (pyrepl3-kernel {d['version']}), up {d['uptime_s']:.0f} s, "
+        f"socket {d['socket']}\n"
+        f"  leases served: {d['leases_served']} ({d['warm_leases']} warm); "
+        f"exits after {d['idle_timeout_s']:.0f} s without leases"
+    )
+    print(f"pools: {len(status['pools'])}")
+    for p in status["pools"]:
+        warmup = (p["warmup_code"][:40] + "...") if len(p["warmup_code"]) > 40 else p["warmup_code"]
+        print(
+            f"  {p['kernel_name']}: {p['idle']} idle, {p['starting']} starting, "
+            f"{p['leased']} leased (min_idle {p['min_idle']}, max {p['max_sessions']})"
+            + (f", warmup {warmup!r}" if warmup else "")
+        )
+    print(f"leases: {len(status['leases'])}")
+    for lease in status["leases"]:
+        print(
+            f"  {lease['kernel_id']} {lease['kernel_name']} {lease['state']}: "
+            f"worker {lease['worker_pid']}, owner {lease['owner_pid']}, "
+            f"{'warm' if lease['warm'] else 'cold'}, age {lease['age_s']:.0f} s, "
+            f"restarts {lease['restarts']}"
+            + (f", last crash: {lease['last_crash']}" if lease["last_crash"] else "")
+        )
+    return 0
+
+
+@subcommand("stop", _RUNTIME_DIR)
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Stop the manager daemon and every kernel it hosts."""
+    import time
+
+    from .gateway.daemon_client import DaemonClient, DaemonError, DaemonUnavailable
+
+    client = DaemonClient(_daemon_paths(args), timeout=10)
+    try:
+        pid = client.call("hello")["pid"]
+        client.call("shutdown")
+    except DaemonUnavailable:
+        print("no pyrepl3 daemon is running")
+        return 0
+    except DaemonError as exc:
+        return _error(f"the daemon refused: {exc}")
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            print(f"stopped the pyrepl3 daemon (pid {pid})")
+            return 0
+        time.sleep(0.05)
+    return _error(f"the daemon (pid {pid}) did not exit within 15 s")

@@ -1,5 +1,5 @@
-"""Jupyter messaging in front of native workers."""
+"""Jupyter messaging in front of native workers.
 
-from .kernel import JupyterGateway
-
-__all__ = ["JupyterGateway"]
+Nothing is imported here: the standalone kernel starts its worker before it
+loads zmq and jupyter_client (see ``standalone.py``).
+"""

@@ -38,6 +38,7 @@ from ..protocol import (
 from ..session import Session, WorkerDeadError, WorkerStartError
 from . import translate
 from .heartbeat import Heartbeat
+from .workers import ColdWorkers, WorkerSource
 
 log = logging.getLogger("pyrepl3.gateway")
 
@@ -62,9 +63,10 @@ class JupyterGateway:
         self,
         connection_info: dict[str, Any],
         *,
+        workers: WorkerSource | None = None,
         session: Session | None = None,
         kernel_id: str | None = None,
-        on_shutdown: Callable[[], Awaitable[None] | None] | None = None,
+        on_shutdown: Callable[[bool], Awaitable[None] | None] | None = None,
     ) -> None:
         info = dict(connection_info)
         key = info.get("key", b"")
@@ -76,8 +78,14 @@ class JupyterGateway:
         info.setdefault("signature_scheme", "hmac-sha256")
         self.connection_info = info
         self.kernel_id = kernel_id or str(uuid.uuid4())
+        self.workers: WorkerSource = workers or ColdWorkers()
+        # ``session`` (optional) is a started worker the gateway adopts; it
+        # goes back to ``workers`` like any other.
+        self._owns_session = session is not None
         self.session = session or Session()
         self.session.on_unrouted = self._on_unrouted
+        #: Called with the ``restart`` flag of a shutdown_request; without it,
+        #: the gateway just lets its worker go.
         self.on_shutdown = on_shutdown
         self.jsession = JupyterSession(
             key=key, signature_scheme=info["signature_scheme"], username="kernel"
@@ -126,8 +134,7 @@ class JupyterGateway:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(Exception):
-            await self.session.shutdown()
+        await self.release_worker()
         for sock in self._sockets.values():
             sock.close(linger=200)
         if self._heartbeat is not None:
@@ -173,11 +180,20 @@ class JupyterGateway:
         info["hb_port"] = self._heartbeat.port
         self._heartbeat.start()
 
-    async def _start_worker(self) -> None:
+    async def release_worker(self) -> None:
+        """Let the current worker go (it is never reused)."""
         self._worker_ready.clear()
+        if self._owns_session:
+            self._owns_session = False
+            self.session.on_unrouted = None  # its exit is not a crash
+            with contextlib.suppress(Exception):
+                await self.workers.release(self.session)
+
+    async def _start_worker(self) -> None:
+        await self.release_worker()
         try:
-            await self.session.start()
-        except WorkerStartError as exc:
+            session = await self.workers.acquire()
+        except Exception as exc:
             log.error("could not start the worker: %s", exc)
             self.last_crash = str(exc)
             self._publish(
@@ -186,6 +202,9 @@ class JupyterGateway:
                 self._last_parent,
             )
             return
+        session.on_unrouted = self._on_unrouted
+        self.session = session
+        self._owns_session = True
         self._exec_count = 0  # a new worker counts from 1 again
         self._worker_ready.set()
 
@@ -293,9 +312,6 @@ class JupyterGateway:
         silent = bool(content.get("silent", False))
         store_history = bool(content.get("store_history", not silent))
         stop_on_error = bool(content.get("stop_on_error", True))
-        if not silent:
-            count = self._exec_count + 1 if store_history else self._exec_count
-            self._publish("execute_input", {"code": code, "execution_count": count}, msg)
         msg_id = msg["header"]["msg_id"]
         native = ExecuteMessage(
             id=msg_id if msg_id and msg_id not in self._parents else uuid.uuid4().hex,
@@ -311,7 +327,12 @@ class JupyterGateway:
         crashed = False
         self._remember(native.id, msg)
         try:
+            # A worker being replaced (crash, restart) is waited for first, so
+            # the execution count shown is the new worker's.
             await self._ensure_worker()
+            if not silent:
+                count = self._exec_count + 1 if store_history else self._exec_count
+                self._publish("execute_input", {"code": code, "execution_count": count}, msg)
             self._running_exec = native.id
             async for out in self.session.execute(native):
                 if out.type == MessageType.EXECUTE_REPLY:
@@ -563,19 +584,18 @@ class JupyterGateway:
         self._reply(channel, idents, msg, "shutdown_reply", content)
         self._publish("shutdown_reply", content, msg)
         if self.on_shutdown is not None:
-            result = self.on_shutdown()
+            result = self.on_shutdown(restart)
             if asyncio.iscoroutine(result):
                 await result
         else:
-            await self.session.shutdown()
-            self._worker_ready.clear()
+            await self.release_worker()
 
     async def restart_worker(self) -> None:
         """Swap in a new worker; ports and key stay (restart in place)."""
-        self._exec_count = 0
-        await self.session.shutdown()
         self._restarting = self._spawn(self._start_worker())
         await self._restarting
+        if not self._worker_ready.is_set():
+            raise WorkerStartError(self.last_crash or "the worker could not be started")
 
     # -- sending --------------------------------------------------------------------
 

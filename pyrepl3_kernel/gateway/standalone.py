@@ -11,25 +11,68 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 
-from .kernel import JupyterGateway
+from ..session import Session
+
+
+async def _started(session: Session) -> Session:
+    await session.start()
+    return session
 
 
 async def serve(connection_file: str) -> None:
     with open(connection_file) as f:
         info = json.load(f)
+    # Start the worker before importing the gateway's heavy dependencies
+    # (zmq, jupyter_client): the two interpreters then boot side by side.
+    session = Session()
+    first = asyncio.ensure_future(_started(session))
+    while session.pid is None and not first.done():
+        await asyncio.sleep(0)
+
+    from .kernel import JupyterGateway
+    from .workers import ColdWorkers
+
     done = asyncio.Event()
-    gateway = JupyterGateway(info, on_shutdown=done.set)
+    gateway = JupyterGateway(
+        info, workers=ColdWorkers(first=first), on_shutdown=lambda restart: done.set()
+    )
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(gateway.interrupt()))
     loop.add_signal_handler(signal.SIGTERM, done.set)
     await gateway.start()
+    watcher = asyncio.ensure_future(_watch_parent(done))
     try:
         await done.wait()
     finally:
+        watcher.cancel()
         await gateway.stop()
+
+
+async def _watch_parent(done: asyncio.Event, interval: float = 1.0) -> None:
+    """Exit when the process that launched us is gone, as ipykernel does:
+    jupyter_client names it in JPY_PARENT_PID."""
+    try:
+        parent = int(os.environ.get("JPY_PARENT_PID", "0"))
+    except ValueError:
+        return
+    if parent <= 1:
+        return
+    while True:
+        await asyncio.sleep(interval)
+        try:
+            os.kill(parent, 0)
+        except ProcessLookupError:
+            logging.getLogger("pyrepl3.gateway").warning(
+                "parent process %s is gone; shutting down", parent
+            )
+            done.set()
+            return
+        except PermissionError:
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -57,6 +57,8 @@ class MessageType(str, enum.Enum):
     COMM_INFO = "comm_info"
     COMM_INFO_REPLY = "comm_info_reply"
     ACK = "ack"
+    # launch context of a pooled worker
+    CONFIGURE = "configure"
     # health
     HEALTH = "health"
     HEALTH_REPLY = "health_reply"
@@ -395,6 +397,20 @@ class AckMessage(Message):
     evalue: str = ""
 
 
+# -- launch context ----------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class ConfigureMessage(Message):
+    """Client -> worker: take on the working directory and environment of a
+    kernel launch (a warm worker was started before anyone knew them).
+    ``env``, when given, replaces the whole environment. Answered by ACK."""
+
+    type: ClassVar[MessageType] = MessageType.CONFIGURE
+    cwd: str | None = None
+    env: dict[str, str] | None = None
+
+
 # -- health ------------------------------------------------------------------
 
 
@@ -436,6 +452,7 @@ REPLY_TYPES: dict[MessageType, MessageType] = {
     MessageType.COMM_OPEN: MessageType.ACK,
     MessageType.COMM_MSG: MessageType.ACK,
     MessageType.COMM_CLOSE: MessageType.ACK,
+    MessageType.CONFIGURE: MessageType.ACK,
     MessageType.HEALTH: MessageType.HEALTH_REPLY,
     MessageType.SHUTDOWN: MessageType.SHUTDOWN_REPLY,
     MessageType.PING: MessageType.PONG,

@@ -27,6 +27,7 @@ from ..protocol import (
     AckMessage,
     CommInfoReplyMessage,
     CompleteReplyMessage,
+    ConfigureMessage,
     ErrorMessage,
     ExecuteMessage,
     ExecuteReplyMessage,
@@ -68,12 +69,15 @@ MAIN_THREAD_TYPES = frozenset(
         MessageType.COMM_OPEN,
         MessageType.COMM_MSG,
         MessageType.COMM_CLOSE,
+        MessageType.CONFIGURE,
         MessageType.SHUTDOWN,
     }
 )
-#: Stream output written within this many seconds of the previous send is
-#: batched into one OUTPUT message (the first write after a pause is not held).
+#: Stream output arriving within this many seconds of the previous send is
+#: batched into one OUTPUT message; a line completed after a pause is not held.
 OUTPUT_COALESCE_S = 0.002
+#: How long the start of a line waits for its end before it is sent anyway.
+PARTIAL_LINE_WAIT_S = 0.001
 TERMINAL_TYPES = frozenset(REPLY_TYPES.values()) | {MessageType.PROTOCOL_ERROR}
 
 _REPLY_CLASSES: dict[MessageType, type[Message]] = {
@@ -86,6 +90,7 @@ _REPLY_CLASSES: dict[MessageType, type[Message]] = {
     MessageType.COMM_OPEN: AckMessage,
     MessageType.COMM_MSG: AckMessage,
     MessageType.COMM_CLOSE: AckMessage,
+    MessageType.CONFIGURE: AckMessage,
     MessageType.HEALTH: HealthReplyMessage,
     MessageType.SHUTDOWN: ShutdownReplyMessage,
     MessageType.PING: PongMessage,
@@ -204,6 +209,7 @@ class Session:
         self._gone_task: asyncio.Task[None] | None = None
         self._dead = asyncio.Event()
         self._generation = 0
+        self._shutting_down = False
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -289,6 +295,7 @@ class Session:
         """Stop the worker (gracefully if it answers within ``timeout``)."""
         if self._process is None:
             return
+        self._shutting_down = True
         if self.is_alive:
             try:
                 await asyncio.wait_for(self.request(ShutdownMessage()), timeout)
@@ -350,6 +357,18 @@ class Session:
                 self.on_unrouted(msg)
         assert reply is not None
         return reply
+
+    async def configure(
+        self, *, cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
+        """Move the worker to ``cwd`` and give it ``env`` (the whole
+        environment), as if it had been started with them."""
+        reply = await self.request(
+            ConfigureMessage(cwd=cwd, env=dict(env) if env is not None else None)
+        )
+        if getattr(reply, "status", "error") != "ok":
+            detail = getattr(reply, "evalue", "") or getattr(reply, "detail", "")
+            raise RuntimeError(f"could not configure the worker: {detail}")
 
     async def input_response(self, request_id: str, value: str) -> None:
         """Answer the INPUT message whose id is ``request_id``."""
@@ -436,15 +455,19 @@ class Session:
             return
         parent = self._inflight[0] if self._inflight else self._last_parent
         self._pending_output.append((fd, text, parent))
-        # The first write after a quiet spell goes out at once; writes that
-        # follow within OUTPUT_COALESCE_S are sent together.
-        if self._flush_handle is None:
-            loop = asyncio.get_running_loop()
-            due = self._last_flush + OUTPUT_COALESCE_S
-            if loop.time() >= due:
-                self._flush_output()
-            else:
-                self._flush_handle = loop.call_at(due, self._flush_output)
+        # A completed line goes out at once, unless output is streaming fast
+        # (then it joins the batch due OUTPUT_COALESCE_S after the last send).
+        # A partial line waits PARTIAL_LINE_WAIT_S for the rest of the line:
+        # print() writes the text and the newline separately.
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = self._last_flush + OUTPUT_COALESCE_S
+        if text.endswith("\n") and now >= due:
+            self._flush_output()
+        elif self._flush_handle is None:
+            self._flush_handle = loop.call_at(
+                max(due, now + PARTIAL_LINE_WAIT_S), self._flush_output
+            )
 
     def _flush_output(self) -> None:
         """Route pending stream output; called before any worker message is
@@ -513,7 +536,7 @@ class Session:
         # The death is news for the supervisor, not for a request stream
         # (those have just been closed with their replies).
         status = StatusMessage(state="dead", detail=cause, parent_id=running or self._last_parent)
-        if self.on_unrouted is not None:
+        if self.on_unrouted is not None and not self._shutting_down:
             self.on_unrouted(status)
 
     def _end_open_requests(self, cause: str) -> None:
@@ -576,6 +599,7 @@ class Session:
 
     def _reset(self) -> None:
         self._generation += 1
+        self._shutting_down = False
         self.ready = None
         self.returncode = None
         self.death_cause = None

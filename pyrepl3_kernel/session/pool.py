@@ -69,6 +69,7 @@ class SessionPool:
         self._idle: list[Session] = []
         self._leased: set[Session] = set()
         self._starting = 0
+        self._waiters = 0
         self._changed = asyncio.Condition()
         self._start_slots = asyncio.Semaphore(self.config.max_concurrent_starts)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -94,34 +95,50 @@ class SessionPool:
                     f"the pool could not warm up sessions: {self.last_error}"
                 ) from self.last_error
 
-    async def acquire(self, timeout: float | None = None) -> Session:
+    async def acquire(self, timeout: float | None = None, *, refill: bool = True) -> Session:
         """A warm session for exclusive use, started on demand if none is idle.
 
         Raises :class:`PoolExhausted` if ``max_sessions`` are in use and none
         comes free within ``timeout`` (default: ``config.acquire_timeout``).
+        With ``refill=False`` the pool is not topped up until :meth:`refill`
+        is called, so a caller can hand the session over first.
         """
         if not self._running:
             raise RuntimeError("the pool is not started")
         timeout = self.config.acquire_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while True:
-            session = self._pop_idle()
-            if session is not None:
-                self._leased.add(session)
-                self._refill()
-                return session
-            if self._total < self.config.max_sessions:
-                self._spawn()
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                raise PoolExhausted(
-                    f"no session available within {timeout:.1f} s: {len(self._leased)} of "
-                    f"max_sessions={self.config.max_sessions} are in use; release one or raise max_sessions"
-                )
-            async with self._changed:
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._changed.wait(), remaining)
+        self._waiters += 1
+        try:
+            while True:
+                session = self._pop_idle()
+                if session is not None:
+                    self._leased.add(session)
+                    if refill:
+                        self._refill()
+                    return session
+                # One start per waiting caller at most; starts for the
+                # refill count too, since their sessions go to the waiters.
+                if self._starting < self._waiters and self._total < self.config.max_sessions:
+                    self._spawn()
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    raise PoolExhausted(
+                        f"no session available within {timeout:.1f} s: {len(self._leased)} of "
+                        f"max_sessions={self.config.max_sessions} are in use; "
+                        "release one or raise max_sessions"
+                    )
+                async with self._changed:
+                    if self._idle:
+                        continue
+                    with contextlib.suppress(asyncio.TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), remaining)
+        finally:
+            self._waiters -= 1
+
+    def refill(self) -> None:
+        """Start warming sessions until ``min_idle`` are idle or warming."""
+        self._refill()
 
     async def release(self, session: Session) -> None:
         """Give a session back. It is shut down (never handed on) and the pool

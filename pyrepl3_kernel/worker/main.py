@@ -62,6 +62,7 @@ MAIN_THREAD_TYPES = frozenset(
         MessageType.COMM_OPEN,
         MessageType.COMM_MSG,
         MessageType.COMM_CLOSE,
+        MessageType.CONFIGURE,
         MessageType.SHUTDOWN,
     }
 )
@@ -118,8 +119,10 @@ class Worker:
             MessageType.COMM_OPEN: self._comm,
             MessageType.COMM_MSG: self._comm,
             MessageType.COMM_CLOSE: self._comm,
+            MessageType.CONFIGURE: self._configure,
         }
         self.shell = self._make_shell()
+        self._set_session_name()
 
     # -- Outlet (used by the shell hooks and comms) ---------------------------
 
@@ -256,7 +259,12 @@ class Worker:
                 evalue=evalue,
                 execution_count=self.shell.execution_count - 1,
             )
-        elif req.type in (MessageType.COMM_OPEN, MessageType.COMM_MSG, MessageType.COMM_CLOSE):
+        elif req.type in (
+            MessageType.COMM_OPEN,
+            MessageType.COMM_MSG,
+            MessageType.COMM_CLOSE,
+            MessageType.CONFIGURE,
+        ):
             reply = AckMessage(status="error", ename=ename, evalue=evalue)
         else:
             reply = ProtocolErrorMessage(code="failed", detail=f"{ename}: {evalue}")
@@ -435,6 +443,31 @@ class Worker:
             self._in_user_code = False
             self._running = None
         self.emit(AckMessage(parent_id=req.id))
+
+    # -- launch context -------------------------------------------------------------
+
+    def _configure(self, req: Any) -> None:
+        try:
+            if req.env is not None:
+                os.environ.clear()
+                os.environ.update(req.env)
+            if req.cwd:
+                os.chdir(req.cwd)
+            self._set_session_name()
+        except OSError as exc:
+            self.emit(
+                AckMessage(
+                    parent_id=req.id, status="error", ename=type(exc).__name__, evalue=str(exc)
+                )
+            )
+            return
+        self.emit(AckMessage(parent_id=req.id))
+
+    def _set_session_name(self) -> None:
+        # As ipykernel: the notebook's path, for code that wants to know it.
+        name = os.environ.get("JPY_SESSION_NAME")
+        if name:
+            self.shell.user_ns["__session__"] = name
 
     # -- health and shutdown ------------------------------------------------------
 

@@ -133,6 +133,15 @@ class KernelShim:
     def __init__(self, outlet: Outlet) -> None:
         self._outlet = outlet
 
+    @property
+    def comm_manager(self) -> Any:
+        """The worker's comm manager: the Jupyter docs (and libraries written
+        for ipykernel) register comm targets with
+        ``get_ipython().kernel.comm_manager.register_target(...)``."""
+        import comm
+
+        return comm.get_comm_manager()
+
     def get_parent(self, channel: str = "shell") -> dict[str, Any]:
         return self._parent_header
 

@@ -1,0 +1,555 @@
+"""The manager daemon: one per user, many kernels, warm workers.
+
+``pyrepl3-kernel serve`` runs it. It listens on an owner-only Unix socket in
+the Jupyter runtime directory and hands out **leases**: a kernel (a
+:class:`JupyterGateway` with its ports bound and its key chosen) whose worker
+came from a warm pool. A lease is never handed out twice and its workers never
+go back to a pool. Leases whose owner process died are reaped; the daemon
+exits after ``idle_timeout`` seconds without leases. It runs no user code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import socket
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from .._version import __version__
+from ..session import PoolConfig, SessionPool
+from .daemon_client import (
+    _HEADER,
+    DAEMON_PROTOCOL_VERSION,
+    MAX_FRAME,
+    DaemonError,
+    DaemonPaths,
+    decode_payload,
+    encode_frame,
+)
+from .kernel import JupyterGateway
+from .workers import ColdWorkers, PooledWorkers, WorkerSource
+
+log = logging.getLogger("pyrepl3.daemon")
+
+#: Environment variables that act when an interpreter starts: workers started
+#: with different values of these are kept in different pools.
+STARTUP_ENV = (
+    "PYTHONPATH",
+    "PYTHONHOME",
+    "PYTHONSAFEPATH",
+    "PYTHONNOUSERSITE",
+    "PYTHONUSERBASE",
+    "PYTHONPLATLIBDIR",
+    "PYTHONHASHSEED",
+    "LD_LIBRARY_PATH",
+    "LD_PRELOAD",
+)
+
+
+class DaemonAlreadyRunning(RuntimeError):
+    pass
+
+
+@dataclass
+class Lease:
+    id: str
+    kernel_name: str
+    kernel_id: str
+    gateway: JupyterGateway
+    workers: WorkerSource
+    owner_pid: int
+    owner_started: float | None
+    pool_key: tuple[Any, ...] | None
+    warm: bool
+    created: float = field(default_factory=time.time)
+    state: str = "running"  # running | awaiting_restart
+
+    def describe(self) -> dict[str, Any]:
+        session = self.gateway.session
+        return {
+            "lease_id": self.id,
+            "kernel_name": self.kernel_name,
+            "kernel_id": self.kernel_id,
+            "state": self.state,
+            "owner_pid": self.owner_pid,
+            "worker_pid": session.pid if session.is_alive else None,
+            "warm": self.warm,
+            "age_s": round(time.time() - self.created, 1),
+            "restarts": self.gateway.restarts,
+            "last_crash": self.gateway.last_crash,
+            "ports": {k: v for k, v in self.gateway.connection_info.items() if k.endswith("_port")},
+        }
+
+
+def _process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, ValueError):
+        return None
+
+
+def _owner_alive(pid: int, started: float | None) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+class ManagerDaemon:
+    """Serve leases on ``paths.socket`` until stopped or idle."""
+
+    def __init__(
+        self,
+        paths: DaemonPaths | None = None,
+        *,
+        idle_timeout: float = 600.0,
+        reap_interval: float = 2.0,
+        lease_timeout: float = 120.0,
+    ) -> None:
+        self.paths = paths or DaemonPaths.default()
+        self.idle_timeout = idle_timeout
+        self.reap_interval = reap_interval
+        self.lease_timeout = lease_timeout
+        self.started = time.time()
+        self.leases: dict[str, Lease] = {}
+        self.pools: dict[tuple[Any, ...], SessionPool] = {}
+        self._pool_info: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._last_activity = time.monotonic()
+        self._stop = asyncio.Event()
+        self._lock_fd: int | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.leases_served = 0
+        self.warm_leases = 0
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def serve(self) -> None:
+        """Run until stopped; clean up every kernel and worker on the way out."""
+        self._take_lock()
+        try:
+            await self._listen()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, self._stop.set)
+            watch = asyncio.ensure_future(self._watch())
+            log.info("pyrepl3 daemon %s serving on %s", os.getpid(), self.paths.socket)
+            try:
+                await self._stop.wait()
+            finally:
+                watch.cancel()
+                await self._cleanup()
+        finally:
+            self._release_lock()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _take_lock(self) -> None:
+        self.paths.lock.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise DaemonAlreadyRunning(
+                f"another pyrepl3 daemon holds {self.paths.lock}; use `pyrepl3-kernel status`"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _listen(self) -> None:
+        path = self.paths.socket
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if path.parent.stat().st_uid != os.getuid():
+            raise RuntimeError(f"{path.parent} belongs to another user; refusing to listen there")
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # stale: we hold the lock, so no daemon uses it
+        old_umask = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._handle, path=os.fspath(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, 0o600)
+
+    async def _cleanup(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await self._server.wait_closed()
+        with contextlib.suppress(FileNotFoundError):
+            self.paths.socket.unlink()
+        await asyncio.gather(*(self._end_lease(lease) for lease in list(self.leases.values())))
+        await asyncio.gather(*(pool.stop() for pool in self.pools.values()), return_exceptions=True)
+        self.pools.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _watch(self) -> None:
+        """Reap leases of dead owners; exit when idle for too long."""
+        while True:
+            await asyncio.sleep(self.reap_interval)
+            for lease in list(self.leases.values()):
+                if not _owner_alive(lease.owner_pid, lease.owner_started):
+                    log.info("owner %s of lease %s is gone: reaping it", lease.owner_pid, lease.id)
+                    await self._end_lease(lease)
+            idle = time.monotonic() - self._last_activity
+            if not self.leases and idle > self.idle_timeout:
+                log.info("no leases for %.0f s: exiting", idle)
+                self._stop.set()
+                return
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- requests -------------------------------------------------------------------
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reply: dict[str, Any]
+        after: Any = None
+        try:
+            self._check_peer(writer)
+            header = await asyncio.wait_for(reader.readexactly(_HEADER.size), 10)
+            (length,) = _HEADER.unpack(header)
+            if length > MAX_FRAME:
+                raise DaemonError("too_large", f"request of {length} bytes exceeds {MAX_FRAME}")
+            request = decode_payload(await asyncio.wait_for(reader.readexactly(length), 10))
+            reply, after = await self._dispatch(request)
+        except DaemonError as exc:
+            reply = {"ok": False, "code": exc.code, "error": str(exc)}
+        except (asyncio.IncompleteReadError, asyncio.TimeoutError):
+            reply = {"ok": False, "code": "malformed", "error": "incomplete request frame"}
+        except Exception as exc:
+            log.exception("error serving a daemon request")
+            reply = {"ok": False, "code": "internal", "error": f"{type(exc).__name__}: {exc}"}
+        reply["v"] = DAEMON_PROTOCOL_VERSION
+        with contextlib.suppress(Exception):
+            writer.write(encode_frame(reply))
+            await writer.drain()
+        writer.close()
+        with contextlib.suppress(Exception):
+            await writer.wait_closed()
+        if after is not None:
+            after()
+
+    def _check_peer(self, writer: asyncio.StreamWriter) -> None:
+        sock = writer.get_extra_info("socket")
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        _pid, uid, _gid = struct.unpack("3i", creds)
+        if uid != os.getuid():
+            raise DaemonError(
+                "forbidden",
+                f"this pyrepl3 daemon belongs to uid {os.getuid()}; uid {uid} may not use it",
+            )
+
+    async def _dispatch(self, request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        version = request.get("v")
+        if version != DAEMON_PROTOCOL_VERSION:
+            raise DaemonError(
+                "unsupported_version",
+                f"daemon protocol version {version!r} is not supported "
+                f"(this daemon speaks {DAEMON_PROTOCOL_VERSION}, pyrepl3-kernel {__version__})",
+            )
+        op = request.get("op")
+        handler = self._ops.get(op) if isinstance(op, str) else None
+        if handler is None:
+            raise DaemonError(
+                "unknown_op", f"unknown daemon op {op!r} (known: {sorted(self._ops)})"
+            )
+        self._last_activity = time.monotonic()
+        result = await handler(self, request)
+        if isinstance(result, tuple):
+            reply, after = result
+        else:
+            reply, after = result, None
+        return {"ok": True, **reply}, after
+
+    async def _op_hello(self, request: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "version": __version__,
+            "protocol": DAEMON_PROTOCOL_VERSION,
+            "uptime_s": round(time.time() - self.started, 1),
+        }
+
+    async def _op_lease(self, request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        kernel_name = _field(request, "kernel_name", str, "pyrepl3")
+        python = _field(request, "python", str, "") or self._python_of(kernel_name)
+        if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+            raise DaemonError("bad_request", f"python {python!r} is not an executable file")
+        env = _field(request, "env", dict, None)
+        if env is not None and not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
+        ):
+            raise DaemonError("bad_request", "env must map strings to strings")
+        cwd = _field(request, "cwd", str, None)
+        if cwd is not None and not os.path.isdir(cwd):
+            raise DaemonError("bad_request", f"cwd {cwd!r} is not a directory")
+        owner_pid = _field(request, "owner_pid", int, 0)
+        if owner_pid <= 0 or not _owner_alive(owner_pid, None):
+            raise DaemonError("bad_request", f"owner_pid {owner_pid} is not a running process")
+        kernel_id = _field(request, "kernel_id", str, None) or str(uuid.uuid4())
+        pool_cfg = _field(request, "pool", dict, {})
+        size = _pool_int(pool_cfg, "size", 1, 0, 64)
+        max_kernels = _pool_int(pool_cfg, "max_kernels", 256, 1, 4096)
+        warmup_code = pool_cfg.get("warmup_code", "")
+        if not isinstance(warmup_code, str):
+            raise DaemonError("bad_request", "pool.warmup_code must be a string")
+        enabled = bool(pool_cfg.get("enabled", True))
+        launch_env = env if env is not None else dict(os.environ)
+
+        pool_key: tuple[Any, ...] | None = None
+        pool: SessionPool | None = None
+        workers: WorkerSource
+        if enabled:
+            pool_key = (kernel_name, python, warmup_code) + tuple(
+                launch_env.get(k) for k in STARTUP_ENV
+            )
+            pool = await self._pool(pool_key, python, launch_env, size, max_kernels, warmup_code)
+            workers = PooledWorkers(
+                pool, cwd=cwd, env=env, timeout=self.lease_timeout, defer_refill=True
+            )
+        else:
+            workers = ColdWorkers(python=python, cwd=cwd, env=launch_env)
+        session = await workers.acquire()
+        warm = isinstance(workers, PooledWorkers) and workers.last_was_warm
+        if isinstance(workers, PooledWorkers):
+            workers.defer_refill = False  # later acquires (restarts) refill at once
+        lease_id = uuid.uuid4().hex
+        info = {
+            "transport": "tcp",
+            "ip": "127.0.0.1",
+            "key": secrets.token_hex(32),
+            "signature_scheme": "hmac-sha256",
+        }
+        lease: Lease | None = None
+
+        def on_shutdown(restart: bool) -> Any:
+            assert lease is not None
+            return self._on_kernel_shutdown(lease, restart)
+
+        gateway = JupyterGateway(
+            info, workers=workers, session=session, kernel_id=kernel_id, on_shutdown=on_shutdown
+        )
+        try:
+            await gateway.start()
+        except BaseException:
+            await gateway.stop()
+            raise
+        lease = Lease(
+            id=lease_id,
+            kernel_name=kernel_name,
+            kernel_id=kernel_id,
+            gateway=gateway,
+            workers=workers,
+            owner_pid=owner_pid,
+            owner_started=_process_started(owner_pid),
+            pool_key=pool_key,
+            warm=warm,
+        )
+        self.leases[lease_id] = lease
+        self.leases_served += 1
+        self.warm_leases += int(warm)
+        connection_info = dict(gateway.connection_info)
+        connection_info["key"] = connection_info["key"].decode()
+        reply = {
+            "lease_id": lease_id,
+            "kernel_id": kernel_id,
+            "connection_info": connection_info,
+            "worker_pid": session.pid,
+            "daemon_pid": os.getpid(),
+            "warm": warm,
+        }
+        refill = pool.refill if pool is not None else None
+        return reply, refill
+
+    async def _op_restart(self, request: dict[str, Any]) -> dict[str, Any]:
+        lease = self._lease(request)
+        await lease.gateway.restart_worker()
+        lease.state = "running"
+        info = dict(lease.gateway.connection_info)
+        info["key"] = info["key"].decode()
+        return {"connection_info": info, "worker_pid": lease.gateway.session.pid}
+
+    async def _op_kill(self, request: dict[str, Any]) -> dict[str, Any]:
+        lease = self._lease(request, missing_ok=True)
+        if lease is None:
+            return {"ended": True}
+        if bool(request.get("restart", False)):
+            await lease.gateway.release_worker()
+            lease.state = "awaiting_restart"
+            return {"ended": False}
+        await self._end_lease(lease)
+        return {"ended": True}
+
+    async def _op_poll(self, request: dict[str, Any]) -> dict[str, Any]:
+        lease = self._lease(request, missing_ok=True)
+        if lease is None or lease.state != "running":
+            return {"running": False, "exit_code": 0}
+        return {"running": True}
+
+    async def _op_signal(self, request: dict[str, Any]) -> dict[str, Any]:
+        signum = _field(request, "signum", int, 0)
+        lease = self._lease(request, missing_ok=signum != signal.SIGINT)
+        if lease is None:
+            return {"running": False}
+        if signum == signal.SIGINT:
+            await lease.gateway.interrupt()
+        elif signum != 0:
+            await self._end_lease(lease)
+            return {"running": False}
+        return {"running": lease.state == "running"}
+
+    async def _op_release(self, request: dict[str, Any]) -> dict[str, Any]:
+        lease = self._lease(request, missing_ok=True)
+        if lease is not None:
+            await self._end_lease(lease)
+        return {}
+
+    async def _op_status(self, request: dict[str, Any]) -> dict[str, Any]:
+        pools = []
+        for key, pool in self.pools.items():
+            pools.append({**self._pool_info[key], **pool.stats})
+        return {
+            "daemon": {
+                "pid": os.getpid(),
+                "version": __version__,
+                "socket": os.fspath(self.paths.socket),
+                "uptime_s": round(time.time() - self.started, 1),
+                "idle_timeout_s": self.idle_timeout,
+                "leases_served": self.leases_served,
+                "warm_leases": self.warm_leases,
+            },
+            "pools": pools,
+            "leases": [lease.describe() for lease in self.leases.values()],
+        }
+
+    async def _op_shutdown(self, request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        return {"stopping": True}, self._stop.set
+
+    _ops: dict[str, Any] = {
+        "hello": _op_hello,
+        "lease": _op_lease,
+        "restart": _op_restart,
+        "kill": _op_kill,
+        "poll": _op_poll,
+        "signal": _op_signal,
+        "release": _op_release,
+        "status": _op_status,
+        "shutdown": _op_shutdown,
+    }
+
+    # -- leases and pools ---------------------------------------------------------
+
+    def _lease(self, request: dict[str, Any], missing_ok: bool = False) -> Any:
+        lease_id = _field(request, "lease_id", str, "")
+        lease = self.leases.get(lease_id)
+        if lease is None and not missing_ok:
+            raise DaemonError("unknown_lease", f"no lease {lease_id!r} (ended, or never existed)")
+        return lease
+
+    async def _on_kernel_shutdown(self, lease: Lease, restart: bool) -> None:
+        if restart:
+            # jupyter_client follows with a restart op; a client that restarts
+            # by message alone gets a new worker on its next request.
+            await lease.gateway.release_worker()
+            lease.state = "awaiting_restart"
+        else:
+            # Not awaited here: the gateway's own task is running this.
+            self._spawn(self._end_lease(lease))
+
+    async def _end_lease(self, lease: Lease) -> None:
+        if self.leases.pop(lease.id, None) is None:
+            return
+        self._last_activity = time.monotonic()
+        await lease.gateway.stop()
+
+    async def _pool(
+        self,
+        key: tuple[Any, ...],
+        python: str,
+        env: dict[str, str],
+        size: int,
+        max_kernels: int,
+        warmup_code: str,
+    ) -> SessionPool:
+        pool = self.pools.get(key)
+        if pool is not None:
+            # The latest launch's settings win for size and limit.
+            pool.config.min_idle = min(size, pool.config.max_sessions)
+            return pool
+        config = PoolConfig(
+            min_idle=min(size, max_kernels),
+            max_sessions=max_kernels,
+            warmup_code=warmup_code,
+            python=python,
+            env=env,
+            acquire_timeout=self.lease_timeout,
+        )
+        pool = SessionPool(config)
+        await pool.start(wait=False)
+        self.pools[key] = pool
+        self._pool_info[key] = {"kernel_name": key[0], "python": python, "warmup_code": warmup_code}
+        return pool
+
+    def _python_of(self, kernel_name: str) -> str:
+        from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+
+        try:
+            spec = KernelSpecManager().get_kernel_spec(kernel_name)
+        except NoSuchKernel:
+            raise DaemonError("unknown_kernel", f"no kernelspec named {kernel_name!r}") from None
+        return str(spec.argv[0])
+
+
+def _field(request: dict[str, Any], name: str, kind: type, default: Any) -> Any:
+    value = request.get(name, default)
+    if value is None or value is default:
+        return value
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise DaemonError("bad_request", f"field {name!r} must be {kind.__name__}")
+    return value
+
+
+def _pool_int(cfg: dict[str, Any], name: str, default: int, lo: int, hi: int) -> int:
+    value = cfg.get(name, default)
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise DaemonError("bad_request", f"pool.{name} must be an integer from {lo} to {hi}")
+    return value
+
+
+def run(paths: DaemonPaths | None = None, idle_timeout: float = 600.0) -> int:
+    """Entry point of ``pyrepl3-kernel serve``: 0 on a clean exit, 1 if
+    another daemon already serves this runtime directory."""
+    daemon = ManagerDaemon(paths, idle_timeout=idle_timeout)
+    try:
+        asyncio.run(daemon.serve())
+    except DaemonAlreadyRunning as exc:
+        log.error("%s", exc)
+        return 1
+    return 0
