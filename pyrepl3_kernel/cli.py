@@ -140,12 +140,21 @@ def _error(message: str) -> int:
 # --------------------------------------------------------------------------
 
 
+PROVISIONER_NAME = "pyrepl3-pool"
+
+
 def kernel_spec_dict(
     executable: str | None = None,
     display_name: str = DEFAULT_DISPLAY_NAME,
     env: dict[str, str] | None = None,
+    pool: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The content of the ``kernel.json`` written by ``install``."""
+    """The content of the ``kernel.json`` written by ``install``.
+
+    With ``pool`` (the provisioner's config, possibly empty), kernels are
+    leased warm from the manager daemon by the ``pyrepl3-pool`` provisioner;
+    clients that ignore provisioners still run ``argv`` (a cold kernel).
+    """
     spec: dict[str, Any] = {
         "argv": [
             executable or sys.executable,
@@ -159,6 +168,11 @@ def kernel_spec_dict(
         "interrupt_mode": "message",
         "metadata": {"debugger": False, "pyrepl3": {"version": __version__}},
     }
+    if pool is not None:
+        spec["metadata"]["kernel_provisioner"] = {
+            "provisioner_name": PROVISIONER_NAME,
+            "config": dict(pool),
+        }
     if env:
         spec["env"] = dict(env)
     return spec
@@ -169,6 +183,7 @@ def write_kernel_spec(
     executable: str | None = None,
     display_name: str = DEFAULT_DISPLAY_NAME,
     env: dict[str, str] | None = None,
+    pool: dict[str, Any] | None = None,
 ) -> list[str]:
     """Write kernel.json and copy the logos into *directory*.
 
@@ -176,7 +191,7 @@ def write_kernel_spec(
     """
     import shutil
 
-    spec = kernel_spec_dict(executable, display_name, env)
+    spec = kernel_spec_dict(executable, display_name, env, pool)
     (directory / "kernel.json").write_text(json.dumps(spec, indent=2) + "\n", encoding="utf-8")
     missing = []
     for name in LOGO_FILES:
@@ -230,6 +245,24 @@ def _env_pair(text: str) -> tuple[str, str]:
         default=[],
         help="environment variable to set for the kernel (repeatable)",
     ),
+    arg(
+        "--no-pool",
+        action="store_true",
+        help="start every kernel cold (no pyrepl3-pool provisioner in the spec)",
+    ),
+    arg(
+        "--pool-size",
+        type=int,
+        default=None,
+        metavar="N",
+        help="warm workers the daemon keeps for this kernel (default: 1)",
+    ),
+    arg(
+        "--warmup-code",
+        default=None,
+        metavar="CODE",
+        help="code warm workers run before they are leased, e.g. 'import pandas'",
+    ),
 )
 def cmd_install(args: argparse.Namespace) -> int:
     """Install the PyREPL3 kernel spec for Jupyter.
@@ -253,7 +286,18 @@ def cmd_install(args: argparse.Namespace) -> int:
         # The temp dir is 0700 and copytree keeps that mode: make it readable
         # by everyone, or a system-wide spec is invisible to other users.
         os.chmod(tmp, 0o755)
-        missing = write_kernel_spec(Path(tmp), sys.executable, args.display_name, dict(args.env))
+        pool: dict[str, Any] | None = None
+        if not args.no_pool:
+            pool = {}
+            if args.pool_size is not None:
+                pool["pool_size"] = args.pool_size
+            if args.warmup_code is not None:
+                pool["warmup_code"] = args.warmup_code
+        elif args.pool_size is not None or args.warmup_code is not None:
+            return _error("--pool-size and --warmup-code need the pool (drop --no-pool)")
+        missing = write_kernel_spec(
+            Path(tmp), sys.executable, args.display_name, dict(args.env), pool
+        )
         try:
             dest = ksm.install_kernel_spec(
                 tmp, kernel_name=args.name, user=args.user, prefix=prefix
@@ -316,10 +360,6 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
     if other:
         print(f"Note: another {name!r} kernel spec is still installed in {other}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # -- the manager daemon ------------------------------------------------------
@@ -442,3 +482,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
             return 0
         time.sleep(0.05)
     return _error(f"the daemon (pid {pid}) did not exit within 15 s")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

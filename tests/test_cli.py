@@ -257,7 +257,7 @@ def test_reference_kernelspec_is_current() -> None:
     from pyrepl3_kernel.cli import kernel_spec_dict
 
     ref = REPO / "kernelspec"
-    assert json.loads((ref / "kernel.json").read_text()) == kernel_spec_dict("python")
+    assert json.loads((ref / "kernel.json").read_text()) == kernel_spec_dict("python", pool={})
     for logo in LOGOS:
         packaged = REPO / "pyrepl3_kernel" / "resources" / logo
         assert (ref / logo).read_bytes() == packaged.read_bytes(), logo

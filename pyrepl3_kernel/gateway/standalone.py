@@ -61,18 +61,22 @@ async def _watch_parent(done: asyncio.Event, interval: float = 1.0) -> None:
         return
     if parent <= 1:
         return
+    launched_by = os.getppid()
     while True:
         await asyncio.sleep(interval)
         try:
             os.kill(parent, 0)
+            gone = os.getppid() != launched_by  # reparented: our launcher died
         except ProcessLookupError:
+            gone = True
+        except PermissionError:
+            gone = False
+        if gone:
             logging.getLogger("pyrepl3.gateway").warning(
                 "parent process %s is gone; shutting down", parent
             )
             done.set()
             return
-        except PermissionError:
-            pass
 
 
 def main(argv: list[str] | None = None) -> None:

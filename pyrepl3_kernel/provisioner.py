@@ -1,0 +1,303 @@
+"""``pyrepl3-pool``: a jupyter_client kernel provisioner that leases warm
+kernels from the per-user manager daemon.
+
+``launch_kernel`` asks the daemon (starting it if none answers) for a lease:
+a kernel whose ports are bound, whose key is chosen and whose worker has
+already run the warm-up code, then moved to the launch's cwd and environment.
+If the daemon cannot be reached or started, the kernel is started cold, as a
+standalone process, with a logged warning: a launch never fails for want of a
+daemon. Restarts happen in place: same ports, same key, a new warm worker.
+
+Configure it in the kernelspec (``metadata.kernel_provisioner.config``) or in
+a Jupyter config file (``c.PoolProvisioner.pool_size = 2``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from jupyter_client.connect import KernelConnectionInfo
+from jupyter_client.provisioning.local_provisioner import LocalProvisioner
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
+from traitlets import Bool, Float, Integer, Unicode
+
+from .gateway.daemon_client import (
+    DAEMON_PROTOCOL_VERSION,
+    DaemonClient,
+    DaemonError,
+    DaemonPaths,
+    DaemonUnavailable,
+)
+
+
+class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
+    """Lease kernels from the pyrepl3 manager daemon; start cold if it fails."""
+
+    pool_size = Integer(1, config=True, help="Warm workers kept ready for this kernelspec.")
+    warmup_code = Unicode(
+        "", config=True, help="Code every warm worker runs before it is leased (e.g. imports)."
+    )
+    max_kernels = Integer(256, config=True, help="Most kernels of this kernelspec at once.")
+    idle_timeout = Float(
+        600.0,
+        config=True,
+        help="A daemon started by this provisioner exits after this many seconds without leases.",
+    )
+    pool_enabled = Bool(
+        True, config=True, help="Lease from the daemon at all (False: always start cold)."
+    )
+    daemon_start_timeout = Float(30.0, config=True, help="Seconds to wait for a daemon to come up.")
+    lease_timeout = Float(120.0, config=True, help="Seconds a lease request may take.")
+
+    lease_id: str | None = None
+    #: Whether the last launch was served by a warm worker (None: cold fallback).
+    warm: bool | None = None
+    _fallback: LocalProvisioner | None = None
+    _exit_code: int | None = None
+
+    # -- Popen-like -----------------------------------------------------------------
+
+    @property
+    def has_process(self) -> bool:
+        if self._fallback is not None:
+            return bool(self._fallback.has_process)
+        return self.lease_id is not None
+
+    async def poll(self) -> int | None:
+        if self._fallback is not None:
+            return await self._fallback.poll()  # type: ignore[no-any-return]
+        if self.lease_id is None:
+            return self._exit_code
+        try:
+            reply = await self._call("poll", timeout=10.0, lease_id=self.lease_id)
+        except DaemonUnavailable:
+            return -int(signal.SIGKILL)  # the daemon, and so the kernel, is gone
+        except DaemonError:
+            return 1
+        return None if reply.get("running") else int(reply.get("exit_code", 0))
+
+    async def wait(self) -> int | None:
+        if self._fallback is not None:
+            return await self._fallback.wait()  # type: ignore[no-any-return]
+        while True:
+            code = await self.poll()
+            if code is not None:
+                return code
+            await asyncio.sleep(0.1)
+
+    async def send_signal(self, signum: int) -> None:
+        if self._fallback is not None:
+            await self._fallback.send_signal(signum)
+        elif self.lease_id is not None:
+            await self._call("signal", lease_id=self.lease_id, signum=int(signum))
+
+    async def kill(self, restart: bool = False) -> None:
+        if self._fallback is not None:
+            await self._fallback.kill(restart=restart)
+        elif self.lease_id is not None:
+            await self._call("kill", lease_id=self.lease_id, restart=restart)
+
+    async def terminate(self, restart: bool = False) -> None:
+        if self._fallback is not None:
+            await self._fallback.terminate(restart=restart)
+        elif self.lease_id is not None:
+            await self._call("kill", lease_id=self.lease_id, restart=restart)
+
+    # -- launch -----------------------------------------------------------------------
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        if self.pool_enabled and self._fallback is None:
+            try:
+                await asyncio.to_thread(self._ensure_daemon)
+            except Exception as exc:
+                self.log.warning("pyrepl3: no manager daemon (%s); starting the kernel cold", exc)
+            else:
+                kwargs.pop("extra_arguments", None)
+                kwargs = await super().pre_launch(**kwargs)
+                kwargs["cmd"] = list(self.kernel_spec.argv)
+                return kwargs
+        return await self._use_fallback().pre_launch(**kwargs)  # type: ignore[no-any-return]
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
+        if self._fallback is not None:
+            info = await self._fallback.launch_kernel(cmd, **kwargs)
+            self.connection_info = info
+            return info
+        env: dict[str, str] = dict(kwargs.get("env") or os.environ)
+        cwd = kwargs.get("cwd") or env.get("KERNEL_WORKING_DIR") or None
+        if self.lease_id is not None:
+            try:
+                reply = await self._call(
+                    "restart", lease_id=self.lease_id, timeout=self.lease_timeout
+                )
+            except DaemonError as exc:
+                self.log.warning(
+                    "pyrepl3: could not restart lease %s in place (%s)", self.lease_id, exc
+                )
+                self.lease_id = None
+        if self.lease_id is None:
+            try:
+                reply = await self._call(
+                    "lease",
+                    timeout=self.lease_timeout + 10,
+                    kernel_name=getattr(self.kernel_spec, "name", "") or "pyrepl3",
+                    kernel_id=self.kernel_id,
+                    python=self._python(),
+                    env=env,
+                    cwd=os.fspath(cwd) if cwd else None,
+                    owner_pid=os.getpid(),
+                    pool={
+                        "size": self.pool_size,
+                        "warmup_code": self.warmup_code,
+                        "max_kernels": self.max_kernels,
+                        "enabled": True,
+                    },
+                )
+            except (DaemonError, DaemonUnavailable) as exc:
+                self.log.warning(
+                    "pyrepl3: the daemon could not lease a kernel (%s); starting it cold", exc
+                )
+                fallback = self._use_fallback()
+                fallback_kwargs = await fallback.pre_launch(**kwargs)
+                return await self.launch_kernel(fallback_kwargs.pop("cmd"), **fallback_kwargs)
+            self.lease_id = reply["lease_id"]
+            self.warm = bool(reply.get("warm"))
+        leased: dict[str, Any] = dict(reply["connection_info"])
+        # jupyter_client adopts the key only as bytes (a str key fails the start).
+        leased["key"] = leased["key"].encode()
+        self.connection_info = leased  # type: ignore[assignment]
+        self._exit_code = None
+        return leased  # type: ignore[return-value]
+
+    async def cleanup(self, restart: bool = False) -> None:
+        if self._fallback is not None:
+            await self._fallback.cleanup(restart=restart)
+            if not restart:
+                self._fallback = None
+            return
+        if not restart and self.lease_id is not None:
+            lease_id, self.lease_id = self.lease_id, None
+            self._exit_code = 0
+            try:
+                await self._call("release", timeout=30.0, lease_id=lease_id)
+            except (DaemonError, DaemonUnavailable) as exc:
+                self.log.debug("pyrepl3: release of lease %s: %s", lease_id, exc)
+
+    async def get_provisioner_info(self) -> dict[str, Any]:
+        info: dict[str, Any] = await super().get_provisioner_info()
+        info["lease_id"] = self.lease_id
+        return info
+
+    async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
+        await super().load_provisioner_info(provisioner_info)
+        self.lease_id = provisioner_info.get("lease_id")
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _python(self) -> str:
+        argv = list(self.kernel_spec.argv)
+        return str(argv[0]) if argv and os.path.isabs(argv[0]) else sys.executable
+
+    def _client(self) -> DaemonClient:
+        return DaemonClient(DaemonPaths.default())
+
+    async def _call(self, op: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
+        client = self._client()
+        return await asyncio.to_thread(client.call, op, timeout, **fields)
+
+    def _use_fallback(self) -> LocalProvisioner:
+        if self._fallback is None:
+            self._fallback = LocalProvisioner(
+                kernel_id=self.kernel_id,
+                kernel_spec=self.kernel_spec,
+                parent=self.parent,
+            )
+        return self._fallback
+
+    def _ensure_daemon(self) -> None:
+        """Make sure a daemon answers; start one if none does (blocking)."""
+        client = self._client()
+        hello = client.ping()
+        if hello is None:
+            pid = self._start_daemon(client.paths)
+            deadline = time.monotonic() + self.daemon_start_timeout
+            while hello is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+                hello = client.ping()
+                if hello is None and not _alive(pid):
+                    # It exited: it lost the race to another daemon (then
+                    # that one answers now) or it failed (see its log).
+                    hello = client.ping()
+                    if hello is None:
+                        raise DaemonUnavailable(f"the daemon exited at start: {_tail(client.paths.log)}")
+            if hello is None:
+                raise DaemonUnavailable(
+                    f"the daemon did not come up within {self.daemon_start_timeout:.0f} s "
+                    f"(see {client.paths.log})"
+                )
+        if hello.get("protocol") != DAEMON_PROTOCOL_VERSION:
+            raise DaemonError(
+                "unsupported_version",
+                f"the running daemon speaks protocol {hello.get('protocol')}, "
+                f"this provisioner {DAEMON_PROTOCOL_VERSION}; stop it with `pyrepl3-kernel stop`",
+            )
+
+    def _start_daemon(self, paths: DaemonPaths) -> int:
+        """Start a daemon in the background; returns its pid."""
+        paths.log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cmd = [
+            self._python(),
+            "-m",
+            "pyrepl3_kernel.cli",
+            "serve",
+            "--runtime-dir",
+            os.fspath(paths.lock.parent),
+            "--idle-timeout",
+            str(self.idle_timeout),
+        ]
+        env = {
+            k: v for k, v in os.environ.items() if k not in ("JPY_PARENT_PID", "PYTHONEXECUTABLE")
+        }
+        # Through a shell that exits at once: the daemon is reparented to init
+        # and never becomes a zombie of this (possibly long-lived) process.
+        launcher = 'nohup "$@" >>"$PYREPL3_DAEMON_LOG" 2>&1 </dev/null & echo $!'
+        env["PYREPL3_DAEMON_LOG"] = os.fspath(paths.log)
+        self.log.info("pyrepl3: starting the manager daemon: %s", " ".join(cmd))
+        done = subprocess.run(
+            ["/bin/sh", "-c", launcher, "sh", *cmd],
+            env=env,
+            start_new_session=True,
+            check=True,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        return int(done.stdout.strip())
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is not alive
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
+def _tail(path: os.PathLike[str], lines: int = 5) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return " | ".join(f.read().strip().splitlines()[-lines:]) or f"(empty log {path})"
+    except OSError:
+        return f"(no log at {path})"
