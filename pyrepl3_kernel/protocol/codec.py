@@ -77,7 +77,7 @@ def from_dict(obj: Any, *, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> Me
     except ValueError:
         raise ProtocolError("unknown_type", f"unknown message type {type_name!r}", msg_id) from None
     cls = MESSAGE_CLASSES.get(msg_type)
-    if cls is None:  # reserved (checkpoint, restore): known but not implemented
+    if cls is None:  # a reserved type: known but not implemented
         raise ProtocolError("unsupported", f"message type {type_name!r} is not implemented", msg_id)
     kwargs: dict[str, Any] = {}
     for name, hint in FIELD_TYPES[cls].items():

@@ -62,12 +62,9 @@ class MessageType(str, enum.Enum):
     # health
     HEALTH = "health"
     HEALTH_REPLY = "health_reply"
-    # reserved for state management (a version-1 worker that does not
-    # implement them answers with protocol_error "unsupported")
+    # session state
     CHECKPOINT = "checkpoint"
     CHECKPOINT_REPLY = "checkpoint_reply"
-    RESTORE = "restore"
-    RESTORE_REPLY = "restore_reply"
 
     def __str__(self) -> str:
         return self.value
@@ -411,6 +408,38 @@ class ConfigureMessage(Message):
     env: dict[str, str] | None = None
 
 
+# -- session state -----------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class CheckpointMessage(Message):
+    """Client -> worker: ``action`` is ``save``, ``restore``, ``list``,
+    ``delete`` or ``info``; ``name`` names the checkpoint (not for ``list``);
+    ``store`` is a directory or fsspec URL (default: the worker's store);
+    ``clear`` (restore): remove variables the checkpoint does not have."""
+
+    type: ClassVar[MessageType] = MessageType.CHECKPOINT
+    action: str = "save"
+    name: str = ""
+    store: str | None = None
+    clear: bool = True
+
+
+@dataclass(kw_only=True)
+class CheckpointReplyMessage(Message):
+    """``result`` for save/restore: the per-name report (``saved``,
+    ``skipped``, ``failed``, ``removed``, ``bytes_written``, ``seconds``);
+    for list: ``{"checkpoints": [...]}``; for info: the checkpoint's summary."""
+
+    type: ClassVar[MessageType] = MessageType.CHECKPOINT_REPLY
+    status: str = "ok"
+    action: str = ""
+    name: str = ""
+    result: dict[str, Any] = field(default_factory=dict)
+    ename: str = ""
+    evalue: str = ""
+
+
 # -- health ------------------------------------------------------------------
 
 
@@ -453,6 +482,7 @@ REPLY_TYPES: dict[MessageType, MessageType] = {
     MessageType.COMM_MSG: MessageType.ACK,
     MessageType.COMM_CLOSE: MessageType.ACK,
     MessageType.CONFIGURE: MessageType.ACK,
+    MessageType.CHECKPOINT: MessageType.CHECKPOINT_REPLY,
     MessageType.HEALTH: MessageType.HEALTH_REPLY,
     MessageType.SHUTDOWN: MessageType.SHUTDOWN_REPLY,
     MessageType.PING: MessageType.PONG,

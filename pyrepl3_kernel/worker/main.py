@@ -26,6 +26,7 @@ from .._version import __version__
 from ..protocol import (
     SUPPORTED_VERSIONS,
     AckMessage,
+    CheckpointReplyMessage,
     CommInfoReplyMessage,
     CompleteReplyMessage,
     ExecuteMessage,
@@ -47,6 +48,7 @@ from ..protocol import (
     ShutdownReplyMessage,
 )
 from .channel import Channel
+from .state import StateManager
 
 log = logging.getLogger("pyrepl3.worker")
 
@@ -63,6 +65,7 @@ MAIN_THREAD_TYPES = frozenset(
         MessageType.COMM_MSG,
         MessageType.COMM_CLOSE,
         MessageType.CONFIGURE,
+        MessageType.CHECKPOINT,
         MessageType.SHUTDOWN,
     }
 )
@@ -120,9 +123,11 @@ class Worker:
             MessageType.COMM_MSG: self._comm,
             MessageType.COMM_CLOSE: self._comm,
             MessageType.CONFIGURE: self._configure,
+            MessageType.CHECKPOINT: self._checkpoint,
         }
         self.shell = self._make_shell()
         self._set_session_name()
+        self.checkpoints = StateManager(self.shell)
 
     # -- Outlet (used by the shell hooks and comms) ---------------------------
 
@@ -227,14 +232,6 @@ class Worker:
                         parent_id=msg.id,
                     )
                 )
-        elif kind in (MessageType.CHECKPOINT, MessageType.RESTORE):
-            self.channel.send(
-                ProtocolErrorMessage(
-                    code="unsupported",
-                    detail=f"this worker does not implement {kind.value}",
-                    parent_id=msg.id,
-                )
-            )
         else:
             self.channel.send(
                 ProtocolErrorMessage(
@@ -443,6 +440,20 @@ class Worker:
             self._in_user_code = False
             self._running = None
         self.emit(AckMessage(parent_id=req.id))
+
+    # -- session state ---------------------------------------------------------------
+
+    def _checkpoint(self, req: Any) -> None:
+        reply = CheckpointReplyMessage(parent_id=req.id, action=req.action, name=req.name)
+        try:
+            reply.result = self.checkpoints.run(
+                req.action, req.name, store=req.store, clear=req.clear
+            )
+        except Exception as exc:
+            reply.status = "error"
+            reply.ename = type(exc).__name__
+            reply.evalue = str(exc)
+        self.emit(reply)
 
     # -- launch context -------------------------------------------------------------
 
