@@ -473,11 +473,16 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return 0
     except DaemonError as exc:
         return _error(f"the daemon refused: {exc}")
+    import psutil
+
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            # A zombie has exited (its parent, possibly not init, reaps it).
+            exited = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            exited = True
+        if exited:
             print(f"stopped the pyrepl3 daemon (pid {pid})")
             return 0
         time.sleep(0.05)

@@ -130,7 +130,10 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.connection_info = info
             return info
         env: dict[str, str] = dict(kwargs.get("env") or os.environ)
-        cwd = kwargs.get("cwd") or env.get("KERNEL_WORKING_DIR") or None
+        # Without a cwd, a kernel process would inherit this process's working
+        # directory (papermill --cwd and jupyter console rely on it): so must
+        # a leased one, which would otherwise stay in the daemon's.
+        cwd = kwargs.get("cwd") or env.get("KERNEL_WORKING_DIR") or os.getcwd()
         if self.lease_id is not None:
             try:
                 reply = await self._call(
@@ -141,12 +144,14 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                     "pyrepl3: could not restart lease %s in place (%s)", self.lease_id, exc
                 )
                 self.lease_id = None
+            else:
+                self.warm = bool(reply.get("warm"))
         if self.lease_id is None:
             try:
                 reply = await self._call(
                     "lease",
                     timeout=self.lease_timeout + 10,
-                    kernel_name=getattr(self.kernel_spec, "name", "") or "pyrepl3",
+                    kernel_name=self._kernel_name(),
                     kernel_id=self.kernel_id,
                     python=self._python(),
                     env=env,
@@ -200,6 +205,14 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     # -- helpers ----------------------------------------------------------------------
 
+    def _kernel_name(self) -> str:
+        # KernelSpecManager leaves ``KernelSpec.name`` empty: the name is the
+        # KernelManager's, or that of the kernelspec's directory.
+        name = getattr(self.parent, "kernel_name", "") or getattr(self.kernel_spec, "name", "")
+        if not name and getattr(self.kernel_spec, "resource_dir", ""):
+            name = os.path.basename(os.path.normpath(self.kernel_spec.resource_dir))
+        return str(name or "pyrepl3")
+
     def _python(self) -> str:
         argv = list(self.kernel_spec.argv)
         return str(argv[0]) if argv and os.path.isabs(argv[0]) else sys.executable
@@ -235,7 +248,9 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                     # that one answers now) or it failed (see its log).
                     hello = client.ping()
                     if hello is None:
-                        raise DaemonUnavailable(f"the daemon exited at start: {_tail(client.paths.log)}")
+                        raise DaemonUnavailable(
+                            f"the daemon exited at start: {_tail(client.paths.log)}"
+                        )
             if hello is None:
                 raise DaemonUnavailable(
                     f"the daemon did not come up within {self.daemon_start_timeout:.0f} s "

@@ -21,11 +21,12 @@ import socket
 import struct
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from .._version import __version__
-from ..session import PoolConfig, SessionPool
+from ..session import PoolConfig, PoolExhausted, SessionPool, WorkerStartError
 from .daemon_client import (
     _HEADER,
     DAEMON_PROTOCOL_VERSION,
@@ -71,7 +72,7 @@ class Lease:
     pool_key: tuple[Any, ...] | None
     warm: bool
     created: float = field(default_factory=time.time)
-    state: str = "running"  # running | awaiting_restart
+    state: str = "running"  # running | awaiting_restart | ending
 
     def describe(self) -> dict[str, Any]:
         session = self.gateway.session
@@ -251,6 +252,13 @@ class ManagerDaemon:
         with contextlib.suppress(Exception):
             writer.write(encode_frame(reply))
             await writer.drain()
+            if not reply["ok"]:
+                # An error may leave the request unread (forbidden, too_large),
+                # and closing a socket with unread input resets the connection:
+                # the client could lose the reply. Read (a bounded amount of)
+                # what is left until the client closes its end.
+                writer.write_eof()
+                await asyncio.wait_for(_discard(reader, MAX_DISCARD), 2.0)
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
@@ -269,7 +277,7 @@ class ManagerDaemon:
 
     async def _dispatch(self, request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         version = request.get("v")
-        if version != DAEMON_PROTOCOL_VERSION:
+        if type(version) is not int or version != DAEMON_PROTOCOL_VERSION:
             raise DaemonError(
                 "unsupported_version",
                 f"daemon protocol version {version!r} is not supported "
@@ -336,7 +344,8 @@ class ManagerDaemon:
             )
         else:
             workers = ColdWorkers(python=python, cwd=cwd, env=launch_env)
-        session = await workers.acquire()
+        with _worker_errors():
+            session = await workers.acquire()
         warm = isinstance(workers, PooledWorkers) and workers.last_was_warm
         if isinstance(workers, PooledWorkers):
             workers.defer_refill = False  # later acquires (restarts) refill at once
@@ -354,7 +363,12 @@ class ManagerDaemon:
             return self._on_kernel_shutdown(lease, restart)
 
         gateway = JupyterGateway(
-            info, workers=workers, session=session, kernel_id=kernel_id, on_shutdown=on_shutdown
+            info,
+            workers=workers,
+            session=session,
+            kernel_id=kernel_id,
+            on_shutdown=on_shutdown,
+            env=launch_env,  # limits (PYREPL3_MEMORY_LIMIT, ...) come with the launch
         )
         try:
             await gateway.start()
@@ -390,11 +404,19 @@ class ManagerDaemon:
 
     async def _op_restart(self, request: dict[str, Any]) -> dict[str, Any]:
         lease = self._lease(request)
-        await lease.gateway.restart_worker()
+        if lease.state == "ending":
+            raise DaemonError("unknown_lease", f"lease {lease.id!r} is ending")
+        with _worker_errors():
+            await lease.gateway.restart_worker()
         lease.state = "running"
+        lease.warm = isinstance(lease.workers, PooledWorkers) and lease.workers.last_was_warm
         info = dict(lease.gateway.connection_info)
         info["key"] = info["key"].decode()
-        return {"connection_info": info, "worker_pid": lease.gateway.session.pid}
+        return {
+            "connection_info": info,
+            "worker_pid": lease.gateway.session.pid,
+            "warm": lease.warm,
+        }
 
     async def _op_kill(self, request: dict[str, Any]) -> dict[str, Any]:
         lease = self._lease(request, missing_ok=True)
@@ -409,7 +431,7 @@ class ManagerDaemon:
 
     async def _op_poll(self, request: dict[str, Any]) -> dict[str, Any]:
         lease = self._lease(request, missing_ok=True)
-        if lease is None or lease.state != "running":
+        if lease is None or lease.state == "awaiting_restart":
             return {"running": False, "exit_code": 0}
         return {"running": True}
 
@@ -423,7 +445,7 @@ class ManagerDaemon:
         elif signum != 0:
             await self._end_lease(lease)
             return {"running": False}
-        return {"running": lease.state == "running"}
+        return {"running": lease.state != "awaiting_restart"}
 
     async def _op_release(self, request: dict[str, Any]) -> dict[str, Any]:
         lease = self._lease(request, missing_ok=True)
@@ -484,10 +506,19 @@ class ManagerDaemon:
             self._spawn(self._end_lease(lease))
 
     async def _end_lease(self, lease: Lease) -> None:
-        if self.leases.pop(lease.id, None) is None:
+        """Stop the lease's kernel; returns once its worker is gone (a second
+        caller waits for the first). Until then the lease is ``ending``, and
+        ``poll`` says it still runs: a client that sees the kernel as exited
+        finds its worker gone and its ports closed."""
+        if self.leases.get(lease.id) is not lease:
             return
+        lease.state = "ending"
         self._last_activity = time.monotonic()
-        await lease.gateway.stop()
+        try:
+            await lease.gateway.stop()
+        finally:
+            self.leases.pop(lease.id, None)
+            self._last_activity = time.monotonic()
 
     async def _pool(
         self,
@@ -525,6 +556,29 @@ class ManagerDaemon:
         except NoSuchKernel:
             raise DaemonError("unknown_kernel", f"no kernelspec named {kernel_name!r}") from None
         return str(spec.argv[0])
+
+
+#: Most bytes of an unread request the daemon reads (and drops) after an error.
+MAX_DISCARD = 1 << 20
+
+
+async def _discard(reader: asyncio.StreamReader, limit: int) -> None:
+    while limit > 0:
+        chunk = await reader.read(min(limit, 65536))
+        if not chunk:
+            return
+        limit -= len(chunk)
+
+
+@contextlib.contextmanager
+def _worker_errors() -> Iterator[None]:
+    """Report a worker that cannot be had with its own error code."""
+    try:
+        yield
+    except PoolExhausted as exc:
+        raise DaemonError("exhausted", str(exc)) from None
+    except WorkerStartError as exc:
+        raise DaemonError("worker_failed", str(exc)) from None
 
 
 def _field(request: dict[str, Any], name: str, kind: type, default: Any) -> Any:

@@ -12,6 +12,10 @@ import asyncio
 import collections
 import contextlib
 import logging
+import os
+import shutil
+import signal
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
@@ -22,11 +26,13 @@ import zmq.asyncio
 from jupyter_client.session import Session as JupyterSession
 
 from ..protocol import (
+    CheckpointMessage,
     CommCloseMessage,
     CommInfoMessage,
     CommMsgMessage,
     CommOpenMessage,
     CompleteMessage,
+    ConfigureMessage,
     ExecuteMessage,
     ExecuteReplyMessage,
     HistoryMessage,
@@ -36,8 +42,9 @@ from ..protocol import (
     MessageType,
 )
 from ..session import Session, WorkerDeadError, WorkerStartError
-from . import translate
+from . import checkpoint_comm, translate
 from .heartbeat import Heartbeat
+from .supervisor import Limits, RestartBudget, WorkerMonitor
 from .workers import ColdWorkers, WorkerSource
 
 log = logging.getLogger("pyrepl3.gateway")
@@ -48,6 +55,9 @@ JupyterMsg = dict[str, Any]
 #: How long an is_complete_request waits for an idle worker before the
 #: gateway answers it itself.
 IS_COMPLETE_WORKER_TIMEOUT = 0.25
+#: How long a kernel_info_request waits for the kernel's first iopub
+#: subscriber (see ``_kernel_info``).
+IOPUB_SUBSCRIBER_GRACE = 1.0
 IMMEDIATE_SHELL = frozenset({"kernel_info_request", "is_complete_request"})
 
 
@@ -67,6 +77,8 @@ class JupyterGateway:
         session: Session | None = None,
         kernel_id: str | None = None,
         on_shutdown: Callable[[bool], Awaitable[None] | None] | None = None,
+        autosave_dir: str | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
         info = dict(connection_info)
         key = info.get("key", b"")
@@ -102,11 +114,32 @@ class JupyterGateway:
         self._busy = False
         self._exec_count = 0
         self._worker_ready = asyncio.Event()
+        self._iopub_subscribed = asyncio.Event()
+        self._checkpoint_comms = checkpoint_comm.CheckpointComms(
+            self._worker_request, self._publish
+        )
         self._restarting: asyncio.Task[None] | None = None
         self._closing = False
         self.closed = asyncio.Event()
         self.restarts = 0
         self.last_crash: str | None = None
+        self.started = time.time()
+        self.limits = Limits.from_env(env)
+        self.budget = RestartBudget(self.limits.max_restarts, self.limits.restart_window)
+        self.monitor = WorkerMonitor(
+            self.limits, kill=self.kill_worker, warn=self._warn_running_cell
+        )
+        #: Where the worker saves the state after each successful cell, for
+        #: crash recovery (None: no automatic checkpoints).
+        self.autosave_dir = (
+            autosave_dir if autosave_dir is not None else _default_autosave_dir(self.kernel_id)
+        )
+        self._kill_reason: str | None = None
+        self._halted: str | None = None  # set when the restart budget is spent
+        self._recovery_note: str | None = None
+        self._interrupt_timer: asyncio.TimerHandle | None = None
+        self._death_text: str | None = None
+        self._usage_processes: dict[int, Any] = {}
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -118,9 +151,23 @@ class JupyterGateway:
             self._spawn(self._recv_loop(channel))
         self._spawn(self._shell_loop())
         if self.session.is_alive:
-            self._worker_ready.set()
+            self._restarting = self._spawn(self._adopt_worker())
         else:
             self._restarting = self._spawn(self._start_worker())
+
+    async def _adopt_worker(self) -> None:
+        """Take on the started worker given to the constructor."""
+        try:
+            await self._prepare(self.session)
+        except Exception as exc:
+            log.error("could not configure the worker: %s", exc)
+        self._worker_ready.set()
+
+    async def _prepare(self, session: Session) -> None:
+        session.on_unrouted = self._on_unrouted
+        if self.autosave_dir:
+            await session.request(ConfigureMessage(autosave=self.autosave_dir))
+        self.monitor.attach(session.pid)
 
     async def wait_ready(self) -> None:
         await self._worker_ready.wait()
@@ -135,6 +182,7 @@ class JupyterGateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.release_worker()
+        self._discard_autosave()
         for sock in self._sockets.values():
             sock.close(linger=200)
         if self._heartbeat is not None:
@@ -189,10 +237,13 @@ class JupyterGateway:
             with contextlib.suppress(Exception):
                 await self.workers.release(self.session)
 
-    async def _start_worker(self) -> None:
+    async def _start_worker(self, restore: bool = False) -> None:
+        """A new worker; with ``restore``, the state of its predecessor's last
+        successful cell is loaded into it (``_recovery_note`` says how it went)."""
         await self.release_worker()
         try:
             session = await self.workers.acquire()
+            await self._prepare(session)
         except Exception as exc:
             log.error("could not start the worker: %s", exc)
             self.last_crash = str(exc)
@@ -202,15 +253,51 @@ class JupyterGateway:
                 self._last_parent,
             )
             return
-        session.on_unrouted = self._on_unrouted
         self.session = session
         self._owns_session = True
         self._exec_count = 0  # a new worker counts from 1 again
+        if restore:
+            self._recovery_note = await self._restore_autosave()
         self._worker_ready.set()
+
+    async def _restore_autosave(self) -> str:
+        """Load the automatic checkpoint into the new worker; say what happened."""
+        head = "pyrepl3: a new worker is running"
+        if not self.autosave_dir or not os.path.exists(
+            os.path.join(self.autosave_dir, "auto.json")
+        ):
+            return f"{head}; no saved state to restore (no cell had completed)\n"
+        try:
+            reply: Any = await self.session.request(
+                CheckpointMessage(action="restore", name="auto", store=self.autosave_dir)
+            )
+        except WorkerDeadError as exc:
+            return f"{head}, but restoring the state failed: {exc}\n"
+        if getattr(reply, "status", "") != "ok":
+            detail = getattr(reply, "evalue", "") or getattr(reply, "detail", "")
+            return f"{head}; the saved state could not be restored: {detail}\n"
+        result = reply.result
+        count = result.get("execution_count")
+        if isinstance(count, int) and count > 0:
+            self._exec_count = count - 1
+        names = sorted(result.get("saved", {}))
+        lines = [
+            f"{head}; restored {len(names)} variables as of cell {self._exec_count}"
+            + (f": {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}" if names else "")
+        ]
+        for var, reason in {**result.get("skipped", {}), **result.get("failed", {})}.items():
+            lines.append(f"  not restored: {var}: {reason}")
+        return "\n".join(lines) + "\n"
+
+    def _discard_autosave(self) -> None:
+        if self.autosave_dir:
+            shutil.rmtree(self.autosave_dir, ignore_errors=True)
 
     async def _ensure_worker(self) -> None:
         if self._worker_ready.is_set() and not self.session.is_alive:
             self._on_worker_dead(self.session.death_cause or "unknown cause")
+        if self._halted is not None:
+            raise WorkerDeadError(self._halted)
         if not self._worker_ready.is_set():
             if self._restarting is None or self._restarting.done():
                 self._restarting = self._spawn(self._start_worker())
@@ -223,9 +310,51 @@ class JupyterGateway:
             return
         self.restarts += 1
         self.last_crash = cause
-        log.warning("worker died (%s); starting a new one", cause)
+        self.monitor.cell_finished()
         self._worker_ready.clear()
-        self._restarting = self._spawn(self._start_worker())
+        if not self.budget.record_crash():
+            self._halted = self.budget.describe()
+            log.error("worker died (%s); %s", cause, self._halted)
+            return
+        log.warning("worker died (%s); starting a new one", cause)
+        self._restarting = self._spawn(self._start_worker(restore=True))
+
+    def kill_worker(self, reason: str) -> None:
+        """Stop the worker at once (limits, interrupt escalation); the running
+        cell's error names ``reason``, and recovery follows as for a crash."""
+        pid = self.session.pid if self.session.is_alive else None
+        if pid is None:
+            return
+        self._kill_reason = reason
+        log.warning("stopping the worker: %s", reason)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+    def _warn_running_cell(self, text: str) -> None:
+        parent = self._parents.get(self._running_exec or "", self._last_parent)
+        self._publish("stream", {"name": "stderr", "text": text}, parent)
+
+    def _death_cause(self, cause: str) -> str:
+        """The words for a worker's death: the reason the gateway killed it,
+        or what the exit status and the OOM counter say."""
+        reason, self._kill_reason = self._kill_reason, None
+        if reason is not None:
+            return reason
+        return self.monitor.explain_death(cause, self.session.returncode)
+
+    async def _publish_recovery(self, parent: JupyterMsg) -> None:
+        """After a crash: wait for the new worker and tell what was restored."""
+        task = self._restarting
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+        note: str | None
+        if self._halted is not None:
+            note = f"pyrepl3: {self._halted}\n"
+        else:
+            note, self._recovery_note = self._recovery_note, None
+        if note:
+            self._publish("stream", {"name": "stderr", "text": note}, parent)
 
     # -- receiving ----------------------------------------------------------------
 
@@ -256,6 +385,7 @@ class JupyterGateway:
     def _on_subscription(self, frames: list[bytes]) -> None:
         for frame in frames:
             if frame[:1] == b"\x01":
+                self._iopub_subscribed.set()
                 topic = frame[1:]
                 # JEP 65: tell each new subscriber that it is connected.
                 welcome = self.jsession.msg(
@@ -298,6 +428,15 @@ class JupyterGateway:
     ) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._worker_ready.wait()), 30)
+        if not self._iopub_subscribed.is_set():
+            # A client connects all its channels at launch, and each retries
+            # on its own timer (ZMQ: 100 ms) until the kernel has bound its
+            # ports. A kernel as quick as this one could answer on shell
+            # before the client's iopub subscription arrives, and XPUB drops
+            # what has no subscriber: jupyter console, which waits for
+            # kernel_info only, then lost all output of its first cell.
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._iopub_subscribed.wait(), IOPUB_SUBSCRIBER_GRACE)
         self._reply(
             channel,
             idents,
@@ -325,6 +464,7 @@ class JupyterGateway:
         started = datetime.now(timezone.utc).isoformat()
         reply: Any = None
         crashed = False
+        self._death_text = None
         self._remember(native.id, msg)
         try:
             # A worker being replaced (crash, restart) is waited for first, so
@@ -334,6 +474,7 @@ class JupyterGateway:
                 count = self._exec_count + 1 if store_history else self._exec_count
                 self._publish("execute_input", {"code": code, "execution_count": count}, msg)
             self._running_exec = native.id
+            self.monitor.cell_started()
             async for out in self.session.execute(native):
                 if out.type == MessageType.EXECUTE_REPLY:
                     reply = out
@@ -341,9 +482,22 @@ class JupyterGateway:
                     self._forward_input(idents, msg, out)
                 elif out.type == MessageType.ERROR and out.ename == "WorkerDied":  # type: ignore[attr-defined]
                     crashed = True
-                    self._publish_native(out, msg)
+                    cause = self._death_text or self.session.death_cause or "unknown cause"
+                    evalue = f"the worker process died ({cause}) while running this cell; the cell is not re-run"
+                    self._publish(
+                        "error",
+                        {
+                            "ename": "WorkerDied",
+                            "evalue": evalue,
+                            "traceback": [f"\x1b[0;31mWorkerDied\x1b[0m: {evalue}"],
+                        },
+                        msg,
+                    )
                 else:
                     self._publish_native(out, msg)
+            if crashed and reply is not None:
+                reply.evalue = evalue
+                reply.traceback = [f"\x1b[0;31mWorkerDied\x1b[0m: {evalue}"]
         except WorkerDeadError as exc:
             crashed = True
             error = translate.error_reply_content("WorkerDied", exc.cause)
@@ -351,6 +505,13 @@ class JupyterGateway:
             reply = ExecuteReplyMessage(status="error", ename="WorkerDied", evalue=exc.cause)
         finally:
             self._running_exec = None
+            self.monitor.cell_finished()
+            if self._interrupt_timer is not None:
+                self._interrupt_timer.cancel()
+                self._interrupt_timer = None
+        if crashed:
+            # Before the reply: the new worker, and what it got back.
+            await self._publish_recovery(msg)
         if reply is None:
             reply = ExecuteReplyMessage(
                 status="error", ename="WorkerDied", evalue="no reply from the worker"
@@ -391,6 +552,10 @@ class JupyterGateway:
             self._publish_status("idle", msg)
         for item in keep:
             self._shell_queue.put_nowait(item)
+
+    async def _worker_request(self, native: Message) -> Message:
+        await self._ensure_worker()
+        return await self.session.request(native)
 
     def _forward_input(self, idents: list[bytes], parent: JupyterMsg, request: Any) -> None:
         sent = self.jsession.send(
@@ -498,10 +663,33 @@ class JupyterGateway:
         self._reply("shell", idents, msg, "is_complete_reply", content)
 
     async def _comm_info(self, idents: list[bytes], msg: JupyterMsg) -> None:
-        native = CommInfoMessage(target_name=msg["content"].get("target_name"))
-        await self._forward(idents, msg, native, "comm_info_reply")
+        target = msg["content"].get("target_name")
+        try:
+            await self._ensure_worker()
+            reply: Any = await self.session.request(CommInfoMessage(target_name=target))
+        except WorkerDeadError as exc:
+            self._reply(
+                "shell",
+                idents,
+                msg,
+                "comm_info_reply",
+                translate.error_reply_content("WorkerDied", exc.cause),
+            )
+            return
+        comms = dict(getattr(reply, "comms", {}) or {})
+        if target in (None, checkpoint_comm.TARGET):
+            comms.update(
+                {
+                    cid: {"target_name": checkpoint_comm.TARGET}
+                    for cid in self._checkpoint_comms.comm_ids
+                }
+            )
+        self._reply("shell", idents, msg, "comm_info_reply", {"status": "ok", "comms": comms})
 
     async def _comm(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        if self._checkpoint_comms.handles(msg):
+            await self._checkpoint_comms.handle(msg)
+            return
         c = msg["content"]
         buffers = [bytes(b) for b in msg.get("buffers") or []]
         fields: dict[str, Any] = {
@@ -553,8 +741,57 @@ class JupyterGateway:
             self._reply("control", idents, msg, "interrupt_reply", {"status": "ok"})
         elif msg_type == "shutdown_request":
             await self._shutdown("control", idents, msg)
+        elif msg_type == "usage_request":
+            self._reply("control", idents, msg, "usage_reply", self.usage())
         else:
             self._reply_unknown(self._sockets["control"], idents, msg)
+
+    def usage(self) -> dict[str, Any]:
+        """Resource usage of the worker's process tree, in the shape of
+        ipykernel's usage_reply (jupyter-resource-usage reads it), plus the
+        kernel's health: uptime, restarts, last crash, limits."""
+        import socket as _socket
+
+        import psutil
+
+        content: dict[str, Any] = {"hostname": _socket.gethostname(), "pid": self.session.pid}
+        procs: list[Any] = []
+        if self.session.is_alive and self.session.pid:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(self.session.pid)
+                procs = [root, *root.children(recursive=True)]
+        # Process objects are kept between requests: cpu_percent measures
+        # from the previous call.
+        self._usage_processes = {p.pid: self._usage_processes.get(p.pid, p) for p in procs}
+        cpu = 0.0
+        memory = 0
+        for proc in self._usage_processes.values():
+            with contextlib.suppress(psutil.Error):
+                cpu += proc.cpu_percent(None)
+                info = proc.memory_full_info()
+                memory += getattr(info, "pss", info.rss)
+        content["kernel_cpu"] = cpu
+        content["kernel_memory"] = memory
+        content["cpu_count"] = psutil.cpu_count(logical=True)
+        content["host_virtual_memory"] = dict(psutil.virtual_memory()._asdict())
+        lim = self.limits
+        content["pyrepl3"] = {
+            "uptime_s": round(time.time() - self.started, 1),
+            "restarts": self.restarts,
+            "last_crash": self.last_crash,
+            "halted": self._halted,
+            "peak_rss": self.monitor.peak_rss,
+            "limits": {
+                "memory_limit": lim.memory_limit,
+                "memory_soft_limit": lim.memory_soft_limit,
+                "cell_timeout": lim.cell_timeout,
+                "cell_cpu_limit": lim.cell_cpu_limit,
+                "interrupt_grace": lim.interrupt_grace,
+                "max_restarts": lim.max_restarts,
+                "restart_window": lim.restart_window,
+            },
+        }
+        return content
 
     def _handle_stdin(self, msg: JupyterMsg) -> None:
         if msg["header"].get("msg_type") != "input_reply":
@@ -573,10 +810,27 @@ class JupyterGateway:
             self._spawn(self.session.input_response(native_id, str(value)))
 
     async def interrupt(self) -> None:
-        """Interrupt the running cell (pending input() included), if any."""
-        if self._running_exec is not None and self.session.is_alive:
-            with contextlib.suppress(WorkerDeadError):
-                await self.session.interrupt(target=self._running_exec)
+        """Interrupt the running cell (pending input() included), if any. If
+        it has not ended within ``limits.interrupt_grace`` seconds (code stuck
+        in C does not see KeyboardInterrupt), the worker is stopped, a new one
+        started and the state of the last successful cell restored."""
+        target = self._running_exec
+        if target is None or not self.session.is_alive:
+            return
+        with contextlib.suppress(WorkerDeadError):
+            await self.session.interrupt(target=target)
+        if self._interrupt_timer is None and self.limits.interrupt_grace > 0:
+            grace = self.limits.interrupt_grace
+
+            def escalate() -> None:
+                self._interrupt_timer = None
+                if self._running_exec == target:
+                    self.kill_worker(
+                        f"the interrupt did not land within {grace:g} s (code stuck outside Python?); "
+                        "the worker was stopped"
+                    )
+
+            self._interrupt_timer = asyncio.get_running_loop().call_later(grace, escalate)
 
     async def _shutdown(self, channel: str, idents: list[bytes], msg: JupyterMsg) -> None:
         restart = bool(msg["content"].get("restart", False))
@@ -591,7 +845,12 @@ class JupyterGateway:
             await self.release_worker()
 
     async def restart_worker(self) -> None:
-        """Swap in a new worker; ports and key stay (restart in place)."""
+        """Swap in a new worker; ports and key stay (restart in place). A
+        restart asked for by the user starts afresh: no state is restored and
+        the restart budget is reset."""
+        self.budget.reset()
+        self._halted = None
+        self._discard_autosave()
         self._restarting = self._spawn(self._start_worker())
         await self._restarting
         if not self._worker_ready.is_set():
@@ -674,17 +933,22 @@ class JupyterGateway:
         the death of the worker."""
         parent = self._parents.get(msg.parent_id or "", self._last_parent)
         if msg.type == MessageType.STATUS and getattr(msg, "state", "") == "dead":
-            cause = getattr(msg, "detail", "")
-            if self._running_exec is None and not self._closing:
+            # This arrives before the running cell's stream hands out the
+            # error, so the cause is named here, once, for both.
+            cause = self._death_text = self._death_cause(getattr(msg, "detail", ""))
+            idle = self._running_exec is None and not self._closing
+            if idle:
                 self._publish(
                     "stream",
                     {
                         "name": "stderr",
-                        "text": f"pyrepl3: the worker process died ({cause}) while idle; a new worker was started\n",
+                        "text": f"pyrepl3: the worker process died ({cause}) while idle\n",
                     },
                     parent,
                 )
             self._on_worker_dead(cause)
+            if idle:
+                self._spawn(self._publish_recovery(parent))
             return
         if msg.type == MessageType.PROTOCOL_ERROR:
             log.warning("protocol error from the worker: %s", msg)
@@ -711,3 +975,12 @@ def _check_complete(code: str) -> tuple[str, int | None]:
 
         _transformer_manager = TransformerManager()
     return _transformer_manager.check_complete(code)  # type: ignore[no-any-return]
+
+
+def _default_autosave_dir(kernel_id: str) -> str | None:
+    """``<runtime dir>/pyrepl3-autosave/<kernel id>``, unless PYREPL3_AUTOSAVE=0."""
+    if os.environ.get("PYREPL3_AUTOSAVE", "1").lower() in ("0", "off", "false", "no"):
+        return None
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return os.path.join(jupyter_runtime_dir(), "pyrepl3-autosave", kernel_id)

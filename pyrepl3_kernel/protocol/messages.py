@@ -406,6 +406,9 @@ class ConfigureMessage(Message):
     type: ClassVar[MessageType] = MessageType.CONFIGURE
     cwd: str | None = None
     env: dict[str, str] | None = None
+    #: Store (directory or URL) for an automatic checkpoint named ``auto``
+    #: after every successful cell; ``""`` turns it off, nil leaves it as is.
+    autosave: str | None = None
 
 
 # -- session state -----------------------------------------------------------

@@ -19,6 +19,11 @@ from .manager import Session, WorkerStartError
 log = logging.getLogger("pyrepl3.pool")
 
 
+#: Failed starts in a row after which the pool stops refilling (and an
+#: acquire that saw as many gives up).
+MAX_START_FAILURES = 3
+
+
 class PoolExhausted(RuntimeError):
     """No session could be had within the acquire timeout."""
 
@@ -75,6 +80,7 @@ class SessionPool:
         self._tasks: set[asyncio.Task[None]] = set()
         self._running = False
         self._consecutive_failures = 0
+        self._failures = 0
         self.last_error: BaseException | None = None
 
     # -- public API -------------------------------------------------------------
@@ -87,7 +93,8 @@ class SessionPool:
             async with self._changed:
                 await self._changed.wait_for(
                     lambda: (
-                        len(self._idle) >= self.config.min_idle or self._consecutive_failures >= 3
+                        len(self._idle) >= self.config.min_idle
+                        or self._consecutive_failures >= MAX_START_FAILURES
                     )
                 )
             if len(self._idle) < self.config.min_idle and self.last_error is not None:
@@ -108,6 +115,7 @@ class SessionPool:
         timeout = self.config.acquire_timeout if timeout is None else timeout
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
+        failures_before = self._failures
         self._waiters += 1
         try:
             while True:
@@ -117,6 +125,12 @@ class SessionPool:
                     if refill:
                         self._refill()
                     return session
+                if self._failures - failures_before >= MAX_START_FAILURES:
+                    # Sessions cannot be started (a python that is not one, a
+                    # failing warm-up): say so now, not after the timeout.
+                    raise WorkerStartError(
+                        f"could not start a session: {self.last_error}"
+                    ) from self.last_error
                 # One start per waiting caller at most; starts for the
                 # refill count too, since their sessions go to the waiters.
                 if self._starting < self._waiters and self._total < self.config.max_sessions:
@@ -195,7 +209,7 @@ class SessionPool:
         return None
 
     def _refill(self) -> None:
-        if not self._running or self._consecutive_failures >= 3:
+        if not self._running or self._consecutive_failures >= MAX_START_FAILURES:
             return
         self._idle = [s for s in self._idle if s.is_alive]
         missing = self.config.min_idle - len(self._idle) - self._starting
@@ -229,9 +243,10 @@ class SessionPool:
             await session.shutdown()
             if not isinstance(exc, asyncio.CancelledError):
                 self._consecutive_failures += 1
+                self._failures += 1
                 self.last_error = exc
                 log.error("could not warm a session: %s", exc)
-                self._refill()  # try again, until 3 failures in a row
+                self._refill()  # try again, until MAX_START_FAILURES in a row
             await self._notify()
             if isinstance(exc, asyncio.CancelledError):
                 raise

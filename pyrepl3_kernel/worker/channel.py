@@ -47,6 +47,11 @@ class Channel:
         for fd in self._stream_fds:
             os.set_inheritable(fd, False)
 
+    @property
+    def private_fds(self) -> list[int]:
+        """Descriptors only the worker itself may hold (not a forked child)."""
+        return list(self._stream_fds)
+
     def send(self, msg: Message) -> None:
         data = frame(encode(msg))
         on_main = threading.get_ident() == self._main_ident

@@ -27,6 +27,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..units import format_size
 from .pickling import (
     CONTAINERS,
     ContainerAwarePickler,
@@ -145,11 +146,18 @@ class Store:
                 f"checkpoint {name!r} has format version {manifest.get('version')}; "
                 f"this kernel reads version {FORMAT_VERSION}"
             )
+        names = manifest.get("names")
+        if not isinstance(names, dict) or not all(isinstance(e, dict) for e in names.values()):
+            raise CheckpointError(f"checkpoint {name!r} is corrupt (manifest has no name table)")
         return manifest
 
     def names(self) -> list[str]:
         if self._fs:
-            entries = [p.rsplit("/", 1)[-1] for p in self._fs.ls(self._path, detail=False)]
+            try:
+                listing = self._fs.ls(self._path, detail=False)
+            except FileNotFoundError:  # nothing was ever saved there
+                listing = []
+            entries = [p.rsplit("/", 1)[-1] for p in listing]
         else:
             entries = os.listdir(self._path) if os.path.isdir(self._path) else []
         return sorted(e[: -len(".json")] for e in entries if e.endswith(".json"))
@@ -241,10 +249,12 @@ def pack_blob(inband: bytes, buffers: list[memoryview]) -> list[bytes | memoryvi
 
 def unpack_blob(data: bytes) -> tuple[memoryview, list[memoryview]]:
     view = memoryview(data)
-    if view[:4] != _BLOB_MAGIC or len(view) < 16:
+    if len(view) < 16 or view[:4] != _BLOB_MAGIC:
         raise CheckpointError("blob is corrupt (bad header)")
     count, inband_len = struct.unpack(">IQ", view[4:16])
     pos = 16
+    if pos + 8 * count > len(view):
+        raise CheckpointError("blob is corrupt (truncated)")
     lengths = []
     for _ in range(count):
         lengths.append(struct.unpack(">Q", view[pos : pos + 8])[0])
@@ -264,12 +274,6 @@ def unpack_blob(data: bytes) -> tuple[memoryview, list[memoryview]]:
 
 
 @dataclass
-class _Saved:
-    obj_id: int
-    digest: str
-
-
-@dataclass
 class Report:
     """What a save or restore did, name by name."""
 
@@ -279,6 +283,7 @@ class Report:
     failed: dict[str, str] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     bytes_written: int = 0
+    execution_count: int | None = None
     reused: int = 0
     seconds: float = 0.0
 
@@ -290,6 +295,7 @@ class Report:
             "failed": self.failed,
             "removed": self.removed,
             "bytes_written": self.bytes_written,
+            "execution_count": self.execution_count,
             "reused": self.reused,
             "seconds": round(self.seconds, 6),
         }
@@ -326,9 +332,10 @@ class CheckpointEngine:
     def __init__(self, shell: Any, store: Store) -> None:
         self.shell = shell
         self.store = store
-        self._last: dict[str, _Saved] = {}
 
-    def save(self, name: str) -> Report:
+    def save(self, name: str, max_object_bytes: int | None = None) -> Report:
+        """Save the namespace as checkpoint ``name``. Objects whose pickled
+        size exceeds ``max_object_bytes`` are skipped (and reported)."""
         _check_name(name)
         started = time.perf_counter()
         report = Report(name)
@@ -350,7 +357,6 @@ class CheckpointEngine:
         pickled = self._pickle_all(order, ns, canonical, report)
         sources: dict[str, str] = {}
         modules: set[str] = set()
-        last: dict[str, _Saved] = {}
         for var in order:
             obj = ns[var]
             if var in report.skipped:
@@ -361,11 +367,19 @@ class CheckpointEngine:
                 }
                 continue
             inband, buffers, refs = pickled[var]
+            size = len(inband) + sum(b.nbytes for b in buffers)
+            if max_object_bytes is not None and size > max_object_bytes:
+                reason = (
+                    f"too large for automatic checkpoints ({format_size(size)} > {format_size(max_object_bytes)}); "
+                    "save it with %checkpoint save NAME"
+                )
+                entries[var] = {"status": "skipped", "type": _type_name(obj), "reason": reason}
+                report.skipped[var] = reason
+                continue
             digest = _digest([inband, *buffers])
-            previous = self._last.get(var)
-            if previous is not None and previous.digest == digest and self.store.has_blob(digest):
+            if self.store.has_blob(digest):
                 report.reused += 1
-            elif not self.store.has_blob(digest):
+            else:
                 blob = pack_blob(inband, buffers)
                 self.store.write_blob(digest, blob)
                 report.bytes_written += sum(len(part) for part in blob)
@@ -389,7 +403,6 @@ class CheckpointEngine:
                     sources.setdefault(filename, _cell_source(filename))
             modules.update(_modules_of(obj))
             entries[var] = entry
-            last[var] = _Saved(id(obj), digest)
         for var, entry in entries.items():
             report.saved[var] = {k: v for k, v in entry.items() if k not in ("source", "reason")}
             if entry["status"] == "skipped":
@@ -409,7 +422,6 @@ class CheckpointEngine:
         if report.bytes_written:
             self.store.sync_blobs()
         self.store.write_manifest(name, manifest)
-        self._last = last
         report.seconds = time.perf_counter() - started
         return report
 
@@ -541,7 +553,7 @@ class CheckpointEngine:
         self.shell.execution_count = max(
             self.shell.execution_count, int(manifest.get("execution_count", 1))
         )
-        self._last = {}
+        report.execution_count = int(manifest.get("execution_count", 1))
         report.seconds = time.perf_counter() - started
         return report
 
@@ -564,12 +576,9 @@ class CheckpointEngine:
             obj = scratch[var]
         except Exception:
             return False
-        if isinstance(obj, types.FunctionType):
-            # exec gave it the scratch dict as globals; give it the live namespace.
-            obj = types.FunctionType(
-                obj.__code__, self.shell.user_ns, obj.__name__, obj.__defaults__, obj.__closure__
-            )
-        loaded[var] = obj
+        # exec gave it (or its methods) the scratch dict as globals; give them
+        # the live namespace, so rebinding a global changes what they see.
+        loaded[var] = _rehome(obj, scratch, self.shell.user_ns)
         report.saved[var] = {
             "status": "rebuilt",
             "from": "source",
@@ -604,6 +613,43 @@ class CheckpointEngine:
     def delete(self, name: str) -> None:
         _check_name(name)
         self.store.delete(name)
+
+
+def _rehome(obj: Any, old: dict[str, Any], new: dict[str, Any]) -> Any:
+    """``obj`` (a function, or a class and its methods) with ``new`` as the
+    globals of every function whose globals are ``old``."""
+    if isinstance(obj, types.FunctionType):
+        if obj.__globals__ is not old:
+            return obj
+        func = types.FunctionType(
+            obj.__code__, new, obj.__name__, obj.__defaults__, obj.__closure__
+        )
+        func.__kwdefaults__ = obj.__kwdefaults__
+        func.__qualname__ = obj.__qualname__
+        func.__module__ = obj.__module__
+        func.__doc__ = obj.__doc__
+        func.__annotations__ = obj.__annotations__
+        func.__dict__.update(obj.__dict__)
+        return func
+    if isinstance(obj, type):
+        for key, value in list(vars(obj).items()):
+            replacement: Any = value
+            if isinstance(value, types.FunctionType):
+                replacement = _rehome(value, old, new)
+            elif isinstance(value, (staticmethod, classmethod)):
+                inner = _rehome(value.__func__, old, new)
+                if inner is not value.__func__:
+                    replacement = type(value)(inner)
+            elif isinstance(value, property):
+                accessors = [
+                    None if f is None else _rehome(f, old, new)
+                    for f in (value.fget, value.fset, value.fdel)
+                ]
+                if accessors != [value.fget, value.fset, value.fdel]:
+                    replacement = property(*accessors, value.__doc__)
+            if replacement is not value:
+                setattr(obj, key, replacement)
+    return obj
 
 
 def _type_name(obj: Any) -> str:

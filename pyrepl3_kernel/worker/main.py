@@ -47,6 +47,7 @@ from ..protocol import (
     ReadyMessage,
     ShutdownReplyMessage,
 )
+from .autosave import Autosave
 from .channel import Channel
 from .state import StateManager
 
@@ -128,6 +129,8 @@ class Worker:
         self.shell = self._make_shell()
         self._set_session_name()
         self.checkpoints = StateManager(self.shell)
+        self.autosave = Autosave(self.checkpoints, [sock.fileno(), *self.channel.private_fds])
+        self.shell.events.register("post_run_cell", self.autosave.after_cell)
 
     # -- Outlet (used by the shell hooks and comms) ---------------------------
 
@@ -183,7 +186,11 @@ class Worker:
         )
         while True:
             try:
-                req = self._requests.get()
+                # While an automatic checkpoint is pending, wake up to finish it.
+                req = self._requests.get(timeout=0.25 if self.autosave.pending else None)
+            except queue.Empty:
+                self.autosave.poll()
+                continue
             except KeyboardInterrupt:
                 continue
             if req is None:
@@ -464,6 +471,8 @@ class Worker:
                 os.environ.update(req.env)
             if req.cwd:
                 os.chdir(req.cwd)
+            if req.autosave is not None:
+                self.autosave.configure(req.autosave)
             self._set_session_name()
         except OSError as exc:
             self.emit(
@@ -503,6 +512,7 @@ class Worker:
         )
 
     def _shutdown(self, req: Any) -> None:
+        self.autosave.wait(timeout=5.0)
         try:
             self.shell.atexit_operations()
         except Exception:

@@ -3,7 +3,8 @@
 What the standard pickler cannot do for a notebook namespace is done here by
 ``reducer_override`` rather than by dill's pure-Python pickler:
 
-- functions and classes defined in cells are saved by value (code via
+- functions and classes defined in cells (also behind ``functools.lru_cache``,
+  whose cache is not kept) are saved by value (code via
   ``marshal``, so a checkpoint restores on the same Python minor version), and
   restored functions get the *live* namespace as their globals: rebinding a
   global after a restore changes their result;
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import builtins
 import contextvars
+import functools
 import importlib
 import io
 import marshal
@@ -84,6 +86,13 @@ class NamespacePickler(pickle.Pickler):
             return _reduce_function(obj)
         if _is_user_class(obj):
             return _reduce_class(obj)
+        if isinstance(obj, functools._lru_cache_wrapper) and _is_user_function(
+            getattr(obj, "__wrapped__", None), self.user_ns
+        ):
+            # By default pickled as a reference to ``__main__.<name>``, which a
+            # fresh worker does not have: save the function, wrap it again.
+            params = obj.cache_parameters()
+            return _make_lru_cache, (obj.__wrapped__, params["maxsize"], params["typed"])
         if isinstance(obj, types.GeneratorType):
             raise NotRestorable(
                 "a generator's running state cannot be saved; re-create it after a restore"
@@ -217,6 +226,10 @@ def _set_function_state(func: Any, state: dict[str, Any]) -> None:
     for cell, value in zip(func.__closure__ or (), state["cells"], strict=False):
         if value != _EMPTY:
             cell.cell_contents = value
+
+
+def _make_lru_cache(func: Any, maxsize: int | None, typed: bool) -> Any:
+    return functools.lru_cache(maxsize=maxsize, typed=typed)(func)
 
 
 # -- classes --------------------------------------------------------------------

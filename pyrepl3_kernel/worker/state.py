@@ -11,6 +11,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
 from . import sources
+from .autosave import wait_for_autosave
 from .checkpoint import CheckpointEngine, CheckpointError, Store
 
 ACTIONS = ("save", "restore", "list", "delete", "info")
@@ -52,6 +53,9 @@ class StateManager:
         if action == "save":
             return engine.save(name).as_dict()
         if action == "restore":
+            # An automatic checkpoint may still be on its way (the worker that
+            # wrote it may even have crashed meanwhile): let it land first.
+            wait_for_autosave(engine.store.root)
             return engine.restore(name, clear=clear).as_dict()
         if action == "list":
             return {"checkpoints": engine.list()}
@@ -132,8 +136,11 @@ class CheckpointMagics(Magics):
                 raise UsageError("--store needs a directory or URL")
             store = words[i + 1]
             del words[i : i + 2]
-        if not words or words[0] not in ACTIONS or (words[0] != "list" and len(words) != 2):
-            raise UsageError(f"usage: %checkpoint {'|'.join(ACTIONS)} NAME [--store DIR_OR_URL]")
+        if not words or words[0] not in ACTIONS or len(words) != (1 if words[0] == "list" else 2):
+            raise UsageError(
+                f"usage: %checkpoint {'|'.join(ACTIONS)} NAME [--store DIR_OR_URL] "
+                "(list takes no NAME)"
+            )
         action, name = words[0], words[1] if len(words) > 1 else ""
         try:
             result = self.manager.run(action, name, store=store)

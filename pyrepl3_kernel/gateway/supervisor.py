@@ -1,0 +1,246 @@
+"""Supervision of a kernel's worker: resource limits, a restart budget, and
+the words that name why a worker died.
+
+Limits are read from the kernel's environment (so a kernelspec's ``env``, a
+provisioner's launch env or a shell can set them):
+
+=============================== ==========================================
+``PYREPL3_MEMORY_LIMIT``        hard limit on the worker's RSS (its whole
+                                process tree), e.g. ``2G``, ``512M``; the
+                                worker is stopped before the OOM killer acts
+``PYREPL3_MEMORY_SOFT_LIMIT``   a warning in the cell's output, once a cell
+``PYREPL3_CELL_TIMEOUT``        wall-time limit of one cell, in seconds
+``PYREPL3_CELL_CPU_LIMIT``      CPU-time limit of one cell, in seconds
+``PYREPL3_INTERRUPT_GRACE``     seconds an interrupt may take to land before
+                                the worker is restarted (default 5)
+``PYREPL3_MAX_RESTARTS``        crashes allowed within ``PYREPL3_RESTART_WINDOW``
+                                seconds (defaults 5 and 60) before the kernel
+                                stops starting workers
+=============================== ==========================================
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..units import format_size, parse_size
+
+log = logging.getLogger("pyrepl3.gateway")
+
+
+@dataclass
+class Limits:
+    memory_limit: int | None = None
+    memory_soft_limit: int | None = None
+    cell_timeout: float | None = None
+    cell_cpu_limit: float | None = None
+    interrupt_grace: float = 5.0
+    max_restarts: int = 5
+    restart_window: float = 60.0
+    poll_interval: float = 0.25
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:
+        env = os.environ if env is None else env
+        limits = cls()
+
+        def number(name: str, kind: Callable[[str], Any]) -> Any:
+            raw = env.get(name)
+            if not raw:
+                return None
+            try:
+                return kind(raw)
+            except ValueError as exc:
+                log.warning("ignoring %s=%r: %s", name, raw, exc)
+                return None
+
+        limits.memory_limit = number("PYREPL3_MEMORY_LIMIT", parse_size)
+        limits.memory_soft_limit = number("PYREPL3_MEMORY_SOFT_LIMIT", parse_size)
+        limits.cell_timeout = number("PYREPL3_CELL_TIMEOUT", float)
+        limits.cell_cpu_limit = number("PYREPL3_CELL_CPU_LIMIT", float)
+        for name, attr, kind in (
+            ("PYREPL3_INTERRUPT_GRACE", "interrupt_grace", float),
+            ("PYREPL3_MAX_RESTARTS", "max_restarts", int),
+            ("PYREPL3_RESTART_WINDOW", "restart_window", float),
+        ):
+            value = number(name, kind)
+            if value is not None:
+                setattr(limits, attr, value)
+        return limits
+
+
+class RestartBudget:
+    """At most ``max_restarts`` worker crashes within ``window`` seconds."""
+
+    def __init__(self, max_restarts: int, window: float) -> None:
+        self.max_restarts = max_restarts
+        self.window = window
+        self._crashes: collections.deque[float] = collections.deque()
+
+    def record_crash(self) -> bool:
+        """Count a crash; False once the budget is spent."""
+        now = time.monotonic()
+        self._crashes.append(now)
+        while self._crashes and now - self._crashes[0] > self.window:
+            self._crashes.popleft()
+        return len(self._crashes) <= self.max_restarts
+
+    def reset(self) -> None:
+        self._crashes.clear()
+
+    def describe(self) -> str:
+        return (
+            f"{len(self._crashes)} worker crashes within {self.window:.0f} s: the kernel stopped "
+            "starting new workers to end a crash loop; restart the kernel to go on"
+        )
+
+
+def _oom_kills() -> int | None:
+    """The cgroup's OOM-kill counter (cgroup v2), if readable."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            line = next((ln for ln in f if ln.startswith("0::")), None)
+        if line is None:
+            return None
+        path = "/sys/fs/cgroup" + line.strip()[3:] + "/memory.events"
+        with open(path) as f:
+            for entry in f:
+                key, _, value = entry.partition(" ")
+                if key == "oom_kill":
+                    return int(value)
+    except (OSError, ValueError, StopIteration):
+        return None
+    return None
+
+
+class WorkerMonitor:
+    """Samples a worker's process tree and enforces :class:`Limits`.
+
+    ``kill(reason)`` is called when a hard limit is crossed; ``warn(text)``
+    for a soft one (once per cell). Sampling runs only while a cell runs, so
+    an idle kernel costs nothing.
+    """
+
+    def __init__(
+        self, limits: Limits, kill: Callable[[str], None], warn: Callable[[str], None]
+    ) -> None:
+        self.limits = limits
+        self._kill = kill
+        self._warn = warn
+        self.pid: int | None = None
+        self.last_rss: int = 0
+        self.peak_rss: int = 0
+        self._task: asyncio.Task[None] | None = None
+        self._cell_started = 0.0
+        self._cell_cpu = 0.0
+        self._warned = False
+        self._oom_baseline: int | None = None
+        self._processes: dict[int, Any] = {}
+
+    @property
+    def active(self) -> bool:
+        lim = self.limits
+        return any(
+            x is not None
+            for x in (lim.memory_limit, lim.memory_soft_limit, lim.cell_timeout, lim.cell_cpu_limit)
+        )
+
+    def attach(self, pid: int | None) -> None:
+        self.pid = pid
+        self.last_rss = 0
+        self._processes = {}
+        self._oom_baseline = _oom_kills()
+
+    def cell_started(self) -> None:
+        self._cell_started = time.monotonic()
+        self._cell_cpu = self._cpu()
+        self._warned = False
+        if self.active and (self._task is None or self._task.done()):
+            self._task = asyncio.ensure_future(self._watch())
+
+    def cell_finished(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
+
+    def sample(self) -> dict[str, Any]:
+        """RSS (bytes) and CPU seconds of the worker's process tree."""
+        import psutil
+
+        if self.pid is None:
+            return {"rss": 0, "cpu": 0.0, "processes": 0}
+        try:
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return {"rss": 0, "cpu": 0.0, "processes": 0}
+        rss = 0
+        cpu = 0.0
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                rss += proc.memory_info().rss
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+        self.last_rss = rss
+        self.peak_rss = max(self.peak_rss, rss)
+        return {"rss": rss, "cpu": cpu, "processes": len(procs)}
+
+    def _cpu(self) -> float:
+        return float(self.sample()["cpu"]) if self.limits.cell_cpu_limit else 0.0
+
+    async def _watch(self) -> None:
+        lim = self.limits
+        while True:
+            await asyncio.sleep(lim.poll_interval)
+            sample = self.sample()
+            rss = sample["rss"]
+            if lim.memory_limit is not None and rss > lim.memory_limit:
+                self._kill(
+                    f"memory limit {format_size(lim.memory_limit)} exceeded ({format_size(rss)})"
+                )
+                return
+            if (
+                lim.memory_soft_limit is not None
+                and rss > lim.memory_soft_limit
+                and not self._warned
+            ):
+                self._warned = True
+                self._warn(
+                    f"pyrepl3: warning: the worker uses {format_size(rss)}, over the soft memory limit "
+                    f"of {format_size(lim.memory_soft_limit)}"
+                    + (f" (hard limit {format_size(lim.memory_limit)})" if lim.memory_limit else "")
+                    + "\n"
+                )
+            elapsed = time.monotonic() - self._cell_started
+            if lim.cell_timeout is not None and elapsed > lim.cell_timeout:
+                self._kill(
+                    f"the cell ran longer than its wall-time limit of {lim.cell_timeout:g} s"
+                )
+                return
+            if (
+                lim.cell_cpu_limit is not None
+                and sample["cpu"] - self._cell_cpu > lim.cell_cpu_limit
+            ):
+                self._kill(
+                    f"the cell used more than its CPU-time limit of {lim.cell_cpu_limit:g} s"
+                )
+                return
+
+    def explain_death(self, cause: str, returncode: int | None) -> str:
+        """Name the cause of a death the gateway did not order itself."""
+        if returncode == -9:
+            baseline, now = self._oom_baseline, _oom_kills()
+            rss = f"; RSS at the last sample: {format_size(self.last_rss)}" if self.last_rss else ""
+            if baseline is not None and now is not None and now > baseline:
+                self._oom_baseline = now
+                return f"killed by the out-of-memory killer{rss}"
+            return f"{cause}{rss}"
+        return cause
