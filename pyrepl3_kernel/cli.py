@@ -418,6 +418,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """Show the manager daemon, its pools and its leases."""
     from .gateway.daemon_client import DaemonClient, DaemonError, DaemonUnavailable
+    from .units import format_size
 
     client = DaemonClient(_daemon_paths(args), timeout=10)
     try:
@@ -452,6 +453,11 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"worker {lease['worker_pid']}, owner {lease['owner_pid']}, "
             f"{'warm' if lease['warm'] else 'cold'}, age {lease['age_s']:.0f} s, "
             f"restarts {lease['restarts']}"
+            + (
+                f", RSS {format_size(lease['health']['rss'])}, CPU {lease['health']['cpu']:.1f} s"
+                if lease.get("health")
+                else ""
+            )
             + (f", last crash: {lease['last_crash']}" if lease["last_crash"] else "")
         )
     return 0

@@ -1,10 +1,18 @@
 """Shared fixtures.
 
-``pyrepl3_kernelspec`` installs the kernelspec into a temporary prefix (the
+``pyrepl3_kernelspec`` installs the kernelspecs into a temporary prefix (the
 way a user would, through the CLI) and points ``JUPYTER_PATH`` at it, so the
-tests never depend on a kernelspec installed in the venv or the user's home.
-``IPYTHONDIR`` points at a temporary directory too, so the kernels' history
-database is isolated from the user's and from other test runs.
+tests never depend on a kernelspec installed in the venv or the user's home:
+
+- ``pyrepl3``: the default install, whose ``pyrepl3-pool`` provisioner leases
+  warm kernels from the manager daemon;
+- ``pyrepl3-cold`` (``--no-pool``): one standalone process per kernel, what a
+  client that ignores provisioners (VS Code) gets.
+
+``IPYTHONDIR`` points at a temporary directory, so the kernels' history
+database is isolated from the user's and from other test runs, and so does
+``JUPYTER_RUNTIME_DIR``, so the tests start their own manager daemon (never
+lease from, or leave behind, the user's); it is stopped at the end.
 """
 
 from __future__ import annotations
@@ -18,43 +26,76 @@ from pathlib import Path
 import pytest
 
 KERNEL_NAME = "pyrepl3"
+COLD_KERNEL_NAME = "pyrepl3-cold"
+
+_ISOLATED_ENV = ("JUPYTER_PATH", "IPYTHONDIR", "JUPYTER_RUNTIME_DIR")
 
 
-@pytest.fixture(scope="session")
-def pyrepl3_kernelspec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The directory of a freshly installed ``pyrepl3`` kernelspec.
-
-    While the fixture is active, ``JUPYTER_PATH`` (prepended) makes
-    jupyter_client find it and ``IPYTHONDIR`` is a temporary directory; both
-    are restored afterwards.
-    """
-    prefix = tmp_path_factory.mktemp("kernelspec-prefix")
-    ipython_dir = tmp_path_factory.mktemp("ipython")
-    subprocess.run(
-        [sys.executable, "-m", "pyrepl3_kernel.cli", "install", "--prefix", str(prefix)],
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pyrepl3_kernel.cli", *args],
         check=True,
         capture_output=True,
         text=True,
         timeout=120,
     )
-    spec_dir = prefix / "share" / "jupyter" / "kernels" / KERNEL_NAME
-    assert (spec_dir / "kernel.json").is_file(), f"install did not write {spec_dir}/kernel.json"
 
-    saved = {name: os.environ.get(name) for name in ("JUPYTER_PATH", "IPYTHONDIR")}
+
+def stop_daemon(runtime_dir: str | os.PathLike[str]) -> None:
+    """Stop the manager daemon of ``runtime_dir``, if one runs (and its kernels)."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyrepl3_kernel.cli",
+            "stop",
+            "--runtime-dir",
+            os.fspath(runtime_dir),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture(scope="session")
+def pyrepl3_kernelspec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The directory of a freshly installed ``pyrepl3`` kernelspec
+    (``pyrepl3-cold`` is installed beside it).
+
+    While the fixture is active, ``JUPYTER_PATH`` (prepended) makes
+    jupyter_client find them, and ``IPYTHONDIR`` and ``JUPYTER_RUNTIME_DIR``
+    are temporary directories; all three are restored afterwards.
+    """
+    prefix = tmp_path_factory.mktemp("kernelspec-prefix")
+    ipython_dir = tmp_path_factory.mktemp("ipython")
+    runtime_dir = tmp_path_factory.mktemp("runtime")
+    _cli("install", "--prefix", str(prefix))
+    _cli("install", "--prefix", str(prefix), "--name", COLD_KERNEL_NAME, "--no-pool")
+    kernels = prefix / "share" / "jupyter" / "kernels"
+    spec_dir = kernels / KERNEL_NAME
+    for name in (KERNEL_NAME, COLD_KERNEL_NAME):
+        assert (kernels / name / "kernel.json").is_file(), (
+            f"install did not write {name}/kernel.json"
+        )
+
+    saved = {name: os.environ.get(name) for name in _ISOLATED_ENV}
     jupyter_path = [str(prefix / "share" / "jupyter")]
     if saved["JUPYTER_PATH"]:
         jupyter_path.append(saved["JUPYTER_PATH"])
     os.environ["JUPYTER_PATH"] = os.pathsep.join(jupyter_path)
     os.environ["IPYTHONDIR"] = str(ipython_dir)
+    os.environ["JUPYTER_RUNTIME_DIR"] = str(runtime_dir)
     try:
         from jupyter_client.kernelspec import KernelSpecManager
 
-        found = KernelSpecManager().find_kernel_specs().get(KERNEL_NAME)
-        assert found is not None and Path(found).resolve() == spec_dir.resolve(), (
-            f"jupyter_client finds {KERNEL_NAME!r} at {found}, not at {spec_dir}"
-        )
+        found = KernelSpecManager().find_kernel_specs()
+        for name in (KERNEL_NAME, COLD_KERNEL_NAME):
+            assert found.get(name) and Path(found[name]).resolve() == (kernels / name).resolve(), (
+                f"jupyter_client finds {name!r} at {found.get(name)}, not in {kernels}"
+            )
         yield spec_dir
     finally:
+        stop_daemon(runtime_dir)
         for name, value in saved.items():
             if value is None:
                 os.environ.pop(name, None)

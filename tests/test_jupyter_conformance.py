@@ -1,8 +1,10 @@
 """jupyter_kernel_test's conformance suite against the ``pyrepl3`` kernel.
 
 Every sample attribute ``KernelTests`` knows is filled in, so no subtest is
-skipped; ``test_no_conformance_test_is_skipped`` guards that. Stock ipykernel
-7.4 fails the history ``range`` subtest; pyrepl3 must pass all of them.
+skipped; ``test_no_conformance_test_is_skipped`` guards that. The suite runs
+on both kernelspecs of the conftest (pooled ``pyrepl3`` and ``pyrepl3-cold``).
+Stock ipykernel 7.4 fails the history ``range`` subtest; pyrepl3 must pass
+all of them.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import pytest
 
 pytestmark = pytest.mark.usefixtures("pyrepl3_kernelspec")
 
-KERNEL_NAME = "pyrepl3"
+KERNEL_NAME = "pyrepl3"  # the default install: leased from the manager daemon
+COLD_KERNEL_NAME = "pyrepl3-cold"
 
 
 class Pyrepl3ConformanceTests(jupyter_kernel_test.KernelTests):
@@ -54,9 +57,18 @@ class Pyrepl3ConformanceTests(jupyter_kernel_test.KernelTests):
 
     # display_data
     code_display_data = [
-        {"code": "from IPython.display import HTML, display; display(HTML('<b>test</b>'))", "mime": "text/html"},
-        {"code": "from IPython.display import Math, display; display(Math('\\\\frac{1}{2}'))", "mime": "text/latex"},
-        {"code": "from IPython.display import JSON, display; display(JSON({'a': [1, 2]}))", "mime": "application/json"},
+        {
+            "code": "from IPython.display import HTML, display; display(HTML('<b>test</b>'))",
+            "mime": "text/html",
+        },
+        {
+            "code": "from IPython.display import Math, display; display(Math('\\\\frac{1}{2}'))",
+            "mime": "text/latex",
+        },
+        {
+            "code": "from IPython.display import JSON, display; display(JSON({'a': [1, 2]}))",
+            "mime": "application/json",
+        },
     ]
 
     # history_request: pattern matches one of code_execute_result
@@ -75,6 +87,16 @@ class Pyrepl3IopubWelcomeTests(jupyter_kernel_test.IopubWelcomeTests):
 
     kernel_name = KERNEL_NAME
     support_iopub_welcome = True
+
+
+# The same suite on the standalone kernel process (``--no-pool``), which is
+# what clients that ignore provisioners (VS Code) start.
+class Pyrepl3ColdConformanceTests(Pyrepl3ConformanceTests):
+    kernel_name = COLD_KERNEL_NAME
+
+
+class Pyrepl3ColdIopubWelcomeTests(Pyrepl3IopubWelcomeTests):
+    kernel_name = COLD_KERNEL_NAME
 
 
 def _sample_attributes(cls: type, base: type) -> dict[str, object]:

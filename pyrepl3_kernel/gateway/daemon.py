@@ -87,6 +87,7 @@ class Lease:
             "age_s": round(time.time() - self.created, 1),
             "restarts": self.gateway.restarts,
             "last_crash": self.gateway.last_crash,
+            "health": self.gateway.monitor.sample() if session.is_alive else None,
             "ports": {k: v for k, v in self.gateway.connection_info.items() if k.endswith("_port")},
         }
 
