@@ -122,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `gateway` hands everything after it to jupyter_server, options included.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if getattr(args, "handler", None) is not cmd_gateway:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.server_args = [*extra, *args.server_args]
     handler: Handler | None = getattr(args, "handler", None)
     if handler is None:
         parser.print_help(sys.stderr)
@@ -493,6 +498,40 @@ def cmd_stop(args: argparse.Namespace) -> int:
             return 0
         time.sleep(0.05)
     return _error(f"the daemon (pid {pid}) did not exit within 15 s")
+
+
+# -- REST and WebSocket gateway ------------------------------------------------
+
+
+@subcommand(
+    "gateway",
+    arg(
+        "server_args",
+        nargs=argparse.REMAINDER,
+        help="jupyter_server options, e.g. --port 8888 --IdentityProvider.token=SECRET",
+    ),
+)
+def cmd_gateway(args: argparse.Namespace) -> int:
+    """Serve pyrepl3 kernels over Jupyter's REST and WebSocket APIs.
+
+    A headless jupyter_server on 127.0.0.1 (unless --ip says otherwise) with
+    token authentication, `pyrepl3` as the default kernel, the warm pool
+    behind it, the pyrepl3 endpoints under /api/pyrepl3/, and kernel listing
+    allowed, so `jupyter lab --gateway-url=...` and plain HTTP/WebSocket
+    clients can use it.
+    """
+    from jupyter_server.serverapp import ServerApp
+    from traitlets.config import Config
+
+    config = Config()
+    config.ServerApp.ip = "127.0.0.1"
+    config.ServerApp.open_browser = False
+    config.ServerApp.jpserver_extensions = {"pyrepl3_kernel.server": True}
+    config.MappingKernelManager.default_kernel_name = "pyrepl3"
+    server_args = [a for a in args.server_args if a != "--"]
+    # Command-line options given by the user win over these defaults.
+    ServerApp.launch_instance(argv=server_args, config=config)
+    return 0
 
 
 if __name__ == "__main__":
