@@ -208,10 +208,13 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     def _kernel_name(self) -> str:
         # KernelSpecManager leaves ``KernelSpec.name`` empty: the name is the
         # KernelManager's, or that of the kernelspec's directory.
-        name = getattr(self.parent, "kernel_name", "") or getattr(self.kernel_spec, "name", "")
-        if not name and getattr(self.kernel_spec, "resource_dir", ""):
-            name = os.path.basename(os.path.normpath(self.kernel_spec.resource_dir))
-        return str(name or "pyrepl3")
+        parent: Any = self.parent
+        spec: Any = self.kernel_spec
+        name = str(getattr(parent, "kernel_name", "") or getattr(spec, "name", "") or "")
+        resource_dir = str(getattr(spec, "resource_dir", "") or "")
+        if not name and resource_dir:
+            name = os.path.basename(os.path.normpath(resource_dir))
+        return name or "pyrepl3"
 
     def _python(self) -> str:
         argv = list(self.kernel_spec.argv)

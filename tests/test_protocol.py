@@ -45,12 +45,6 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 PER_CLASS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 CODECS = ("msgpack", "json")
-RESERVED = {
-    MessageType.CHECKPOINT,
-    MessageType.CHECKPOINT_REPLY,
-    MessageType.RESTORE,
-    MessageType.RESTORE_REPLY,
-}
 
 # -- strategies ----------------------------------------------------------------
 
@@ -121,7 +115,7 @@ def test_message_type_is_a_str_enum() -> None:
 
 
 def test_every_non_reserved_type_has_a_class() -> None:
-    assert set(MESSAGE_CLASSES) == set(MessageType) - RESERVED
+    assert set(MESSAGE_CLASSES) == set(MessageType)
     for msg_type, cls in MESSAGE_CLASSES.items():
         assert cls.type is msg_type
 
@@ -311,12 +305,6 @@ def test_unknown_type(codec: str) -> None:
     err = error_of(data)
     assert err.code == "unknown_type"
     assert err.message_id == "abc"
-
-
-@pytest.mark.parametrize("name", sorted(t.value for t in RESERVED))
-def test_reserved_types_are_unsupported(name: str) -> None:
-    err = error_of(packed(wire(type=name, id="r1")))
-    assert (err.code, err.message_id) == ("unsupported", "r1")
 
 
 @pytest.mark.parametrize("version", [0, 2, 99, -1])

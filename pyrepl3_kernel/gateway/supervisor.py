@@ -10,6 +10,7 @@ provisioner's launch env or a shell can set them):
                                 worker is stopped before the OOM killer acts
 ``PYREPL3_MEMORY_SOFT_LIMIT``   a warning in the cell's output, once a cell
 ``PYREPL3_CELL_TIMEOUT``        wall-time limit of one cell, in seconds
+                                (waiting for input() does not count)
 ``PYREPL3_CELL_CPU_LIMIT``      CPU-time limit of one cell, in seconds
 ``PYREPL3_INTERRUPT_GRACE``     seconds an interrupt may take to land before
                                 the worker is restarted (default 5)
@@ -104,20 +105,33 @@ class RestartBudget:
 
 
 def _oom_kills() -> int | None:
-    """The cgroup's OOM-kill counter (cgroup v2), if readable."""
+    """The OOM-kill counter of this process's memory cgroup, if readable:
+    ``oom_kill`` in ``memory.events`` (cgroup v2) or in ``memory.oom_control``
+    (cgroup v1, which hybrid hosts still use for the memory controller)."""
     try:
         with open("/proc/self/cgroup") as f:
-            line = next((ln for ln in f if ln.startswith("0::")), None)
-        if line is None:
-            return None
-        path = "/sys/fs/cgroup" + line.strip()[3:] + "/memory.events"
-        with open(path) as f:
-            for entry in f:
-                key, _, value = entry.partition(" ")
-                if key == "oom_kill":
-                    return int(value)
-    except (OSError, ValueError, StopIteration):
+            lines = f.read().splitlines()
+    except OSError:
         return None
+    candidates: list[str] = []
+    for line in lines:
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        rel = path.strip().lstrip("/")
+        if "memory" in controllers.split(","):
+            candidates.insert(0, os.path.join("/sys/fs/cgroup/memory", rel, "memory.oom_control"))
+        elif hierarchy == "0" and not controllers:
+            for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified"):
+                candidates.append(os.path.join(root, rel, "memory.events"))
+    for candidate in candidates:
+        try:
+            with open(candidate) as f:
+                for entry in f:
+                    key, _, value = entry.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            continue
     return None
 
 
@@ -140,6 +154,7 @@ class WorkerMonitor:
         self.peak_rss: int = 0
         self._task: asyncio.Task[None] | None = None
         self._cell_started = 0.0
+        self._input_since: float | None = None
         self._cell_cpu = 0.0
         self._warned = False
         self._oom_baseline: int | None = None
@@ -161,10 +176,21 @@ class WorkerMonitor:
 
     def cell_started(self) -> None:
         self._cell_started = time.monotonic()
+        self._input_since = None
         self._cell_cpu = self._cpu()
         self._warned = False
         if self.active and (self._task is None or self._task.done()):
             self._task = asyncio.ensure_future(self._watch())
+
+    def input_started(self) -> None:
+        """The cell waits for input(): the wait does not count as its wall time."""
+        if self._input_since is None:
+            self._input_since = time.monotonic()
+
+    def input_finished(self) -> None:
+        if self._input_since is not None:
+            self._cell_started += time.monotonic() - self._input_since
+            self._input_since = None
 
     def cell_finished(self) -> None:
         if self._task is not None:
@@ -220,7 +246,11 @@ class WorkerMonitor:
                     + "\n"
                 )
             elapsed = time.monotonic() - self._cell_started
-            if lim.cell_timeout is not None and elapsed > lim.cell_timeout:
+            if (
+                lim.cell_timeout is not None
+                and self._input_since is None
+                and elapsed > lim.cell_timeout
+            ):
                 self._kill(
                     f"the cell ran longer than its wall-time limit of {lim.cell_timeout:g} s"
                 )

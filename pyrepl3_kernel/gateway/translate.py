@@ -5,24 +5,14 @@ Pure functions; the gateway sends what they return.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 from .._version import __version__
+from ..language import language_info
 from ..protocol import Message, MessageType
 
 JUPYTER_PROTOCOL_VERSION = "5.4"
 
-#: language_info until the worker has said its own (same interpreter by default).
-DEFAULT_LANGUAGE_INFO: dict[str, Any] = {
-    "name": "python",
-    "version": sys.version.split()[0],
-    "mimetype": "text/x-python",
-    "codemirror_mode": {"name": "ipython", "version": 3},
-    "pygments_lexer": "ipython3",
-    "nbconvert_exporter": "python",
-    "file_extension": ".py",
-}
 
 HELP_LINKS = [
     {"text": "Python Reference", "url": "https://docs.python.org/3/"},
@@ -38,7 +28,7 @@ def kernel_info_content(ready: Any | None) -> dict[str, Any]:
         "protocol_version": JUPYTER_PROTOCOL_VERSION,
         "implementation": "pyrepl3",
         "implementation_version": __version__,
-        "language_info": dict(ready.language_info) if ready is not None else DEFAULT_LANGUAGE_INFO,
+        "language_info": dict(ready.language_info) if ready is not None else language_info(),
         "banner": ready.banner if ready is not None else "",
         "help_links": HELP_LINKS,
         "debugger": False,

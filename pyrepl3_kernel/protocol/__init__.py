@@ -13,11 +13,12 @@ from .codec import (
 from .framing import FrameDecoder, frame
 from .handshake import negotiate
 from .messages import *  # noqa: F403
-from .messages import MESSAGE_CLASSES, REPLY_TYPES, Message, MessageType
+from .messages import MESSAGE_CLASSES, ORDERED_REQUESTS, REPLY_TYPES, Message, MessageType
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_SIZE",
     "MESSAGE_CLASSES",
+    "ORDERED_REQUESTS",
     "PROTOCOL_VERSION",
     "REPLY_TYPES",
     "SUPPORTED_VERSIONS",

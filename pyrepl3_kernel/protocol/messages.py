@@ -492,6 +492,28 @@ REPLY_TYPES: dict[MessageType, MessageType] = {
 }
 
 
+#: Requests a worker answers one after the other, in order, on its main
+#: thread (where user code runs). Everything else (interrupt, input_response,
+#: ping, health, hello) is answered at once. A client attributes stream
+#: output to the oldest of these still waiting for its reply.
+ORDERED_REQUESTS: frozenset[MessageType] = frozenset(
+    {
+        MessageType.EXECUTE,
+        MessageType.COMPLETE,
+        MessageType.INSPECT,
+        MessageType.HISTORY,
+        MessageType.IS_COMPLETE,
+        MessageType.COMM_INFO,
+        MessageType.COMM_OPEN,
+        MessageType.COMM_MSG,
+        MessageType.COMM_CLOSE,
+        MessageType.CONFIGURE,
+        MessageType.CHECKPOINT,
+        MessageType.SHUTDOWN,
+    }
+)
+
+
 def _field_types(cls: type[Message]) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}

@@ -23,6 +23,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 
 from ..protocol import (
+    ORDERED_REQUESTS,
     REPLY_TYPES,
     AckMessage,
     CommInfoReplyMessage,
@@ -56,23 +57,6 @@ from ..protocol import (
 
 log = logging.getLogger("pyrepl3.session")
 
-#: Requests the worker answers in order on its main thread; stream output is
-#: attributed to the oldest of them still waiting for its reply.
-MAIN_THREAD_TYPES = frozenset(
-    {
-        MessageType.EXECUTE,
-        MessageType.COMPLETE,
-        MessageType.INSPECT,
-        MessageType.HISTORY,
-        MessageType.IS_COMPLETE,
-        MessageType.COMM_INFO,
-        MessageType.COMM_OPEN,
-        MessageType.COMM_MSG,
-        MessageType.COMM_CLOSE,
-        MessageType.CONFIGURE,
-        MessageType.SHUTDOWN,
-    }
-)
 #: Stream output arriving within this many seconds of the previous send is
 #: batched into one OUTPUT message; a line completed after a pause is not held.
 OUTPUT_COALESCE_S = 0.002
@@ -400,7 +384,7 @@ class Session:
             raise WorkerDeadError(self.death_cause or "not started")
         self._streams[request.id] = queue
         self._request_types[request.id] = request.type
-        if request.type in MAIN_THREAD_TYPES:
+        if request.type in ORDERED_REQUESTS:
             self._inflight.append(request.id)
             self._last_parent = request.id
         self._send(request)

@@ -10,6 +10,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
+from ..units import format_size
 from . import sources
 from .autosave import wait_for_autosave
 from .checkpoint import CheckpointEngine, CheckpointError, Store
@@ -65,28 +66,22 @@ class StateManager:
         return {"deleted": name}
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
-
-
 def describe(action: str, name: str, result: dict[str, Any]) -> str:
     """A report for people (what ``%checkpoint`` prints)."""
     if action in ("save", "restore"):
         verb = "saved" if action == "save" else "restored"
         lines = [
             f"checkpoint {name!r}: {len(result['saved'])} names {verb} in {result['seconds'] * 1000:.0f} ms"
-            + (f", {_size(result['bytes_written'])} written" if action == "save" else "")
+            + (f", {format_size(result['bytes_written'])} written" if action == "save" else "")
         ]
         for var, reason in result["skipped"].items():
             lines.append(f"  skipped {var}: {reason}")
         for var, reason in result["failed"].items():
             lines.append(f"  failed {var}: {reason}")
         if result.get("removed"):
-            lines.append(f"  removed (not in the checkpoint): {', '.join(result['removed'])}")
+            lines.append(
+                f"  removed (not in the checkpoint, or not restorable): {', '.join(result['removed'])}"
+            )
         return "\n".join(lines)
     if action == "list":
         items = result["checkpoints"]
@@ -99,13 +94,13 @@ def describe(action: str, name: str, result: dict[str, Any]) -> str:
             else:
                 count = len(c["names"])
                 lines.append(
-                    f"{c['name']}: {count} names, {_size(c['size'])}, cell {c.get('execution_count')}"
+                    f"{c['name']}: {count} names, {format_size(c['size'])}, cell {c.get('execution_count')}"
                 )
         return "\n".join(lines)
     if action == "info":
-        lines = [f"checkpoint {name!r}: {_size(result['size'])}, Python {result['python']}"]
+        lines = [f"checkpoint {name!r}: {format_size(result['size'])}, Python {result['python']}"]
         for var, entry in result["names"].items():
-            detail = entry.get("reason") or entry.get("of") or _size(entry.get("size", 0))
+            detail = entry.get("reason") or entry.get("of") or format_size(entry.get("size", 0))
             lines.append(f"  {var}: {entry['status']} ({entry.get('type', '')}; {detail})")
         return "\n".join(lines)
     return f"checkpoint {name!r} deleted"
