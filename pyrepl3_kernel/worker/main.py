@@ -23,7 +23,9 @@ from collections.abc import Callable
 from typing import Any
 
 from .._version import __version__
+from ..language import language_info
 from ..protocol import (
+    ORDERED_REQUESTS,
     SUPPORTED_VERSIONS,
     AckMessage,
     CheckpointReplyMessage,
@@ -50,36 +52,10 @@ from ..protocol import (
 from .autosave import Autosave
 from .channel import Channel
 from .state import StateManager
+from .transactions import TransactionManager
 
 log = logging.getLogger("pyrepl3.worker")
 
-#: Requests answered in order on the main thread.
-MAIN_THREAD_TYPES = frozenset(
-    {
-        MessageType.EXECUTE,
-        MessageType.COMPLETE,
-        MessageType.INSPECT,
-        MessageType.HISTORY,
-        MessageType.IS_COMPLETE,
-        MessageType.COMM_INFO,
-        MessageType.COMM_OPEN,
-        MessageType.COMM_MSG,
-        MessageType.COMM_CLOSE,
-        MessageType.CONFIGURE,
-        MessageType.CHECKPOINT,
-        MessageType.SHUTDOWN,
-    }
-)
-
-LANGUAGE_INFO = {
-    "name": "python",
-    "version": sys.version.split()[0],
-    "mimetype": "text/x-python",
-    "codemirror_mode": {"name": "ipython", "version": 3},
-    "pygments_lexer": "ipython3",
-    "nbconvert_exporter": "python",
-    "file_extension": ".py",
-}
 
 CAPABILITIES = [
     "stdin",
@@ -129,6 +105,7 @@ class Worker:
         self.shell = self._make_shell()
         self._set_session_name()
         self.checkpoints = StateManager(self.shell)
+        self.transactions = TransactionManager(self.shell)
         self.autosave = Autosave(self.checkpoints, [sock.fileno(), *self.channel.private_fds])
         self.shell.events.register("post_run_cell", self.autosave.after_cell)
 
@@ -179,7 +156,7 @@ class Worker:
                 pid=os.getpid(),
                 implementation="pyrepl3",
                 implementation_version=__version__,
-                language_info=LANGUAGE_INFO,
+                language_info=language_info(),
                 banner=self.shell.banner,
                 capabilities=CAPABILITIES,
             )
@@ -210,7 +187,7 @@ class Worker:
     def _dispatch(self, msg: Message) -> None:
         """Called on the I/O thread for every incoming message."""
         kind = msg.type
-        if kind in MAIN_THREAD_TYPES:
+        if kind in ORDERED_REQUESTS:
             self._requests.put(msg)
         elif kind == MessageType.INTERRUPT:
             assert isinstance(msg, InterruptMessage)
@@ -283,6 +260,7 @@ class Worker:
         self._allow_stdin = req.allow_stdin
         self._running = req.id
         result = None
+        transaction = self.transactions.begin(req.code)  # None when the policy is off
         try:
             self._in_user_code = True
             result = shell.run_cell(
@@ -293,6 +271,8 @@ class Worker:
         finally:
             self._in_user_code = False
             self._running = None
+        if transaction is not None:
+            self.transactions.end(transaction, result, silent=req.silent)
         reply = ExecuteReplyMessage(parent_id=req.id, execution_count=shell.execution_count - 1)
         if result is not None and result.success:
             reply.user_expressions = self._user_expressions(req.user_expressions)
