@@ -14,6 +14,7 @@ refused before the session is touched.
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
 import json
@@ -24,6 +25,7 @@ import sys
 import tempfile
 import time
 import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,14 +112,20 @@ class Store:
         if not self._fs:
             _fsync_dir(self._join("objects"))
 
-    def read_blob(self, digest: str) -> bytes:
+    def read_blob(self, digest: str) -> bytearray:
+        """The blob's bytes, in writable memory: arrays restored from its
+        out-of-band buffers use it in place and must stay writable."""
         path = self._join("objects", digest)
         try:
             if self._fs:
                 with self._fs.open(path, "rb") as f:
-                    return f.read()  # type: ignore[no-any-return]
+                    return bytearray(f.read())
             with open(path, "rb") as f:
-                return f.read()
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                read = f.readinto(data)
+                if read != len(data):
+                    del data[read:]
+                return data
         except FileNotFoundError:
             raise CheckpointError(f"blob {digest} is missing from {self.root}") from None
 
@@ -247,7 +255,7 @@ def pack_blob(inband: bytes, buffers: list[memoryview]) -> list[bytes | memoryvi
     return [header, inband, *(b.cast("B") for b in buffers)]
 
 
-def unpack_blob(data: bytes) -> tuple[memoryview, list[memoryview]]:
+def unpack_blob(data: bytes | bytearray) -> tuple[memoryview, list[memoryview]]:
     view = memoryview(data)
     if len(view) < 16 or view[:4] != _BLOB_MAGIC:
         raise CheckpointError("blob is corrupt (bad header)")
@@ -354,11 +362,20 @@ class CheckpointEngine:
             else:
                 canonical[id(obj)] = var
                 order.append(var)
-        pickled = self._pickle_all(order, ns, canonical, report)
+        by_source: dict[str, str] = {}
+        pickled = self._pickle_all(order, ns, canonical, report, by_source)
         sources: dict[str, str] = {}
         modules: set[str] = set()
         for var in order:
             obj = ns[var]
+            if var in by_source:
+                entries[var] = {
+                    "status": "source",
+                    "type": _type_name(obj),
+                    "reason": by_source[var],
+                }
+                _add_source(entries[var], obj, ns, sources)
+                continue
             if var in report.skipped:
                 entries[var] = {
                     "status": "skipped",
@@ -392,15 +409,7 @@ class CheckpointEngine:
             }
             if refs:
                 entry["refs"] = sorted(refs)
-            source = _source_of(obj, ns)
-            if source is not None:
-                entry["source"] = source
-                filename = _defining_file(obj)
-                if isinstance(obj, type):
-                    entry["qualname"] = obj.__qualname__
-                if filename:
-                    entry["cell"] = filename
-                    sources.setdefault(filename, _cell_source(filename))
+            _add_source(entry, obj, ns, sources)
             modules.update(_modules_of(obj))
             entries[var] = entry
         for var, entry in entries.items():
@@ -426,18 +435,31 @@ class CheckpointEngine:
         return report
 
     def _pickle_all(
-        self, order: list[str], ns: dict[str, Any], canonical: dict[int, str], report: Report
+        self,
+        order: list[str],
+        ns: dict[str, Any],
+        canonical: dict[int, str],
+        report: Report,
+        by_source: dict[str, str],
     ) -> dict[str, tuple[bytes, list[memoryview], set[str]]]:
         """Pickle every name; names may refer to each other, except that a
         name that cannot be saved is never referred to (whoever contains it
         is re-pickled and fails or inlines it), and within a reference cycle
-        only earlier names are referred to (so loading terminates)."""
+        only earlier names are referred to (so loading terminates).
+
+        A function or class of the cells that cannot be pickled, and every
+        dataclass and enum (whose generated parts do not survive pickling by
+        value), goes to ``by_source`` instead: it is saved as its source and
+        stays referable (a restore runs the source before loading others)."""
         pickled: dict[str, tuple[bytes, list[memoryview], set[str]]] = {}
         referable = dict(canonical)
         containers = {i: v for i, v in canonical.items() if type(ns[v]) in CONTAINERS}
 
         def one(var: str, allowed: dict[int, str]) -> None:
             obj = ns[var]
+            if _prefers_source(obj) and _rebuildable(var, obj, ns):
+                by_source[var] = "saved as its source (a dataclass or enum)"
+                return
             buffers: list[memoryview] = []
             out = io.BytesIO()
             kind = (
@@ -448,15 +470,18 @@ class CheckpointEngine:
             pickler = kind(out, ns, allowed, obj, lambda b: buffers.append(b.raw()))
             try:
                 pickler.dump(obj)
-            except NotRestorable as exc:
-                report.skipped[var] = str(exc)
-                referable.pop(id(obj), None)
-                pickled.pop(var, None)
-                return
             except Exception as exc:
-                report.skipped[var] = f"cannot be pickled: {type(exc).__name__}: {exc}"
-                referable.pop(id(obj), None)
+                reason = (
+                    str(exc)
+                    if isinstance(exc, NotRestorable)
+                    else f"cannot be pickled: {type(exc).__name__}: {exc}"
+                )
                 pickled.pop(var, None)
+                if _rebuildable(var, obj, ns):
+                    by_source[var] = reason
+                    return
+                report.skipped[var] = reason
+                referable.pop(id(obj), None)
                 return
             pickled[var] = (out.getvalue(), buffers, pickler.refs)
 
@@ -504,6 +529,7 @@ class CheckpointEngine:
         _register_sources(manifest.get("sources", {}), entries)
         loaded: dict[str, Any] = {}
         loading: set[str] = set()
+        rebuilt: dict[str, str] = {}  # name -> why it was rebuilt from its source
 
         def resolve(var: str) -> Any:
             if var in loaded:
@@ -513,12 +539,27 @@ class CheckpointEngine:
             if var in loading:
                 raise CheckpointError(f"reference cycle through {var!r}")
             entry = entries.get(var)
-            if entry is None or "blob" not in entry:
+            if entry is None or not (entry.get("blob") or entry.get("status") == "source"):
                 raise CheckpointError(f"it refers to {var!r}, which is not in the checkpoint")
             loading.add(var)
             try:
-                inband, buffers = blobs[entry["blob"]]
-                loaded[var] = load(inband, buffers, resolve)
+                if entry.get("blob"):
+                    inband, buffers = blobs[entry["blob"]]
+                    try:
+                        loaded[var] = load(inband, buffers, resolve)
+                    except Exception as exc:
+                        if not entry.get("source"):
+                            raise
+                        # A function or class that does not unpickle here
+                        # (e.g. it holds an object of a module this worker
+                        # cannot import) is rebuilt from its source.
+                        why = f"{type(exc).__name__}: {exc}"
+                        loaded[var] = self._from_source(var, entry, loaded, why)
+                        rebuilt[var] = why
+                else:
+                    why = entry.get("reason", "")
+                    loaded[var] = self._from_source(var, entry, loaded, why)
+                    rebuilt[var] = why
             finally:
                 loading.discard(var)
             return loaded[var]
@@ -531,11 +572,20 @@ class CheckpointEngine:
                 try:
                     resolve(var)
                 except Exception as exc:
-                    if not self._rebuild_from_source(var, entry, loaded, report, exc):
-                        report.failed[var] = f"{type(exc).__name__}: {exc}"
+                    report.failed[var] = f"{type(exc).__name__}: {exc}"
                     continue
-            if var in loaded:
-                report.saved[var] = {k: v for k, v in entry.items() if k not in ("source", "blob")}
+        for var, entry in entries.items():
+            if var in rebuilt:
+                report.saved[var] = {
+                    "status": "rebuilt",
+                    "from": "source",
+                    "type": entry.get("type", ""),
+                    "error": rebuilt[var],
+                }
+            elif var in loaded:
+                report.saved[var] = {
+                    k: v for k, v in entry.items() if k not in ("source", "blob", "reason")
+                }
         for var, entry in entries.items():
             if entry.get("status") == "alias":
                 if entry["of"] in loaded:
@@ -557,34 +607,26 @@ class CheckpointEngine:
         report.seconds = time.perf_counter() - started
         return report
 
-    def _rebuild_from_source(
-        self,
-        var: str,
-        entry: dict[str, Any],
-        loaded: dict[str, Any],
-        report: Report,
-        error: Exception,
-    ) -> bool:
-        """A function or class that does not unpickle is rebuilt from its source."""
+    def _from_source(
+        self, var: str, entry: dict[str, Any], loaded: dict[str, Any], why: str
+    ) -> Any:
+        """Run the saved source of function or class ``var``; raises
+        :class:`CheckpointError` (saying ``why`` it was needed) if that fails."""
         source = entry.get("source")
         if not source:
-            return False
+            raise CheckpointError(f"{why}; no source to rebuild it from")
         scratch = dict(self.shell.user_ns)
         scratch.update(loaded)
         try:
             exec(compile(source, entry.get("cell") or f"<restored {var}>", "exec"), scratch)
             obj = scratch[var]
-        except Exception:
-            return False
+        except Exception as exc:
+            raise CheckpointError(
+                f"{why}; rebuilding it from its source failed: {type(exc).__name__}: {exc}"
+            ) from None
         # exec gave it (or its methods) the scratch dict as globals; give them
         # the live namespace, so rebinding a global changes what they see.
-        loaded[var] = _rehome(obj, scratch, self.shell.user_ns)
-        report.saved[var] = {
-            "status": "rebuilt",
-            "from": "source",
-            "error": f"{type(error).__name__}: {error}",
-        }
-        return True
+        return _rehome(obj, scratch, self.shell.user_ns)
 
     def list(self) -> list[dict[str, Any]]:
         out = []
@@ -646,10 +688,47 @@ def _rehome(obj: Any, old: dict[str, Any], new: dict[str, Any]) -> Any:
                     for f in (value.fget, value.fset, value.fdel)
                 ]
                 if accessors != [value.fget, value.fset, value.fdel]:
-                    replacement = property(*accessors, value.__doc__)
+                    fget, fset, fdel = accessors
+                    replacement = property(fget, fset, fdel, value.__doc__)
             if replacement is not value:
                 setattr(obj, key, replacement)
     return obj
+
+
+def _add_source(
+    entry: dict[str, Any], obj: Any, ns: dict[str, Any], sources: dict[str, str]
+) -> None:
+    """Record the source of a function or class of the cells in its entry
+    (and its cell's text in ``sources``), for ``inspect`` and rebuilds."""
+    source = _source_of(obj, ns)
+    if source is None:
+        return
+    entry["source"] = source
+    if isinstance(obj, type):
+        entry["qualname"] = obj.__qualname__
+    filename = _defining_file(obj)
+    if filename:
+        entry["cell"] = filename
+        sources.setdefault(filename, _cell_source(filename))
+
+
+def _prefers_source(obj: Any) -> bool:
+    """Classes whose generated parts (a dataclass's ``__init__`` compares
+    with sentinels of ``dataclasses``; an enum's members) do not survive
+    pickling by value."""
+    return _is_user_class(obj) and (
+        "__dataclass_fields__" in vars(obj) or isinstance(obj, enum.EnumMeta)
+    )
+
+
+def _rebuildable(var: str, obj: Any, ns: dict[str, Any]) -> bool:
+    """Whether running the source of ``obj`` defines it as ``var``."""
+    return (
+        (_is_user_function(obj, ns) or _is_user_class(obj))
+        and obj.__name__ == var
+        and "<locals>" not in obj.__qualname__
+        and _source_of(obj, ns) is not None
+    )
 
 
 def _type_name(obj: Any) -> str:
@@ -730,15 +809,30 @@ def _modules_of(obj: Any) -> list[str]:
     return [] if root in ("builtins", "__main__", "") else [root]
 
 
+#: Sources found so far (``inspect.getsource`` parses the whole cell: a few
+#: ms per save otherwise). Keyed by the function or class itself; a function
+#: whose ``__code__`` was replaced is looked up again.
+_SOURCES: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDictionary()
+
+
 def _source_of(obj: Any, ns: dict[str, Any]) -> str | None:
     if not (_is_user_function(obj, ns) or _is_user_class(obj)):
         return None
+    code = getattr(obj, "__code__", None)
+    cached = _SOURCES.get(obj)
+    if cached is not None and cached[0] is code:
+        return cached[1]
     import inspect
 
     try:
-        return inspect.getsource(obj)
+        source = inspect.getsource(obj)
     except (OSError, TypeError):
         return None
+    try:
+        _SOURCES[obj] = (code, source)
+    except TypeError:  # not weakly referable
+        pass
+    return source
 
 
 def _cell_source(filename: str) -> str:

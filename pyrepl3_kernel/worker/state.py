@@ -74,6 +74,12 @@ def describe(action: str, name: str, result: dict[str, Any]) -> str:
             f"checkpoint {name!r}: {len(result['saved'])} names {verb} in {result['seconds'] * 1000:.0f} ms"
             + (f", {format_size(result['bytes_written'])} written" if action == "save" else "")
         ]
+        by_source = [v for v, e in result["saved"].items() if e.get("status") == "source"]
+        if by_source:
+            lines.append(f"  saved as their source: {', '.join(by_source)}")
+        for var, entry in result["saved"].items():
+            if entry.get("status") == "rebuilt":
+                lines.append(f"  rebuilt from its source: {var} ({entry.get('error', '')})")
         for var, reason in result["skipped"].items():
             lines.append(f"  skipped {var}: {reason}")
         for var, reason in result["failed"].items():
