@@ -111,7 +111,11 @@ def test_install_writes_kernel_json_and_logos(jupyter_env: dict[str, str], prefi
         "display_name": "PyREPL3",
         "language": "python",
         "interrupt_mode": "message",
-        "metadata": {"debugger": False, "pyrepl3": {"version": __version__}},
+        "metadata": {
+            "debugger": False,
+            "pyrepl3": {"version": __version__},
+            "kernel_provisioner": {"provisioner_name": "pyrepl3-pool", "config": {}},
+        },
     }
     for logo in LOGOS:
         assert (dest / logo).is_file()
@@ -152,7 +156,8 @@ def test_name_and_display_name(jupyter_env: dict[str, str], prefix: Path) -> Non
 
     specs = KernelSpecManager().find_kernel_specs()
     assert specs["other-pyrepl3"] == str(dest)
-    assert "pyrepl3" not in specs
+    # (a `pyrepl3` spec may exist elsewhere, e.g. the one setup.sh installs)
+    assert not specs.get("pyrepl3", "").startswith(str(prefix))
 
 
 def test_env_option(jupyter_env: dict[str, str], prefix: Path) -> None:
@@ -220,7 +225,7 @@ def test_uninstall(jupyter_env: dict[str, str], prefix: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert str(kernel_dir(prefix)) in result.stdout
     assert not kernel_dir(prefix).exists()
-    assert "pyrepl3" not in KernelSpecManager().find_kernel_specs()
+    assert not KernelSpecManager().find_kernel_specs().get("pyrepl3", "").startswith(str(prefix))
 
 
 def test_uninstall_by_name(jupyter_env: dict[str, str], prefix: Path) -> None:
@@ -261,3 +266,25 @@ def test_reference_kernelspec_is_current() -> None:
     for logo in LOGOS:
         packaged = REPO / "pyrepl3_kernel" / "resources" / logo
         assert (ref / logo).read_bytes() == packaged.read_bytes(), logo
+
+
+def test_pool_options_shape_the_provisioner_config(
+    jupyter_env: dict[str, str], prefix: Path
+) -> None:
+    install(jupyter_env, prefix, "--pool-size", "3", "--warmup-code", "import json")
+    spec = json.loads((kernel_dir(prefix) / "kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"] == {
+        "provisioner_name": "pyrepl3-pool",
+        "config": {"pool_size": 3, "warmup_code": "import json"},
+    }
+
+
+def test_no_pool_writes_a_plain_kernelspec(jupyter_env: dict[str, str], prefix: Path) -> None:
+    install(jupyter_env, prefix, "--no-pool")
+    spec = json.loads((kernel_dir(prefix) / "kernel.json").read_text())
+    assert "kernel_provisioner" not in spec["metadata"]
+    result = run_cli(
+        jupyter_env, "install", "--prefix", str(prefix), "--no-pool", "--pool-size", "2"
+    )
+    assert result.returncode == 1
+    assert "--no-pool" in result.stderr
