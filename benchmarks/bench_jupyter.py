@@ -23,7 +23,9 @@ import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,7 +37,35 @@ import zmq
 from jupyter_client import KernelManager
 from jupyter_client.blocking import BlockingKernelClient
 
-KERNELS = {"pyrepl3": "pyrepl3", "ipykernel": "python3"}
+# A standalone (cold) pyrepl3 kernel against ipykernel: this benchmark is
+# about the kernel itself; warm leases from the pool are bench_pool.py's.
+KERNELS = {"pyrepl3": "pyrepl3-cold", "ipykernel": "python3"}
+
+
+def install_cold_kernelspec(prefix: Path) -> None:
+    """Install ``pyrepl3-cold`` (no pool provisioner) and put it on JUPYTER_PATH."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyrepl3_kernel.cli",
+            "install",
+            "--prefix",
+            str(prefix),
+            "--name",
+            "pyrepl3-cold",
+            "--no-pool",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    path = str(prefix / "share" / "jupyter")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        filter(None, [path, os.environ.get("JUPYTER_PATH")])
+    )
+
+
 NAMES = list(KERNELS)
 TIMEOUT = 60.0
 #: Client sockets retry a refused connect every RECONNECT_IVL ms (ZMQ's default
@@ -334,7 +364,8 @@ def tree_memory(pid: int) -> dict[str, Any]:
     for p in procs:
         try:
             info = p.memory_full_info()
-        except psutil.NoSuchProcess:
+            cmdline = " ".join(p.cmdline())[:160]
+        except psutil.NoSuchProcess:  # gone, or a zombie (e.g. a finished autosave child)
             continue
         rss += info.rss
         pss += getattr(info, "pss", 0)
@@ -342,7 +373,7 @@ def tree_memory(pid: int) -> dict[str, Any]:
         detail.append(
             {
                 "pid": p.pid,
-                "cmdline": " ".join(p.cmdline())[:160],
+                "cmdline": cmdline,
                 "rss_mib": info.rss / 2**20,
                 "pss_mib": getattr(info, "pss", 0) / 2**20,
             }
@@ -755,6 +786,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     t_start = time.perf_counter()
     results: dict[str, Any] = {}
+    install_cold_kernelspec(Path(tempfile.mkdtemp(prefix="pyrepl3-bench-")))
 
     log("round trips and streams (both kernels running, alternated turn by turn):")
     with started(KERNELS["pyrepl3"]) as pr, started(KERNELS["ipykernel"]) as ip:

@@ -12,6 +12,7 @@ loop polls while idle). Crash recovery restores ``auto``.
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -21,7 +22,38 @@ from typing import Any
 log = logging.getLogger("pyrepl3.worker")
 
 AUTO_NAME = "auto"
-LOCK_NAME = ".autosave.lock"
+LOCK_NAME = ".autosave.lock"  # held by the child that is writing
+PENDING_NAME = ".autosave.pending"  # held (shared) by every child until it exits
+
+
+def _lock(store: str, name: str, how: int) -> int | None:
+    """An fd holding ``flock(how)`` on ``store/name`` (local stores only)."""
+    if "://" in store:
+        return None
+    try:
+        os.makedirs(store, exist_ok=True)
+        fd = os.open(os.path.join(store, name), os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        log.warning("autosave lock %s: %s", name, exc)
+        return None
+    try:
+        fcntl.flock(fd, how)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _saved_seq(store: str) -> int:
+    """``autosave_seq`` of the automatic checkpoint in ``store`` (0: none)."""
+    if "://" in store:
+        return 0
+    try:
+        with open(os.path.join(store, f"{AUTO_NAME}.json"), "rb") as f:
+            seq = json.load(f).get("autosave_seq", 0)
+        return seq if isinstance(seq, int) else 0
+    except (OSError, ValueError, AttributeError):
+        return 0
 
 
 DEFAULT_MAX_OBJECT = 1 << 30
@@ -42,12 +74,31 @@ def max_object_bytes() -> int:
     return DEFAULT_MAX_OBJECT
 
 
+#: Characters without which a cell can neither bind, call, import, run a
+#: magic or shell command, nor define anything.
+_ACTIVE = frozenset("(=%!@:;\n")
+
+
+def _inert(cell: str | None) -> bool:
+    """A one-line cell that only reads names and operators (``x``, ``1 + 1``,
+    ``a[0]``): it cannot change the state (short of a user-defined operator
+    with side effects, which autosave then misses until the next change)."""
+    if cell is None:
+        return False
+    text = cell.strip()
+    return (
+        bool(text)
+        and not (_ACTIVE & set(text))
+        and not text.startswith(("del ", "import ", "from "))
+    )
+
+
 def wait_for_autosave(store: str, timeout: float = 15.0) -> bool:
-    """Wait until no automatic checkpoint is being written to ``store``
-    (local stores only); False if one was still running at the timeout."""
+    """Wait until no automatic checkpoint is being saved to ``store`` (by
+    any worker, dead or alive); False if one still was at the timeout."""
     if "://" in store:
         return True
-    path = os.path.join(store, LOCK_NAME)
+    path = os.path.join(store, PENDING_NAME)
     if not os.path.exists(path):
         return True
     fd = os.open(path, os.O_RDONLY)
@@ -55,7 +106,7 @@ def wait_for_autosave(store: str, timeout: float = 15.0) -> bool:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return True
             except BlockingIOError:
                 if time.monotonic() > deadline:
@@ -66,60 +117,78 @@ def wait_for_autosave(store: str, timeout: float = 15.0) -> bool:
 
 
 class Autosave:
+    """Forks a saving child after each cell that may have changed the state.
+
+    At most ``MAX_CHILDREN`` children run at once. Children write one at a
+    time (an exclusive lock on the store) and a child never replaces a
+    newer save than its own (``autosave_seq`` in the manifest), so the
+    checkpoint always ends up with the newest state. Every child holds a
+    shared "pending" lock until it exits: a restore waits for all of them
+    (:func:`wait_for_autosave`), also after the worker that forked them died.
+    """
+
+    MAX_CHILDREN = 2
+
     def __init__(self, state: Any, private_fds: list[int]) -> None:
         self.state = state  # StateManager
         self.private_fds = private_fds  # fds the child must not keep (protocol socket, ...)
         self.store: str | None = None
         self.dirty = False
-        self._child: int | None = None
-        self._child_count = 0
-        #: Execution count of the last autosave known to have completed.
-        self.saved_count: int | None = None
+        self._children: list[int] = []
         self.failures = 0
+        self._saved_bindings: frozenset[tuple[str, int]] | None = None
 
     def configure(self, store: str | None) -> None:
+        # Not marked dirty: a worker just configured may be about to receive
+        # the very state this store holds (crash recovery); the next cell that
+        # succeeds saves.
         self.store = store or None
-        self.dirty = self.store is not None
 
     def after_cell(self, result: Any) -> None:
-        """IPython ``post_run_cell`` hook."""
+        """IPython ``post_run_cell`` hook: mark the state for saving once the
+        reply has gone out (the worker's request loop calls :meth:`poll`)."""
         if self.store is None or not getattr(result, "success", False):
             return
+        bindings = self._bindings()
+        if bindings == self._saved_bindings and _inert(getattr(result.info, "raw_cell", None)):
+            return  # it rebound nothing and called nothing: nothing can have changed
+        self._saved_bindings = bindings
         self.dirty = True
-        self.poll()
+
+    def _bindings(self) -> frozenset[tuple[str, int]]:
+        ns = self.state.shell.user_ns
+        return frozenset((k, id(v)) for k, v in ns.items() if not k.startswith("_"))
 
     @property
     def pending(self) -> bool:
-        return self.store is not None and (self.dirty or self._child is not None)
+        return self.store is not None and (self.dirty or bool(self._children))
 
     def poll(self) -> None:
-        """Reap a finished child; start a new save if the state is dirty."""
-        if self._child is not None:
+        """Reap finished children; start a save if the state is dirty."""
+        for pid in list(self._children):
             try:
-                pid, status = os.waitpid(self._child, os.WNOHANG)
+                done, status = os.waitpid(pid, os.WNOHANG)
             except ChildProcessError:
-                pid, status = self._child, 0
-            if pid == 0:
-                return
-            self._child = None
-            if os.waitstatus_to_exitcode(status) == 0:
-                self.saved_count = self._child_count
-            else:
-                self.failures += 1
-                log.warning("autosave failed (status %s)", status)
-        if self.dirty and self.store is not None:
+                done, status = pid, 0
+            if done:
+                self._children.remove(pid)
+                if os.waitstatus_to_exitcode(status) != 0:
+                    self.failures += 1
+                    log.warning("autosave failed (status %s)", status)
+        if self.dirty and self.store is not None and len(self._children) < self.MAX_CHILDREN:
             self.dirty = False
             self._fork()
 
     def _fork(self) -> None:
-        count = self.state.shell.execution_count - 1
-        lock = self._lock_fd()
+        store = self.store
+        assert store is not None
+        seq = time.monotonic_ns()  # system-wide: comparable across workers
+        pending = _lock(store, PENDING_NAME, fcntl.LOCK_SH | fcntl.LOCK_NB)
         pid = os.fork()
         if pid:
-            if lock is not None:
-                os.close(lock)  # the child holds the lock until it is done
-            self._child = pid
-            self._child_count = count
+            if pending is not None:
+                os.close(pending)  # the child holds it until it exits
+            self._children.append(pid)
             return
         code = 1
         try:  # the child: save, then vanish without running any cleanup
@@ -135,30 +204,20 @@ class Autosave:
                     os.close(fd)
                 except OSError:
                     pass
-            started = time.perf_counter()
-            self.state.engine(self.store).save(AUTO_NAME, max_object_bytes=max_object_bytes())
-            log.debug("autosave took %.1f ms", (time.perf_counter() - started) * 1000)
+            writing = _lock(store, LOCK_NAME, fcntl.LOCK_EX)
+            if _saved_seq(store) < seq:
+                self.state.engine(store).save(
+                    AUTO_NAME, max_object_bytes=max_object_bytes(), extra={"autosave_seq": seq}
+                )
+            if writing is not None:
+                os.close(writing)
             code = 0
         finally:
             os._exit(code)
 
-    def _lock_fd(self) -> int | None:
-        """An exclusive lock on the store, taken before the fork and handed to
-        the child: a restore waits for it (see :func:`wait_for_autosave`)."""
-        if self.store is None or "://" in self.store:
-            return None
-        try:
-            os.makedirs(self.store, exist_ok=True)
-            fd = os.open(os.path.join(self.store, LOCK_NAME), os.O_RDWR | os.O_CREAT, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            log.warning("autosave lock: %s", exc)
-            return None
-        return fd
-
     def wait(self, timeout: float = 10.0) -> None:
         """Let a running save finish (used before a planned shutdown)."""
         deadline = time.monotonic() + timeout
-        while self._child is not None and time.monotonic() < deadline:
+        while self._children and time.monotonic() < deadline:
             self.poll()
             time.sleep(0.005)

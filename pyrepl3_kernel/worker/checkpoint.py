@@ -341,7 +341,9 @@ class CheckpointEngine:
         self.shell = shell
         self.store = store
 
-    def save(self, name: str, max_object_bytes: int | None = None) -> Report:
+    def save(
+        self, name: str, max_object_bytes: int | None = None, extra: dict[str, Any] | None = None
+    ) -> Report:
         """Save the namespace as checkpoint ``name``. Objects whose pickled
         size exceeds ``max_object_bytes`` are skipped (and reported)."""
         _check_name(name)
@@ -430,6 +432,8 @@ class CheckpointEngine:
         }
         if report.bytes_written:
             self.store.sync_blobs()
+        if extra:
+            manifest.update(extra)
         self.store.write_manifest(name, manifest)
         report.seconds = time.perf_counter() - started
         return report

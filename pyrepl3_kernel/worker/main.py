@@ -183,6 +183,9 @@ class Worker:
             except Exception as exc:
                 log.exception("error handling %s", req.type)
                 self._fail(req, type(exc).__name__, str(exc))
+            # The reply is out: now is the time for the automatic checkpoint.
+            if self.autosave.dirty:
+                self.autosave.poll()
 
     def _dispatch(self, msg: Message) -> None:
         """Called on the I/O thread for every incoming message."""
