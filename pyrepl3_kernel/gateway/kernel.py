@@ -17,7 +17,7 @@ import shutil
 import signal
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -132,11 +132,14 @@ class JupyterGateway:
         #: Where the worker saves the state after each successful cell, for
         #: crash recovery (None: no automatic checkpoints).
         self.autosave_dir = (
-            autosave_dir if autosave_dir is not None else _default_autosave_dir(self.kernel_id)
+            autosave_dir if autosave_dir is not None else _default_autosave_dir(self.kernel_id, env)
         )
         self._kill_reason: str | None = None
         self._halted: str | None = None  # set when the restart budget is spent
         self._recovery_note: str | None = None
+        #: While a new worker loads the saved state: its death, if it dies.
+        self._restoring = False
+        self._restore_death: str | None = None
         self._interrupt_timer: asyncio.TimerHandle | None = None
         self._death_text: str | None = None
         self._usage_processes: dict[int, Any] = {}
@@ -257,16 +260,48 @@ class JupyterGateway:
         self._owns_session = True
         self._exec_count = 0  # a new worker counts from 1 again
         if restore:
-            self._recovery_note = await self._restore_autosave()
+            self._restoring, self._restore_death = True, None
+            try:
+                self._recovery_note = await self._restore_autosave()
+            finally:
+                self._restoring = False
+            if not session.is_alive:
+                await self._restore_killed_worker(session)
+                return
         self._worker_ready.set()
+
+    async def _restore_killed_worker(self, session: Session) -> None:
+        """Loading the saved state killed the new worker (an object whose
+        unpickling crashes): discard that state, which would kill every
+        worker that loads it, and start afresh. Counts as a crash."""
+        cause = self._restore_death or session.death_cause or "unknown cause"
+        self.restarts += 1
+        self.last_crash = cause
+        self._discard_autosave()
+        if not self.budget.record_crash():
+            self._halted = self.budget.describe()
+            log.error("restoring the saved state killed the worker (%s); %s", cause, self._halted)
+            return
+        log.warning("restoring the saved state killed the worker (%s); starting afresh", cause)
+        await self._start_worker()
+        self._recovery_note = (
+            f"pyrepl3: loading the saved state killed the new worker ({cause}); the saved "
+            "state was discarded and a fresh worker started: the state is lost\n"
+        )
 
     async def _restore_autosave(self) -> str:
         """Load the automatic checkpoint into the new worker; say what happened."""
         head = "pyrepl3: a new worker is running"
-        if not self.autosave_dir or not os.path.exists(
-            os.path.join(self.autosave_dir, "auto.json")
-        ):
-            return f"{head}; no saved state to restore (no cell had completed)\n"
+        if not self.autosave_dir:
+            return (
+                f"{head}; the state is lost (automatic checkpoints are off: PYREPL3_AUTOSAVE=0)\n"
+            )
+        nothing = f"{head}; no saved state to restore (no cell had completed)\n"
+        # The directory comes with the first save; ``auto.json`` only once it
+        # is written: a crash right after the first cell finds the save still
+        # on its way, and the restore waits for it (in the worker).
+        if not os.path.isdir(self.autosave_dir):
+            return nothing
         try:
             reply: Any = await self.session.request(
                 CheckpointMessage(action="restore", name="auto", store=self.autosave_dir)
@@ -274,6 +309,8 @@ class JupyterGateway:
         except WorkerDeadError as exc:
             return f"{head}, but restoring the state failed: {exc}\n"
         if getattr(reply, "status", "") != "ok":
+            if not os.path.exists(os.path.join(self.autosave_dir, "auto.json")):
+                return nothing
             detail = getattr(reply, "evalue", "") or getattr(reply, "detail", "")
             return f"{head}; the saved state could not be restored: {detail}\n"
         result = reply.result
@@ -282,7 +319,7 @@ class JupyterGateway:
             self._exec_count = count - 1
         names = sorted(result.get("saved", {}))
         lines = [
-            f"{head}; restored {len(names)} variables as of cell {self._exec_count}"
+            f"{head}; restored {len(names)} variable{'' if len(names) == 1 else 's'} as of cell {self._exec_count}"
             + (f": {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}" if names else "")
         ]
         for var, reason in {**result.get("skipped", {}), **result.get("failed", {})}.items():
@@ -426,8 +463,9 @@ class JupyterGateway:
     async def _kernel_info(
         self, idents: list[bytes], msg: JupyterMsg, channel: str = "shell"
     ) -> None:
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._worker_ready.wait()), 30)
+        if self._halted is None:  # a halted kernel answers at once: it has no worker
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._worker_ready.wait()), 30)
         if not self._iopub_subscribed.is_set():
             # A client connects all its channels at launch, and each retries
             # on its own timer (ZMQ: 100 ms) until the kernel has bound its
@@ -505,6 +543,9 @@ class JupyterGateway:
             reply = ExecuteReplyMessage(status="error", ename="WorkerDied", evalue=exc.cause)
         finally:
             self._running_exec = None
+            # An input() the cell left unanswered (interrupted, or the worker
+            # died) is void: the next input_reply is for the next input().
+            self._input_requests.clear()
             self.monitor.cell_finished()
             if self._interrupt_timer is not None:
                 self._interrupt_timer.cancel()
@@ -567,6 +608,7 @@ class JupyterGateway:
         )
         assert sent is not None
         self._input_requests[sent["header"]["msg_id"]] = request.id
+        self.monitor.input_started()
 
     async def _forward(
         self, idents: list[bytes], msg: JupyterMsg, native: Message, reply_type: str
@@ -806,6 +848,8 @@ class JupyterGateway:
             log.warning("input_reply for no pending input request")
             return
         value = msg["content"].get("value", "")
+        if not self._input_requests:
+            self.monitor.input_finished()
         with contextlib.suppress(WorkerDeadError):
             self._spawn(self.session.input_response(native_id, str(value)))
 
@@ -935,6 +979,9 @@ class JupyterGateway:
         if msg.type == MessageType.STATUS and getattr(msg, "state", "") == "dead":
             # This arrives before the running cell's stream hands out the
             # error, so the cause is named here, once, for both.
+            if self._restoring:  # _start_worker handles a death while restoring
+                self._restore_death = self._death_cause(getattr(msg, "detail", ""))
+                return
             cause = self._death_text = self._death_cause(getattr(msg, "detail", ""))
             idle = self._running_exec is None and not self._closing
             if idle:
@@ -977,9 +1024,11 @@ def _check_complete(code: str) -> tuple[str, int | None]:
     return _transformer_manager.check_complete(code)  # type: ignore[no-any-return]
 
 
-def _default_autosave_dir(kernel_id: str) -> str | None:
-    """``<runtime dir>/pyrepl3-autosave/<kernel id>``, unless PYREPL3_AUTOSAVE=0."""
-    if os.environ.get("PYREPL3_AUTOSAVE", "1").lower() in ("0", "off", "false", "no"):
+def _default_autosave_dir(kernel_id: str, env: Mapping[str, str] | None = None) -> str | None:
+    """``<runtime dir>/pyrepl3-autosave/<kernel id>``, unless PYREPL3_AUTOSAVE=0
+    in ``env`` (the kernel's launch environment; default: this process's)."""
+    env = os.environ if env is None else env
+    if env.get("PYREPL3_AUTOSAVE", "1").lower() in ("0", "off", "false", "no"):
         return None
     from jupyter_core.paths import jupyter_runtime_dir
 

@@ -5,9 +5,10 @@ Limits are read from the kernel's environment (so a kernelspec's ``env``, a
 provisioner's launch env or a shell can set them):
 
 =============================== ==========================================
-``PYREPL3_MEMORY_LIMIT``        hard limit on the worker's RSS (its whole
-                                process tree), e.g. ``2G``, ``512M``; the
-                                worker is stopped before the OOM killer acts
+``PYREPL3_MEMORY_LIMIT``        hard limit on the worker's memory (its RSS
+                                plus its descendants' own memory, USS), e.g.
+                                ``2G``, ``512M``; the worker is stopped
+                                before the OOM killer acts
 ``PYREPL3_MEMORY_SOFT_LIMIT``   a warning in the cell's output, once a cell
 ``PYREPL3_CELL_TIMEOUT``        wall-time limit of one cell, in seconds
                                 (waiting for input() does not count)
@@ -177,7 +178,6 @@ class WorkerMonitor:
     def cell_started(self) -> None:
         self._cell_started = time.monotonic()
         self._input_since = None
-        self._cell_cpu = self._cpu()
         self._warned = False
         if self.active and (self._task is None or self._task.done()):
             self._task = asyncio.ensure_future(self._watch())
@@ -198,7 +198,15 @@ class WorkerMonitor:
             self._task = None
 
     def sample(self) -> dict[str, Any]:
-        """RSS (bytes) and CPU seconds of the worker's process tree."""
+        """Memory (bytes) and CPU seconds of the worker's process tree.
+
+        Memory is the worker's RSS plus what each descendant holds on its own
+        (USS): a child forked from the worker (the automatic checkpoint's, a
+        fork-based multiprocessing pool) maps the worker's pages copy-on-write,
+        and counting them again as its RSS would double the worker's memory.
+        CPU leaves out descendants in a session of their own (the automatic
+        checkpoint's child): saving a cell's state is not the next cell's work.
+        """
         import psutil
 
         if self.pid is None:
@@ -206,27 +214,35 @@ class WorkerMonitor:
         try:
             root = psutil.Process(self.pid)
             procs = [root, *root.children(recursive=True)]
-        except psutil.Error:
+            session = os.getsid(self.pid)
+        except (psutil.Error, OSError):
             return {"rss": 0, "cpu": 0.0, "processes": 0}
         rss = 0
         cpu = 0.0
         for proc in procs:
-            with contextlib.suppress(psutil.Error):
-                rss += proc.memory_info().rss
-                times = proc.cpu_times()
-                cpu += times.user + times.system
+            with contextlib.suppress(psutil.Error, OSError):
+                if proc is root or os.getsid(proc.pid) == session:
+                    times = proc.cpu_times()
+                    cpu += times.user + times.system
+                if proc is root:
+                    rss += proc.memory_info().rss
+                else:
+                    rss += proc.memory_full_info().uss
         self.last_rss = rss
         self.peak_rss = max(self.peak_rss, rss)
         return {"rss": rss, "cpu": cpu, "processes": len(procs)}
 
-    def _cpu(self) -> float:
-        return float(self.sample()["cpu"]) if self.limits.cell_cpu_limit else 0.0
-
     async def _watch(self) -> None:
         lim = self.limits
+        baseline: float | None = None
         while True:
             await asyncio.sleep(lim.poll_interval)
             sample = self.sample()
+            if baseline is None:
+                # CPU time counts from the first sample, not from the cell's
+                # start: a short cell then costs no scan of the process tree
+                # (a few ms), and a long one may use one interval more.
+                baseline = self._cell_cpu = sample["cpu"]
             rss = sample["rss"]
             if lim.memory_limit is not None and rss > lim.memory_limit:
                 self._kill(
