@@ -8,6 +8,14 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
+# Headless Chromium for tests/test_browser.py: Debian's package, never
+# Playwright's own browser download. Installed only if missing, and only as
+# root with apt-get (CI); without it the browser test is skipped.
+if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
+    echo "setup: warning: could not install chromium; tests/test_browser.py will be skipped" >&2
+  fi
+fi
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 .venv/bin/pyrepl3-kernel install --sys-prefix >/dev/null
 # An editable install does not place data files: put the config that enables
