@@ -143,7 +143,18 @@ class Execution:
         out = output_of(msg)
         if out is None:
             return
-        self.outputs.append(out)
+        last = self.outputs[-1] if self.outputs else None
+        if (
+            out["output_type"] == "stream"
+            and last is not None
+            and last["output_type"] == "stream"
+            and last["name"] == out["name"]
+        ):
+            # As in a notebook: consecutive writes to one stream are one
+            # output (print() alone writes twice). Events stay per message.
+            last["text"] += out["text"]
+        else:
+            self.outputs.append(dict(out))
         if out["output_type"] == "error":
             self.error = {k: out[k] for k in ("ename", "evalue", "traceback")}
         await self._event("output", out)

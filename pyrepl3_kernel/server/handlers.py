@@ -8,8 +8,10 @@ gets 400 with a message, an unknown kernel, execution or checkpoint 404.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from jupyter_server.auth.decorator import authorized
@@ -18,6 +20,7 @@ from jupyter_server.services.kernels.handlers import MainKernelHandler
 from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
 from jupyter_server.utils import ensure_async
 from tornado import web
+from tornado.iostream import StreamClosedError
 
 from .bridge import BridgeError, Execution, KernelBridge, KernelGone
 
@@ -41,8 +44,74 @@ class Registry:
             self.executions.pop(oldest)
 
 
+#: How long a request forwarded to the gateway may take (the gateway bounds
+#: each request itself: ``timeout``, ``wait``).
+FORWARD_TIMEOUT = 86400.0 + 60
+
+
+def forwarded(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
+    """On a server whose kernels run on a gateway (``--gateway-url``), send
+    the request on to the gateway's own ``/api/pyrepl3`` endpoint (with the
+    GatewayClient's credentials) and relay its answer, streamed; otherwise
+    run ``method``. Goes under ``@authorized``: this server's auth comes first."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Pyrepl3Handler, *args: Any, **kwargs: Any) -> None:
+        gateway = getattr(self.serverapp, "gateway_config", None)
+        if gateway is not None and gateway.gateway_enabled:
+            await self.forward(gateway)
+        else:
+            await method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class Pyrepl3Handler(APIHandler):
     auth_resource = "kernels"
+
+    async def forward(self, gateway: Any) -> None:
+        from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+
+        path = self.request.path[len(self.base_url.rstrip("/")) :]
+        url = gateway.url.rstrip("/") + path
+        if self.request.query:
+            url += "?" + self.request.query
+        options = dict(gateway.load_connection_args())
+        headers = dict(options.pop("headers", None) or {})
+        for name in ("Content-Type", "Accept"):
+            if name in self.request.headers:
+                headers[name] = self.request.headers[name]
+        options.update(request_timeout=FORWARD_TIMEOUT, headers=headers)
+
+        def on_header(line: str) -> None:
+            if line.startswith("HTTP/"):
+                self.set_status(int(line.split()[1]))
+            elif ":" in line:
+                name, value = (part.strip() for part in line.split(":", 1))
+                if name.lower() in ("content-type", "cache-control", "x-accel-buffering"):
+                    self.set_header(name, value)
+
+        def on_chunk(chunk: bytes) -> None:
+            self.write(chunk)
+            # Relayed as it comes (server-sent events); a client gone away
+            # shows here as a failed flush, which is of no consequence.
+            self.flush().add_done_callback(lambda f: f.exception())
+
+        request = HTTPRequest(
+            url,
+            method=self.request.method or "GET",
+            body=self.request.body if self.request.method in ("POST", "PUT", "PATCH") else None,
+            header_callback=on_header,
+            streaming_callback=on_chunk,
+            **options,
+        )
+        try:
+            response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        except (HTTPClientError, OSError) as exc:
+            raise web.HTTPError(502, f"the gateway {gateway.url} did not answer: {exc}") from None
+        if response.code == 599:  # no HTTP answer (timeout, connection lost)
+            raise web.HTTPError(502, f"the gateway {gateway.url} did not answer: {response.error}")
+        self.finish()
 
     @property
     def registry(self) -> Registry:
@@ -94,6 +163,7 @@ def _number(body: dict[str, Any], name: str, default: float, lo: float, hi: floa
 class PoolHandler(Pyrepl3Handler):
     @web.authenticated
     @authorized
+    @forwarded
     async def get(self) -> None:
         """The manager daemon: pools and leases (``daemon: null`` if none runs)."""
         from ..gateway.daemon_client import DaemonClient, DaemonError, DaemonUnavailable
@@ -114,6 +184,7 @@ class PoolHandler(Pyrepl3Handler):
 class HealthHandler(Pyrepl3Handler):
     @web.authenticated
     @authorized
+    @forwarded
     async def get(self, kernel_id: str) -> None:
         """The kernel's usage_reply: memory, CPU, restarts, last crash, limits."""
         bridge = await self.bridge(kernel_id)
@@ -127,6 +198,7 @@ class HealthHandler(Pyrepl3Handler):
 class ExecuteHandler(Pyrepl3Handler):
     @web.authenticated
     @authorized
+    @forwarded
     async def post(self, kernel_id: str) -> None:
         """Run code. JSON: the outputs when done, or ``input_requested``
         (answer at /api/pyrepl3/executions/{id}/input), or ``running`` after
@@ -152,11 +224,16 @@ class ExecuteHandler(Pyrepl3Handler):
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
         self.set_header("X-Accel-Buffering", "no")
-        self.write(f"event: started\ndata: {json.dumps({'execution_id': execution.id})}\n\n")
-        await self.flush()
-        async for kind, data in execution.events():
-            self.write(f"event: {kind}\ndata: {json.dumps(data, default=str)}\n\n")
+        try:
+            self.write(f"event: started\ndata: {json.dumps({'execution_id': execution.id})}\n\n")
             await self.flush()
+            async for kind, data in execution.events():
+                self.write(f"event: {kind}\ndata: {json.dumps(data, default=str)}\n\n")
+                await self.flush()
+        except StreamClosedError:
+            # The client went away: the execution goes on, and its state
+            # stays at GET /api/pyrepl3/executions/{id}.
+            return
         self.finish()
 
 
@@ -169,21 +246,25 @@ class ExecutionHandler(Pyrepl3Handler):
 
     @web.authenticated
     @authorized
+    @forwarded
     async def get(self, execution_id: str) -> None:
         """The execution's state; ``?wait=S`` waits up to S seconds for a change."""
         execution = self.execution(execution_id)
         try:
             wait = float(self.get_argument("wait", "0"))
         except ValueError:
-            raise web.HTTPError(400, "'wait' must be a number of seconds") from None
+            wait = -1.0
+        if not 0 <= wait <= 3600:  # also NaN
+            raise web.HTTPError(400, "'wait' must be a number of seconds from 0 to 3600")
         if execution.status == "running" and wait > 0:
-            await execution.wait(min(wait, 3600))
+            await execution.wait(wait)
         self.write_json(execution.state())
 
 
 class InputHandler(ExecutionHandler):
     @web.authenticated
     @authorized
+    @forwarded
     async def post(self, execution_id: str) -> None:
         """Answer the execution's pending input(); returns its next state."""
         execution = self.execution(execution_id)
@@ -224,6 +305,7 @@ class CheckpointBase(Pyrepl3Handler):
 class CheckpointsHandler(CheckpointBase):
     @web.authenticated
     @authorized
+    @forwarded
     async def get(self, kernel_id: str) -> None:
         """The checkpoints in the kernel's store."""
         result = await self.call(kernel_id, "list")
@@ -231,6 +313,7 @@ class CheckpointsHandler(CheckpointBase):
 
     @web.authenticated
     @authorized
+    @forwarded
     async def post(self, kernel_id: str) -> None:
         """Save the kernel's state as checkpoint ``name``; the per-name report."""
         body = self.json_body()
@@ -244,12 +327,14 @@ class CheckpointsHandler(CheckpointBase):
 class CheckpointHandler(CheckpointBase):
     @web.authenticated
     @authorized
+    @forwarded
     async def get(self, kernel_id: str, name: str) -> None:
         """What checkpoint ``name`` holds, name by name."""
         self.write_json(await self.call(kernel_id, "info", name))
 
     @web.authenticated
     @authorized
+    @forwarded
     async def delete(self, kernel_id: str, name: str) -> None:
         await self.call(kernel_id, "delete", name)
         self.set_status(204)
@@ -259,6 +344,7 @@ class CheckpointHandler(CheckpointBase):
 class RestoreHandler(CheckpointBase):
     @web.authenticated
     @authorized
+    @forwarded
     async def post(self, kernel_id: str, name: str) -> None:
         """Restore checkpoint ``name`` into the kernel; the per-name report."""
         body = self.json_body()
@@ -302,14 +388,37 @@ class StartKernelHandler(MainKernelHandler):  # type: ignore[misc]
                 kwargs["cwd"] = workdir
         from jupyter_client.kernelspec import NoSuchKernel
 
+        # Look the spec up first: a start that fails inside jupyter_client
+        # leaves its kernel id pending for ever, and the server's shutdown
+        # (POST /api/shutdown, Ctrl-C) then fails on it.
+        try:
+            await ensure_async(self.kernel_spec_manager.get_kernel_spec(name))
+        except KeyError:  # NoSuchKernel; a KeyError from a gateway's spec manager
+            raise web.HTTPError(404, f"no kernel named {name!r}") from None
         try:
             kernel_id: str = await km.start_kernel(**kwargs)
         except NoSuchKernel:
+            _forget_failed_starts(km)
             raise web.HTTPError(404, f"no kernel named {name!r}") from None
+        except Exception:
+            _forget_failed_starts(km)
+            raise
         model = await ensure_async(km.kernel_model(kernel_id))
         self.set_header("Location", f"{self.base_url.rstrip('/')}/api/kernels/{kernel_id}")
         self.set_status(201)
         self.finish(json.dumps(model, default=str))
+
+
+def _forget_failed_starts(km: Any) -> None:
+    """Drop the pending entries of kernel starts that failed (jupyter_client
+    keeps them, and ``shutdown_all`` then raises on their ids)."""
+    pending = getattr(km, "_pending_kernels", None)
+    kernels = getattr(km, "_kernels", {})
+    if not isinstance(pending, dict):
+        return
+    for kernel_id, task in list(pending.items()):
+        if task.done() and kernel_id not in kernels:
+            pending.pop(kernel_id, None)
 
 
 class NoDelayKernelWebsocketHandler(KernelWebsocketHandler):  # type: ignore[misc]
