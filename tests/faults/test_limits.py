@@ -63,7 +63,9 @@ def test_limits_come_from_the_launch_env(kernel: Kernel) -> None:
 def test_memory_hard_limit(kernel: Kernel, tmp_path: Path) -> None:
     token = define_state(kernel)
     counter = tmp_path / "runs"
-    grow = "import time\nchunks = []\nwhile True:\n    chunks.append(b'x' * (32 << 20))\n    time.sleep(0.02)"
+    # Fast growth: on a loaded machine a slow loop would meet the fixture's
+    # 4 s wall-time limit before the 400 MiB memory limit.
+    grow = "chunks = []\nwhile True:\n    chunks.append(b'x' * (64 << 20))"
     run = kernel.execute(crash_cell(grow, counter))
     evalue = assert_crash_reported(run, [])
     assert re.search(r"memory limit 400\.0 MiB exceeded \(\d+\.\d MiB\)", evalue), evalue
