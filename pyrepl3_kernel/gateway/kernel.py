@@ -211,6 +211,10 @@ class JupyterGateway:
         for channel, kind in kinds.items():
             sock = self._ctx.socket(kind)
             sock.linger = 1000
+            if kind == zmq.ROUTER:
+                # As ipykernel: a client that reconnects with its identity
+                # (all clients of one KernelManager share one) takes over.
+                sock.router_handover = 1
             if kind == zmq.XPUB:
                 sock.setsockopt(zmq.XPUB_VERBOSE, 1)
             port = int(info.get(f"{channel}_port") or 0)
