@@ -48,6 +48,8 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
+from ..units import format_size, parse_size
+
 log = logging.getLogger("pyrepl3.worker")
 
 POLICIES = ("off", "bindings", "full")
@@ -98,23 +100,6 @@ def strip_transaction_line(lines: list[str]) -> list[str]:
             return lines[1:]  # another cell magic follows: it must come first
         return ["\n", *lines[1:]]  # a blank line keeps tracebacks' line numbers right
     return lines
-
-
-def parse_size(text: str) -> int:
-    """``1073741824``, ``512M``, ``1G``, ``1GiB`` -> bytes."""
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", text, re.I)
-    if m is None:
-        raise ValueError(f"not a size: {text!r}")
-    scale = 1024 ** " kmgt".index(m.group(2).lower() or " ")
-    return int(float(m.group(1)) * scale)
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 # -- names IPython manages ---------------------------------------------------------
@@ -683,8 +668,8 @@ class Snapshot:
     def _budget(self, nbytes: int, root: _Root, o: Any) -> bool:
         if self.bytes + nbytes > self.max_bytes:
             root.note(
-                f"{_type_name(type(o))} of {_size(nbytes)}: over the "
-                f"{_size(self.max_bytes)} snapshot limit"
+                f"{_type_name(type(o))} of {format_size(nbytes)}: over the "
+                f"{format_size(self.max_bytes)} snapshot limit"
             )
             self._walked.add(id(o))
             return False
