@@ -25,6 +25,7 @@ import zmq
 import zmq.asyncio
 from jupyter_client.session import Session as JupyterSession
 
+from .. import zmqsend
 from ..protocol import (
     CheckpointMessage,
     CommCloseMessage,
@@ -427,10 +428,13 @@ class JupyterGateway:
                 self._iopub_subscribed.set()
                 topic = frame[1:]
                 # JEP 65: tell each new subscriber that it is connected.
-                welcome = self.jsession.msg(
-                    "iopub_welcome", {"subscription": topic.decode(errors="replace")}
+                self._send(
+                    self._sockets["iopub"],
+                    "iopub_welcome",
+                    {"subscription": topic.decode(errors="replace")},
+                    parent=None,
+                    ident=topic or None,
                 )
-                self.jsession.send(self._sockets["iopub"], welcome, ident=topic or None)
 
     async def _shell_loop(self) -> None:
         while True:
@@ -601,14 +605,13 @@ class JupyterGateway:
         return await self.session.request(native)
 
     def _forward_input(self, idents: list[bytes], parent: JupyterMsg, request: Any) -> None:
-        sent = self.jsession.send(
+        sent = self._send(
             self._sockets["stdin"],
             "input_request",
             {"prompt": request.prompt, "password": request.password},
             parent=parent,
             ident=idents,
         )
-        assert sent is not None
         self._input_requests[sent["header"]["msg_id"]] = request.id
         self.monitor.input_started()
 
@@ -915,7 +918,7 @@ class JupyterGateway:
     ) -> None:
         if self._closing and channel not in self._sockets:
             return
-        self.jsession.send(
+        self._send(
             self._sockets[channel],
             msg_type,
             content,
@@ -923,6 +926,24 @@ class JupyterGateway:
             ident=idents,
             metadata=metadata,
         )
+
+    def _send(
+        self,
+        sock: zmq.asyncio.Socket,
+        msg_type: str,
+        content: dict[str, Any],
+        *,
+        parent: JupyterMsg | None,
+        ident: bytes | list[bytes] | None,
+        metadata: dict[str, Any] | None = None,
+        buffers: list[Any] | None = None,
+    ) -> JupyterMsg:
+        """Sign and send one message (see :mod:`pyrepl3_kernel.zmqsend`)."""
+        msg: JupyterMsg = self.jsession.msg(
+            msg_type, content=content, parent=parent, metadata=metadata
+        )
+        zmqsend.send(self.jsession, sock, msg, ident, buffers)
+        return msg
 
     def _reply_unknown(
         self, sock: zmq.asyncio.Socket, idents: list[bytes], msg: JupyterMsg
@@ -933,7 +954,7 @@ class JupyterGateway:
             content = translate.error_reply_content(
                 "NotImplementedError", f"{msg_type} is not supported by this kernel"
             )
-            self.jsession.send(
+            self._send(
                 sock, msg_type[: -len("_request")] + "_reply", content, parent=msg, ident=idents
             )
 
@@ -949,7 +970,7 @@ class JupyterGateway:
         if sock is None or sock.closed:
             return
         topic = f"kernel.{self.kernel_id}.{msg_type}".encode()
-        self.jsession.send(
+        self._send(
             sock,
             msg_type,
             content,

@@ -18,6 +18,8 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+from .. import zmqsend
+
 CHECKPOINT_TARGET = "pyrepl3.checkpoint"
 
 
@@ -137,7 +139,7 @@ class Execution:
             )
         self.status = "running"
         self.input_request = None
-        self.bridge.client.input(value)
+        self.bridge.send("stdin", self.bridge.client.session.msg("input_reply", {"value": value}))
 
     async def on_iopub(self, msg: dict[str, Any]) -> None:
         out = output_of(msg)
@@ -215,7 +217,9 @@ class KernelBridge:
             self._tasks.append(asyncio.ensure_future(self._read(name, channel)))
         deadline = time.monotonic() + 30
         while True:
-            msg_id = self.client.kernel_info()
+            info = self.client.session.msg("kernel_info_request", {})
+            msg_id = info["header"]["msg_id"]
+            self.send("shell", info)
             seen = self._watch_iopub(msg_id)
             try:
                 reply = await asyncio.wait_for(self._expect(msg_id), 5)
@@ -228,6 +232,12 @@ class KernelBridge:
                 self._iopub_waiters.pop(msg_id, None)
             self.kernel_info = reply["content"]
             return
+
+    def send(self, channel: str, msg: dict[str, Any]) -> None:
+        """Send on one of the client's channels (not with the channel's own
+        ``send``: see :mod:`pyrepl3_kernel.zmqsend`)."""
+        socket = getattr(self.client, f"{channel}_channel").socket
+        zmqsend.send(self.client.session, socket, msg)
 
     def _watch_iopub(self, msg_id: str) -> asyncio.Future[dict[str, Any]]:
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
@@ -307,14 +317,14 @@ class KernelBridge:
         )
         execution.msg_id = msg["header"]["msg_id"]
         self._executions[execution.msg_id] = execution
-        self.client.shell_channel.send(msg)
+        self.send("shell", msg)
         return execution
 
     async def usage(self) -> dict[str, Any]:
         await self.ready()
         msg = self.client.session.msg("usage_request", {})
         future = self._expect(msg["header"]["msg_id"])
-        self.client.control_channel.send(msg)
+        self.send("control", msg)
         try:
             reply = await asyncio.wait_for(future, 10)
         except asyncio.TimeoutError:
@@ -331,13 +341,13 @@ class KernelBridge:
                 "comm_open",
                 {"comm_id": self._checkpoint_comm, "target_name": CHECKPOINT_TARGET, "data": {}},
             )
-            self.client.shell_channel.send(open_msg)
+            self.send("shell", open_msg)
         request_id = uuid.uuid4().hex
         future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._comm_replies[request_id] = future
         data = {"action": action, "name": name, "request_id": request_id, **options}
         msg = self.client.session.msg("comm_msg", {"comm_id": self._checkpoint_comm, "data": data})
-        self.client.shell_channel.send(msg)
+        self.send("shell", msg)
         try:
             return await asyncio.wait_for(future, 120)
         except asyncio.TimeoutError:
