@@ -35,7 +35,9 @@ def send(
     frames: list[Any] = session.serialize(msg, ident)
     if buffers:
         frames.extend(buffers)
-    sent = asyncio.ensure_future(sock.send_multipart(frames, copy=False))
+    # As Session.send: small messages are copied, large ones sent zero-copy.
+    copy = max(len(frame) for frame in frames) < session.copy_threshold
+    sent = asyncio.ensure_future(sock.send_multipart(frames, copy=copy))
     sent.add_done_callback(_log_failure)
 
 
