@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -298,6 +299,16 @@ def test_interrupt_stops_a_sleeping_cell():
             assert error.ename == "KeyboardInterrupt"
             assert reply_of(msgs).status == "error"
             assert reply_of(msgs).ename == "KeyboardInterrupt"
+            # The traceback ends in the cell, as ipykernel's: the worker's
+            # SIGINT handler (where KeyboardInterrupt is raised) is cut off,
+            # also from sys.last_traceback, where %debug starts.
+            shown = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error.traceback))
+            assert "time.sleep(60)" in shown
+            assert "_on_sigint" not in shown and "pyrepl3_kernel" not in shown
+            code = (
+                "import sys, traceback\n[f.name for f in traceback.extract_tb(sys.last_traceback)]"
+            )
+            assert "_on_sigint" not in result_text(await collect(s, code))
             assert result_text(await collect(s, "'next'")) == "'next'"
 
     run(body())

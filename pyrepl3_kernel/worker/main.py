@@ -137,6 +137,7 @@ class Worker:
         config.IPKernelApp = Config()
         shell = ZMQInteractiveShell.instance(config=config, outlet=self)
         shell.kernel = KernelShim(self)
+        shell.hidden_codes = frozenset({Worker._on_sigint.__code__})
         self.comm_manager = comms.install(self)
         builtins.input = self._input
         getpass.getpass = self._getpass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import math
+from types import CodeType
 from typing import TYPE_CHECKING, Any, Protocol
 
 from IPython.core import page
@@ -161,6 +162,11 @@ class ZMQInteractiveShell(InteractiveShell):
     outlet = AnyTrait()
     kernel = AnyTrait()
     _last_traceback: list[str] | None = None
+    #: Code of the worker's own functions that can be the innermost frames of
+    #: a user's traceback (the SIGINT handler that raises KeyboardInterrupt).
+    #: They are cut off: a user sees the cell's frames, as with ipykernel,
+    #: whose handler is C, and ``%debug`` starts in the cell.
+    hidden_codes: frozenset[CodeType] = frozenset()
 
     def init_hooks(self) -> None:
         super().init_hooks()
@@ -189,6 +195,20 @@ class ZMQInteractiveShell(InteractiveShell):
 
     def ask_exit(self) -> None:
         self.payload_manager.write_payload({"source": "ask_exit", "keepkernel": False})  # type: ignore[union-attr]
+
+    def _get_exc_info(self, exc_tuple: Any = None) -> tuple[Any, Any, Any]:
+        etype, value, tb = super()._get_exc_info(exc_tuple)
+        # In place: the same chain is the exception's __traceback__ (which
+        # IPython formats again for its history) and sys.last_traceback.
+        last_shown = None
+        node = tb
+        while node is not None:
+            if node.tb_frame.f_code not in self.hidden_codes:
+                last_shown = node
+            node = node.tb_next
+        if last_shown is not None:
+            last_shown.tb_next = None
+        return etype, value, tb
 
     def _showtraceback(self, etype: Any, evalue: Any, stb: list[str]) -> None:
         from ..protocol import ErrorMessage
