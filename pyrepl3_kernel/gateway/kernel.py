@@ -114,6 +114,8 @@ class JupyterGateway:
         self._running_exec: str | None = None
         self._busy = False
         self._exec_count = 0
+        #: A new worker replaced a crashed one: set its count before its first cell.
+        self._count_to_sync = False
         self._worker_ready = asyncio.Event()
         self._iopub_subscribed = asyncio.Event()
         self._checkpoint_comms = checkpoint_comm.CheckpointComms(
@@ -261,7 +263,13 @@ class JupyterGateway:
             return
         self.session = session
         self._owns_session = True
-        self._exec_count = 0  # a new worker counts from 1 again
+        if restore:
+            # A worker replacing a crashed one continues the count (the next
+            # execute tells it), so no two cells of the notebook show one.
+            self._count_to_sync = True
+        else:
+            self._exec_count = 0  # a new worker counts from 1 again
+            self._count_to_sync = False
         if restore:
             self._restoring, self._restore_death = True, None
             try:
@@ -318,11 +326,10 @@ class JupyterGateway:
             return f"{head}; the saved state could not be restored: {detail}\n"
         result = reply.result
         count = result.get("execution_count")
-        if isinstance(count, int) and count > 0:
-            self._exec_count = count - 1
+        saved_cell = count - 1 if isinstance(count, int) and count > 0 else self._exec_count
         names = sorted(result.get("saved", {}))
         lines = [
-            f"{head}; restored {len(names)} variable{'' if len(names) == 1 else 's'} as of cell {self._exec_count}"
+            f"{head}; restored {len(names)} variable{'' if len(names) == 1 else 's'} as of cell {saved_cell}"
             + (f": {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}" if names else "")
         ]
         for var, reason in {**result.get("skipped", {}), **result.get("failed", {})}.items():
@@ -514,6 +521,9 @@ class JupyterGateway:
             # A worker being replaced (crash, restart) is waited for first, so
             # the execution count shown is the new worker's.
             await self._ensure_worker()
+            if self._count_to_sync:
+                self._count_to_sync = False
+                await self.session.request(ConfigureMessage(execution_count=self._exec_count + 1))
             if not silent:
                 count = self._exec_count + 1 if store_history else self._exec_count
                 self._publish("execute_input", {"code": code, "execution_count": count}, msg)

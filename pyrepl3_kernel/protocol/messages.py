@@ -409,6 +409,9 @@ class ConfigureMessage(Message):
     #: Store (directory or URL) for an automatic checkpoint named ``auto``
     #: after every successful cell; ``""`` turns it off, nil leaves it as is.
     autosave: str | None = None
+    #: The number the next cell takes (a worker that replaces a crashed one
+    #: continues its predecessor's count); nil leaves it as is.
+    execution_count: int | None = None
 
 
 # -- session state -----------------------------------------------------------

@@ -457,6 +457,8 @@ class Worker:
                 os.chdir(req.cwd)
             if req.autosave is not None:
                 self.autosave.configure(req.autosave)
+            if req.execution_count is not None:
+                self.shell.execution_count = max(1, int(req.execution_count))
             self._set_session_name()
         except OSError as exc:
             self.emit(

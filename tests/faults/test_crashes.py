@@ -232,6 +232,26 @@ def test_health_counts_crashes(kernel: Kernel) -> None:
 # -- automatic checkpoints ----------------------------------------------------------------
 
 
+def test_the_count_goes_on_after_a_crash(kernel: Kernel) -> None:
+    """The new worker continues the cell numbers: the cell after a crash
+    does not show the crashed cell's number again (nor one from before the
+    last save: a cell that changed nothing is not saved)."""
+
+    def counts(run: Run) -> tuple[int, int]:
+        (shown,) = [m for m in run.iopub if m["msg_type"] == "execute_input"]
+        return shown["content"]["execution_count"], run.reply["content"]["execution_count"]
+
+    kernel.ok("kept = 1")
+    before = counts(kernel.ok("1 + 1"))  # changes nothing: not saved
+    crashed = kernel.execute(CAUSES["sigkill"][0])
+    assert crashed.status == "error"
+    assert counts(crashed) == (before[0] + 1, before[0] + 1)
+    after = kernel.ok("kept")
+    assert counts(after) == (before[0] + 2, before[0] + 2)
+    assert kernel.value("kept") == "1"
+    assert counts(kernel.ok("2 + 2")) == (before[0] + 3, before[0] + 3)
+
+
 @pytest.mark.parametrize("kernel_name", KERNEL_NAMES)
 def test_crash_right_after_the_first_cell(kernel_name: str) -> None:
     """The kernel's first save is still being written when the next cell
