@@ -56,6 +56,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from workloads import CHECKPOINT as WORKLOAD
+
 from pyrepl3_kernel import __version__
 from pyrepl3_kernel.protocol import CheckpointMessage, ExecuteMessage, MessageType
 from pyrepl3_kernel.session import Session
@@ -69,53 +71,6 @@ GOALS = {
     "incremental_ms": 15.0,
     "incremental_bytes": 300_000,
 }
-
-WORKLOAD = """
-import threading
-import numpy as np
-import pandas as pd
-import math as m
-
-arr = np.random.default_rng(0).random(1_000_000)
-n = 100_000
-rng = np.random.default_rng(1)
-df = pd.DataFrame({
-    "i": np.arange(n, dtype=np.int64),
-    "f": rng.random(n),
-    "s": [f"s{i % 997}" for i in range(n)],
-    "b": np.arange(n) % 3 == 0,
-    "t": pd.date_range("2024-01-01", periods=n, freq="s"),
-})
-d = {f"k{i}": (i, i / 7, f"v{i}") for i in range(10_000)}
-scale = 2
-
-def f(x):
-    return x * scale
-
-lam = lambda x: x + 1
-
-def make_adder(k):
-    def add(x):
-        return x + k
-    return add
-
-adder = make_adder(10)
-
-class Point:
-    def __init__(self, x, y):
-        self.x, self.y = x, y
-
-    def norm(self):
-        return m.hypot(self.x, self.y)
-
-points = [Point(i, 2 * i) for i in range(1000)]
-gen = (i * i for i in range(10))
-next(gen), next(gen)
-lock = threading.Lock()
-fh = open(DATA_FILE)
-fh.readline()
-del n, rng
-"""
 
 #: Prints the workload's in-memory size, name by name (JSON).
 RAW_BYTES = """

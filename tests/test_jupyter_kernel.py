@@ -14,7 +14,6 @@ import signal
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from queue import Empty
 from typing import Any
 
@@ -24,65 +23,14 @@ import zmq
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 from jupyter_client.session import Session as JupyterSession
+from jupyter_helpers import KERNEL_NAME, KERNEL_NAMES, TIMEOUT, Msg, Run
 
 from pyrepl3_kernel.gateway.daemon_client import DaemonClient, DaemonPaths
 from pyrepl3_kernel.provisioner import PoolProvisioner
 
 pytestmark = pytest.mark.usefixtures("pyrepl3_kernelspec")
 
-KERNEL_NAME = "pyrepl3"
-COLD_KERNEL_NAME = "pyrepl3-cold"
-KERNEL_NAMES = [KERNEL_NAME, COLD_KERNEL_NAME]
-#: Upper bound for anything that should be "at once" (generous: shared 2-core box).
 PROMPT = 5.0
-TIMEOUT = 30.0
-
-Msg = dict[str, Any]
-
-
-@dataclass
-class Run:
-    """What one request produced: its shell reply and its iopub messages, in order."""
-
-    reply: Msg
-    iopub: list[Msg] = field(default_factory=list)
-    elapsed: float = 0.0
-
-    @property
-    def types(self) -> list[str]:
-        return [m["msg_type"] for m in self.iopub]
-
-    def merged(self) -> list[tuple[str, Any]]:
-        """(msg_type, content) of the iopub messages, consecutive stream
-        messages of one stream joined, as frontends show them (a print may
-        arrive in more than one message)."""
-        out: list[tuple[str, Any]] = []
-        for m in self.iopub:
-            content = m["content"]
-            if (
-                m["msg_type"] == "stream"
-                and out
-                and out[-1][0] == "stream"
-                and out[-1][1]["name"] == content["name"]
-            ):
-                out[-1] = (
-                    "stream",
-                    {"name": content["name"], "text": out[-1][1]["text"] + content["text"]},
-                )
-            else:
-                out.append((m["msg_type"], content))
-        return out
-
-    @property
-    def status(self) -> str:
-        return str(self.reply["content"]["status"])
-
-    def stdout(self) -> str:
-        return "".join(
-            m["content"]["text"]
-            for m in self.iopub
-            if m["msg_type"] == "stream" and m["content"]["name"] == "stdout"
-        )
 
 
 class Frontend:

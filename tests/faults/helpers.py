@@ -20,7 +20,6 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from queue import Empty
 from typing import Any
@@ -29,60 +28,10 @@ import psutil
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.kernelspec import KernelSpecManager
 from jupyter_client.manager import KernelManager
+from jupyter_helpers import KERNEL_NAME, TIMEOUT, Msg, Run
 
-KERNEL_NAME = "pyrepl3"
-COLD_KERNEL_NAME = "pyrepl3-cold"
-KERNEL_NAMES = [KERNEL_NAME, COLD_KERNEL_NAME]
-TIMEOUT = 30.0
 #: States a kernel that survives a crash never reports.
 BAD_STATES = frozenset({"restarting", "dead", "starting"})
-
-Msg = dict[str, Any]
-
-
-@dataclass
-class Run:
-    """One request: its shell reply and its iopub messages (through idle)."""
-
-    reply: Msg
-    iopub: list[Msg] = field(default_factory=list)
-    elapsed: float = 0.0
-
-    @property
-    def status(self) -> str:
-        return str(self.reply["content"]["status"])
-
-    @property
-    def types(self) -> list[str]:
-        return [m["msg_type"] for m in self.iopub]
-
-    def text(self, name: str) -> str:
-        return "".join(
-            m["content"]["text"]
-            for m in self.iopub
-            if m["msg_type"] == "stream" and m["content"]["name"] == name
-        )
-
-    def stdout(self) -> str:
-        return self.text("stdout")
-
-    def stderr(self) -> str:
-        return self.text("stderr")
-
-    def errors(self) -> list[Msg]:
-        return [m["content"] for m in self.iopub if m["msg_type"] == "error"]
-
-    def error(self) -> Msg:
-        errors = self.errors()
-        assert len(errors) == 1, (self.types, errors)
-        return errors[0]
-
-    def index(self, msg_type: str, predicate: Callable[[Msg], bool] = lambda c: True) -> int:
-        """Position of the first iopub message of ``msg_type`` matching ``predicate``."""
-        for i, m in enumerate(self.iopub):
-            if m["msg_type"] == msg_type and predicate(m["content"]):
-                return i
-        raise AssertionError(f"no {msg_type} in {self.types}")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:

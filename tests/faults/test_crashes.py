@@ -22,15 +22,9 @@ from pathlib import Path
 import psutil
 import pytest
 from jupyter_client.kernelspec import KernelSpecManager
+from jupyter_helpers import KERNEL_NAMES, Run
 
-from .helpers import (
-    KERNEL_NAMES,
-    Kernel,
-    Run,
-    daemon_status,
-    gone,
-    wait_until,
-)
+from .helpers import Kernel, daemon_status, gone, wait_until
 
 pytestmark = pytest.mark.usefixtures("pyrepl3_kernelspec")
 

@@ -14,8 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from jupyter_helpers import KERNEL_NAMES, TIMEOUT
 
-from .helpers import KERNEL_NAMES, TIMEOUT, Kernel, daemon_status, gone, wait_until
+from .helpers import Kernel, daemon_status, gone, wait_until
 from .test_crashes import (
     assert_crash_reported,
     assert_state_restored,

@@ -16,8 +16,9 @@ from typing import Any
 
 import psutil
 import pytest
+from jupyter_helpers import KERNEL_NAME
 
-from .helpers import KERNEL_NAME, Kernel, daemon_status, wait_until
+from .helpers import Kernel, daemon_status, wait_until
 
 pytestmark = pytest.mark.usefixtures("pyrepl3_kernelspec")
 
