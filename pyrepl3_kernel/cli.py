@@ -121,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            # Output to a pipe is buffered: a reader that has gone shows up
+            # here rather than as a traceback at interpreter exit.
+            sys.stdout.flush()
+    except BrokenPipeError:
+        # `pyrepl3-kernel status | head`: the reader has what it wanted.
+        # Point stdout at /dev/null so the exit does not try to flush again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 128 + 13  # as a program killed by SIGPIPE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     # `gateway` hands everything after it to jupyter_server, options included.
     args, extra = parser.parse_known_args(argv)
@@ -208,6 +225,24 @@ def write_kernel_spec(
     return missing
 
 
+#: Warm workers one kernelspec may ask for: the manager daemon refuses a
+#: lease whose pool size is outside this range (gateway/daemon.py).
+POOL_SIZE_RANGE = (0, 64)
+
+
+def _pool_size(text: str) -> int:
+    lo, hi = POOL_SIZE_RANGE
+    try:
+        value: int | None = int(text)
+    except ValueError:
+        value = None
+    if value is None or not lo <= value <= hi:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of warm workers from {lo} to {hi}, got {text!r}"
+        )
+    return value
+
+
 def _env_pair(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -257,10 +292,11 @@ def _env_pair(text: str) -> tuple[str, str]:
     ),
     arg(
         "--pool-size",
-        type=int,
+        type=_pool_size,
         default=None,
         metavar="N",
-        help="warm workers the daemon keeps for this kernel (default: 1)",
+        help=f"warm workers the daemon keeps for this kernel, {POOL_SIZE_RANGE[0]} to "
+        f"{POOL_SIZE_RANGE[1]} (default: 1)",
     ),
     arg(
         "--warmup-code",
@@ -285,8 +321,14 @@ def cmd_install(args: argparse.Namespace) -> int:
     # We report a missing search path ourselves, more readably.
     ksm.log = logging.getLogger("pyrepl3_kernel.cli.kernelspec")
     ksm.log.disabled = True
+    ksm.ensure_native_kernel = False
 
+    name = args.name.lower()  # as Jupyter stores it
     prefix = sys.prefix if args.sys_prefix else args.prefix
+    # Where install_kernel_spec will put it (replacing what is there).
+    destination = ksm._get_destination_dir(name, user=args.user, prefix=prefix)
+    replacing = os.path.isdir(destination)
+    old_python = _spec_python(destination) if replacing else None
     with tempfile.TemporaryDirectory(prefix="pyrepl3-kernelspec-") as tmp:
         # The temp dir is 0700 and copytree keeps that mode: make it readable
         # by everyone, or a system-wide spec is invisible to other users.
@@ -314,9 +356,19 @@ def cmd_install(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _error(str(exc))
 
-    for name in missing:
-        print(f"{PROG}: warning: logo {name} not found in {RESOURCES_DIR}", file=sys.stderr)
-    print(f"Installed kernel spec {args.name.lower()!r} ({args.display_name}) in {dest}")
+    for logo in missing:
+        print(f"{PROG}: warning: logo {logo} not found in {RESOURCES_DIR}", file=sys.stderr)
+    if not replacing:
+        print(f"Installed kernel spec {name!r} ({args.display_name}) in {dest}")
+    else:
+        print(
+            f"Replaced kernel spec {name!r} ({args.display_name}) in {dest}"
+            + (
+                f"; the old one started {old_python}"
+                if old_python not in (None, sys.executable)
+                else ""
+            )
+        )
     kernels_dir = os.path.dirname(dest)
     if os.path.abspath(kernels_dir) not in map(os.path.abspath, ksm.kernel_dirs):
         print(
@@ -324,7 +376,26 @@ def cmd_install(args: argparse.Namespace) -> int:
             f"add {os.path.dirname(kernels_dir)} to JUPYTER_PATH so Jupyter can find it",
             file=sys.stderr,
         )
+        return 0
+    winner = ksm.find_kernel_specs().get(name)
+    if winner and os.path.realpath(winner) != os.path.realpath(dest):
+        print(
+            f"{PROG}: warning: Jupyter will not use this spec: the {name!r} kernel spec in "
+            f"{winner} comes first on its search path (`jupyter --paths`) and wins. "
+            f"Remove that one (`{PROG} uninstall --name {name}`) or install under another --name.",
+            file=sys.stderr,
+        )
     return 0
+
+
+def _spec_python(spec_dir: str) -> str | None:
+    """The program the kernel spec in ``spec_dir`` starts (None if unknown)."""
+    try:
+        spec = json.loads(Path(spec_dir, "kernel.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    argv = spec.get("argv") if isinstance(spec, dict) else None
+    return str(argv[0]) if isinstance(argv, list) and argv else None
 
 
 @subcommand(
@@ -518,9 +589,17 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     token authentication, `pyrepl3` as the default kernel, the warm pool
     behind it, the pyrepl3 endpoints under /api/pyrepl3/, and kernel listing
     allowed, so `jupyter lab --gateway-url=...` and plain HTTP/WebSocket
-    clients can use it.
+    clients can use it. Needs jupyter_server: pip install 'pyrepl3-kernel[server]'.
     """
-    from jupyter_server.serverapp import ServerApp
+    try:
+        from jupyter_server.serverapp import ServerApp
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "jupyter_server":
+            raise  # something jupyter_server needs: its traceback says what
+        return _error(
+            "the gateway needs jupyter_server, which is not installed: "
+            "pip install 'pyrepl3-kernel[server]'"
+        )
     from traitlets.config import Config
 
     config = Config()

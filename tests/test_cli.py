@@ -288,3 +288,152 @@ def test_no_pool_writes_a_plain_kernelspec(jupyter_env: dict[str, str], prefix: 
     )
     assert result.returncode == 1
     assert "--no-pool" in result.stderr
+
+
+# -- install: bad sizes, replaced and shadowed specs --------------------------
+
+
+@pytest.mark.parametrize("size", ["-3", "65", "two", "1.5"])
+def test_pool_size_out_of_range_is_refused_and_nothing_written(
+    jupyter_env: dict[str, str], prefix: Path, size: str
+) -> None:
+    result = run_cli(jupyter_env, "install", "--prefix", str(prefix), "--pool-size", size)
+    assert result.returncode == 2
+    assert "--pool-size" in result.stderr
+    assert "from 0 to 64" in result.stderr
+    assert repr(size) in result.stderr
+    assert not kernel_dir(prefix).exists()
+
+
+@pytest.mark.parametrize("size", [0, 64])
+def test_pool_size_bounds_are_accepted(
+    jupyter_env: dict[str, str], prefix: Path, size: int
+) -> None:
+    install(jupyter_env, prefix, "--pool-size", str(size))
+    spec = json.loads((kernel_dir(prefix) / "kernel.json").read_text())
+    assert spec["metadata"]["kernel_provisioner"]["config"] == {"pool_size": size}
+
+
+def test_installing_twice_says_it_replaced_the_spec(
+    jupyter_env: dict[str, str], prefix: Path
+) -> None:
+    first = install(jupyter_env, prefix)
+    assert first.stdout.startswith("Installed kernel spec 'pyrepl3' (PyREPL3) in ")
+    second = install(jupyter_env, prefix, "--display-name", "Again")
+    assert second.stdout == f"Replaced kernel spec 'pyrepl3' (Again) in {kernel_dir(prefix)}\n"
+    assert json.loads((kernel_dir(prefix) / "kernel.json").read_text())["display_name"] == "Again"
+
+    # A spec written for another Python: the message names the one it started.
+    spec_file = kernel_dir(prefix) / "kernel.json"
+    spec = json.loads(spec_file.read_text())
+    spec["argv"][0] = "/opt/old/bin/python"
+    spec_file.write_text(json.dumps(spec))
+    third = install(jupyter_env, prefix)
+    assert "Replaced kernel spec 'pyrepl3'" in third.stdout
+    assert "the old one started /opt/old/bin/python" in third.stdout
+    assert json.loads(spec_file.read_text())["argv"][0] == sys.executable
+
+
+def test_user_install_shadowed_by_an_earlier_spec_warns_naming_the_winner(
+    jupyter_env: dict[str, str], prefix: Path, tmp_path: Path
+) -> None:
+    """JUPYTER_PATH comes first on Jupyter's search path (as .venv's spec does
+    in a virtual environment): a --user spec of the same name is never used."""
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    install(jupyter_env, prefix)
+    result = run_cli(jupyter_env, "install", "--user")
+    assert result.returncode == 0, result.stderr
+    user_spec = tmp_path / "data" / "kernels" / "pyrepl3"
+    assert (user_spec / "kernel.json").is_file()
+    assert "Jupyter will not use this spec" in result.stderr
+    assert f"the 'pyrepl3' kernel spec in {kernel_dir(prefix)} comes first" in result.stderr
+    assert "pyrepl3-kernel uninstall --name pyrepl3" in result.stderr
+    # what the warning says is what Jupyter does
+    assert KernelSpecManager().find_kernel_specs()["pyrepl3"] == str(kernel_dir(prefix))
+
+
+def test_install_that_wins_does_not_warn(jupyter_env: dict[str, str]) -> None:
+    result = run_cli(jupyter_env, "install", "--user", "--name", "pyrepl3-only-here")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+
+
+# -- gateway without jupyter_server --------------------------------------------
+
+# A plain `pip install pyrepl3-kernel` has no jupyter_server; this venv has it,
+# so the child process makes the import fail as it would there.
+_WITHOUT_JUPYTER_SERVER = (
+    "import sys; sys.modules['jupyter_server'] = None\n"
+    "from pyrepl3_kernel.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def test_gateway_without_jupyter_server_says_which_extra_to_install(
+    jupyter_env: dict[str, str],
+) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_JUPYTER_SERVER, "gateway", "--port", "0"],
+        env=jupyter_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert "jupyter_server" in result.stderr
+    assert "pip install 'pyrepl3-kernel[server]'" in result.stderr
+
+
+def test_gateway_help_works_without_jupyter_server(jupyter_env: dict[str, str]) -> None:
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_JUPYTER_SERVER, "gateway", "--help"],
+        env=jupyter_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: pyrepl3-kernel gateway" in result.stdout
+    assert "pyrepl3-kernel[server]" in result.stdout
+
+
+# -- output into a pipe whose reader has gone (`pyrepl3-kernel status | head`) --
+
+
+@pytest.mark.parametrize("buffered", [True, False], ids=["buffered", "unbuffered"])
+@pytest.mark.parametrize(
+    "args",
+    [("status", "--runtime-dir", "{tmp}"), ("--help",), ("install", "--help")],
+    ids=["status", "help", "install-help"],
+)
+def test_output_into_a_closed_pipe_ends_quietly(
+    jupyter_env: dict[str, str], tmp_path: Path, args: tuple[str, ...], buffered: bool
+) -> None:
+    argv = [a.format(tmp=tmp_path / "runtime") for a in args]
+    env = {k: v for k, v in jupyter_env.items() if k != "PYTHONUNBUFFERED"}
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyrepl3_kernel.cli", *argv],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The reader goes before the command has written anything (it is
+        # still starting), as `head` does after its lines.
+        assert proc.stdout is not None
+        proc.stdout.close()
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert stderr == ""
+    # 141 as a program killed by SIGPIPE; argparse's help ignores the error.
+    assert proc.returncode in (0, 141)
