@@ -1210,6 +1210,15 @@ class TransactionManager:
 _ENV_POLICY_KEY = os.fsencode(ENV_POLICY)
 
 
+#: What each policy does to a cell that fails, as %transaction_policy says it.
+_POLICY_EFFECTS = {
+    "off": "a failing cell's changes stay (as in ipykernel)",
+    "bindings": "a failing cell's new, rebound and deleted names are rolled back",
+    "full": "a failing cell's names and in-place changes to the objects "
+    "it reaches by name are rolled back",
+}
+
+
 @magics_class
 class TransactionMagics(Magics):
     def __init__(self, shell: Any, manager: TransactionManager) -> None:
@@ -1231,15 +1240,16 @@ class TransactionMagics(Magics):
         ``%%transaction [bindings|full|off]``.
         """
         words = line.split()
-        if not words:
-            source = "set by %transaction_policy" if self.manager.explicit else f"${ENV_POLICY}"
-            if not self.manager.explicit and not os.environ.get(ENV_POLICY):
-                source = "default"
-            print(f"transaction policy: {self.manager.policy} ({source})")
-            return
-        if len(words) != 1 or words[0] not in (*POLICIES, "default"):
+        if words and (len(words) != 1 or words[0] not in (*POLICIES, "default")):
             raise UsageError(f"usage: %transaction_policy [{'|'.join(POLICIES)}|default]")
-        self.manager.set_policy(None if words[0] == "default" else words[0])
+        if words:
+            self.manager.set_policy(None if words[0] == "default" else words[0])
+        # Setting it says what is now in force, as showing it does.
+        source = "set by %transaction_policy" if self.manager.explicit else f"${ENV_POLICY}"
+        if not self.manager.explicit and not os.environ.get(ENV_POLICY):
+            source = "default"
+        policy = self.manager.policy
+        print(f"transaction policy: {policy} ({source}): {_POLICY_EFFECTS[policy]}")
 
     @cell_magic
     def transaction(self, line: str, cell: str) -> None:
