@@ -298,6 +298,10 @@ class CheckpointBase(Pyrepl3Handler):
             status = _CHECKPOINT_STATUS.get(ename, 500)
             if ename == "CheckpointError" and "no checkpoint named" not in evalue:
                 status = 400 if "bad checkpoint name" in evalue else 422
+            elif ename == "CheckpointError":
+                # The kernel's message names its store, a directory on the
+                # server: not for REST clients.
+                evalue = f"no checkpoint named {name!r}"
             raise web.HTTPError(status, f"{ename}: {evalue}")
         return reply.get("result") or {}
 
