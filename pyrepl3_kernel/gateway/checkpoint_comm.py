@@ -2,8 +2,8 @@
 
 A frontend opens a comm with target ``pyrepl3.checkpoint`` and sends
 messages ``{"action": "save" | "restore" | "list" | "delete" | "info",
-"name": ..., "store": ... (optional), "clear": ... (optional),
-"request_id": ... (optional, echoed)}``. Each gets one comm message back:
+"name": ..., "store": ... (optional), "clear": ... (optional, restore),
+"force": ... (optional, save), "request_id": ... (optional, echoed)}``. Each gets one comm message back:
 ``{"status": "ok", "action", "name", "request_id", "result": {...}}`` or
 ``{"status": "error", "action", "name", "request_id", "ename", "evalue"}``.
 See docs/checkpoints.md.
@@ -59,6 +59,7 @@ class CheckpointComms:
             reply["request_id"] = data["request_id"]
         store = data.get("store")
         clear = data.get("clear", True)
+        force = data.get("force", False)
         if action not in ACTIONS:
             reply.update(
                 status="error",
@@ -73,10 +74,14 @@ class CheckpointComms:
             )
         elif store is not None and not isinstance(store, str):
             reply.update(status="error", ename="ValueError", evalue="'store' must be a string")
+        elif not isinstance(force, bool):
+            reply.update(status="error", ename="ValueError", evalue="'force' must be a boolean")
         else:
             try:
                 native = await self._request(
-                    CheckpointMessage(action=action, name=name, store=store, clear=bool(clear))
+                    CheckpointMessage(
+                        action=action, name=name, store=store, clear=bool(clear), force=force
+                    )
                 )
             except Exception as exc:
                 reply.update(status="error", ename=type(exc).__name__, evalue=str(exc))

@@ -422,13 +422,16 @@ class CheckpointMessage(Message):
     """Client -> worker: ``action`` is ``save``, ``restore``, ``list``,
     ``delete`` or ``info``; ``name`` names the checkpoint (not for ``list``);
     ``store`` is a directory or fsspec URL (default: the worker's store);
-    ``clear`` (restore): remove variables the checkpoint does not have."""
+    ``clear`` (restore): remove variables the checkpoint does not have;
+    ``force`` (save): replace a checkpoint of that name even if another
+    notebook or kernel saved it."""
 
     type: ClassVar[MessageType] = MessageType.CHECKPOINT
     action: str = "save"
     name: str = ""
     store: str | None = None
     clear: bool = True
+    force: bool = False
 
 
 @dataclass(kw_only=True)

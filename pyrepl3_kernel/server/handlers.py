@@ -281,7 +281,12 @@ class InputHandler(ExecutionHandler):
         self.write_json(execution.state(), status=200 if execution.status != "running" else 202)
 
 
-_CHECKPOINT_STATUS = {"CheckpointError": 404, "ValueError": 400, "WorkerDied": 503}
+_CHECKPOINT_STATUS = {
+    "CheckpointError": 404,
+    "CheckpointExistsError": 409,
+    "ValueError": 400,
+    "WorkerDied": 503,
+}
 
 
 class CheckpointBase(Pyrepl3Handler):
@@ -319,12 +324,17 @@ class CheckpointsHandler(CheckpointBase):
     @authorized
     @forwarded
     async def post(self, kernel_id: str) -> None:
-        """Save the kernel's state as checkpoint ``name``; the per-name report."""
+        """Save the kernel's state as checkpoint ``name``; the per-name report.
+        409 if another notebook or kernel saved ``name`` (``"force": true``
+        replaces it)."""
         body = self.json_body()
         name = body.get("name")
         if not isinstance(name, str) or not name:
             raise web.HTTPError(400, "'name' (a string) is required")
-        result = await self.call(kernel_id, "save", name)
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise web.HTTPError(400, "'force' must be a boolean")
+        result = await self.call(kernel_id, "save", name, force=force)
         self.write_json(result, status=201)
 
 

@@ -143,6 +143,7 @@ class Autosave:
         # the very state this store holds (crash recovery); the next cell that
         # succeeds saves.
         self.store = store or None
+        self.state.autosave_store = self.store
 
     def after_cell(self, result: Any) -> None:
         """IPython ``post_run_cell`` hook: mark the state for saving once the
@@ -207,7 +208,10 @@ class Autosave:
             writing = _lock(store, LOCK_NAME, fcntl.LOCK_EX)
             if _saved_seq(store) < seq:
                 self.state.engine(store).save(
-                    AUTO_NAME, max_object_bytes=max_object_bytes(), extra={"autosave_seq": seq}
+                    AUTO_NAME,
+                    max_object_bytes=max_object_bytes(),
+                    extra={"autosave_seq": seq},
+                    saved_by=self.state.owner(),
                 )
             if writing is not None:
                 os.close(writing)

@@ -55,6 +55,11 @@ class CheckpointError(Exception):
     """A checkpoint could not be written or read; the message says why."""
 
 
+class CheckpointExistsError(CheckpointError):
+    """A save would replace a checkpoint that another notebook (or, for
+    kernels without a notebook, another kernel) saved; nothing was written."""
+
+
 try:
     import xxhash
 
@@ -291,7 +296,14 @@ class Report:
     failed: dict[str, str] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
     bytes_written: int = 0
+    #: The execution counter when the state was saved: the number the next
+    #: cell took (``cell_number + 1``).
     execution_count: int | None = None
+    #: The number of the cell (``In [N]``) the state is from: the cell that
+    #: saved it, or the last one run before it was saved (0: none).
+    cell_number: int | None = None
+    #: Who saved it: ``{"notebook": path or None, "kernel": id}``.
+    saved_by: dict[str, Any] | None = None
     reused: int = 0
     seconds: float = 0.0
 
@@ -304,9 +316,41 @@ class Report:
             "removed": self.removed,
             "bytes_written": self.bytes_written,
             "execution_count": self.execution_count,
+            "cell_number": self.cell_number,
+            "saved_by": self.saved_by,
             "reused": self.reused,
             "seconds": round(self.seconds, 6),
         }
+
+
+def current_cell(shell: Any) -> int:
+    """The number of the cell the user sees as the current one: the cell
+    running now (a ``%checkpoint save`` in ``In [6]`` gives 6), else the last
+    cell run (0 before the first). IPython 9 moves the counter on when a cell
+    starts, IPython 8 when it ends: the running cell's own number is read
+    from its result, which both set before the cell runs."""
+    running = getattr(getattr(shell, "displayhook", None), "exec_result", None)
+    info = getattr(running, "info", None)
+    count = getattr(running, "execution_count", None)
+    if (
+        isinstance(count, int)
+        and getattr(info, "store_history", False)
+        and not getattr(info, "silent", False)
+    ):
+        return count
+    return max(0, int(shell.execution_count) - 1)
+
+
+def cell_number_of(manifest: dict[str, Any]) -> int | None:
+    """The cell a manifest's state is from (older manifests only have the
+    execution counter, one ahead of it)."""
+    cell = manifest.get("cell_number")
+    if isinstance(cell, int) and not isinstance(cell, bool):
+        return cell
+    count = manifest.get("execution_count")
+    if isinstance(count, int) and not isinstance(count, bool) and count > 0:
+        return count - 1
+    return None
 
 
 def user_names(shell: Any) -> list[str]:
@@ -342,13 +386,20 @@ class CheckpointEngine:
         self.store = store
 
     def save(
-        self, name: str, max_object_bytes: int | None = None, extra: dict[str, Any] | None = None
+        self,
+        name: str,
+        max_object_bytes: int | None = None,
+        extra: dict[str, Any] | None = None,
+        saved_by: dict[str, Any] | None = None,
     ) -> Report:
-        """Save the namespace as checkpoint ``name``. Objects whose pickled
-        size exceeds ``max_object_bytes`` are skipped (and reported)."""
+        """Save the namespace as checkpoint ``name``, replacing any checkpoint
+        of that name (whose owner the caller checked). Objects whose pickled
+        size exceeds ``max_object_bytes`` are skipped (and reported);
+        ``saved_by`` is recorded in the manifest."""
         _check_name(name)
         started = time.perf_counter()
-        report = Report(name)
+        cell = current_cell(self.shell)
+        report = Report(name, execution_count=cell + 1, cell_number=cell, saved_by=saved_by)
         ns = self.shell.user_ns
         entries: dict[str, dict[str, Any]] = {}
         canonical: dict[int, str] = {}
@@ -424,7 +475,9 @@ class CheckpointEngine:
             "version": FORMAT_VERSION,
             "created": time.time(),
             "python": list(sys.version_info[:2]),
-            "execution_count": self.shell.execution_count,
+            "execution_count": report.execution_count,
+            "cell_number": report.cell_number,
+            "saved_by": saved_by,
             "names": entries,
             "modules": sorted(modules),
             "sources": {k: v for k, v in sources.items() if v},
@@ -604,10 +657,12 @@ class CheckpointEngine:
                     del ns[var]
                     report.removed.append(var)
         ns.update(loaded)
-        self.shell.execution_count = max(
-            self.shell.execution_count, int(manifest.get("execution_count", 1))
-        )
-        report.execution_count = int(manifest.get("execution_count", 1))
+        # The execution counter is left alone: the prompts of this session go
+        # on from where they are (the report says which cell the state is from).
+        count = manifest.get("execution_count")
+        report.execution_count = count if isinstance(count, int) else None
+        report.cell_number = cell_number_of(manifest)
+        report.saved_by = _saved_by(manifest)
         report.seconds = time.perf_counter() - started
         return report
 
@@ -649,6 +704,8 @@ class CheckpointEngine:
             "name": name,
             "created": manifest["created"],
             "execution_count": manifest.get("execution_count"),
+            "cell_number": cell_number_of(manifest),
+            "saved_by": _saved_by(manifest),
             "python": ".".join(map(str, manifest.get("python", []))),
             "size": sum(e.get("size", 0) for e in entries.values()),
             "names": {
@@ -659,6 +716,11 @@ class CheckpointEngine:
     def delete(self, name: str) -> None:
         _check_name(name)
         self.store.delete(name)
+
+
+def _saved_by(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    saved_by = manifest.get("saved_by")
+    return saved_by if isinstance(saved_by, dict) else None
 
 
 def _rehome(obj: Any, old: dict[str, Any], new: dict[str, Any]) -> Any:
