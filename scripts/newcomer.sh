@@ -54,7 +54,7 @@ our_processes() {
   local pid
   for pid in $(ls /proc | grep -E '^[0-9]+$'); do
     [ "$pid" = "$$" ] && continue
-    if tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null | grep -qxF "HOME=$NEWHOME"; then
+    if grep -qszxF "HOME=$NEWHOME" "/proc/$pid/environ"; then
       echo "$pid"
     fi
   done
