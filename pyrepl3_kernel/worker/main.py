@@ -49,8 +49,10 @@ from ..protocol import (
     ReadyMessage,
     ShutdownReplyMessage,
 )
+from . import output
 from .autosave import Autosave
 from .channel import Channel
+from .eventloop import IdleLoop, cells_loop, running_cells_loop
 from .state import StateManager
 from .transactions import TransactionManager
 
@@ -67,6 +69,9 @@ CAPABILITIES = [
     "history",
     "health",
 ]
+
+
+_COMMS = frozenset({MessageType.COMM_OPEN, MessageType.COMM_MSG, MessageType.COMM_CLOSE})
 
 
 class _InputSlot:
@@ -103,6 +108,8 @@ class Worker:
             MessageType.CHECKPOINT: self._checkpoint,
         }
         self.shell = self._make_shell()
+        self._act_as_ipykernel()
+        self._idle_loop = IdleLoop(self._requests)
         self._set_session_name()
         self.checkpoints = StateManager(self.shell)
         self.transactions = TransactionManager(self.shell)
@@ -143,6 +150,23 @@ class Worker:
         getpass.getpass = self._getpass
         return shell
 
+    def _act_as_ipykernel(self) -> None:
+        """What ipykernel's kernel app sets up around the shell, so that code
+        sees the same process: an interruptible pdb (``pdb.set_trace()``
+        stops at an interrupt instead of prompting again), ``''`` first on
+        sys.path (imports from the working directory, also after
+        ``os.chdir``), stdout and stderr that route a task's output to its
+        cell, and a ``print`` that writes a line at once."""
+        import pdb
+
+        from IPython.core import debugger
+
+        debugger.Pdb = debugger.InterruptiblePdb  # type: ignore[misc]
+        pdb.Pdb = debugger.Pdb  # type: ignore[assignment,misc]
+        pdb.set_trace = debugger.set_trace
+        _put_cwd_on_path()
+        output.install(self)
+
     # -- the request loop -----------------------------------------------------
 
     def run(self) -> None:
@@ -163,9 +187,12 @@ class Worker:
             )
         )
         while True:
+            # While an automatic checkpoint is pending, wake up to finish it.
+            timeout = 0.25 if self.autosave.pending else None
             try:
-                # While an automatic checkpoint is pending, wake up to finish it.
-                req = self._requests.get(timeout=0.25 if self.autosave.pending else None)
+                # Background asyncio tasks of the cells run while we wait.
+                ran = self._idle_loop.wait(timeout)
+                req = self._requests.get(timeout=0 if ran else timeout)
             except queue.Empty:
                 self.autosave.poll()
                 continue
@@ -187,12 +214,27 @@ class Worker:
             # The reply is out: now is the time for the automatic checkpoint.
             if self.autosave.dirty:
                 self.autosave.poll()
+            # Idle: what background tasks write from now on is sent as their
+            # own cell's (see output.CellStream), not the last request's.
+            self._parent = None
 
     def _dispatch(self, msg: Message) -> None:
         """Called on the I/O thread for every incoming message."""
         kind = msg.type
+        if kind in _COMMS and self._running is not None:
+            # A cell in a top-level await may be waiting for this very
+            # message (a widget's reply): hand it to the running loop, as
+            # ipykernel runs comms concurrently with a busy shell.
+            loop = running_cells_loop()
+            if loop is not None:
+                try:
+                    loop.call_soon_threadsafe(self._comm_during_cell, msg)
+                    return
+                except RuntimeError:
+                    pass
         if kind in ORDERED_REQUESTS:
             self._requests.put(msg)
+            self._idle_loop.notify()
         elif kind == MessageType.INTERRUPT:
             assert isinstance(msg, InterruptMessage)
             running = self._running
@@ -261,10 +303,15 @@ class Worker:
     def _execute(self, req: ExecuteMessage) -> None:
         shell = self.shell
         shell._last_traceback = None
+        shell.displayhook_error = None
+        shell.displayhook.in_progress = False
         self._allow_stdin = req.allow_stdin
         self._running = req.id
         result = None
         transaction = self.transactions.begin(req.code)  # None when the policy is off
+        # Tasks the cell starts inherit the cell's id: their output is its.
+        output.cell_parent.set(req.id)
+        cells_loop()
         try:
             self._in_user_code = True
             result = shell.run_cell(
@@ -275,10 +322,18 @@ class Worker:
         finally:
             self._in_user_code = False
             self._running = None
+        cells_loop()  # the cell may have made the loop: it is the cells' loop from now on
         if transaction is not None:
             self.transactions.end(transaction, result, silent=req.silent)
         reply = ExecuteReplyMessage(parent_id=req.id, execution_count=shell.execution_count - 1)
-        if result is not None and result.success:
+        if result is not None and result.success and shell.displayhook_error is not None:
+            # The cell ran, but its result could not be shown (a __repr__ or
+            # formatter raised): an error, as ipykernel replies, so that
+            # nbclient and papermill stop there.
+            reply.status = "error"
+            reply.ename, reply.evalue = shell.displayhook_error
+            reply.traceback = list(shell._last_traceback or [])
+        elif result is not None and result.success:
             reply.user_expressions = self._user_expressions(req.user_expressions)
         else:
             err = None if result is None else (result.error_before_exec or result.error_in_exec)
@@ -432,13 +487,27 @@ class Worker:
             self._running = None
         self.emit(AckMessage(parent_id=req.id))
 
+    def _comm_during_cell(self, req: Any) -> None:
+        """A comm message handled on the cells' event loop while a cell
+        awaits (a callback of that loop, on the main thread). The running
+        cell stays the running request."""
+        from .comms import as_jupyter_msg
+
+        reply = AckMessage(parent_id=req.id)
+        try:
+            getattr(self.comm_manager, req.type.value)(None, None, as_jupyter_msg(req))
+        except Exception as exc:
+            log.exception("error handling %s", req.type)
+            reply.status, reply.ename, reply.evalue = "error", type(exc).__name__, str(exc)
+        self.emit(reply)
+
     # -- session state ---------------------------------------------------------------
 
     def _checkpoint(self, req: Any) -> None:
         reply = CheckpointReplyMessage(parent_id=req.id, action=req.action, name=req.name)
         try:
             reply.result = self.checkpoints.run(
-                req.action, req.name, store=req.store, clear=req.clear
+                req.action, req.name, store=req.store, clear=req.clear, force=req.force
             )
         except Exception as exc:
             reply.status = "error"
@@ -506,6 +575,24 @@ class Worker:
         sys.stdout.flush()
         sys.stderr.flush()
         self.emit(ShutdownReplyMessage(parent_id=req.id, restart=req.restart))
+
+
+def _put_cwd_on_path() -> None:
+    """sys.path as ipykernel (IPython's ``init_path``) has it: ``''`` (the
+    working directory, whatever it is at import time) before the first
+    site-packages, after the standard library; not the directory the worker
+    happened to start in, which ``python -m`` put first."""
+    start_dir = os.getcwd()
+    if sys.path and sys.path[0] in (start_dir, ""):
+        del sys.path[0]
+    if "" in sys.path:
+        return
+    index = 0
+    for i, path in enumerate(sys.path):
+        if os.path.basename(path) in ("site-packages", "dist-packages"):
+            index = i
+            break
+    sys.path.insert(index, "")
 
 
 def _die_with_parent(parent_pid: int) -> None:

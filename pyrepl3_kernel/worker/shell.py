@@ -100,9 +100,13 @@ class WorkerDisplayHook(DisplayHook):
     """The value of a cell's last expression becomes a RESULT message."""
 
     _bundle: tuple[dict[str, Any], dict[str, Any]] | None = None
+    #: Between start_displayhook and finish_displayhook: a traceback shown
+    #: meanwhile is a formatter's error (see ZMQInteractiveShell.displayhook_error).
+    in_progress = False
 
     def start_displayhook(self) -> None:
         self._bundle = None
+        self.in_progress = True
 
     def write_output_prompt(self) -> None:
         pass
@@ -113,6 +117,7 @@ class WorkerDisplayHook(DisplayHook):
     def finish_displayhook(self) -> None:
         from ..protocol import ResultMessage
 
+        self.in_progress = False
         bundle, self._bundle = self._bundle, None
         if not bundle or not bundle[0]:
             return
@@ -162,6 +167,9 @@ class ZMQInteractiveShell(InteractiveShell):
     outlet = AnyTrait()
     kernel = AnyTrait()
     _last_traceback: list[str] | None = None
+    #: (ename, evalue) of an error raised while the cell's result was being
+    #: formatted (a ``__repr__`` that raises): the cell's reply is an error.
+    displayhook_error: tuple[str, str] | None = None
     #: Code of the worker's own functions that can be the innermost frames of
     #: a user's traceback (the SIGINT handler that raises KeyboardInterrupt).
     #: They are cut off: a user sees the cell's frames, as with ipykernel,
@@ -214,10 +222,13 @@ class ZMQInteractiveShell(InteractiveShell):
         from ..protocol import ErrorMessage
 
         self._last_traceback = stb
+        ename = getattr(etype, "__name__", str(etype))
+        if getattr(self.displayhook, "in_progress", False):
+            self.displayhook_error = (ename, str(evalue))
         outlet: Outlet = self.outlet
         outlet.emit(
             ErrorMessage(
-                ename=getattr(etype, "__name__", str(etype)),
+                ename=ename,
                 evalue=str(evalue),
                 traceback=[str(line) for line in stb],
                 parent_id=outlet.parent_id,
