@@ -52,14 +52,20 @@ log = logging.getLogger("pyrepl3.gateway")
 
 JupyterMsg = dict[str, Any]
 
-#: Shell requests answered by the gateway at once, even while a cell runs.
 #: How long an is_complete_request waits for an idle worker before the
 #: gateway answers it itself.
 IS_COMPLETE_WORKER_TIMEOUT = 0.25
 #: How long a kernel_info_request waits for the kernel's first iopub
 #: subscriber (see ``_kernel_info``).
 IOPUB_SUBSCRIBER_GRACE = 1.0
-IMMEDIATE_SHELL = frozenset({"kernel_info_request", "is_complete_request"})
+#: Shell requests answered by the gateway at once, even while a cell runs
+#: (jupyter console gives up on is_complete after 1 s). Every other shell
+#: request is answered in order, as ipykernel does; kernel_info answers at
+#: once on the control channel.
+IMMEDIATE_SHELL = frozenset({"is_complete_request"})
+#: Comm messages that arrive while a cell runs are delivered at once (a cell
+#: in a top-level await may wait for one), as ipykernel does.
+COMM_MESSAGES = frozenset({"comm_open", "comm_msg", "comm_close"})
 
 
 class JupyterGateway:
@@ -325,8 +331,10 @@ class JupyterGateway:
             detail = getattr(reply, "evalue", "") or getattr(reply, "detail", "")
             return f"{head}; the saved state could not be restored: {detail}\n"
         result = reply.result
-        count = result.get("execution_count")
-        saved_cell = count - 1 if isinstance(count, int) and count > 0 else self._exec_count
+        saved_cell = result.get("cell_number")  # the prompt the user saw
+        if not isinstance(saved_cell, int):  # a worker from before cell_number
+            count = result.get("execution_count")
+            saved_cell = count - 1 if isinstance(count, int) and count > 0 else self._exec_count
         names = sorted(result.get("saved", {}))
         lines = [
             f"{head}; restored {len(names)} variable{'' if len(names) == 1 else 's'} as of cell {saved_cell}"
@@ -422,6 +430,9 @@ class JupyterGateway:
             if channel == "shell":
                 if msg_type in IMMEDIATE_SHELL:
                     self._spawn(self._handle_shell(idents, msg))
+                elif msg_type in COMM_MESSAGES and self._running_exec is not None:
+                    # No busy/idle: the running cell's status stands.
+                    self._spawn(self._comm(idents, msg, concurrent=True))
                 else:
                     self._shell_queue.put_nowait((idents, msg))
             elif channel == "control":
@@ -624,6 +635,11 @@ class JupyterGateway:
         )
         self._input_requests[sent["header"]["msg_id"]] = request.id
         self.monitor.input_started()
+        if self._interrupt_timer is not None:
+            # Python asked for input after the interrupt: the interrupt
+            # landed (a prompt such as pdb's caught it), nothing is stuck.
+            self._interrupt_timer.cancel()
+            self._interrupt_timer = None
 
     async def _forward(
         self, idents: list[bytes], msg: JupyterMsg, native: Message, reply_type: str
@@ -743,7 +759,7 @@ class JupyterGateway:
             )
         self._reply("shell", idents, msg, "comm_info_reply", {"status": "ok", "comms": comms})
 
-    async def _comm(self, idents: list[bytes], msg: JupyterMsg) -> None:
+    async def _comm(self, idents: list[bytes], msg: JupyterMsg, concurrent: bool = False) -> None:
         if self._checkpoint_comms.handles(msg):
             await self._checkpoint_comms.handle(msg)
             return
@@ -767,7 +783,7 @@ class JupyterGateway:
             native = CommMsgMessage(**fields)
         else:
             native = CommCloseMessage(**fields)
-        self._remember(native.id, msg)
+        self._remember(native.id, msg, last=not concurrent)
         await self._forward(idents, msg, native, "")
 
     async def _shutdown_shell(self, idents: list[bytes], msg: JupyterMsg) -> None:
@@ -790,6 +806,15 @@ class JupyterGateway:
     # -- control and stdin -------------------------------------------------------------
 
     async def _handle_control(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        # As ipykernel: busy and idle around every control request (clients
+        # that track the execution state wait for that idle).
+        self._publish_status("busy", msg)
+        try:
+            await self._dispatch_control(idents, msg)
+        finally:
+            self._publish_status("idle", msg)
+
+    async def _dispatch_control(self, idents: list[bytes], msg: JupyterMsg) -> None:
         msg_type = msg["header"].get("msg_type", "")
         if msg_type == "kernel_info_request":
             await self._kernel_info(idents, msg, channel="control")
@@ -878,6 +903,11 @@ class JupyterGateway:
             return
         with contextlib.suppress(WorkerDeadError):
             await self.session.interrupt(target=target)
+        if self._input_requests:
+            # The interrupt ends the pending input(): the next input_reply is
+            # for the input() that the cell may ask for after catching it.
+            self._input_requests.clear()
+            self.monitor.input_finished()
         if self._interrupt_timer is None and self.limits.interrupt_grace > 0:
             grace = self.limits.interrupt_grace
 
@@ -999,9 +1029,10 @@ class JupyterGateway:
             msg_type, content, metadata, buffers = out
             self._publish(msg_type, content, parent, metadata=metadata, buffers=buffers)
 
-    def _remember(self, native_id: str, parent: JupyterMsg) -> None:
+    def _remember(self, native_id: str, parent: JupyterMsg, last: bool = True) -> None:
         self._parents[native_id] = parent
-        self._last_parent = parent
+        if last:
+            self._last_parent = parent
         while len(self._parents) > 512:
             self._parents.popitem(last=False)
 
