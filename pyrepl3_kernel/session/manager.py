@@ -61,7 +61,12 @@ log = logging.getLogger("pyrepl3.session")
 #: batched into one OUTPUT message; a line completed after a pause is not held.
 OUTPUT_COALESCE_S = 0.002
 #: How long the start of a line waits for its end before it is sent anyway.
-PARTIAL_LINE_WAIT_S = 0.001
+#: The worker's print() writes a line in one piece; this is for code that
+#: writes a line in parts (``write(text)``, then ``write('\n')``), which a
+#: loaded machine can deschedule in between for a few milliseconds. Output
+#: that never ends a line (a progress counter) waits this long; ipykernel
+#: holds all output for up to 200 ms.
+PARTIAL_LINE_WAIT_S = 0.01
 TERMINAL_TYPES = frozenset(REPLY_TYPES.values()) | {MessageType.PROTOCOL_ERROR}
 
 _REPLY_CLASSES: dict[MessageType, type[Message]] = {
@@ -441,17 +446,23 @@ class Session:
         self._pending_output.append((fd, text, parent))
         # A completed line goes out at once, unless output is streaming fast
         # (then it joins the batch due OUTPUT_COALESCE_S after the last send).
-        # A partial line waits PARTIAL_LINE_WAIT_S for the rest of the line:
-        # print() writes the text and the newline separately.
+        # A partial line waits PARTIAL_LINE_WAIT_S for the rest of the line.
         loop = asyncio.get_running_loop()
         now = loop.time()
         due = self._last_flush + OUTPUT_COALESCE_S
-        if text.endswith("\n") and now >= due:
-            self._flush_output()
-        elif self._flush_handle is None:
-            self._flush_handle = loop.call_at(
-                max(due, now + PARTIAL_LINE_WAIT_S), self._flush_output
-            )
+        if text.endswith("\n"):
+            if now >= due:
+                self._flush_output()
+                return
+            when = due
+        else:
+            when = max(due, now + PARTIAL_LINE_WAIT_S)
+        handle = self._flush_handle
+        if handle is None or handle.when() > when:
+            # A line ended: what waited for its end goes with the batch.
+            if handle is not None:
+                handle.cancel()
+            self._flush_handle = loop.call_at(when, self._flush_output)
 
     def _flush_output(self) -> None:
         """Route pending stream output; called before any worker message is
