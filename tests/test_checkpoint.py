@@ -714,9 +714,6 @@ def test_native_save_over_another_workers_checkpoint_is_refused(
     )
 
 
-@pytest.mark.xfail(
-    strict=True, reason="worker/main.py Worker._checkpoint does not pass req.force on yet"
-)
 def test_native_force_replaces_another_workers_checkpoint(
     main: Worker, fresh: Worker, env: Path
 ) -> None:

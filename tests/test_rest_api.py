@@ -761,9 +761,6 @@ def test_a_save_does_not_replace_another_kernels_checkpoint(
         gateway.api("DELETE", f"{base}/owned-too")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="worker/main.py Worker._checkpoint does not pass req.force on yet"
-)
 def test_force_replaces_another_kernels_checkpoint(gateway: JupyterServer, kernel: str) -> None:
     base = f"/api/pyrepl3/kernels/{kernel}/checkpoints"
     execute(gateway, kernel, "forced_v = 'first'")
