@@ -329,3 +329,101 @@ def test_cell_streams_behave_as_files() -> None:
         (OutputMessage, "from a task\n", "cell-1", "stdout")
     ]
     assert stream.encoding == "utf-8" and stream.writable() and not stream.isatty()
+
+
+# -- threads ---------------------------------------------------------------------------
+
+THREAD_CELL = """\
+from threading import Event, Thread
+from IPython.display import display
+
+explicit_parent = {explicit!r}
+parent = get_ipython().get_parent()
+cell_start_event = Event()
+cell_end_event = Event()
+
+def thread_target():
+    if explicit_parent == "global":
+        get_ipython().set_parent(parent)
+    elif explicit_parent == "thread-local":
+        reset_parent_token = get_ipython().set_thread_parent(parent)
+    print("before", flush=True)
+    display(1)
+    cell_start_event.wait(timeout=10)
+    cell_start_event.clear()
+    print("during", flush=True)
+    display(2)
+    if explicit_parent == "thread-local":
+        get_ipython().reset_thread_parent(reset_parent_token)
+    cell_end_event.set()
+    cell_start_event.wait(timeout=10)
+    cell_start_event.clear()
+    print("after", flush=True)
+    display(3)
+
+thread = Thread(target=thread_target)
+thread.start()
+"""
+
+
+@pytest.mark.parametrize("explicit", ["global", "thread-local", "none"])
+def test_thread_output_goes_to_its_parent(kernel: Frontend, explicit: str) -> None:
+    """ipykernel's test_print_to_correct_cell_from_thread: a thread prints to
+    the running cell, unless it set a parent with ipykernel's shell API
+    (``set_parent``, ``set_thread_parent``), which holds until reset."""
+    cells = [
+        THREAD_CELL.format(explicit=explicit),
+        "cell_start_event.set()\ncell_end_event.wait(timeout=10)",
+        "cell_start_event.set()\nthread.join()",
+    ]
+    outputs: dict[str, dict[str, Any]] = {}
+    ids = []
+    for code in cells:
+        msg_id = kernel.kc.execute(code)
+        ids.append(msg_id)
+        outputs[msg_id] = {"stdout": "", "shown": []}
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            msg = kernel.kc.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
+            to = outputs.get(msg["parent_header"].get("msg_id"))
+            if to is None:
+                continue
+            if msg["msg_type"] == "stream":
+                to["stdout"] += msg["content"]["text"]
+            elif msg["msg_type"] == "display_data":
+                to["shown"].append(msg["content"]["data"]["text/plain"])
+            elif (
+                msg["msg_type"] == "status"
+                and msg["content"]["execution_state"] == "idle"
+                and msg["parent_header"]["msg_id"] == msg_id
+            ):
+                break
+        assert kernel.reply_to(msg_id)["content"]["status"] == "ok"
+    first, second, third = (outputs[i] for i in ids)
+    if explicit == "global":
+        assert first == {"stdout": "before\nduring\nafter\n", "shown": ["1", "2", "3"]}
+        assert second == third == {"stdout": "", "shown": []}
+    elif explicit == "thread-local":
+        assert first == {"stdout": "before\nduring\n", "shown": ["1", "2"]}
+        assert second == {"stdout": "", "shown": []}
+        assert third == {"stdout": "after\n", "shown": ["3"]}
+    else:
+        assert first == {"stdout": "before\n", "shown": ["1"]}
+        assert second == {"stdout": "during\n", "shown": ["2"]}
+        assert third == {"stdout": "after\n", "shown": ["3"]}
+
+
+def test_stdout_knows_the_master_process(kernel: Frontend) -> None:
+    """ipykernel's _check_master: ``sys.stdout._is_master_process()`` is True
+    in the kernel and False in a process forked from it."""
+    run = kernel.execute(
+        "import os, sys\n"
+        "print(sys.stdout._is_master_process())\n"
+        "pid = os.fork()\n"
+        "if pid == 0:\n"
+        "    os.write(1, str(sys.stdout._is_master_process()).encode() + b'\\n')\n"
+        "    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
+    assert run.status == "ok", run.reply["content"]
+    assert sorted(run.stdout().split()) == ["False", "True"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import builtins
 import contextvars
 import io
+import os
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,13 @@ cell_parent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _builtin_print = builtins.print
 
 
+def owner(outlet: Outlet) -> str | None:
+    """The request whose output this code produces: the cell of its context
+    (a task, or a thread given a parent with ``set_thread_parent``), else
+    the request the worker is running."""
+    return cell_parent.get() or outlet.parent_id
+
+
 class CellStream(io.TextIOBase):
     """``sys.stdout`` / ``sys.stderr`` of the worker: writes go to the pipe,
     except those of code that belongs to another cell than the running one."""
@@ -46,6 +54,12 @@ class CellStream(io.TextIOBase):
         self._raw = raw
         self._name = name
         self._outlet = outlet
+        self._master_pid = os.getpid()
+
+    def _is_master_process(self) -> bool:
+        """False in a process forked from the worker (ipykernel's OutStream
+        has this too; libraries and tests ask it)."""
+        return os.getpid() == self._master_pid
 
     def write(self, text: str) -> int:
         owner = cell_parent.get()

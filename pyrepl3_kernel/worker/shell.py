@@ -76,6 +76,7 @@ class WorkerDisplayPublisher(DisplayPublisher):
         **kwargs: Any,
     ) -> None:
         from ..protocol import DisplayMessage
+        from .output import owner
 
         self._validate_data(data, metadata)
         outlet: Outlet = self.shell.outlet  # type: ignore[union-attr]
@@ -85,15 +86,16 @@ class WorkerDisplayPublisher(DisplayPublisher):
                 metadata=jsonable(metadata or {}),
                 transient=jsonable(transient or {}),
                 update=update,
-                parent_id=outlet.parent_id,
+                parent_id=owner(outlet),
             )
         )
 
     def clear_output(self, wait: bool = False) -> None:
         from ..protocol import ClearOutputMessage
+        from .output import owner
 
         outlet: Outlet = self.shell.outlet  # type: ignore[union-attr]
-        outlet.emit(ClearOutputMessage(wait=wait, parent_id=outlet.parent_id))
+        outlet.emit(ClearOutputMessage(wait=wait, parent_id=owner(outlet)))
 
 
 class WorkerDisplayHook(DisplayHook):
@@ -153,8 +155,25 @@ class KernelShim:
 
     @property
     def _parent_header(self) -> dict[str, Any]:
-        parent = self._outlet.parent_id
-        return {"header": {"msg_id": parent, "msg_type": "execute_request"}} if parent else {}
+        from .output import owner
+
+        return parent_header(owner(self._outlet))
+
+
+def parent_header(msg_id: str | None) -> dict[str, Any]:
+    """What ipykernel's ``get_parent()`` returns, as far as the worker knows
+    it: the request's id (the Jupyter msg_id) and type."""
+    return {"header": {"msg_id": msg_id, "msg_type": "execute_request"}} if msg_id else {}
+
+
+def parent_id_of(parent: Any) -> str | None:
+    """The msg_id of a parent given as ipykernel takes it (a message, a
+    header dict, or a :func:`parent_header`)."""
+    if not isinstance(parent, dict) or not parent:
+        return None
+    header = parent.get("header", parent)
+    msg_id = header.get("msg_id") if isinstance(header, dict) else None
+    return str(msg_id) if msg_id else None
 
 
 # Libraries (tqdm.auto, plotly, rich, ...) decide "this is a Jupyter kernel" by
@@ -175,6 +194,31 @@ class ZMQInteractiveShell(InteractiveShell):
     #: They are cut off: a user sees the cell's frames, as with ipykernel,
     #: whose handler is C, and ``%debug`` starts in the cell.
     hidden_codes: frozenset[CodeType] = frozenset()
+
+    # ipykernel's parent API: which cell a thread's output belongs to. A
+    # thread (or task) that sets a parent sends its output to that cell.
+
+    def get_parent(self) -> dict[str, Any]:
+        from .output import owner
+
+        return parent_header(owner(self.outlet))
+
+    def set_parent(self, parent: Any) -> None:
+        from .output import cell_parent
+
+        cell_parent.set(parent_id_of(parent))
+
+    def set_thread_parent(self, parent: Any) -> Any:
+        """Set the parent for the calling thread; returns a token for
+        :meth:`reset_thread_parent`."""
+        from .output import cell_parent
+
+        return cell_parent.set(parent_id_of(parent))
+
+    def reset_thread_parent(self, token: Any) -> None:
+        from .output import cell_parent
+
+        cell_parent.reset(token)
 
     def init_hooks(self) -> None:
         super().init_hooks()
