@@ -178,30 +178,6 @@ def test_interrupt_during_pdb_set_trace(kernel: Frontend) -> None:
     assert "WorkerDied" not in str(run.iopub)
 
 
-def test_input_prompt_that_survives_an_interrupt_is_not_escalated(kernel: Frontend) -> None:
-    """Code that catches the KeyboardInterrupt and asks again is alive: the
-    interrupt landed, so no escalation stops the worker after its grace."""
-    msg_id = kernel.kc.execute(
-        "answers = []\n"
-        "while not answers:\n"
-        "    try:\n"
-        "        answers.append(input('name? '))\n"
-        "    except KeyboardInterrupt:\n"
-        "        print('interrupted, asking again')\n",
-        allow_stdin=True,
-    )
-    assert kernel.kc.get_stdin_msg(timeout=TIMEOUT)["content"]["prompt"] == "name? "
-    kernel.km.interrupt_kernel()
-    assert kernel.kc.get_stdin_msg(timeout=TIMEOUT)["content"]["prompt"] == "name? "
-    time.sleep(1.5)  # past the default escalation grace (1 s)
-    kernel.kc.input("ada")
-    run = kernel.finish(msg_id, time.monotonic())
-    assert run.status == "ok", run.reply["content"]
-    assert "interrupted, asking again" in run.stdout()
-    assert kernel.value("answers") == "['ada']"
-    assert kernel.same_kernel()
-
-
 # -- order and status -----------------------------------------------------------------
 
 

@@ -206,6 +206,33 @@ def test_late_interrupt_never_hits_the_next_cell(kernel: Kernel) -> None:
     kernel.assert_never_restarted()
 
 
+def test_input_asked_again_after_an_interrupt_is_not_escalated(kernel: Kernel) -> None:
+    """Code that catches the KeyboardInterrupt and asks again is alive: the
+    interrupt landed, so no escalation stops the worker after the grace,
+    and the answer goes to the input() that asked last."""
+    worker = kernel.worker_pid()
+    msg_id = kernel.send(
+        "answers = []\n"
+        "while not answers:\n"
+        "    try:\n"
+        "        answers.append(input('name? '))\n"
+        "    except KeyboardInterrupt:\n"
+        "        print('interrupted, asking again')\n",
+        allow_stdin=True,
+    )
+    assert kernel.kc.get_stdin_msg(timeout=TIMEOUT)["content"]["prompt"] == "name? "
+    kernel.interrupt()
+    assert kernel.kc.get_stdin_msg(timeout=TIMEOUT)["content"]["prompt"] == "name? "
+    time.sleep(1.5)  # past the escalation grace
+    kernel.kc.input("ada")
+    run = kernel.finish(msg_id, time.monotonic())
+    assert run.status == "ok", run.reply["content"]
+    assert "interrupted, asking again" in run.stdout()
+    assert kernel.worker_pid() == worker
+    assert kernel.ok("print(answers)").stdout() == "['ada']\n"
+    kernel.assert_never_restarted()
+
+
 def test_interrupted_input_is_cancelled(kernel: Kernel) -> None:
     """Interrupting a pending input() ends it; the next input() is answered
     by the next input_reply (also one without a parent header, as
