@@ -314,6 +314,30 @@ def test_interrupt_stops_a_sleeping_cell():
     run(body())
 
 
+def test_interrupt_during_print_shows_only_the_cell():
+    """An interrupt that lands in the worker's own code run for the cell
+    (print, its streams) shows the cell's frames only, as C's print would."""
+
+    async def body():
+        async with Session() as s:
+            sent = []
+
+            async def interrupt_once_printing(msg):
+                if msg.type == MessageType.OUTPUT and "tick" in msg.data and not sent:
+                    sent.append(msg)
+                    await s.interrupt()
+
+            code = "import sys\nwhile True:\n    print('tick')\n    sys.stdout.write('tock\\n')"
+            msgs = await collect(s, code, on_message=interrupt_once_printing, timeout=10)
+            (error,) = of_type(msgs, MessageType.ERROR)
+            assert error.ename == "KeyboardInterrupt"
+            shown = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error.traceback))
+            assert "pyrepl3_kernel" not in shown and "_on_sigint" not in shown, shown
+            assert result_text(await collect(s, "'next'")) == "'next'"
+
+    run(body())
+
+
 def test_interrupt_cancels_a_pending_input():
     async def body():
         async with Session() as s:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import math
+import os
 from types import CodeType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -21,6 +22,19 @@ from traitlets import Type
 
 if TYPE_CHECKING:
     from ..protocol import Message
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
+
+
+def _kernel_code(code: CodeType) -> bool:
+    """Code the kernel runs on a cell's behalf: the worker's (print, its
+    streams) and IPython's capture of stream output for its history."""
+    if code.co_filename.startswith(_PACKAGE_DIR):
+        return True
+    from IPython.core import interactiveshell
+
+    return code.co_name == "write" and code.co_filename == interactiveshell.__file__
 
 
 class Outlet(Protocol):
@@ -250,12 +264,17 @@ class ZMQInteractiveShell(InteractiveShell):
 
     def _get_exc_info(self, exc_tuple: Any = None) -> tuple[Any, Any, Any]:
         etype, value, tb = super()._get_exc_info(exc_tuple)
+        # An interrupt lands wherever the main thread is: inside the worker's
+        # own code that runs on behalf of the cell (print, the streams), the
+        # innermost frames are the worker's, never the user's concern.
+        interrupt = isinstance(etype, type) and issubclass(etype, KeyboardInterrupt)
         # In place: the same chain is the exception's __traceback__ (which
         # IPython formats again for its history) and sys.last_traceback.
         last_shown = None
         node = tb
         while node is not None:
-            if node.tb_frame.f_code not in self.hidden_codes:
+            code = node.tb_frame.f_code
+            if code not in self.hidden_codes and not (interrupt and _kernel_code(code)):
                 last_shown = node
             node = node.tb_next
         if last_shown is not None:
