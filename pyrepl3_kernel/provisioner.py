@@ -130,6 +130,9 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.connection_info = info
             return info
         env: dict[str, str] = dict(kwargs.get("env") or os.environ)
+        # As jupyter_client's launcher tells a kernel process who started it
+        # (code checks it to know it runs under Jupyter).
+        env["JPY_PARENT_PID"] = str(os.getpid())
         # Without a cwd, a kernel process would inherit this process's working
         # directory (papermill --cwd and jupyter console rely on it): so must
         # a leased one, which would otherwise stay in the daemon's.

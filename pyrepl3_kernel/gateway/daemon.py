@@ -41,19 +41,33 @@ from .workers import ColdWorkers, PooledWorkers, WorkerSource
 
 log = logging.getLogger("pyrepl3.daemon")
 
-#: Environment variables that act when an interpreter starts: workers started
-#: with different values of these are kept in different pools.
+#: Environment variables that act when an interpreter (or the worker's
+#: shell) starts: workers started with different values of these are kept in
+#: different pools. Every ``PYTHON*`` variable counts too (see
+#: :func:`startup_key`).
 STARTUP_ENV = (
-    "PYTHONPATH",
-    "PYTHONHOME",
-    "PYTHONSAFEPATH",
-    "PYTHONNOUSERSITE",
-    "PYTHONUSERBASE",
-    "PYTHONPLATLIBDIR",
-    "PYTHONHASHSEED",
     "LD_LIBRARY_PATH",
     "LD_PRELOAD",
+    # the locale at start-up fixes the encodings (UTF-8 mode, stdio, file names)
+    "LC_ALL",
+    "LC_CTYPE",
+    "LANG",
+    # IPython adds the active virtualenv to sys.path when the shell starts
+    "VIRTUAL_ENV",
 )
+#: PYTHON* variables read later, not at start-up (PYTHONSTARTUP: never, by a worker).
+_NOT_STARTUP = frozenset({"PYTHONSTARTUP", "PYTHONBREAKPOINT", "PYTHONEXECUTABLE"})
+
+
+def startup_key(env: dict[str, str]) -> tuple[Any, ...]:
+    """What of ``env`` a worker takes in when it starts and cannot change
+    later: two launches with the same key can share warm workers."""
+    python_vars = tuple(
+        sorted((k, v) for k, v in env.items() if k.startswith("PYTHON") and k not in _NOT_STARTUP)
+    )
+    # The shell's profile directory (history, startup files) is fixed when it starts.
+    ipython_dir = env.get("IPYTHONDIR") or os.path.join(env.get("HOME", "~"), ".ipython")
+    return (python_vars, ipython_dir, *(env.get(k) for k in STARTUP_ENV))
 
 
 class DaemonAlreadyRunning(RuntimeError):
@@ -336,9 +350,7 @@ class ManagerDaemon:
         pool: SessionPool | None = None
         workers: WorkerSource
         if enabled:
-            pool_key = (kernel_name, python, warmup_code) + tuple(
-                launch_env.get(k) for k in STARTUP_ENV
-            )
+            pool_key = (kernel_name, python, warmup_code, startup_key(launch_env))
             pool = await self._pool(pool_key, python, launch_env, size, max_kernels, warmup_code)
             workers = PooledWorkers(
                 pool, cwd=cwd, env=env, timeout=self.lease_timeout, defer_refill=True

@@ -134,11 +134,10 @@ class Worker:
         from . import comms
         from .shell import KernelShim, ZMQInteractiveShell
 
-        if "MPLBACKEND" not in os.environ:
-            import importlib.util
-
-            if importlib.util.find_spec("matplotlib_inline") is not None:
-                os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
+        # What the worker itself adds to its environment (here and in the
+        # shell's init_environment) is done again by _configure for a launch's
+        # environment: a warm worker must come out as a cold one would.
+        _set_default_mpl_backend()
         config = Config()
         # tqdm.autonotebook and others look for this key to detect a kernel.
         config.IPKernelApp = Config()
@@ -148,6 +147,9 @@ class Worker:
         self.comm_manager = comms.install(self)
         builtins.input = self._input
         getpass.getpass = self._getpass
+        #: The environment as the worker set it up; what is added to it later
+        #: (by warm-up code) is kept across a configure (see _configure).
+        self._env_baseline = dict(os.environ)
         return shell
 
     def _act_as_ipykernel(self) -> None:
@@ -520,10 +522,9 @@ class Worker:
     def _configure(self, req: Any) -> None:
         try:
             if req.env is not None:
-                os.environ.clear()
-                os.environ.update(req.env)
+                self._take_environment(req.env)
             if req.cwd:
-                os.chdir(req.cwd)
+                self._move_to(req.cwd)
             if req.autosave is not None:
                 self.autosave.configure(req.autosave)
             if req.execution_count is not None:
@@ -537,6 +538,53 @@ class Worker:
             )
             return
         self.emit(AckMessage(parent_id=req.id))
+
+    def _take_environment(self, env: dict[str, str]) -> None:
+        """Make os.environ what a worker started with ``env`` would have:
+        ``env``, plus what the worker adds at start-up (derived again from
+        ``env``), plus what happened since (warm-up code's imports) where
+        ``env`` does not say otherwise."""
+        added = {k: v for k, v in os.environ.items() if k not in self._env_baseline}
+        backend = os.environ.get("MPLBACKEND")
+        os.environ.clear()
+        os.environ.update(env)
+        _set_default_mpl_backend()
+        self.shell.init_environment()
+        for key, value in added.items():
+            os.environ.setdefault(key, value)
+        self._env_baseline = dict(os.environ)
+        time.tzset()  # TZ is read when the C library first needs it: read it again
+        mpl = sys.modules.get("matplotlib")
+        wanted = os.environ.get("MPLBACKEND")
+        if mpl is not None and wanted and wanted != backend:
+            # The warm-up imported matplotlib under the old value; a cold
+            # worker would have imported it under the new one.
+            try:
+                mpl.use(wanted)
+                inline = sys.modules.get("matplotlib_inline.backend_inline")
+                if inline is not None:  # its hooks are set: set them for the new backend
+                    inline.configure_inline_support(self.shell, wanted)
+            except Exception as exc:
+                log.warning("could not switch matplotlib to %s: %s", wanted, exc)
+
+    def _move_to(self, cwd: str) -> None:
+        """chdir, and move what a process started in ``cwd`` would have
+        there: sys.path[0] (``python -m`` puts the start-up directory first)
+        and IPython's record of the starting directory (``_dh``)."""
+        before = os.getcwd()
+        os.chdir(cwd)
+        after = os.getcwd()
+        if before == after:
+            return
+        if sys.path and sys.path[0] == before:
+            sys.path[0] = after
+        shell = self.shell
+        if getattr(shell, "starting_dir", None) == before:
+            shell.starting_dir = after
+        history = getattr(shell, "history_manager", None)
+        dir_hist = getattr(history, "dir_hist", None)
+        if dir_hist is not None and [os.fspath(p) for p in dir_hist] == [before]:
+            dir_hist[:] = [type(dir_hist[0])(after)]
 
     def _set_session_name(self) -> None:
         # As ipykernel: the notebook's path, for code that wants to know it.
@@ -593,6 +641,15 @@ def _put_cwd_on_path() -> None:
             index = i
             break
     sys.path.insert(index, "")
+
+
+def _set_default_mpl_backend() -> None:
+    """Plots show inline, as with ipykernel, unless MPLBACKEND says otherwise."""
+    if "MPLBACKEND" not in os.environ:
+        import importlib.util
+
+        if importlib.util.find_spec("matplotlib_inline") is not None:
+            os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 
 
 def _die_with_parent(parent_pid: int) -> None:
