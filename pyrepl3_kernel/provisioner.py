@@ -5,8 +5,10 @@ kernels from the per-user manager daemon.
 a kernel whose ports are bound, whose key is chosen and whose worker has
 already run the warm-up code, then moved to the launch's cwd and environment.
 If the daemon cannot be reached or started, the kernel is started cold, as a
-standalone process, with a logged warning: a launch never fails for want of a
+standalone process, with a warning: a launch never fails for want of a
 daemon. Restarts happen in place: same ports, same key, a new warm worker.
+A kernel whose daemon is gone is dead: ``poll``, ``kill``, ``terminate`` and
+``cleanup`` say so and never raise.
 
 Configure it in the kernelspec (``metadata.kernel_provisioner.config``) or in
 a Jupyter config file (``c.PoolProvisioner.pool_size = 2``).
@@ -15,12 +17,16 @@ a Jupyter config file (``c.PoolProvisioner.pool_size = 2``).
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
 import os
+import pathlib
 import signal
 import subprocess
 import sys
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from jupyter_client.connect import KernelConnectionInfo
 from jupyter_client.provisioning.local_provisioner import LocalProvisioner
@@ -29,11 +35,14 @@ from traitlets import Bool, Float, Integer, Unicode
 
 from .gateway.daemon_client import (
     DAEMON_PROTOCOL_VERSION,
+    STARTER_ENV,
     DaemonClient,
     DaemonError,
     DaemonPaths,
     DaemonUnavailable,
 )
+
+_T = TypeVar("_T")
 
 
 class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -58,8 +67,13 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     lease_id: str | None = None
     #: Whether the last launch was served by a warm worker (None: cold fallback).
     warm: bool | None = None
+    #: The leased kernel's working directory (for resolve_path).
+    cwd: str | None = None
     _fallback: LocalProvisioner | None = None
     _exit_code: int | None = None
+    #: The daemon this provisioner's lease lives in: fixed at the first launch,
+    #: so a runtime directory that changes later does not lose the kernel.
+    _daemon_paths: DaemonPaths | None = None
 
     # -- Popen-like -----------------------------------------------------------------
 
@@ -95,28 +109,50 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         if self._fallback is not None:
             await self._fallback.send_signal(signum)
         elif self.lease_id is not None:
-            await self._call("signal", lease_id=self.lease_id, signum=int(signum))
+            await self._lease_op("signal", signum=int(signum))
 
     async def kill(self, restart: bool = False) -> None:
         if self._fallback is not None:
             await self._fallback.kill(restart=restart)
         elif self.lease_id is not None:
-            await self._call("kill", lease_id=self.lease_id, restart=restart)
+            await self._lease_op("kill", restart=restart)
 
     async def terminate(self, restart: bool = False) -> None:
         if self._fallback is not None:
             await self._fallback.terminate(restart=restart)
         elif self.lease_id is not None:
-            await self._call("kill", lease_id=self.lease_id, restart=restart)
+            await self._lease_op("kill", restart=restart)
+
+    async def _lease_op(self, op: str, **fields: Any) -> None:
+        """``op`` on the lease. If the daemon is gone, so is the kernel (the
+        daemon's workers die with it): the lease is over and ``poll`` says
+        the kernel was killed. Only an interrupt reports other errors."""
+        lease_id = self.lease_id
+        try:
+            await self._call(op, lease_id=lease_id, **fields)
+        except DaemonUnavailable as exc:
+            self.log.debug("pyrepl3: %s of lease %s: the daemon is gone (%s)", op, lease_id, exc)
+            self._lease_gone()
+        except DaemonError as exc:
+            if exc.code == "unknown_lease":
+                self._lease_gone()
+            elif op == "signal" and fields.get("signum") == signal.SIGINT:
+                raise
+            else:
+                self.log.warning("pyrepl3: %s of lease %s failed: %s", op, lease_id, exc)
+
+    def _lease_gone(self) -> None:
+        self.lease_id = None
+        self._exit_code = -int(signal.SIGKILL)
 
     # -- launch -----------------------------------------------------------------------
 
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         if self.pool_enabled and self._fallback is None:
             try:
-                await asyncio.to_thread(self._ensure_daemon)
+                await _in_thread(self._ensure_daemon)
             except Exception as exc:
-                self.log.warning("pyrepl3: no manager daemon (%s); starting the kernel cold", exc)
+                self._warn("no manager daemon (%s); starting the kernel cold", exc)
             else:
                 kwargs.pop("extra_arguments", None)
                 kwargs = await super().pre_launch(**kwargs)
@@ -136,41 +172,47 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         # Without a cwd, a kernel process would inherit this process's working
         # directory (papermill --cwd and jupyter console rely on it): so must
         # a leased one, which would otherwise stay in the daemon's.
-        cwd = kwargs.get("cwd") or env.get("KERNEL_WORKING_DIR") or os.getcwd()
+        cwd = os.fspath(kwargs.get("cwd") or env.get("KERNEL_WORKING_DIR") or os.getcwd())
+        self.cwd = cwd
         if self.lease_id is not None:
             try:
                 reply = await self._call(
                     "restart", lease_id=self.lease_id, timeout=self.lease_timeout
                 )
-            except DaemonError as exc:
+            except (DaemonError, DaemonUnavailable) as exc:
                 self.log.warning(
-                    "pyrepl3: could not restart lease %s in place (%s)", self.lease_id, exc
+                    "pyrepl3: could not restart lease %s in place (%s); leasing a new kernel",
+                    self.lease_id,
+                    exc,
                 )
                 self.lease_id = None
             else:
                 self.warm = bool(reply.get("warm"))
         if self.lease_id is None:
+            lease = {
+                "kernel_name": self._kernel_name(),
+                "kernel_id": self.kernel_id,
+                "python": self._python(),
+                "env": env,
+                "cwd": cwd,
+                "owner_pid": os.getpid(),
+                "pool": {
+                    "size": self.pool_size,
+                    "warmup_code": self.warmup_code,
+                    "max_kernels": self.max_kernels,
+                    "enabled": True,
+                },
+            }
             try:
-                reply = await self._call(
-                    "lease",
-                    timeout=self.lease_timeout + 10,
-                    kernel_name=self._kernel_name(),
-                    kernel_id=self.kernel_id,
-                    python=self._python(),
-                    env=env,
-                    cwd=os.fspath(cwd) if cwd else None,
-                    owner_pid=os.getpid(),
-                    pool={
-                        "size": self.pool_size,
-                        "warmup_code": self.warmup_code,
-                        "max_kernels": self.max_kernels,
-                        "enabled": True,
-                    },
-                )
+                try:
+                    reply = await self._call("lease", timeout=self.lease_timeout + 10, **lease)
+                except DaemonUnavailable:
+                    # It may have exited (idle) since pre_launch found it:
+                    # start another and ask once more.
+                    await _in_thread(self._ensure_daemon)
+                    reply = await self._call("lease", timeout=self.lease_timeout + 10, **lease)
             except (DaemonError, DaemonUnavailable) as exc:
-                self.log.warning(
-                    "pyrepl3: the daemon could not lease a kernel (%s); starting it cold", exc
-                )
+                self._warn("the daemon could not lease a kernel (%s); starting it cold", exc)
                 fallback = self._use_fallback()
                 fallback_kwargs = await fallback.pre_launch(**kwargs)
                 return await self.launch_kernel(fallback_kwargs.pop("cmd"), **fallback_kwargs)
@@ -197,14 +239,34 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             except (DaemonError, DaemonUnavailable) as exc:
                 self.log.debug("pyrepl3: release of lease %s: %s", lease_id, exc)
 
+    def resolve_path(self, path_str: str) -> str | None:
+        """``path_str`` (``~`` expanded, relative to the kernel's working
+        directory) if such a file exists, as jupyter_client's
+        LocalProvisioner answers (jupyter_server's ``/api/resolvePath``)."""
+        if self._fallback is not None:
+            return self._fallback.resolve_path(path_str)  # type: ignore[no-any-return]
+        path = pathlib.Path(path_str).expanduser()
+        if not path.is_absolute() and self.cwd:
+            path = (pathlib.Path(self.cwd) / path).resolve()
+        if path.exists():
+            return path.as_posix()
+        return None
+
     async def get_provisioner_info(self) -> dict[str, Any]:
         info: dict[str, Any] = await super().get_provisioner_info()
         info["lease_id"] = self.lease_id
+        info["cwd"] = self.cwd
+        if self._daemon_paths is not None:
+            info["daemon_runtime_dir"] = os.fspath(self._daemon_paths.lock.parent)
         return info
 
     async def load_provisioner_info(self, provisioner_info: dict[str, Any]) -> None:
         await super().load_provisioner_info(provisioner_info)
         self.lease_id = provisioner_info.get("lease_id")
+        self.cwd = provisioner_info.get("cwd")
+        runtime_dir = provisioner_info.get("daemon_runtime_dir")
+        if runtime_dir:
+            self._daemon_paths = DaemonPaths.default(runtime_dir)
 
     # -- helpers ----------------------------------------------------------------------
 
@@ -224,11 +286,26 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         return str(argv[0]) if argv and os.path.isabs(argv[0]) else sys.executable
 
     def _client(self) -> DaemonClient:
-        return DaemonClient(DaemonPaths.default())
+        if self._daemon_paths is None:
+            from jupyter_core.paths import jupyter_runtime_dir
+
+            # Absolute: the daemon runs elsewhere (in /).
+            self._daemon_paths = DaemonPaths.default(os.path.abspath(jupyter_runtime_dir()))
+        return DaemonClient(self._daemon_paths)
 
     async def _call(self, op: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
         client = self._client()
-        return await asyncio.to_thread(client.call, op, timeout, **fields)
+        return await _in_thread(lambda: client.call(op, timeout, **fields))
+
+    def _warn(self, message: str, *args: Any) -> None:
+        """A warning the user sees: in the application's log (jupyter_server,
+        jupyter console, papermill), or on stderr if no log would show it (a
+        script using nbclient or jupyter_client without configuring logging,
+        where the provisioner's logger has only a NullHandler)."""
+        message = "pyrepl3: " + message
+        self.log.warning(message, *args)
+        if not _shows(self.log, logging.WARNING):
+            print(f"[pyrepl3] WARNING {message % args}", file=sys.stderr, flush=True)
 
     def _use_fallback(self) -> LocalProvisioner:
         if self._fallback is None:
@@ -269,6 +346,22 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 f"this provisioner {DAEMON_PROTOCOL_VERSION}; stop it with `pyrepl3-kernel stop`",
             )
 
+    def _server_info_file(self) -> str | None:
+        """The info file (``jpserver-PID.json``) of the Jupyter server this
+        kernel is started for, if it is one and the file exists: a server
+        keeps it while it runs."""
+        owner: Any = self.parent
+        for _ in range(4):  # KernelManager, MappingKernelManager, ServerApp
+            if owner is None:
+                break
+            info_file = getattr(owner, "info_file", None)
+            if isinstance(info_file, str) and any(
+                c.__name__ == "ServerApp" for c in type(owner).__mro__
+            ):
+                return info_file if os.path.exists(info_file) else None
+            owner = getattr(owner, "parent", None)
+        return None
+
     def _start_daemon(self, paths: DaemonPaths) -> int:
         """Start a daemon in the background; returns its pid."""
         paths.log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -285,13 +378,24 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         env = {
             k: v for k, v in os.environ.items() if k not in ("JPY_PARENT_PID", "PYTHONEXECUTABLE")
         }
+        # Who started it: the daemon may exit once this process is gone
+        # (docs/daemon.md, "Lifecycle").
+        env[STARTER_ENV] = json.dumps(
+            {
+                "pid": os.getpid(),
+                "started": _start_time(os.getpid()),
+                "server_info_file": self._server_info_file(),
+            }
+        )
         # Through a shell that exits at once: the daemon is reparented to init
         # and never becomes a zombie of this (possibly long-lived) process.
         launcher = 'nohup "$@" >>"$PYREPL3_DAEMON_LOG" 2>&1 </dev/null & echo $!'
         env["PYREPL3_DAEMON_LOG"] = os.fspath(paths.log)
-        self.log.info("pyrepl3: starting the manager daemon: %s", " ".join(cmd))
+        # Debug: a console shows INFO, and this is routine (failures warn).
+        self.log.debug("pyrepl3: starting the manager daemon: %s", " ".join(cmd))
         done = subprocess.run(
             ["/bin/sh", "-c", launcher, "sh", *cmd],
+            cwd="/",  # a daemon must not keep the first client's directory busy
             env=env,
             start_new_session=True,
             check=True,
@@ -300,6 +404,52 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             text=True,
         )
         return int(done.stdout.strip())
+
+
+async def _in_thread(func: Callable[[], _T]) -> _T:
+    """``func()`` in a worker thread; in this one if the default executor no
+    longer takes work (at interpreter exit, or after the loop's executor was
+    shut down: shutting kernels down then must still work)."""
+    started = False
+
+    def run() -> _T:
+        nonlocal started
+        started = True
+        return func()
+
+    try:
+        return await asyncio.to_thread(run)
+    except RuntimeError:
+        if started:
+            raise  # func's own error
+    return func()
+
+
+def _shows(logger: logging.Logger | logging.LoggerAdapter[Any], level: int) -> bool:
+    """Whether a record of ``level`` on ``logger`` reaches a handler that
+    outputs it (not only NullHandlers, nor Python's last-resort handler,
+    which a NullHandler turns off)."""
+    base = logger.logger if isinstance(logger, logging.LoggerAdapter) else logger
+    if not base.isEnabledFor(level):
+        return True  # deliberately silenced: respect that
+    found = 0
+    current: logging.Logger | None = base
+    while current is not None:
+        for handler in current.handlers:
+            found += 1
+            if not isinstance(handler, logging.NullHandler) and level >= handler.level:
+                return True
+        current = current.parent if current.propagate else None
+    return found == 0  # no handler at all: logging's last resort prints it
+
+
+def _start_time(pid: int) -> float:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except psutil.Error:
+        return 0.0
 
 
 def _alive(pid: int) -> bool:

@@ -23,6 +23,10 @@ from pathlib import Path
 from typing import Any
 
 DAEMON_PROTOCOL_VERSION = 1
+#: Set by the provisioner in the environment of a daemon it starts: JSON
+#: ``{"pid", "started", "server_info_file"}`` of the process that started it
+#: (see docs/daemon.md, "Lifecycle": the daemon may exit once it is gone).
+STARTER_ENV = "PYREPL3_DAEMON_STARTER"
 MAX_FRAME = 16 * 1024 * 1024
 _HEADER = struct.Struct(">I")
 # AF_UNIX paths are limited to 108 bytes on Linux.
