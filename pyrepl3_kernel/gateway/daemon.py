@@ -4,8 +4,14 @@
 the Jupyter runtime directory and hands out **leases**: a kernel (a
 :class:`JupyterGateway` with its ports bound and its key chosen) whose worker
 came from a warm pool. A lease is never handed out twice and its workers never
-go back to a pool. Leases whose owner process died are reaped; the daemon
-exits after ``idle_timeout`` seconds without leases. It runs no user code.
+go back to a pool. Leases whose owner process died are reaped. It runs no
+user code.
+
+When it exits (see :meth:`ManagerDaemon._why_exit` and docs/daemon.md):
+its runtime directory, lock or socket is removed or replaced (no client can
+reach it any more); or nothing is leased and the process that started it is
+gone, if that was a Jupyter server or the runtime directory is not the
+user's usual one; or nothing was leased for ``idle_timeout`` seconds.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import secrets
@@ -31,6 +38,7 @@ from .daemon_client import (
     _HEADER,
     DAEMON_PROTOCOL_VERSION,
     MAX_FRAME,
+    STARTER_ENV,
     DaemonError,
     DaemonPaths,
     decode_payload,
@@ -115,6 +123,68 @@ def _process_started(pid: int) -> float | None:
         return None
 
 
+def _is_usual_runtime_dir(path: os.PathLike[str]) -> bool:
+    """Whether ``path`` is the runtime directory Jupyter uses when
+    ``JUPYTER_RUNTIME_DIR`` does not choose another (``<data dir>/runtime``)."""
+    from jupyter_core.paths import jupyter_data_dir
+
+    usual = os.path.join(jupyter_data_dir(), "runtime")
+    try:
+        return os.path.samefile(usual, path)
+    except OSError:
+        return False
+
+
+@dataclass
+class Starter:
+    """The process that started the daemon (a provisioner's), as the exit
+    policy sees it: gone when its process ended, or, for a Jupyter server,
+    when its info file (``jpserver-PID.json``, kept in its runtime
+    directory while it runs) was removed: an in-process server (a test
+    suite's) stops while its process lives on."""
+
+    pid: int
+    started: float | None
+    server_info_file: str | None = None
+    is_server: bool = False
+    gone: bool = False
+
+    @classmethod
+    def from_env(cls, value: str | None) -> Starter | None:
+        """From :data:`STARTER_ENV` (``{"pid", "started", "server_info_file"}``)."""
+        if not value:
+            return None
+        try:
+            fields = json.loads(value)
+            pid = int(fields["pid"])
+            started = float(fields["started"]) if fields.get("started") else None
+            info_file = fields.get("server_info_file")
+        except (ValueError, TypeError, KeyError):
+            log.warning("ignoring %s=%r (not the JSON a provisioner sets)", STARTER_ENV, value)
+            return None
+        if pid <= 0:
+            return None
+        return cls(pid, started, str(info_file) if info_file else None, bool(info_file))
+
+    def check(self, runtime_dir: os.PathLike[str]) -> bool:
+        """Whether it is gone now."""
+        if self.server_info_file:
+            info_files = [self.server_info_file]
+        else:  # a server that had not written its file yet when it started us
+            info_files = [
+                os.path.join(runtime_dir, f"{prefix}-{self.pid}.json")
+                for prefix in ("jpserver", "nbserver")
+            ]
+        serving = any(os.path.exists(f) for f in info_files)
+        self.is_server = self.is_server or serving
+        alive = _owner_alive(self.pid, self.started)
+        self.gone = not alive or (self.is_server and not serving)
+        return self.gone
+
+    def describe(self) -> dict[str, Any]:
+        return {"pid": self.pid, "server": self.is_server, "gone": self.gone}
+
+
 def _owner_alive(pid: int, started: float | None) -> bool:
     import psutil
 
@@ -149,7 +219,12 @@ class ManagerDaemon:
         self._last_activity = time.monotonic()
         self._stop = asyncio.Event()
         self._lock_fd: int | None = None
+        self._socket_id: tuple[int, int] | None = None
         self._server: asyncio.AbstractServer | None = None
+        self._inflight = 0  # requests being served
+        #: The process that started this daemon (a provisioner's), if any.
+        self.starter = Starter.from_env(os.environ.pop(STARTER_ENV, None))
+        self._usual_runtime_dir = False
         self._tasks: set[asyncio.Task[Any]] = set()
         self.leases_served = 0
         self.warm_leases = 0
@@ -159,6 +234,7 @@ class ManagerDaemon:
     async def serve(self) -> None:
         """Run until stopped; clean up every kernel and worker on the way out."""
         self._take_lock()
+        self._usual_runtime_dir = _is_usual_runtime_dir(self.paths.lock.parent)
         try:
             await self._listen()
             loop = asyncio.get_running_loop()
@@ -209,6 +285,8 @@ class ManagerDaemon:
         finally:
             os.umask(old_umask)
         os.chmod(path, 0o600)
+        st = os.stat(path)
+        self._socket_id = (st.st_dev, st.st_ino)
 
     async def _cleanup(self) -> None:
         if self._server is not None:
@@ -216,7 +294,11 @@ class ManagerDaemon:
             with contextlib.suppress(Exception):
                 await self._server.wait_closed()
         with contextlib.suppress(FileNotFoundError):
-            self.paths.socket.unlink()
+            if self._socket_is_ours():
+                self.paths.socket.unlink()
+        # No client reaches this daemon any more: a new one may start at
+        # once, while this one stops its kernels.
+        self._release_lock()
         await asyncio.gather(*(self._end_lease(lease) for lease in list(self.leases.values())))
         await asyncio.gather(*(pool.stop() for pool in self.pools.values()), return_exceptions=True)
         self.pools.clear()
@@ -225,18 +307,65 @@ class ManagerDaemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _watch(self) -> None:
-        """Reap leases of dead owners; exit when idle for too long."""
+        """Reap leases of dead owners; stop when it is time (see _why_exit)."""
         while True:
             await asyncio.sleep(self.reap_interval)
             for lease in list(self.leases.values()):
                 if not _owner_alive(lease.owner_pid, lease.owner_started):
                     log.info("owner %s of lease %s is gone: reaping it", lease.owner_pid, lease.id)
                     await self._end_lease(lease)
-            idle = time.monotonic() - self._last_activity
-            if not self.leases and idle > self.idle_timeout:
-                log.info("no leases for %.0f s: exiting", idle)
+            reason = self._why_exit()
+            if reason is not None:
+                log.info("exiting: %s", reason)
                 self._stop.set()
                 return
+
+    def _why_exit(self) -> str | None:
+        """Why the daemon should stop now, or None to keep serving."""
+        unreachable = self._unreachable()
+        if unreachable is not None:
+            return unreachable  # with its kernels: nobody could manage them
+        starter = self.starter
+        starter_gone = starter is not None and starter.check(self.paths.lock.parent)
+        if self.leases or self._inflight:
+            return None
+        if starter is not None and starter_gone:
+            if starter.is_server:
+                return (
+                    f"the Jupyter server {starter.pid} that started it is gone, "
+                    "and nothing is leased"
+                )
+            if not self._usual_runtime_dir:
+                return (
+                    f"the process {starter.pid} that started it is gone, nothing is leased, "
+                    f"and {self.paths.lock.parent} is not the usual runtime directory"
+                )
+        idle = time.monotonic() - self._last_activity
+        if idle > self.idle_timeout:
+            return f"no leases for {idle:.0f} s"
+        return None
+
+    def _unreachable(self) -> str | None:
+        """Why clients can no longer reach this daemon (its lock file or
+        socket was removed or replaced), or None."""
+        if self._lock_fd is not None:
+            held = os.fstat(self._lock_fd)
+            try:
+                st = os.stat(self.paths.lock)
+            except OSError:
+                return f"its lock file {self.paths.lock} (or the runtime directory) was removed"
+            if (st.st_dev, st.st_ino) != (held.st_dev, held.st_ino):
+                return f"its lock file {self.paths.lock} was replaced"
+        if self._socket_id is not None and not self._socket_is_ours():
+            return f"its socket {self.paths.socket} was removed or replaced"
+        return None
+
+    def _socket_is_ours(self) -> bool:
+        try:
+            st = os.stat(self.paths.socket)
+        except OSError:
+            return False
+        return (st.st_dev, st.st_ino) == self._socket_id
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.ensure_future(coro)
@@ -305,7 +434,12 @@ class ManagerDaemon:
                 "unknown_op", f"unknown daemon op {op!r} (known: {sorted(self._ops)})"
             )
         self._last_activity = time.monotonic()
-        result = await handler(self, request)
+        self._inflight += 1
+        try:
+            result = await handler(self, request)
+        finally:
+            self._inflight -= 1
+            self._last_activity = time.monotonic()
         if isinstance(result, tuple):
             reply, after = result
         else:
@@ -477,6 +611,9 @@ class ManagerDaemon:
                 "socket": os.fspath(self.paths.socket),
                 "uptime_s": round(time.time() - self.started, 1),
                 "idle_timeout_s": self.idle_timeout,
+                # what the exit policy sees (docs/daemon.md, "Lifecycle")
+                "usual_runtime_dir": self._usual_runtime_dir,
+                "starter": None if self.starter is None else self.starter.describe(),
                 "leases_served": self.leases_served,
                 "warm_leases": self.warm_leases,
             },

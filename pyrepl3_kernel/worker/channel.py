@@ -4,6 +4,10 @@ Reading happens on a dedicated I/O thread with every signal blocked, so a
 SIGINT always lands on the main thread where user code runs. Sending may happen
 from any thread; a send is atomic with respect to SIGINT (the signal is held
 back until the frame is fully written) so an interrupt can never cut a frame.
+
+When the supervisor's end closes (it died, even by SIGKILL), the worker ends
+and takes along every process user code started in its process group
+(:func:`end_process_group`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import termios
 import threading
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 from ..protocol import (
     FrameDecoder,
@@ -94,7 +99,7 @@ class Channel:
             if not data:
                 # The supervisor closed its end or died: nobody can see our
                 # results any more, so there is no point in running on.
-                os._exit(0)
+                end_process_group()
             for item in decoder.feed(data):
                 if isinstance(item, ProtocolError):
                     self.report(item)
@@ -109,6 +114,17 @@ class Channel:
     def report(self, exc: ProtocolError) -> None:
         log.warning("protocol error: %s", exc)
         self.send(ProtocolErrorMessage(code=exc.code, detail=exc.detail, parent_id=exc.message_id))
+
+
+def end_process_group() -> NoReturn:
+    """Exit now, with the processes user code started (``subprocess.Popen``
+    of a cell, multiprocessing children, their children): the supervisor
+    starts the worker in a session of its own, so they share its process
+    group unless they left it. The supervisor kills that group when it stops
+    a worker; when the supervisor itself was killed, this does it."""
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)  # this process included
+    os._exit(0)
 
 
 def _is_pipe(fd: int) -> bool:

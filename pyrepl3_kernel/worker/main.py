@@ -653,17 +653,24 @@ def _set_default_mpl_backend() -> None:
 
 
 def _die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel to SIGKILL us when the supervisor dies (Linux)."""
+    """End the worker, and the processes its cells started, when the
+    supervisor dies. Its end of the protocol socket closing does that (see
+    Channel.serve); as a second way, Linux sends SIGHUP when the parent dies,
+    and the handler does the same. Not SIGKILL: the worker must live long
+    enough to kill its process group, or a cell's subprocesses outlive it."""
+    from .channel import end_process_group
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: end_process_group())
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
         pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(pr_set_pdeathsig, signal.SIGHUP, 0, 0, 0)
     except Exception:
         pass
     if parent_pid and os.getppid() != parent_pid:
-        os._exit(0)  # the supervisor died before prctl took effect
+        end_process_group()  # the supervisor died before prctl took effect
 
 
 def main(argv: list[str] | None = None) -> None:
