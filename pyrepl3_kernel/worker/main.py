@@ -206,6 +206,9 @@ class Worker:
                 self._shutdown(req)
                 break
             self._parent = req.id
+            # What runs for this request writes as its own (tasks a cell
+            # starts inherit the id: their output stays the cell's).
+            output.cell_parent.set(req.id)
             try:
                 self._handlers[req.type](req)
             except KeyboardInterrupt:
@@ -311,8 +314,6 @@ class Worker:
         self._running = req.id
         result = None
         transaction = self.transactions.begin(req.code)  # None when the policy is off
-        # Tasks the cell starts inherit the cell's id: their output is its.
-        output.cell_parent.set(req.id)
         cells_loop()
         try:
             self._in_user_code = True
