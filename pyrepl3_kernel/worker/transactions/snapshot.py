@@ -48,7 +48,7 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 
-from ..units import format_size, parse_size
+from ...units import format_size, parse_size
 
 log = logging.getLogger("pyrepl3.worker")
 
