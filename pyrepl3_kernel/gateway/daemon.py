@@ -34,6 +34,7 @@ from typing import Any
 
 from .._version import __version__
 from ..session import PoolConfig, PoolExhausted, SessionPool, WorkerStartError
+from ..session.workers import ColdWorkers, PooledWorkers, WorkerSource
 from .daemon_client import (
     _HEADER,
     DAEMON_PROTOCOL_VERSION,
@@ -45,7 +46,6 @@ from .daemon_client import (
     encode_frame,
 )
 from .kernel import JupyterGateway
-from .workers import ColdWorkers, PooledWorkers, WorkerSource
 
 log = logging.getLogger("pyrepl3.daemon")
 

@@ -43,10 +43,10 @@ from ..protocol import (
     MessageType,
 )
 from ..session import Session, WorkerDeadError, WorkerStartError
+from ..session.limits import Limits, RestartBudget, WorkerMonitor
+from ..session.workers import ColdWorkers, WorkerSource
 from . import checkpoint_comm, translate
 from .heartbeat import Heartbeat
-from .supervisor import Limits, RestartBudget, WorkerMonitor
-from .workers import ColdWorkers, WorkerSource
 
 log = logging.getLogger("pyrepl3.gateway")
 

@@ -33,8 +33,8 @@ async def serve(connection_file: str) -> None:
     while session.pid is None and not first.done():
         await asyncio.sleep(0)
 
+    from ..session.workers import ColdWorkers
     from .kernel import JupyterGateway
-    from .workers import ColdWorkers
 
     done = asyncio.Event()
     gateway = JupyterGateway(

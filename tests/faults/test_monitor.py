@@ -10,7 +10,7 @@ import sys
 
 import psutil
 
-from pyrepl3_kernel.gateway.supervisor import Limits, WorkerMonitor
+from pyrepl3_kernel.session.limits import Limits, WorkerMonitor
 
 from .helpers import wait_until
 

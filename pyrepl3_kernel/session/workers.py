@@ -11,7 +11,8 @@ import asyncio
 from collections.abc import Mapping
 from typing import Protocol
 
-from ..session import Session, SessionPool
+from .manager import Session
+from .pool import SessionPool
 
 
 class WorkerSource(Protocol):
