@@ -18,7 +18,8 @@ from session_helpers import collect, of_type, reply_of, result_text, run, stream
 
 from pyrepl3_kernel.protocol import MessageType
 from pyrepl3_kernel.session import Session
-from pyrepl3_kernel.worker.transactions import PAYLOAD_SOURCE, parse_size, strip_transaction_line
+from pyrepl3_kernel.units import parse_size
+from pyrepl3_kernel.worker.transactions import PAYLOAD_SOURCE, strip_transaction_line
 
 
 @pytest.fixture(autouse=True)
