@@ -35,9 +35,9 @@ from .pickling import (
     ContainerAwarePickler,
     NamespacePickler,
     NotRestorable,
-    _is_user_class,
-    _is_user_function,
     holds_named_container,
+    is_user_class,
+    is_user_function,
     load,
 )
 
@@ -782,7 +782,7 @@ def _prefers_source(obj: Any) -> bool:
     """Classes whose generated parts (a dataclass's ``__init__`` compares
     with sentinels of ``dataclasses``; an enum's members) do not survive
     pickling by value."""
-    return _is_user_class(obj) and (
+    return is_user_class(obj) and (
         "__dataclass_fields__" in vars(obj) or isinstance(obj, enum.EnumMeta)
     )
 
@@ -790,7 +790,7 @@ def _prefers_source(obj: Any) -> bool:
 def _rebuildable(var: str, obj: Any, ns: dict[str, Any]) -> bool:
     """Whether running the source of ``obj`` defines it as ``var``."""
     return (
-        (_is_user_function(obj, ns) or _is_user_class(obj))
+        (is_user_function(obj, ns) or is_user_class(obj))
         and obj.__name__ == var
         and "<locals>" not in obj.__qualname__
         and _source_of(obj, ns) is not None
@@ -860,9 +860,9 @@ def _check_name(name: str) -> None:
 def _status_of(obj: Any) -> str:
     if isinstance(obj, types.ModuleType):
         return "reference"
-    from .pickling import _FILE_TYPES, _LOCK_TYPES
+    from .pickling import FILE_TYPES, LOCK_TYPES
 
-    if isinstance(obj, _FILE_TYPES) or type(obj) in _LOCK_TYPES:
+    if isinstance(obj, FILE_TYPES) or type(obj) in LOCK_TYPES:
         return "reconstructed"
     return "saved"
 
@@ -882,7 +882,7 @@ _SOURCES: weakref.WeakKeyDictionary[Any, tuple[Any, str]] = weakref.WeakKeyDicti
 
 
 def _source_of(obj: Any, ns: dict[str, Any]) -> str | None:
-    if not (_is_user_function(obj, ns) or _is_user_class(obj)):
+    if not (is_user_function(obj, ns) or is_user_class(obj)):
         return None
     code = getattr(obj, "__code__", None)
     cached = _SOURCES.get(obj)

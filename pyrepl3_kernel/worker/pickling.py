@@ -16,6 +16,11 @@ What the standard pickler cannot do for a notebook namespace is done here by
   (``type(points[0]) is Point``, ``a is b``).
 
 numpy arrays and pandas frames travel as protocol-5 out-of-band buffers.
+
+This module's path and the names of the functions its reducers return
+(``_make_function``, ``_set_function_state``, ``_named_ref``, ``_make_class``,
+...) are part of the checkpoint format: pickles name them, so moving or
+renaming them makes saved checkpoints unreadable.
 """
 
 from __future__ import annotations
@@ -37,21 +42,21 @@ from typing import Any
 
 PROTOCOL = 5
 
-_LOCK_TYPES = {type(threading.Lock()): "Lock", type(threading.RLock()): "RLock"}
-_FILE_TYPES = (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.FileIO)
+LOCK_TYPES = {type(threading.Lock()): "Lock", type(threading.RLock()): "RLock"}
+FILE_TYPES = (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.FileIO)
 
 
 class NotRestorable(Exception):
     """The object cannot be saved; ``str(exc)`` says why."""
 
 
-def _is_user_function(obj: Any, user_ns: dict[str, Any]) -> bool:
+def is_user_function(obj: Any, user_ns: dict[str, Any]) -> bool:
     return isinstance(obj, types.FunctionType) and (
         obj.__globals__ is user_ns or obj.__module__ == "__main__"
     )
 
 
-def _is_user_class(obj: Any) -> bool:
+def is_user_class(obj: Any) -> bool:
     return isinstance(obj, type) and obj.__module__ == "__main__"
 
 
@@ -84,11 +89,11 @@ class NamespacePickler(pickle.Pickler):
                 return _named_ref, (name,)
         if isinstance(obj, types.ModuleType):
             return importlib.import_module, (obj.__name__,)
-        if _is_user_function(obj, self.user_ns):
+        if is_user_function(obj, self.user_ns):
             return _reduce_function(obj)
-        if _is_user_class(obj):
+        if is_user_class(obj):
             return _reduce_class(obj)
-        if isinstance(obj, functools._lru_cache_wrapper) and _is_user_function(
+        if isinstance(obj, functools._lru_cache_wrapper) and is_user_function(
             getattr(obj, "__wrapped__", None), self.user_ns
         ):
             # By default pickled as a reference to ``__main__.<name>``, which a
@@ -105,10 +110,10 @@ class NamespacePickler(pickle.Pickler):
             return property, (obj.fget, obj.fset, obj.fdel, obj.__doc__)
         if type(obj) in (staticmethod, classmethod):
             return type(obj), (obj.__func__,)
-        kind = _LOCK_TYPES.get(type(obj))
+        kind = LOCK_TYPES.get(type(obj))
         if kind is not None:
             return _new_lock, (kind,)
-        if isinstance(obj, _FILE_TYPES):
+        if isinstance(obj, FILE_TYPES):
             return _reduce_file(obj)
         if isinstance(obj, types.FrameType):
             raise NotRestorable("frames cannot be saved")
