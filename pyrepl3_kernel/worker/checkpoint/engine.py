@@ -29,8 +29,8 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..units import format_size
-from .pickling import (
+from ...units import format_size
+from ..pickling import (
     CONTAINERS,
     ContainerAwarePickler,
     NamespacePickler,
@@ -805,7 +805,7 @@ def _defining_file(obj: Any) -> str | None:
     if isinstance(obj, types.FunctionType):
         return str(obj.__code__.co_filename)
     if isinstance(obj, type):
-        from .sources import class_file
+        from ..sources import class_file
 
         return class_file(obj)
     return None
@@ -860,7 +860,7 @@ def _check_name(name: str) -> None:
 def _status_of(obj: Any) -> str:
     if isinstance(obj, types.ModuleType):
         return "reference"
-    from .pickling import FILE_TYPES, LOCK_TYPES
+    from ..pickling import FILE_TYPES, LOCK_TYPES
 
     if isinstance(obj, FILE_TYPES) or type(obj) in LOCK_TYPES:
         return "reconstructed"
@@ -908,7 +908,7 @@ def _cell_source(filename: str) -> str:
 
 
 def _register_sources(sources: dict[str, str], entries: dict[str, dict[str, Any]]) -> None:
-    from .sources import register_class_cell, register_source
+    from ..sources import register_class_cell, register_source
 
     for filename, text in sources.items():
         register_source(filename, text)
