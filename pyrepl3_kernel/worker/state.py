@@ -19,9 +19,8 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
 from ..units import format_size
-from . import sources
 from .autosave import wait_for_autosave
-from .checkpoint import CheckpointEngine, CheckpointError, CheckpointExistsError, Store
+from .checkpoint import CheckpointEngine, CheckpointError, CheckpointExistsError, Store, sources
 
 ACTIONS = ("save", "restore", "list", "delete", "info")
 

@@ -805,7 +805,7 @@ def _defining_file(obj: Any) -> str | None:
     if isinstance(obj, types.FunctionType):
         return str(obj.__code__.co_filename)
     if isinstance(obj, type):
-        from ..sources import class_file
+        from .sources import class_file
 
         return class_file(obj)
     return None
@@ -908,7 +908,7 @@ def _cell_source(filename: str) -> str:
 
 
 def _register_sources(sources: dict[str, str], entries: dict[str, dict[str, Any]]) -> None:
-    from ..sources import register_class_cell, register_source
+    from .sources import register_class_cell, register_source
 
     for filename, text in sources.items():
         register_source(filename, text)
