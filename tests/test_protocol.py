@@ -6,7 +6,9 @@ No processes, no sockets: bytes in, messages out. See docs/protocol.md.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
+import pathlib
 import types
 import typing
 from typing import Any
@@ -22,15 +24,25 @@ from pyrepl3_kernel.protocol import (
     PROTOCOL_VERSION,
     REPLY_TYPES,
     SUPPORTED_VERSIONS,
+    AckMessage,
+    CheckpointReplyMessage,
     CommMsgMessage,
+    CompleteReplyMessage,
     ExecuteMessage,
+    ExecuteReplyMessage,
     FrameDecoder,
+    HealthReplyMessage,
+    IsCompleteReplyMessage,
     Message,
     MessageType,
     OutputMessage,
     PingMessage,
+    PongMessage,
     ProtocolError,
+    ProtocolErrorCode,
+    ProtocolErrorMessage,
     ReadyMessage,
+    Reply,
     decode,
     encode,
     frame,
@@ -40,6 +52,8 @@ from pyrepl3_kernel.protocol import (
 )
 from pyrepl3_kernel.protocol.framing import MAX_FRAME_SIZE
 from pyrepl3_kernel.protocol.messages import FIELD_TYPES
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 PER_CLASS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -142,6 +156,67 @@ def test_defaults() -> None:
     )
 
 
+# -- replies -------------------------------------------------------------------
+
+
+def test_every_reply_shares_the_reply_base() -> None:
+    for reply_type in [*REPLY_TYPES.values(), MessageType.PROTOCOL_ERROR]:
+        assert issubclass(MESSAGE_CLASSES[reply_type], Reply)
+    # The base adds nothing to the wire: its fields are the common ones.
+    assert [f.name for f in dataclasses.fields(Reply)] == ["id", "timestamp", "parent_id"]
+    assert Reply not in MESSAGE_CLASSES.values()
+
+
+def test_reply_fields_keep_their_wire_order() -> None:
+    """The base class must not move a reply's fields: the encoder writes them
+    in class order (docs/protocol.md 4.1)."""
+    reply = ExecuteReplyMessage(id="i", timestamp=1.0, status="error", ename="E")
+    assert list(to_dict(reply)) == [
+        "v",
+        "type",
+        "id",
+        "timestamp",
+        "parent_id",
+        "status",
+        "execution_count",
+        "ename",
+        "evalue",
+        "traceback",
+        "payload",
+        "user_expressions",
+    ]
+    assert list(to_dict(AckMessage()))[5:] == ["status", "ename", "evalue"]
+    assert list(to_dict(PongMessage()))[5:] == []
+
+
+def test_every_reply_reads_status_ok_ename_evalue() -> None:
+    failed = AckMessage(status="error", ename="OSError", evalue="gone")
+    assert (failed.status, failed.ok, failed.ename, failed.evalue) == (
+        "error",
+        False,
+        "OSError",
+        "gone",
+    )
+    assert ExecuteReplyMessage(status="aborted").ok is False
+    assert CheckpointReplyMessage().ok is True
+    # Replies without the fields read as succeeded, with nothing to say.
+    for reply in (PongMessage(), HealthReplyMessage(), CompleteReplyMessage()):
+        assert (reply.status, reply.ok, reply.ename, reply.evalue) == ("ok", True, "", "")
+    assert CompleteReplyMessage(status="error").ok is False
+    # is_complete_reply's status is its answer, never a failure.
+    for answer in ("complete", "incomplete", "invalid", "unknown"):
+        assert IsCompleteReplyMessage(status=answer).ok
+    # A protocol error reads as a failed reply: its code names it.
+    err = ProtocolErrorMessage(code="bad_field", detail="field 'code' must be str")
+    assert (err.status, err.ok, err.ename, err.evalue) == (
+        "error",
+        False,
+        "bad_field",
+        "field 'code' must be str",
+    )
+    assert "status" not in to_dict(err) and "ename" not in to_dict(PongMessage())
+
+
 # -- round trips ---------------------------------------------------------------
 
 
@@ -226,6 +301,7 @@ def decodes_or_protocol_error(data: bytes) -> None:
     try:
         msg = decode(data)
     except ProtocolError as exc:
+        assert isinstance(exc.code, ProtocolErrorCode)
         assert exc.code in {
             "malformed",
             "unknown_type",
@@ -380,6 +456,47 @@ def test_wrong_field_type(type_: str, field: str, value: Any) -> None:
     assert err.code == "bad_field"
     assert field in err.detail
     assert err.message_id == ("m1" if field != "id" else None)
+
+
+def test_error_codes_are_one_str_enum() -> None:
+    assert [c.value for c in ProtocolErrorCode] == [
+        "malformed",
+        "unknown_type",
+        "unsupported_version",
+        "too_large",
+        "bad_field",
+        "unexpected",
+        "unsupported",
+        "failed",
+        "worker_died",
+    ]
+    for code in ProtocolErrorCode:
+        assert code == code.value and str(code) == code.value and f"{code}" == code.value
+    err = ProtocolError("malformed", "empty message")  # a plain string is taken
+    assert err.code is ProtocolErrorCode.MALFORMED
+    assert str(err) == "malformed: empty message"
+    with pytest.raises(ValueError, match="unknown protocol error code 'oops'.*malformed"):
+        ProtocolError("oops", "x")
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_error_code_on_the_wire_is_its_string(codec: str) -> None:
+    as_enum = ProtocolErrorMessage(id="i", timestamp=1.0, code=ProtocolErrorCode.TOO_LARGE)
+    as_str = ProtocolErrorMessage(id="i", timestamp=1.0, code="too_large")
+    assert encode(as_enum, codec) == encode(as_str, codec)
+    back = decode(encode(as_enum, codec))
+    assert back == as_enum and back == as_str
+    # A code this side does not know (a newer peer) is kept as it is.
+    newer = decode(packed(wire(type="protocol_error", code="from_the_future")))
+    assert isinstance(newer, ProtocolErrorMessage) and newer.code == "from_the_future"
+
+
+def test_docs_list_every_error_code() -> None:
+    text = DOCS.read_text()
+    table = text[text.index("| code                  | sent by | meaning |") :]
+    table = table[: table.index("\n\n")]
+    documented = [line.split("|")[1].strip().strip("`") for line in table.splitlines()[2:]]
+    assert documented == [c.value for c in ProtocolErrorCode]
 
 
 def test_too_large() -> None:

@@ -16,7 +16,7 @@ from typing import Any
 
 import msgpack
 
-from .messages import FIELD_TYPES, MESSAGE_CLASSES, Message, MessageType
+from .messages import FIELD_TYPES, MESSAGE_CLASSES, Message, MessageType, ProtocolErrorCode
 
 #: The protocol version this implementation speaks (the ``v`` of every message).
 PROTOCOL_VERSION = 1
@@ -31,14 +31,22 @@ _BINARY_KEY = "$binary"
 class ProtocolError(Exception):
     """A message could not be decoded or accepted.
 
-    ``code`` is machine-readable (``malformed``, ``unknown_type``,
+    ``code`` is a :class:`ProtocolErrorCode` (``malformed``, ``unknown_type``,
     ``unsupported_version``, ``too_large``, ``bad_field``, ``unsupported``);
-    ``message_id`` is the offending message's id when it could be read.
+    a plain string is taken if it is one of the codes. ``message_id`` is the
+    offending message's id when it could be read.
     """
 
-    def __init__(self, code: str, detail: str, message_id: str | None = None) -> None:
+    def __init__(
+        self, code: ProtocolErrorCode | str, detail: str, message_id: str | None = None
+    ) -> None:
+        try:
+            code = ProtocolErrorCode(code)
+        except ValueError:
+            known = ", ".join(c.value for c in ProtocolErrorCode)
+            raise ValueError(f"unknown protocol error code {code!r} (codes: {known})") from None
         super().__init__(f"{code}: {detail}")
-        self.code = code
+        self.code: ProtocolErrorCode = code
         self.detail = detail
         self.message_id = message_id
 
@@ -58,27 +66,35 @@ def from_dict(obj: Any, *, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> Me
     their defaults; a field of the wrong type is a ``bad_field`` error.
     """
     if not isinstance(obj, dict):
-        raise ProtocolError("malformed", f"a message must be a map, got {type(obj).__name__}")
+        raise ProtocolError(
+            ProtocolErrorCode.MALFORMED, f"a message must be a map, got {type(obj).__name__}"
+        )
     msg_id = obj.get("id") if isinstance(obj.get("id"), str) else None
     version = obj.get("v")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise ProtocolError("malformed", "missing or non-integer protocol version 'v'", msg_id)
+        raise ProtocolError(
+            ProtocolErrorCode.MALFORMED, "missing or non-integer protocol version 'v'", msg_id
+        )
     if version not in versions:
         raise ProtocolError(
-            "unsupported_version",
+            ProtocolErrorCode.UNSUPPORTED_VERSION,
             f"protocol version {version} is not supported (supported: {list(versions)})",
             msg_id,
         )
     type_name = obj.get("type")
     if not isinstance(type_name, str):
-        raise ProtocolError("malformed", "missing message 'type'", msg_id)
+        raise ProtocolError(ProtocolErrorCode.MALFORMED, "missing message 'type'", msg_id)
     try:
         msg_type = MessageType(type_name)
     except ValueError:
-        raise ProtocolError("unknown_type", f"unknown message type {type_name!r}", msg_id) from None
+        raise ProtocolError(
+            ProtocolErrorCode.UNKNOWN_TYPE, f"unknown message type {type_name!r}", msg_id
+        ) from None
     cls = MESSAGE_CLASSES.get(msg_type)
     if cls is None:  # a reserved type: known but not implemented
-        raise ProtocolError("unsupported", f"message type {type_name!r} is not implemented", msg_id)
+        raise ProtocolError(
+            ProtocolErrorCode.UNSUPPORTED, f"message type {type_name!r} is not implemented", msg_id
+        )
     kwargs: dict[str, Any] = {}
     for name, hint in FIELD_TYPES[cls].items():
         if name not in obj:
@@ -86,7 +102,7 @@ def from_dict(obj: Any, *, versions: tuple[int, ...] = SUPPORTED_VERSIONS) -> Me
         value = obj[name]
         if not _conforms(value, hint):
             raise ProtocolError(
-                "bad_field",
+                ProtocolErrorCode.BAD_FIELD,
                 f"field {name!r} of {type_name!r} must be {_describe(hint)}, "
                 f"got {type(value).__name__}",
                 msg_id,
@@ -113,9 +129,11 @@ def decode(
 ) -> Message:
     """Decode one message; the codec is recognized by the first byte."""
     if len(data) > max_size:
-        raise ProtocolError("too_large", f"message of {len(data)} bytes exceeds {max_size}")
+        raise ProtocolError(
+            ProtocolErrorCode.TOO_LARGE, f"message of {len(data)} bytes exceeds {max_size}"
+        )
     if not data:
-        raise ProtocolError("malformed", "empty message")
+        raise ProtocolError(ProtocolErrorCode.MALFORMED, "empty message")
     try:
         if data[:1] == b"{":
             obj = json.loads(data, object_hook=_json_object_hook)
@@ -124,7 +142,7 @@ def decode(
     except ProtocolError:
         raise
     except Exception as exc:  # msgpack and json raise many exception types
-        raise ProtocolError("malformed", f"undecodable payload: {exc}") from None
+        raise ProtocolError(ProtocolErrorCode.MALFORMED, f"undecodable payload: {exc}") from None
     return from_dict(obj, versions=versions)
 
 
@@ -139,7 +157,9 @@ def _json_object_hook(obj: dict[str, Any]) -> Any:
         try:
             return base64.b64decode(obj[_BINARY_KEY], validate=True)
         except Exception as exc:
-            raise ProtocolError("malformed", f"bad base64 in binary value: {exc}") from None
+            raise ProtocolError(
+                ProtocolErrorCode.MALFORMED, f"bad base64 in binary value: {exc}"
+            ) from None
     return obj
 
 

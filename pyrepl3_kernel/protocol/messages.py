@@ -85,6 +85,79 @@ class Message:
     parent_id: str | None = None
 
 
+class ProtocolErrorCode(str, enum.Enum):
+    """The ``code`` of a ``protocol_error`` (and of :class:`ProtocolError`).
+
+    A ``str`` enum: on the wire a code is its plain string, and
+    ``ProtocolErrorCode.MALFORMED == "malformed"``. ``docs/protocol.md``
+    (section 13.1) says when each is used.
+    """
+
+    #: The payload is not a message (empty, undecodable, not a map, no ``v``
+    #: or ``type``).
+    MALFORMED = "malformed"
+    #: ``type`` is not a message type of this version.
+    UNKNOWN_TYPE = "unknown_type"
+    #: ``v`` is a version the receiver does not speak, or the handshake found
+    #: no common version.
+    UNSUPPORTED_VERSION = "unsupported_version"
+    #: The frame or payload is larger than the receiver's maximum.
+    TOO_LARGE = "too_large"
+    #: A known field has the wrong type.
+    BAD_FIELD = "bad_field"
+    #: A well-formed message that is not valid in this direction or state.
+    UNEXPECTED = "unexpected"
+    #: A reserved type the receiver does not implement (none in version 1).
+    UNSUPPORTED = "unsupported"
+    #: The worker's handler of a request failed and the request's reply type
+    #: cannot carry an error (``ename``/``evalue``); ends the request.
+    FAILED = "failed"
+    #: Never on the wire: the client ends a request the dead worker still owed
+    #: with it (section 12.2).
+    WORKER_DIED = "worker_died"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Reply statuses that say a request did not succeed.
+FAILED_STATUSES = frozenset({"error", "aborted"})
+
+
+@dataclass(kw_only=True)
+class Reply(Message):
+    """A message that ends a request: every reply type, and ``protocol_error``
+    (which takes the place of the reply of the request it names).
+
+    Each gives ``status``, ``ok``, ``ename`` and ``evalue``, whether or not its
+    wire form has those fields: a reply type without ``ename``/``evalue``
+    reads ``""``, ``pong`` and ``health_reply`` (answered at once, they cannot
+    fail) read status ``ok``, and a ``protocol_error`` reads status ``error``
+    with its ``code`` as ``ename`` and its ``detail`` as ``evalue``. This base
+    adds no field: the wire form of every reply is its own class's fields.
+    """
+
+    @property
+    def status(self) -> str:
+        """``ok``, ``error`` or ``aborted`` (is_complete_reply: its answer)."""
+        return "ok"
+
+    @property
+    def ok(self) -> bool:
+        """The request was carried out (its status is not error/aborted)."""
+        return self.status not in FAILED_STATUSES
+
+    @property
+    def ename(self) -> str:
+        """What went wrong (an exception's name), or ``""``."""
+        return ""
+
+    @property
+    def evalue(self) -> str:
+        """What went wrong, in words, or ``""``."""
+        return ""
+
+
 # -- handshake and lifecycle -------------------------------------------------
 
 
@@ -116,7 +189,7 @@ class PingMessage(Message):
 
 
 @dataclass(kw_only=True)
-class PongMessage(Message):
+class PongMessage(Reply):
     type: ClassVar[MessageType] = MessageType.PONG
 
 
@@ -127,7 +200,7 @@ class ShutdownMessage(Message):
 
 
 @dataclass(kw_only=True)
-class ShutdownReplyMessage(Message):
+class ShutdownReplyMessage(Reply):
     type: ClassVar[MessageType] = MessageType.SHUTDOWN_REPLY
     status: str = "ok"
     restart: bool = False
@@ -143,14 +216,27 @@ class StatusMessage(Message):
 
 
 @dataclass(kw_only=True)
-class ProtocolErrorMessage(Message):
-    """A message could not be accepted. ``code`` is one of ``malformed``,
-    ``unknown_type``, ``unsupported_version``, ``too_large``, ``bad_field``,
-    ``unexpected``, ``unsupported``."""
+class ProtocolErrorMessage(Reply):
+    """A message could not be accepted, or a request could not be answered.
+    ``code`` is a :class:`ProtocolErrorCode` value (a plain ``str`` on the
+    wire; a receiver keeps codes it does not know as they are). With the
+    ``parent_id`` of an open request it ends that request."""
 
     type: ClassVar[MessageType] = MessageType.PROTOCOL_ERROR
     code: str = ""
     detail: str = ""
+
+    @property
+    def status(self) -> str:
+        return "error"
+
+    @property
+    def ename(self) -> str:
+        return self.code
+
+    @property
+    def evalue(self) -> str:
+        return self.detail
 
 
 # -- execution ---------------------------------------------------------------
@@ -220,7 +306,7 @@ class ErrorMessage(Message):
 
 
 @dataclass(kw_only=True)
-class ExecuteReplyMessage(Message):
+class ExecuteReplyMessage(Reply):
     """Last message of an execution. ``status`` is ``ok``, ``error`` or
     ``aborted``."""
 
@@ -270,7 +356,7 @@ class CompleteMessage(Message):
 
 
 @dataclass(kw_only=True)
-class CompleteReplyMessage(Message):
+class CompleteReplyMessage(Reply):
     type: ClassVar[MessageType] = MessageType.COMPLETE_REPLY
     status: str = "ok"
     matches: list[str] = field(default_factory=list)
@@ -288,7 +374,7 @@ class InspectMessage(Message):
 
 
 @dataclass(kw_only=True)
-class InspectReplyMessage(Message):
+class InspectReplyMessage(Reply):
     type: ClassVar[MessageType] = MessageType.INSPECT_REPLY
     status: str = "ok"
     found: bool = False
@@ -314,7 +400,7 @@ class HistoryMessage(Message):
 
 
 @dataclass(kw_only=True)
-class HistoryReplyMessage(Message):
+class HistoryReplyMessage(Reply):
     """``history``: ``[session, line, input]`` or, with output,
     ``[session, line, [input, output]]`` entries."""
 
@@ -330,7 +416,7 @@ class IsCompleteMessage(Message):
 
 
 @dataclass(kw_only=True)
-class IsCompleteReplyMessage(Message):
+class IsCompleteReplyMessage(Reply):
     """``status`` is ``complete``, ``incomplete``, ``invalid`` or ``unknown``."""
 
     type: ClassVar[MessageType] = MessageType.IS_COMPLETE_REPLY
@@ -377,14 +463,14 @@ class CommInfoMessage(Message):
 
 
 @dataclass(kw_only=True)
-class CommInfoReplyMessage(Message):
+class CommInfoReplyMessage(Reply):
     type: ClassVar[MessageType] = MessageType.COMM_INFO_REPLY
     status: str = "ok"
     comms: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)
-class AckMessage(Message):
+class AckMessage(Reply):
     """Last message for a client request that has no reply of its own
     (comm_open, comm_msg and comm_close from the client)."""
 
@@ -435,7 +521,7 @@ class CheckpointMessage(Message):
 
 
 @dataclass(kw_only=True)
-class CheckpointReplyMessage(Message):
+class CheckpointReplyMessage(Reply):
     """``result`` for save/restore: the per-name report (``saved``,
     ``skipped``, ``failed``, ``removed``, ``bytes_written``, ``seconds``);
     for list: ``{"checkpoints": [...]}``; for info: the checkpoint's summary."""
@@ -458,7 +544,7 @@ class HealthMessage(Message):
 
 
 @dataclass(kw_only=True)
-class HealthReplyMessage(Message):
+class HealthReplyMessage(Reply):
     """Resource usage of the worker process, measured by the worker."""
 
     type: ClassVar[MessageType] = MessageType.HEALTH_REPLY
@@ -475,49 +561,8 @@ class HealthReplyMessage(Message):
 
 MESSAGE_CLASSES: dict[MessageType, type[Message]] = {}
 for _cls in list(globals().values()):
-    if isinstance(_cls, type) and issubclass(_cls, Message) and _cls is not Message:
+    if isinstance(_cls, type) and issubclass(_cls, Message) and _cls not in (Message, Reply):
         MESSAGE_CLASSES[_cls.type] = _cls
-
-#: The reply type that ends each request the worker answers. Everything the
-#: worker sends on behalf of a request comes before its reply.
-REPLY_TYPES: dict[MessageType, MessageType] = {
-    MessageType.EXECUTE: MessageType.EXECUTE_REPLY,
-    MessageType.COMPLETE: MessageType.COMPLETE_REPLY,
-    MessageType.INSPECT: MessageType.INSPECT_REPLY,
-    MessageType.HISTORY: MessageType.HISTORY_REPLY,
-    MessageType.IS_COMPLETE: MessageType.IS_COMPLETE_REPLY,
-    MessageType.COMM_INFO: MessageType.COMM_INFO_REPLY,
-    MessageType.COMM_OPEN: MessageType.ACK,
-    MessageType.COMM_MSG: MessageType.ACK,
-    MessageType.COMM_CLOSE: MessageType.ACK,
-    MessageType.CONFIGURE: MessageType.ACK,
-    MessageType.CHECKPOINT: MessageType.CHECKPOINT_REPLY,
-    MessageType.HEALTH: MessageType.HEALTH_REPLY,
-    MessageType.SHUTDOWN: MessageType.SHUTDOWN_REPLY,
-    MessageType.PING: MessageType.PONG,
-}
-
-
-#: Requests a worker answers one after the other, in order, on its main
-#: thread (where user code runs). Everything else (interrupt, input_response,
-#: ping, health, hello) is answered at once. A client attributes stream
-#: output to the oldest of these still waiting for its reply.
-ORDERED_REQUESTS: frozenset[MessageType] = frozenset(
-    {
-        MessageType.EXECUTE,
-        MessageType.COMPLETE,
-        MessageType.INSPECT,
-        MessageType.HISTORY,
-        MessageType.IS_COMPLETE,
-        MessageType.COMM_INFO,
-        MessageType.COMM_OPEN,
-        MessageType.COMM_MSG,
-        MessageType.COMM_CLOSE,
-        MessageType.CONFIGURE,
-        MessageType.CHECKPOINT,
-        MessageType.SHUTDOWN,
-    }
-)
 
 
 def _field_types(cls: type[Message]) -> dict[str, Any]:
