@@ -107,9 +107,9 @@ class Lease:
             "worker_pid": session.pid if session.is_alive else None,
             "warm": self.warm,
             "age_s": round(time.time() - self.created, 1),
-            "restarts": self.gateway.restarts,
-            "last_crash": self.gateway.last_crash,
-            "health": self.gateway.monitor.sample() if session.is_alive else None,
+            "restarts": session.restarts,
+            "last_crash": session.last_crash,
+            "health": session.monitor.sample() if session.is_alive else None,
             "ports": {k: v for k, v in self.gateway.connection_info.items() if k.endswith("_port")},
         }
 
@@ -570,7 +570,7 @@ class ManagerDaemon:
         if lease is None:
             return {"ended": True}
         if bool(request.get("restart", False)):
-            await lease.gateway.release_worker()
+            await lease.gateway.session.release_worker()
             lease.state = "awaiting_restart"
             return {"ended": False}
         await self._end_lease(lease)
@@ -649,7 +649,7 @@ class ManagerDaemon:
         if restart:
             # jupyter_client follows with a restart op; a client that restarts
             # by message alone gets a new worker on its next request.
-            await lease.gateway.release_worker()
+            await lease.gateway.session.release_worker()
             lease.state = "awaiting_restart"
         else:
             # Not awaited here: the gateway's own task is running this.

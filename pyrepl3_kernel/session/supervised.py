@@ -1,0 +1,642 @@
+"""``SupervisedSession``: a session that outlives its workers.
+
+One worker process at a time does the work (a :class:`~.manager.Session`
+talks to it); this object owns the worker's whole life around it: it starts
+the worker (from a :class:`~.workers.WorkerSource`: cold, or warm from a
+pool), watches the limits while a cell runs, escalates an interrupt that does
+not land, names the cause when the worker dies, and replaces it, with the
+state of the last successful cell restored from the automatic checkpoint,
+within a restart budget. Every face (the Jupyter gateway, the REST execute,
+the native API) talks to the session through this one object and only
+presents what it says.
+
+What a death looks like from outside, whoever asks:
+
+- the cell that was running yields an ERROR ``WorkerDied`` naming the cause,
+  then an OUTPUT on stderr saying what came back (``restored 3 variables as
+  of cell 4: ...``), then its EXECUTE_REPLY with status ``error``;
+- requests queued behind it are answered as the worker's death makes them
+  (cells ``aborted``);
+- a death while idle is told through ``on_unrouted`` (an OUTPUT on stderr for
+  the last request, then the same note on what came back);
+- the next request runs in the new worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any
+
+from ..protocol import (
+    CheckpointMessage,
+    ConfigureMessage,
+    ErrorMessage,
+    ExecuteMessage,
+    ExecuteReplyMessage,
+    Message,
+    MessageType,
+    OutputMessage,
+    ReadyMessage,
+)
+from .limits import Limits, RestartBudget, WorkerMonitor
+from .manager import Session, WorkerDeadError, WorkerStartError
+from .workers import ColdWorkers, WorkerSource
+
+log = logging.getLogger("pyrepl3.session")
+
+WORKER_DIED = "WorkerDied"
+
+
+def default_autosave_dir(session_id: str, env: Mapping[str, str] | None = None) -> str | None:
+    """``<runtime dir>/pyrepl3-autosave/<session id>``, unless
+    PYREPL3_AUTOSAVE=0 in ``env`` (default: this process's environment)."""
+    env = os.environ if env is None else env
+    if env.get("PYREPL3_AUTOSAVE", "1").lower() in ("0", "off", "false", "no"):
+        return None
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return os.path.join(jupyter_runtime_dir(), "pyrepl3-autosave", session_id)
+
+
+def died_text(cause: str) -> str:
+    return f"the worker process died ({cause}) while running this cell; the cell is not re-run"
+
+
+class SupervisedSession:
+    """A session whose worker is replaced, with its state, when it dies.
+
+    ``workers`` says where workers come from (default: a cold start with
+    this interpreter); ``worker``, if given, is a started worker to adopt as
+    the first one. ``autosave_dir`` is where the worker saves its state after
+    each successful cell (default: under Jupyter's runtime dir, named by
+    ``session_id``; None: no saved state, a new worker starts empty).
+    ``limits`` default to the PYREPL3_* variables of ``env``.
+    """
+
+    def __init__(
+        self,
+        workers: WorkerSource | None = None,
+        *,
+        worker: Session | None = None,
+        session_id: str | None = None,
+        autosave_dir: str | None | bool = True,
+        limits: Limits | None = None,
+        env: Mapping[str, str] | None = None,
+        on_unrouted: Callable[[Message], None] | None = None,
+    ) -> None:
+        self.id = session_id or str(uuid.uuid4())
+        self.workers: WorkerSource = workers or ColdWorkers()
+        self._owns_worker = worker is not None
+        #: The worker process now serving the session.
+        self.worker: Session = worker or Session()
+        #: Called with every message that belongs to no request in progress:
+        #: output of background threads and tasks, comm traffic after a cell
+        #: ended, and what the session says about a death while idle.
+        self.on_unrouted = on_unrouted
+        self.limits = limits or Limits.from_env(env)
+        self.budget = RestartBudget(self.limits.max_restarts, self.limits.restart_window)
+        self.monitor = WorkerMonitor(self.limits, kill=self.kill_worker, warn=self._warn_running)
+        if autosave_dir is True:
+            autosave_dir = default_autosave_dir(self.id, env)
+        self.autosave_dir: str | None = autosave_dir or None
+        self.restarts = 0
+        self.last_crash: str | None = None
+        #: Why no worker is started any more (the restart budget is spent).
+        self.halted: str | None = None
+        self.started = time.time()
+        self.execution_count = 0
+        self._ready = asyncio.Event()
+        self._replacing: asyncio.Task[None] | None = None
+        self._count_to_sync = False
+        self._kill_reason: str | None = None
+        self._death_text: str | None = None
+        self._recovery_note: str | None = None
+        self._restoring = False
+        self._restore_death: str | None = None
+        self._running: str | None = None
+        self._pending_inputs: set[str] = set()
+        self._interrupt_timer: asyncio.TimerHandle | None = None
+        self._last_request: str | None = None
+        self._closing = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._usage_processes: dict[int, Any] = {}
+
+    # -- what the current worker is ---------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self.worker.pid
+
+    @property
+    def is_alive(self) -> bool:
+        return self.worker.is_alive
+
+    @property
+    def ready(self) -> ReadyMessage | None:
+        return self.worker.ready
+
+    @property
+    def is_ready(self) -> bool:
+        """Whether a worker is up and configured (not being replaced)."""
+        return self._ready.is_set()
+
+    @property
+    def running(self) -> str | None:
+        """Id of the cell running now, if any."""
+        return self._running
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def begin(self) -> None:
+        """Start bringing the first worker up, without waiting for it."""
+        if self._replacing is None:
+            self._replacing = self._spawn(
+                self._adopt_worker() if self.worker.is_alive else self._start_worker()
+            )
+
+    async def start(self) -> None:
+        """Bring the first worker up; raises WorkerStartError if it fails."""
+        self.begin()
+        assert self._replacing is not None
+        await self._replacing
+        if not self._ready.is_set():
+            raise WorkerStartError(self.last_crash or "the worker could not be started")
+
+    async def wait_ready(self) -> None:
+        await self._ready.wait()
+
+    async def shutdown(self) -> None:
+        """Stop the worker; the automatic checkpoint goes with the session."""
+        self._closing = True
+        if self._interrupt_timer is not None:
+            self._interrupt_timer.cancel()
+            self._interrupt_timer = None
+        self.monitor.cell_finished()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.release_worker()
+        self.discard_autosave()
+
+    async def restart(self) -> None:
+        """A new worker, afresh: no state is restored and the restart budget
+        is reset (a restart the user asked for)."""
+        self.budget.reset()
+        self.halted = None
+        self.discard_autosave()
+        self._replacing = self._spawn(self._start_worker())
+        await self._replacing
+        if not self._ready.is_set():
+            raise WorkerStartError(self.last_crash or "the worker could not be started")
+
+    async def release_worker(self) -> None:
+        """Let the current worker go (it is never reused)."""
+        self._ready.clear()
+        if self._owns_worker:
+            self._owns_worker = False
+            self.worker.on_unrouted = None  # its exit is not a crash
+            with contextlib.suppress(Exception):
+                await self.workers.release(self.worker)
+
+    async def __aenter__(self) -> SupervisedSession:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("session task failed", exc_info=task.exception())
+
+    async def _adopt_worker(self) -> None:
+        try:
+            await self._prepare(self.worker)
+        except Exception as exc:
+            log.error("could not configure the worker: %s", exc)
+        self._ready.set()
+
+    async def _prepare(self, worker: Session) -> None:
+        worker.on_unrouted = self._on_worker_unrouted
+        if self.autosave_dir:
+            await worker.request(ConfigureMessage(autosave=self.autosave_dir))
+        self.monitor.attach(worker.pid)
+
+    async def _start_worker(self, restore: bool = False) -> None:
+        """A new worker; with ``restore``, the state of its predecessor's last
+        successful cell is loaded into it (``_recovery_note`` says how it went)."""
+        await self.release_worker()
+        try:
+            worker = await self.workers.acquire()
+            await self._prepare(worker)
+        except Exception as exc:
+            log.error("could not start the worker: %s", exc)
+            self.last_crash = str(exc)
+            self._unrouted_note(f"pyrepl3: could not start a worker: {exc}\n")
+            return
+        self.worker = worker
+        self._owns_worker = True
+        # A worker replacing a crashed one continues the count (the next
+        # execute tells it), so no two cells show one number.
+        self._count_to_sync = restore
+        if not restore:
+            self.execution_count = 0  # a new worker counts from 1 again
+        else:
+            self._restoring, self._restore_death = True, None
+            try:
+                self._recovery_note = await self._restore_autosave()
+            finally:
+                self._restoring = False
+            if not worker.is_alive:
+                await self._restore_killed_worker(worker)
+                return
+        self._ready.set()
+
+    async def _restore_killed_worker(self, worker: Session) -> None:
+        """Loading the saved state killed the new worker (an object whose
+        unpickling crashes): discard that state, which would kill every
+        worker that loads it, and start afresh. Counts as a crash."""
+        cause = self._restore_death or worker.death_cause or "unknown cause"
+        self.restarts += 1
+        self.last_crash = cause
+        self.discard_autosave()
+        if not self.budget.record_crash():
+            self.halted = self.budget.describe()
+            log.error("restoring the saved state killed the worker (%s); %s", cause, self.halted)
+            return
+        log.warning("restoring the saved state killed the worker (%s); starting afresh", cause)
+        await self._start_worker()
+        self._recovery_note = (
+            f"pyrepl3: loading the saved state killed the new worker ({cause}); the saved "
+            "state was discarded and a fresh worker started: the state is lost\n"
+        )
+
+    async def _restore_autosave(self) -> str:
+        """Load the automatic checkpoint into the new worker; say what happened."""
+        head = "pyrepl3: a new worker is running"
+        if not self.autosave_dir:
+            return (
+                f"{head}; the state is lost (automatic checkpoints are off: PYREPL3_AUTOSAVE=0)\n"
+            )
+        nothing = f"{head}; no saved state to restore (no cell had completed)\n"
+        # The directory comes with the first save; ``auto.json`` only once it
+        # is written: a crash right after the first cell finds the save still
+        # on its way, and the restore waits for it (in the worker).
+        if not os.path.isdir(self.autosave_dir):
+            return nothing
+        try:
+            reply: Any = await self.worker.request(
+                CheckpointMessage(action="restore", name="auto", store=self.autosave_dir)
+            )
+        except WorkerDeadError as exc:
+            return f"{head}, but restoring the state failed: {exc}\n"
+        if getattr(reply, "status", "") != "ok":
+            if not os.path.exists(os.path.join(self.autosave_dir, "auto.json")):
+                return nothing
+            detail = getattr(reply, "evalue", "") or getattr(reply, "detail", "")
+            return f"{head}; the saved state could not be restored: {detail}\n"
+        result = reply.result
+        saved_cell = result.get("cell_number")  # the prompt the user saw
+        if not isinstance(saved_cell, int):  # a worker from before cell_number
+            count = result.get("execution_count")
+            saved_cell = count - 1 if isinstance(count, int) and count > 0 else self.execution_count
+        names = sorted(result.get("saved", {}))
+        lines = [
+            f"{head}; restored {len(names)} variable{'' if len(names) == 1 else 's'} as of cell {saved_cell}"
+            + (f": {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}" if names else "")
+        ]
+        for var, reason in {**result.get("skipped", {}), **result.get("failed", {})}.items():
+            lines.append(f"  not restored: {var}: {reason}")
+        return "\n".join(lines) + "\n"
+
+    def discard_autosave(self) -> None:
+        if self.autosave_dir:
+            shutil.rmtree(self.autosave_dir, ignore_errors=True)
+
+    async def ensure_worker(self) -> None:
+        """Wait for a worker to serve the next request (one being started or
+        replaced included); raises WorkerDeadError if none can be had."""
+        if self._ready.is_set() and not self.worker.is_alive:
+            self._on_worker_dead(self.worker.death_cause or "unknown cause")
+        if self.halted is not None:
+            raise WorkerDeadError(self.halted)
+        if not self._ready.is_set():
+            if self._replacing is None or self._replacing.done():
+                self._replacing = self._spawn(self._start_worker())
+            await self._replacing
+            if not self._ready.is_set():
+                raise WorkerDeadError(self.last_crash or "the worker could not be started")
+
+    def _on_worker_dead(self, cause: str) -> None:
+        if self._closing:
+            return
+        self.restarts += 1
+        self.last_crash = cause
+        self.monitor.cell_finished()
+        self._ready.clear()
+        if not self.budget.record_crash():
+            self.halted = self.budget.describe()
+            log.error("worker died (%s); %s", cause, self.halted)
+            return
+        log.warning("worker died (%s); starting a new one", cause)
+        self._replacing = self._spawn(self._start_worker(restore=True))
+
+    def kill_worker(self, reason: str) -> None:
+        """Stop the worker at once (limits, interrupt escalation); the running
+        cell's error names ``reason``, and recovery follows as for a crash."""
+        pid = self.worker.pid if self.worker.is_alive else None
+        if pid is None:
+            return
+        self._kill_reason = reason
+        log.warning("stopping the worker: %s", reason)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+
+    def _death_cause(self, cause: str) -> str:
+        """The words for a worker's death: the reason this session killed it,
+        or what the exit status and the OOM counter say."""
+        reason, self._kill_reason = self._kill_reason, None
+        if reason is not None:
+            return reason
+        return self.monitor.explain_death(cause, self.worker.returncode)
+
+    async def recovery_note(self) -> str | None:
+        """After a crash: wait for the new worker; what was restored."""
+        task = self._replacing
+        if task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(task)
+        if self.halted is not None:
+            return f"pyrepl3: {self.halted}\n"
+        note, self._recovery_note = self._recovery_note, None
+        return note
+
+    def _warn_running(self, text: str) -> None:
+        self._unrouted_note(text, self._running)
+
+    def _unrouted_note(self, text: str, parent: str | None = None) -> None:
+        if self.on_unrouted is not None:
+            self.on_unrouted(
+                OutputMessage(stream="stderr", data=text, parent_id=parent or self._last_request)
+            )
+
+    def _on_worker_unrouted(self, msg: Message) -> None:
+        if msg.type == MessageType.STATUS and getattr(msg, "state", "") == "dead":
+            # This arrives before the running cell's stream hands out the
+            # error, so the cause is named here, once, for both.
+            if self._restoring:  # _start_worker handles a death while restoring
+                self._restore_death = self._death_cause(getattr(msg, "detail", ""))
+                return
+            cause = self._death_text = self._death_cause(getattr(msg, "detail", ""))
+            idle = self._running is None and not self._closing
+            parent = msg.parent_id or self._last_request
+            if idle:
+                self._unrouted_note(
+                    f"pyrepl3: the worker process died ({cause}) while idle\n", parent
+                )
+            self._on_worker_dead(cause)
+            if idle:
+                self._spawn(self._tell_recovery(parent))
+            return
+        if msg.type == MessageType.PROTOCOL_ERROR:
+            log.warning("protocol error from the worker: %s", msg)
+            return
+        if self.on_unrouted is not None:
+            self.on_unrouted(msg)
+
+    async def _tell_recovery(self, parent: str | None) -> None:
+        note = await self.recovery_note()
+        if note:
+            self._unrouted_note(note, parent)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def next_execution_count(self, message: ExecuteMessage) -> int:
+        """The count the cell ``message`` will show (for execute_input)."""
+        counted = message.store_history and not message.silent
+        return self.execution_count + (1 if counted else 0)
+
+    async def execute(
+        self,
+        message: ExecuteMessage,
+        on_start: Callable[[int], None] | None = None,
+    ) -> AsyncIterator[Message]:
+        """Run a cell; yields every message of it, ending with its
+        EXECUTE_REPLY. ``on_start`` is called with the cell's execution count
+        once a worker is ready and just before the cell goes to it. If the
+        worker dies meanwhile, yields an ERROR naming the cause, an OUTPUT on
+        stderr saying what the new worker got back, and an error reply."""
+        reply: ExecuteReplyMessage | None = None
+        crashed: ErrorMessage | None = None
+        self._death_text = None
+        self._last_request = message.id
+        try:
+            # A worker being replaced (crash, restart) is waited for first, so
+            # the execution count is the new worker's.
+            await self.ensure_worker()
+            if self._count_to_sync:
+                self._count_to_sync = False
+                await self.worker.request(
+                    ConfigureMessage(execution_count=self.execution_count + 1)
+                )
+            if on_start is not None:
+                on_start(self.next_execution_count(message))
+            self._running = message.id
+            self.monitor.cell_started()
+            async for out in self.worker.execute(message):
+                if out.type == MessageType.EXECUTE_REPLY:
+                    assert isinstance(out, ExecuteReplyMessage)
+                    reply = out
+                    continue
+                if out.type == MessageType.INPUT:
+                    self._input_started(out.id)
+                elif out.type == MessageType.ERROR and getattr(out, "ename", "") == WORKER_DIED:
+                    cause = self._death_text or self.worker.death_cause or "unknown cause"
+                    out = crashed = _died(cause, message.id)
+                yield out
+            if crashed is not None and reply is not None:
+                reply.evalue, reply.traceback = crashed.evalue, list(crashed.traceback)
+        except WorkerDeadError as exc:
+            crashed = ErrorMessage(
+                ename=WORKER_DIED,
+                evalue=exc.cause,
+                traceback=[f"{WORKER_DIED}: {exc.cause}"],
+                parent_id=message.id,
+            )
+            yield crashed
+            reply = ExecuteReplyMessage(
+                status="error",
+                ename=WORKER_DIED,
+                evalue=exc.cause,
+                traceback=list(crashed.traceback),
+                parent_id=message.id,
+            )
+        finally:
+            self._running = None
+            # An input() the cell left unanswered (interrupted, or the worker
+            # died) is void.
+            self._pending_inputs.clear()
+            self.monitor.cell_finished()
+            if self._interrupt_timer is not None:
+                self._interrupt_timer.cancel()
+                self._interrupt_timer = None
+        if crashed is not None:
+            # Before the reply: the new worker, and what it got back.
+            note = await self.recovery_note()
+            if note:
+                yield OutputMessage(stream="stderr", data=note, parent_id=message.id)
+        if reply is None:
+            reply = ExecuteReplyMessage(
+                status="error", ename=WORKER_DIED, evalue="no reply from the worker"
+            )
+            reply.parent_id = message.id
+        if not reply.execution_count:
+            reply.execution_count = self.next_execution_count(message)
+        self.execution_count = max(self.execution_count, reply.execution_count)
+        yield reply
+
+    async def stream(self, request: Message) -> AsyncIterator[Message]:
+        """Send a request (other than a cell) to a ready worker; yield what
+        it causes up to its reply."""
+        await self.ensure_worker()
+        self._last_request = request.id
+        async for msg in self.worker.stream(request):
+            yield msg
+
+    async def request(self, request: Message) -> Message:
+        """Send a request to a ready worker and return its reply; messages it
+        causes on the way go to ``on_unrouted``."""
+        await self.ensure_worker()
+        return await self.worker.request(request)
+
+    async def configure(
+        self, *, cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
+        await self.ensure_worker()
+        await self.worker.configure(cwd=cwd, env=env)
+
+    # -- input and interrupts ------------------------------------------------------------------
+
+    def _input_started(self, request_id: str) -> None:
+        self._pending_inputs.add(request_id)
+        self.monitor.input_started()
+        if self._interrupt_timer is not None:
+            # Python asked for input after the interrupt: the interrupt
+            # landed (a prompt such as pdb's caught it), nothing is stuck.
+            self._interrupt_timer.cancel()
+            self._interrupt_timer = None
+
+    async def input_response(self, request_id: str, value: str) -> None:
+        """Answer the INPUT message whose id is ``request_id``."""
+        self._pending_inputs.discard(request_id)
+        if not self._pending_inputs:
+            self.monitor.input_finished()
+        with contextlib.suppress(WorkerDeadError):
+            await self.worker.input_response(request_id, value)
+
+    async def interrupt(self) -> bool:
+        """Interrupt the running cell (pending input() included), if any; says
+        whether one was running. If it has not ended within
+        ``limits.interrupt_grace`` seconds (code stuck in C does not see
+        KeyboardInterrupt), the worker is stopped, a new one started and the
+        state of the last successful cell restored."""
+        target = self._running
+        if target is None or not self.worker.is_alive:
+            return False
+        with contextlib.suppress(WorkerDeadError):
+            await self.worker.interrupt(target=target)
+        if self._pending_inputs:
+            # The interrupt ends the pending input(): the next answer is for
+            # the input() that the cell may ask for after catching it.
+            self._pending_inputs.clear()
+            self.monitor.input_finished()
+        if self._interrupt_timer is None and self.limits.interrupt_grace > 0:
+            grace = self.limits.interrupt_grace
+
+            def escalate() -> None:
+                self._interrupt_timer = None
+                if self._running == target:
+                    self.kill_worker(
+                        f"the interrupt did not land within {grace:g} s (code stuck outside Python?); "
+                        "the worker was stopped"
+                    )
+
+            self._interrupt_timer = asyncio.get_running_loop().call_later(grace, escalate)
+        return True
+
+    # -- health ---------------------------------------------------------------------------------
+
+    def usage(self) -> dict[str, Any]:
+        """Resource usage of the worker's process tree, in the shape of
+        ipykernel's usage_reply (jupyter-resource-usage reads it), plus the
+        session's health: uptime, restarts, last crash, limits."""
+        import socket as _socket
+
+        import psutil
+
+        content: dict[str, Any] = {"hostname": _socket.gethostname(), "pid": self.worker.pid}
+        procs: list[Any] = []
+        if self.worker.is_alive and self.worker.pid:
+            with contextlib.suppress(psutil.Error):
+                root = psutil.Process(self.worker.pid)
+                procs = [root, *root.children(recursive=True)]
+        # Process objects are kept between requests: cpu_percent measures
+        # from the previous call.
+        self._usage_processes = {p.pid: self._usage_processes.get(p.pid, p) for p in procs}
+        cpu = 0.0
+        memory = 0
+        for proc in self._usage_processes.values():
+            with contextlib.suppress(psutil.Error):
+                cpu += proc.cpu_percent(None)
+                info = proc.memory_full_info()
+                memory += getattr(info, "pss", info.rss)
+        content["kernel_cpu"] = cpu
+        content["kernel_memory"] = memory
+        content["cpu_count"] = psutil.cpu_count(logical=True)
+        content["host_virtual_memory"] = dict(psutil.virtual_memory()._asdict())
+        lim = self.limits
+        content["pyrepl3"] = {
+            "uptime_s": round(time.time() - self.started, 1),
+            "restarts": self.restarts,
+            "last_crash": self.last_crash,
+            "halted": self.halted,
+            "peak_rss": self.monitor.peak_rss,
+            "limits": {
+                "memory_limit": lim.memory_limit,
+                "memory_soft_limit": lim.memory_soft_limit,
+                "cell_timeout": lim.cell_timeout,
+                "cell_cpu_limit": lim.cell_cpu_limit,
+                "interrupt_grace": lim.interrupt_grace,
+                "max_restarts": lim.max_restarts,
+                "restart_window": lim.restart_window,
+            },
+        }
+        return content
+
+    def __repr__(self) -> str:
+        return f"<SupervisedSession {self.id} worker={self.worker!r} restarts={self.restarts}>"
+
+
+def _died(cause: str, parent_id: str | None) -> ErrorMessage:
+    evalue = died_text(cause)
+    return ErrorMessage(
+        ename=WORKER_DIED,
+        evalue=evalue,
+        traceback=[f"\x1b[0;31m{WORKER_DIED}\x1b[0m: {evalue}"],
+        parent_id=parent_id,
+    )
