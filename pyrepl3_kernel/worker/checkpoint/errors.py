@@ -1,0 +1,12 @@
+"""The errors a checkpoint action raises; the message says what to do."""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be written or read; the message says why."""
+
+
+class CheckpointExistsError(CheckpointError):
+    """A save would replace a checkpoint that another notebook (or, for
+    kernels without a notebook, another kernel) saved; nothing was written."""

@@ -1,0 +1,188 @@
+"""Where checkpoints are kept: a directory (local, or any fsspec URL) of
+manifests and content-addressed blobs, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from typing import Any
+
+from .errors import CheckpointError
+from .format import FORMAT, FORMAT_VERSION
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
+
+
+class Store:
+    """A directory of checkpoints: ``<root>/<name>.json`` manifests and
+    ``<root>/objects/<digest>`` blobs. ``root`` is a local path or any fsspec
+    URL (``memory://x``, ``s3://bucket/prefix``)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+        self._fs: Any = None
+        if "://" in root and not root.startswith("file://"):
+            try:
+                import fsspec
+            except ImportError:
+                raise CheckpointError(f"{root!r} needs fsspec (pip install fsspec)") from None
+            self._fs, self._path = fsspec.core.url_to_fs(root)
+        else:
+            self._path = root[len("file://") :] if root.startswith("file://") else root
+            os.makedirs(os.path.join(self._path, "objects"), exist_ok=True)
+
+    def _join(self, *parts: str) -> str:
+        return "/".join([self._path.rstrip("/"), *parts])
+
+    def has_blob(self, digest: str) -> bool:
+        path = self._join("objects", digest)
+        return bool(self._fs.exists(path)) if self._fs else os.path.exists(path)
+
+    def write_blob(self, digest: str, parts: list[bytes | memoryview]) -> None:
+        if not self.has_blob(digest):
+            self._write(self._join("objects", digest), parts, sync_dir=False)
+
+    def sync_blobs(self) -> None:
+        """Make the directory entries of blobs written so far durable."""
+        if not self._fs:
+            _fsync_dir(self._join("objects"))
+
+    def read_blob(self, digest: str) -> bytearray:
+        """The blob's bytes, in writable memory: arrays restored from its
+        out-of-band buffers use it in place and must stay writable."""
+        path = self._join("objects", digest)
+        try:
+            if self._fs:
+                with self._fs.open(path, "rb") as f:
+                    return bytearray(f.read())
+            with open(path, "rb") as f:
+                data = bytearray(os.fstat(f.fileno()).st_size)
+                read = f.readinto(data)
+                if read != len(data):
+                    del data[read:]
+                return data
+        except FileNotFoundError:
+            raise CheckpointError(f"blob {digest} is missing from {self.root}") from None
+
+    def write_manifest(self, name: str, manifest: dict[str, Any]) -> None:
+        self._write(self._join(f"{name}.json"), [json.dumps(manifest, indent=1).encode()])
+
+    def read_manifest(self, name: str) -> dict[str, Any]:
+        path = self._join(f"{name}.json")
+        try:
+            if self._fs:
+                with self._fs.open(path, "rb") as f:
+                    raw = f.read()
+            else:
+                with open(path, "rb") as f:
+                    raw = f.read()
+        except FileNotFoundError:
+            raise CheckpointError(f"no checkpoint named {name!r} in {self.root}") from None
+        try:
+            manifest = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"checkpoint {name!r} is corrupt (manifest: {exc})") from None
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise CheckpointError(f"checkpoint {name!r} is corrupt (not a {FORMAT} manifest)")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"checkpoint {name!r} has format version {manifest.get('version')}; "
+                f"this kernel reads version {FORMAT_VERSION}"
+            )
+        names = manifest.get("names")
+        if not isinstance(names, dict) or not all(isinstance(e, dict) for e in names.values()):
+            raise CheckpointError(f"checkpoint {name!r} is corrupt (manifest has no name table)")
+        return manifest
+
+    def names(self) -> list[str]:
+        if self._fs:
+            try:
+                listing = self._fs.ls(self._path, detail=False)
+            except FileNotFoundError:  # nothing was ever saved there
+                listing = []
+            entries = [p.rsplit("/", 1)[-1] for p in listing]
+        else:
+            entries = os.listdir(self._path) if os.path.isdir(self._path) else []
+        return sorted(e[: -len(".json")] for e in entries if e.endswith(".json"))
+
+    def delete(self, name: str) -> None:
+        path = self._join(f"{name}.json")
+        try:
+            if self._fs:
+                self._fs.rm(path)
+            else:
+                os.remove(path)
+        except FileNotFoundError:
+            raise CheckpointError(f"no checkpoint named {name!r} in {self.root}") from None
+        self.collect_garbage()
+
+    def collect_garbage(self) -> int:
+        """Remove blobs no manifest refers to; returns how many."""
+        used: set[str] = set()
+        for name in self.names():
+            try:
+                manifest = self.read_manifest(name)
+            except CheckpointError:
+                return 0  # never drop blobs while a manifest is unreadable
+            used.update(e["blob"] for e in manifest["names"].values() if e.get("blob"))
+        objects = self._join("objects")
+        if self._fs:
+            blobs = (
+                [p.rsplit("/", 1)[-1] for p in self._fs.ls(objects, detail=False)]
+                if self._fs.exists(objects)
+                else []
+            )
+        else:
+            blobs = os.listdir(objects)
+        removed = 0
+        for blob in blobs:
+            if blob not in used and not blob.startswith("."):
+                if self._fs:
+                    self._fs.rm(self._join("objects", blob))
+                else:
+                    os.remove(os.path.join(objects, blob))
+                removed += 1
+        return removed
+
+    def _write(self, path: str, parts: list[bytes | memoryview], sync_dir: bool = True) -> None:
+        if self._fs:
+            tmp = f"{path}.tmp-{os.getpid()}"
+            with self._fs.open(tmp, "wb") as f:
+                for part in parts:
+                    f.write(part)
+            self._fs.mv(tmp, path)
+            return
+        directory = os.path.dirname(path)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for part in parts:
+                    f.write(part)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
+        if sync_dir:
+            _fsync_dir(directory)
+
+
+def _fsync_dir(directory: str) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def check_name(name: str) -> None:
+    if not isinstance(name, str) or not _NAME_RE.match(name) or name.startswith("."):
+        raise CheckpointError(
+            f"bad checkpoint name {name!r}: use letters, digits, '_', '-' and '.' (at most 128)"
+        )
