@@ -36,8 +36,8 @@ from ..protocol import (
     Message,
     MessageType,
 )
-from ..session import Session, WorkerDeadError
 from ..session.supervised import WORKER_DIED, SupervisedSession
+from ..session.worker import WorkerDeadError, WorkerProcess
 from ..session.workers import WorkerSource
 from . import checkpoint_comm, translate
 from .heartbeat import Heartbeat
@@ -77,7 +77,7 @@ class JupyterGateway:
         connection_info: dict[str, Any],
         *,
         workers: WorkerSource | None = None,
-        session: Session | None = None,
+        session: WorkerProcess | None = None,
         kernel_id: str | None = None,
         on_shutdown: Callable[[bool], Awaitable[None] | None] | None = None,
         autosave_dir: str | None = None,

@@ -15,10 +15,10 @@ import os
 import signal
 import sys
 
-from ..session import Session
+from ..session.worker import WorkerProcess
 
 
-async def _started(session: Session) -> Session:
+async def _started(session: WorkerProcess) -> WorkerProcess:
     await session.start()
     return session
 
@@ -28,7 +28,7 @@ async def serve(connection_file: str) -> None:
         info = json.load(f)
     # Start the worker before importing the gateway's heavy dependencies
     # (zmq, jupyter_client): the two interpreters then boot side by side.
-    session = Session()
+    session = WorkerProcess()
     first = asyncio.ensure_future(_started(session))
     while session.pid is None and not first.done():
         await asyncio.sleep(0)

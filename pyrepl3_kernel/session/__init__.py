@@ -1,7 +1,11 @@
-"""Client side of the native protocol: one worker (``Session``) or a pool."""
+"""Client side of the native protocol: one worker (``WorkerProcess``), a
+supervised session over it, or a pool of sessions."""
 
-from .manager import Session, WorkerDeadError, WorkerStartError
 from .pool import PoolConfig, PoolExhausted, SessionPool, WarmupError
+from .worker import WorkerDeadError, WorkerProcess, WorkerStartError
+
+#: The native session (for now the bare worker process; see supervised.py).
+Session = WorkerProcess
 
 __all__ = [
     "PoolConfig",
@@ -10,5 +14,6 @@ __all__ = [
     "SessionPool",
     "WarmupError",
     "WorkerDeadError",
+    "WorkerProcess",
     "WorkerStartError",
 ]

@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..protocol import ExecuteMessage, MessageType
-from .manager import Session, WorkerStartError
+from .worker import WorkerProcess, WorkerStartError
 
 log = logging.getLogger("pyrepl3.pool")
 
@@ -47,7 +47,7 @@ class PoolConfig:
     cwd: str | None = None
     env: Mapping[str, str] | None = None
     startup_timeout: float = 60.0
-    session_factory: Callable[[], Session] | None = field(default=None, repr=False)
+    session_factory: Callable[[], WorkerProcess] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         if self.min_idle < 0:
@@ -71,8 +71,8 @@ class SessionPool:
 
     def __init__(self, config: PoolConfig | None = None) -> None:
         self.config = config or PoolConfig()
-        self._idle: list[Session] = []
-        self._leased: set[Session] = set()
+        self._idle: list[WorkerProcess] = []
+        self._leased: set[WorkerProcess] = set()
         self._starting = 0
         self._waiters = 0
         self._changed = asyncio.Condition()
@@ -102,7 +102,7 @@ class SessionPool:
                     f"the pool could not warm up sessions: {self.last_error}"
                 ) from self.last_error
 
-    async def acquire(self, timeout: float | None = None, *, refill: bool = True) -> Session:
+    async def acquire(self, timeout: float | None = None, *, refill: bool = True) -> WorkerProcess:
         """A warm session for exclusive use, started on demand if none is idle.
 
         Raises :class:`PoolExhausted` if ``max_sessions`` are in use and none
@@ -154,7 +154,7 @@ class SessionPool:
         """Start warming sessions until ``min_idle`` are idle or warming."""
         self._refill()
 
-    async def release(self, session: Session) -> None:
+    async def release(self, session: WorkerProcess) -> None:
         """Give a session back. It is shut down (never handed on) and the pool
         warms a replacement."""
         if session not in self._leased:
@@ -200,7 +200,7 @@ class SessionPool:
     def _total(self) -> int:
         return len(self._idle) + len(self._leased) + self._starting
 
-    def _pop_idle(self) -> Session | None:
+    def _pop_idle(self) -> WorkerProcess | None:
         while self._idle:
             session = self._idle.pop(0)
             if session.is_alive:
@@ -223,11 +223,11 @@ class SessionPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def _new_session(self) -> Session:
+    def _new_session(self) -> WorkerProcess:
         if self.config.session_factory is not None:
             return self.config.session_factory()
         cfg = self.config
-        return Session(
+        return WorkerProcess(
             python=cfg.python, cwd=cfg.cwd, env=cfg.env, startup_timeout=cfg.startup_timeout
         )
 
@@ -259,7 +259,7 @@ class SessionPool:
             await session.shutdown()
         await self._notify()
 
-    async def _warm_up(self, session: Session) -> None:
+    async def _warm_up(self, session: WorkerProcess) -> None:
         code = self.config.warmup_code
         msg = ExecuteMessage(code=code, silent=True, store_history=False, allow_stdin=False)
         async for reply in session.execute(msg):

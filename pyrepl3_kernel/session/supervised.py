@@ -47,7 +47,7 @@ from ..protocol import (
     ReadyMessage,
 )
 from .limits import Limits, RestartBudget, WorkerMonitor
-from .manager import Session, WorkerDeadError, WorkerStartError
+from .worker import WorkerDeadError, WorkerProcess, WorkerStartError
 from .workers import ColdWorkers, WorkerSource
 
 log = logging.getLogger("pyrepl3.session")
@@ -85,7 +85,7 @@ class SupervisedSession:
         self,
         workers: WorkerSource | None = None,
         *,
-        worker: Session | None = None,
+        worker: WorkerProcess | None = None,
         session_id: str | None = None,
         autosave_dir: str | None | bool = True,
         limits: Limits | None = None,
@@ -96,7 +96,7 @@ class SupervisedSession:
         self.workers: WorkerSource = workers or ColdWorkers()
         self._owns_worker = worker is not None
         #: The worker process now serving the session.
-        self.worker: Session = worker or Session()
+        self.worker: WorkerProcess = worker or WorkerProcess()
         #: Called with every message that belongs to no request in progress:
         #: output of background threads and tasks, comm traffic after a cell
         #: ended, and what the session says about a death while idle.
@@ -231,7 +231,7 @@ class SupervisedSession:
             log.error("could not configure the worker: %s", exc)
         self._ready.set()
 
-    async def _prepare(self, worker: Session) -> None:
+    async def _prepare(self, worker: WorkerProcess) -> None:
         worker.on_unrouted = self._on_worker_unrouted
         if self.autosave_dir:
             await worker.request(ConfigureMessage(autosave=self.autosave_dir))
@@ -267,7 +267,7 @@ class SupervisedSession:
                 return
         self._ready.set()
 
-    async def _restore_killed_worker(self, worker: Session) -> None:
+    async def _restore_killed_worker(self, worker: WorkerProcess) -> None:
         """Loading the saved state killed the new worker (an object whose
         unpickling crashes): discard that state, which would kill every
         worker that loads it, and start afresh. Counts as a crash."""

@@ -11,16 +11,16 @@ import asyncio
 from collections.abc import Mapping
 from typing import Protocol
 
-from .manager import Session
 from .pool import SessionPool
+from .worker import WorkerProcess
 
 
 class WorkerSource(Protocol):
-    async def acquire(self) -> Session:
+    async def acquire(self) -> WorkerProcess:
         """A started worker for this kernel's exclusive use."""
         ...
 
-    async def release(self, session: Session) -> None:
+    async def release(self, session: WorkerProcess) -> None:
         """Dispose of a worker (dead or alive); it is never reused."""
         ...
 
@@ -39,22 +39,22 @@ class ColdWorkers:
         python: str | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
-        first: asyncio.Task[Session] | None = None,
+        first: asyncio.Task[WorkerProcess] | None = None,
     ) -> None:
         self.python = python
         self.cwd = cwd
         self.env = env
         self._first = first
 
-    async def acquire(self) -> Session:
+    async def acquire(self) -> WorkerProcess:
         if self._first is not None:
             first, self._first = self._first, None
             return await first
-        session = Session(python=self.python, cwd=self.cwd, env=self.env)
+        session = WorkerProcess(python=self.python, cwd=self.cwd, env=self.env)
         await session.start()
         return session
 
-    async def release(self, session: Session) -> None:
+    async def release(self, session: WorkerProcess) -> None:
         await session.shutdown()
 
 
@@ -84,7 +84,7 @@ class PooledWorkers:
         #: Whether the last acquire found a warm worker waiting.
         self.last_was_warm = False
 
-    async def acquire(self) -> Session:
+    async def acquire(self) -> WorkerProcess:
         self.last_was_warm = self.pool.stats["idle"] > 0
         session = await self.pool.acquire(timeout=self.timeout, refill=not self.defer_refill)
         try:
@@ -95,5 +95,5 @@ class PooledWorkers:
             raise
         return session
 
-    async def release(self, session: Session) -> None:
+    async def release(self, session: WorkerProcess) -> None:
         await self.pool.release(session)

@@ -1,0 +1,622 @@
+"""``WorkerProcess``: start and talk to one worker process.
+
+The worker runs in its own process group. Its stdout and stderr are pipes read
+here, turned into OUTPUT messages for the request running on the worker's main
+thread, so everything printed before a crash still arrives. Requests and
+replies travel over a socketpair. All incoming data is dispatched synchronously
+in the event loop's read callbacks, which keeps stream output in order with the
+worker's messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import collections
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+
+from ..protocol import (
+    ORDERED_REQUESTS,
+    REPLY_TYPES,
+    AckMessage,
+    CommInfoReplyMessage,
+    CompleteReplyMessage,
+    ConfigureMessage,
+    ErrorMessage,
+    ExecuteMessage,
+    ExecuteReplyMessage,
+    FrameDecoder,
+    HealthReplyMessage,
+    HistoryReplyMessage,
+    InputResponseMessage,
+    InspectReplyMessage,
+    InterruptMessage,
+    IsCompleteReplyMessage,
+    Message,
+    MessageType,
+    OutputMessage,
+    PongMessage,
+    ProtocolError,
+    ProtocolErrorMessage,
+    ReadyMessage,
+    ShutdownMessage,
+    ShutdownReplyMessage,
+    StatusMessage,
+    decode,
+    encode,
+    frame,
+    negotiate,
+)
+
+log = logging.getLogger("pyrepl3.session")
+
+#: Stream output arriving within this many seconds of the previous send is
+#: batched into one OUTPUT message; a line completed after a pause is not held.
+OUTPUT_COALESCE_S = 0.002
+#: How long the start of a line waits for its end before it is sent anyway.
+#: The worker's print() writes a line in one piece; this is for code that
+#: writes a line in parts (``write(text)``, then ``write('\n')``), which a
+#: loaded machine can deschedule in between for a few milliseconds. Output
+#: that never ends a line (a progress counter) waits this long; ipykernel
+#: holds all output for up to 200 ms.
+PARTIAL_LINE_WAIT_S = 0.01
+TERMINAL_TYPES = frozenset(REPLY_TYPES.values()) | {MessageType.PROTOCOL_ERROR}
+
+_REPLY_CLASSES: dict[MessageType, type[Message]] = {
+    MessageType.EXECUTE: ExecuteReplyMessage,
+    MessageType.COMPLETE: CompleteReplyMessage,
+    MessageType.INSPECT: InspectReplyMessage,
+    MessageType.HISTORY: HistoryReplyMessage,
+    MessageType.IS_COMPLETE: IsCompleteReplyMessage,
+    MessageType.COMM_INFO: CommInfoReplyMessage,
+    MessageType.COMM_OPEN: AckMessage,
+    MessageType.COMM_MSG: AckMessage,
+    MessageType.COMM_CLOSE: AckMessage,
+    MessageType.CONFIGURE: AckMessage,
+    MessageType.HEALTH: HealthReplyMessage,
+    MessageType.SHUTDOWN: ShutdownReplyMessage,
+    MessageType.PING: PongMessage,
+}
+
+
+class WorkerStartError(RuntimeError):
+    """The worker process did not come up."""
+
+
+class WorkerDeadError(RuntimeError):
+    """The worker process is not running; ``cause`` says why it died."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(f"the worker is not running ({cause}); restart the session")
+        self.cause = cause
+
+
+def describe_exit(returncode: int | None) -> str:
+    """``exit code 3`` or ``killed by signal SIGSEGV (Segmentation fault)``."""
+    if returncode is None:
+        return "unknown cause"
+    if returncode < 0:
+        signum = -returncode
+        try:
+            name = signal.Signals(signum).name
+            text = signal.strsignal(signum) or ""
+        except ValueError:
+            return f"killed by signal {signum}"
+        return f"killed by signal {name} ({text})" if text else f"killed by signal {name}"
+    return f"exit code {returncode}"
+
+
+class _ControlProtocol(asyncio.Protocol):
+    def __init__(self, session: WorkerProcess, generation: int) -> None:
+        self.session = session
+        self.generation = generation
+        self.decoder = FrameDecoder()
+
+    def data_received(self, data: bytes) -> None:
+        if self.generation != self.session._generation:
+            return
+        for item in self.decoder.feed(data):
+            self.session._on_frame(item)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.session._on_worker_gone(self.generation)
+
+
+class _ProcessProtocol(asyncio.SubprocessProtocol):
+    def __init__(self, session: WorkerProcess, generation: int) -> None:
+        self.session = session
+        self.generation = generation
+        self.open_pipes = {1, 2}
+        self.pipes_closed = asyncio.get_running_loop().create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes | str) -> None:
+        if self.generation != self.session._generation:
+            return
+        self.session._on_output(fd, data if isinstance(data, bytes) else data.encode())
+
+    def pipe_connection_lost(self, fd: int, exc: Exception | None) -> None:
+        self.open_pipes.discard(fd)
+        if not self.open_pipes and not self.pipes_closed.done():
+            self.pipes_closed.set_result(None)
+
+    def process_exited(self) -> None:
+        self.session._on_worker_gone(self.generation)
+
+
+class WorkerProcess:
+    """One worker process and the conversation with it.
+
+    >>> session = WorkerProcess()
+    >>> await session.start()
+    >>> async for msg in session.execute(ExecuteMessage(code="print(1)")):
+    ...     print(msg.type, getattr(msg, "data", ""))
+    >>> await session.shutdown()
+    """
+
+    def __init__(
+        self,
+        *,
+        python: str | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 60.0,
+        worker_log_level: str = "WARNING",
+        on_unrouted: Callable[[Message], None] | None = None,
+    ) -> None:
+        self.python = python or sys.executable
+        self.cwd = cwd
+        self.env = dict(env) if env is not None else None
+        self.startup_timeout = startup_timeout
+        self.worker_log_level = worker_log_level
+        #: Called with every message that belongs to no open request stream
+        #: (output of background threads, comm traffic after a cell ended,
+        #: STATUS ``dead``).
+        self.on_unrouted = on_unrouted
+        self.ready: ReadyMessage | None = None
+        self.returncode: int | None = None
+        self.death_cause: str | None = None
+        self._process: asyncio.SubprocessTransport | None = None
+        self._process_protocol: _ProcessProtocol | None = None
+        self._control: asyncio.Transport | None = None
+        self._ready_future: asyncio.Future[ReadyMessage] | None = None
+        self._streams: dict[str, asyncio.Queue[Message]] = {}
+        self._request_types: dict[str, MessageType] = {}
+        self._inflight: collections.deque[str] = collections.deque()
+        self._last_parent: str | None = None
+        self._decoders: dict[int, codecs.IncrementalDecoder] = {}
+        self._startup_stderr = bytearray()
+        self._pending_output: list[tuple[int, str, str | None]] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._last_flush = 0.0
+        self._gone_task: asyncio.Task[None] | None = None
+        self._dead = asyncio.Event()
+        self._generation = 0
+        self._shutting_down = False
+
+    # -- lifecycle --------------------------------------------------------------
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.get_pid() if self._process else None
+
+    @property
+    def is_alive(self) -> bool:
+        return self._process is not None and self.ready is not None and not self._dead.is_set()
+
+    async def start(self) -> None:
+        """Start the worker and wait until it is ready for requests."""
+        if self._process is not None and not self._dead.is_set():
+            raise RuntimeError("session already started")
+        self._reset()
+        generation = self._generation
+        loop = asyncio.get_running_loop()
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fd = child_sock.fileno()
+        env = dict(os.environ if self.env is None else self.env)
+        env.pop("PYTHONSTARTUP", None)
+        cmd = [
+            self.python,
+            "-u",
+            "-m",
+            "pyrepl3_kernel.worker",
+            "--fd",
+            str(child_fd),
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-fd",
+            "2",
+            "--log-level",
+            self.worker_log_level,
+        ]
+        self._ready_future = loop.create_future()
+        try:
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _ProcessProtocol(self, generation),
+                *cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(child_fd,),
+                start_new_session=True,
+                cwd=self.cwd,
+                env=env,
+            )
+        except OSError as exc:
+            parent_sock.close()
+            raise WorkerStartError(f"could not start the worker ({self.python}): {exc}") from exc
+        finally:
+            child_sock.close()
+        self._process = transport  # type: ignore[assignment]
+        self._process_protocol = protocol
+        control, _ = await loop.create_unix_connection(
+            lambda: _ControlProtocol(self, generation), sock=parent_sock
+        )
+        self._control = control
+        try:
+            ready = await asyncio.wait_for(asyncio.shield(self._ready_future), self.startup_timeout)
+        except (asyncio.TimeoutError, WorkerDeadError) as exc:
+            stderr = self._startup_stderr.decode(errors="replace").strip()
+            await self._kill()
+            detail = (
+                "did not become ready in time"
+                if isinstance(exc, asyncio.TimeoutError)
+                else str(exc)
+            )
+            raise WorkerStartError(
+                f"worker {detail}" + (f":\n{stderr}" if stderr else "")
+            ) from None
+        try:
+            self._send(negotiate(ready))
+        except ProtocolError as exc:
+            await self._kill()
+            raise WorkerStartError(str(exc)) from None
+        self.ready = ready
+        self._startup_stderr.clear()
+
+    async def shutdown(self, timeout: float = 3.0) -> None:
+        """Stop the worker (gracefully if it answers within ``timeout``)."""
+        if self._process is None:
+            return
+        self._shutting_down = True
+        if self.is_alive:
+            try:
+                await asyncio.wait_for(self.request(ShutdownMessage()), timeout)
+            except Exception:
+                pass  # no answer (busy or stuck): it is killed below
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._dead.wait(), timeout)
+        self._generation += 1  # what the old worker does from now on is not news
+        await self._kill()
+        if not self._dead.is_set():
+            self.death_cause = "shut down"
+            self._dead.set()
+            # A cell still running (or queued) must not leave its stream open.
+            self._end_open_requests(self.death_cause)
+
+    async def restart(self) -> None:
+        """A new worker in place of the current one (state is not kept)."""
+        await self.shutdown()
+        await self.start()
+
+    async def __aenter__(self) -> WorkerProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.shutdown()
+
+    # -- requests ---------------------------------------------------------------
+
+    def execute(self, message: ExecuteMessage) -> AsyncIterator[Message]:
+        """Run code; yields every message of the execution, ending with its
+        EXECUTE_REPLY. If the worker dies meanwhile, yields an ERROR naming
+        the cause and an EXECUTE_REPLY with status ``error``."""
+        return self.stream(message)
+
+    async def stream(self, request: Message) -> AsyncIterator[Message]:
+        """Send ``request``; yield everything it causes up to its reply."""
+        queue: asyncio.Queue[Message] = asyncio.Queue()
+        self._open(request, queue)
+        try:
+            while True:
+                msg = await queue.get()
+                yield msg
+                if msg.type in TERMINAL_TYPES and msg.parent_id == request.id:
+                    return
+        finally:
+            self._streams.pop(request.id, None)
+            self._request_types.pop(request.id, None)
+
+    async def request(self, request: Message) -> Message:
+        """Send ``request`` and return its reply; messages it causes on the way
+        are passed to ``on_unrouted``."""
+        reply: Message | None = None
+        async for msg in self.stream(request):
+            if msg.type in TERMINAL_TYPES and msg.parent_id == request.id:
+                reply = msg
+            elif self.on_unrouted is not None:
+                self.on_unrouted(msg)
+        assert reply is not None
+        return reply
+
+    async def configure(
+        self, *, cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> None:
+        """Move the worker to ``cwd`` and give it ``env`` (the whole
+        environment), as if it had been started with them."""
+        reply = await self.request(
+            ConfigureMessage(cwd=cwd, env=dict(env) if env is not None else None)
+        )
+        if getattr(reply, "status", "error") != "ok":
+            detail = getattr(reply, "evalue", "") or getattr(reply, "detail", "")
+            raise RuntimeError(f"could not configure the worker: {detail}")
+
+    async def input_response(self, request_id: str, value: str) -> None:
+        """Answer the INPUT message whose id is ``request_id``."""
+        self._send(InputResponseMessage(parent_id=request_id, value=value))
+
+    async def interrupt(self, target: str | None = None) -> None:
+        """Interrupt the running code. Without ``target``, SIGINT goes to the
+        worker's process group (subprocesses included); with it, only the
+        execution with that id is interrupted, if it is still running."""
+        if not self.is_alive:
+            return
+        if target is not None:
+            self._send(InterruptMessage(target=target))
+            return
+        pid = self.pid
+        if pid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGINT)
+
+    @property
+    def executing(self) -> str | None:
+        """Id of the request the worker's main thread is on, if any."""
+        return self._inflight[0] if self._inflight else None
+
+    # -- internals: sending -----------------------------------------------------
+
+    def _open(self, request: Message, queue: asyncio.Queue[Message]) -> None:
+        if not self.is_alive:
+            raise WorkerDeadError(self.death_cause or "not started")
+        self._streams[request.id] = queue
+        self._request_types[request.id] = request.type
+        if request.type in ORDERED_REQUESTS:
+            self._inflight.append(request.id)
+            self._last_parent = request.id
+        self._send(request)
+
+    def _send(self, msg: Message) -> None:
+        if self._control is None or self._control.is_closing():
+            raise WorkerDeadError(self.death_cause or "not started")
+        self._control.write(frame(encode(msg)))
+
+    # -- internals: receiving (synchronous, in the loop's read callbacks) -------
+
+    def _on_frame(self, item: bytes | ProtocolError) -> None:
+        if isinstance(item, bytes):
+            try:
+                msg = decode(item)
+            except ProtocolError as exc:
+                item = exc
+            else:
+                self._on_message(msg)
+                return
+        log.warning("protocol error from worker %s: %s", self.pid, item)
+        self._route(ProtocolErrorMessage(code=item.code, detail=f"from worker: {item.detail}"))
+
+    def _on_message(self, msg: Message) -> None:
+        if self._pending_output:
+            self._flush_output()
+        if msg.type == MessageType.READY:
+            assert isinstance(msg, ReadyMessage)
+            if self._ready_future is not None and not self._ready_future.done():
+                self._ready_future.set_result(msg)
+            return
+        if msg.type in TERMINAL_TYPES and self._inflight and msg.parent_id == self._inflight[0]:
+            self._inflight.popleft()
+        elif (
+            msg.type in TERMINAL_TYPES
+            and msg.parent_id is not None
+            and msg.parent_id in self._inflight
+        ):
+            self._inflight.remove(msg.parent_id)
+        self._route(msg)
+
+    def _on_output(self, fd: int, data: bytes) -> None:
+        if self.ready is None:
+            if fd == 2:
+                self._startup_stderr += data[-65536:]
+            return
+        decoder = self._decoders.get(fd)
+        if decoder is None:
+            decoder = self._decoders[fd] = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        text = decoder.decode(data)
+        if not text:
+            return
+        parent = self._inflight[0] if self._inflight else self._last_parent
+        self._pending_output.append((fd, text, parent))
+        # A completed line goes out at once, unless output is streaming fast
+        # (then it joins the batch due OUTPUT_COALESCE_S after the last send).
+        # A partial line waits PARTIAL_LINE_WAIT_S for the rest of the line.
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        due = self._last_flush + OUTPUT_COALESCE_S
+        if text.endswith("\n"):
+            if now >= due:
+                self._flush_output()
+                return
+            when = due
+        else:
+            when = max(due, now + PARTIAL_LINE_WAIT_S)
+        handle = self._flush_handle
+        if handle is None or handle.when() > when:
+            # A line ended: what waited for its end goes with the batch.
+            if handle is not None:
+                handle.cancel()
+            self._flush_handle = loop.call_at(when, self._flush_output)
+
+    def _flush_output(self) -> None:
+        """Route pending stream output; called before any worker message is
+        routed, so output always precedes what the worker sent after it."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._last_flush = asyncio.get_running_loop().time()
+        pending, self._pending_output = self._pending_output, []
+        i = 0
+        while i < len(pending):
+            fd, text, parent = pending[i]
+            j = i + 1
+            while j < len(pending) and pending[j][0] == fd and pending[j][2] == parent:
+                j += 1
+            if j > i + 1:
+                text = "".join(chunk for _, chunk, _ in pending[i:j])
+            self._route(
+                OutputMessage(stream="stdout" if fd == 1 else "stderr", data=text, parent_id=parent)
+            )
+            i = j
+
+    def _route(self, msg: Message) -> None:
+        parent = msg.parent_id or ""
+        queue = self._streams.get(parent)
+        if queue is not None:
+            queue.put_nowait(msg)
+            if msg.type in TERMINAL_TYPES:
+                # The stream ends with this message: what comes later for this
+                # request (output of a thread the cell left running) goes to
+                # ``on_unrouted``, not to a queue nobody reads any more.
+                del self._streams[parent]
+                self._request_types.pop(parent, None)
+        elif self.on_unrouted is not None:
+            self.on_unrouted(msg)
+        elif msg.type == MessageType.PROTOCOL_ERROR:
+            log.warning("unrouted protocol error: %s", msg)
+
+    # -- internals: death -------------------------------------------------------
+
+    def _on_worker_gone(self, generation: int) -> None:
+        if generation != self._generation:
+            return
+        if self._gone_task is None and not self._dead.is_set():
+            self._gone_task = asyncio.get_running_loop().create_task(self._finish_dead_worker())
+
+    async def _finish_dead_worker(self) -> None:
+        # Deliver everything the worker wrote before it died: the pipes hold it
+        # even after the process is gone. A grandchild holding a pipe open
+        # must not keep us waiting, so the wait is bounded.
+        proto = self._process_protocol
+        if proto is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(asyncio.shield(proto.pipes_closed), 0.25)
+        await self._kill()
+        if self._pending_output:
+            self._flush_output()
+        cause = describe_exit(self.returncode)
+        self.death_cause = cause
+        self._dead.set()
+        if self._ready_future is not None and not self._ready_future.done():
+            self._ready_future.set_exception(WorkerDeadError(cause))
+            return
+        running = self._inflight[0] if self._inflight else None
+        self._end_open_requests(cause)
+        # The death is news for the supervisor, not for a request stream
+        # (those have just been closed with their replies).
+        status = StatusMessage(state="dead", detail=cause, parent_id=running or self._last_parent)
+        if self.on_unrouted is not None and not self._shutting_down:
+            self.on_unrouted(status)
+
+    def _end_open_requests(self, cause: str) -> None:
+        """End every open request stream: the running cell gets an ERROR and an
+        error reply, other requests a synthetic reply (cells: ``aborted``)."""
+        if self._pending_output:
+            self._flush_output()  # output the worker wrote comes before the replies
+        running = self._inflight[0] if self._inflight else None
+        for req_id, req_type in list(self._request_types.items()):
+            if req_id == running and req_type == MessageType.EXECUTE:
+                self._route(
+                    ErrorMessage(
+                        ename="WorkerDied",
+                        evalue=f"the worker process died ({cause}) while running this cell",
+                        traceback=[
+                            f"\x1b[0;31mWorkerDied\x1b[0m: the worker process died ({cause}) while running this cell"
+                        ],
+                        parent_id=req_id,
+                    )
+                )
+            self._route(self._synthetic_reply(req_id, req_type, cause, aborted=req_id != running))
+        self._inflight.clear()
+
+    @staticmethod
+    def _synthetic_reply(req_id: str, req_type: MessageType, cause: str, aborted: bool) -> Message:
+        cls = _REPLY_CLASSES.get(req_type)
+        if cls is ExecuteReplyMessage:
+            if aborted:
+                return ExecuteReplyMessage(status="aborted", parent_id=req_id)
+            evalue = f"the worker process died ({cause}) while running this cell"
+            return ExecuteReplyMessage(
+                status="error",
+                ename="WorkerDied",
+                evalue=evalue,
+                traceback=[f"\x1b[0;31mWorkerDied\x1b[0m: {evalue}"],
+                parent_id=req_id,
+            )
+        if cls is ShutdownReplyMessage:
+            return ShutdownReplyMessage(parent_id=req_id)
+        return ProtocolErrorMessage(
+            code="worker_died", detail=f"the worker process died ({cause})", parent_id=req_id
+        )
+
+    async def _kill(self) -> None:
+        """Kill the worker's process group and reap the worker."""
+        transport = self._process
+        if transport is None:
+            return
+        pid = transport.get_pid()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        for _ in range(200):
+            if transport.get_returncode() is not None:
+                break
+            await asyncio.sleep(0.005)
+        self.returncode = transport.get_returncode()
+        if self._control is not None:
+            self._control.close()
+        transport.close()
+
+    def _reset(self) -> None:
+        self._generation += 1
+        self._shutting_down = False
+        self.ready = None
+        self.returncode = None
+        self.death_cause = None
+        self._process = None
+        self._process_protocol = None
+        self._control = None
+        self._streams.clear()
+        self._request_types.clear()
+        self._inflight.clear()
+        self._decoders.clear()
+        self._startup_stderr.clear()
+        self._pending_output = []
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        self._gone_task = None
+        self._dead = asyncio.Event()
+
+    def __repr__(self) -> str:
+        state = (
+            "alive"
+            if self.is_alive
+            else (f"dead: {self.death_cause}" if self.death_cause else "not started")
+        )
+        return f"<WorkerProcess pid={self.pid} {state}>"
