@@ -50,10 +50,10 @@ from ..protocol import (
     ShutdownReplyMessage,
 )
 from . import output
-from .autosave import Autosave
 from .channel import Channel
+from .checkpoint import Autosave
+from .checkpoint import Checkpoints as StateManager
 from .eventloop import IdleLoop, cells_loop, running_cells_loop
-from .state import StateManager
 from .transactions import TransactionManager
 
 log = logging.getLogger("pyrepl3.worker")

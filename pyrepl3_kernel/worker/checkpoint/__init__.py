@@ -12,6 +12,8 @@ verified against its digest when read: a corrupt or truncated checkpoint is
 refused before the session is touched.
 """
 
+from .actions import Checkpoints
+from .autosave import Autosave
 from .engine import CheckpointEngine
 from .errors import CheckpointError, CheckpointExistsError
 from .format import FORMAT, FORMAT_VERSION, pack_blob, unpack_blob
@@ -19,6 +21,8 @@ from .report import Report
 from .store import Store
 
 __all__ = [
+    "Autosave",
+    "Checkpoints",
     "FORMAT",
     "FORMAT_VERSION",
     "CheckpointEngine",

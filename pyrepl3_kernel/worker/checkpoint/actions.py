@@ -1,6 +1,6 @@
 """Session state in the worker: checkpoint stores, ``%checkpoint``, source
 tracking. The protocol's ``checkpoint`` request and the magic both go
-through :meth:`StateManager.run`.
+through :meth:`Checkpoints.run`.
 
 Checkpoint names are shared by every kernel using a store; each checkpoint
 records who saved it (``saved_by``: the notebook, ``JPY_SESSION_NAME``, and
@@ -18,9 +18,12 @@ from typing import Any
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, line_magic, magics_class
 
-from ..units import format_size
+from ...units import format_size
+from . import sources
 from .autosave import wait_for_autosave
-from .checkpoint import CheckpointEngine, CheckpointError, CheckpointExistsError, Store, sources
+from .engine import CheckpointEngine
+from .errors import CheckpointError, CheckpointExistsError
+from .store import Store
 
 ACTIONS = ("save", "restore", "list", "delete", "info")
 
@@ -47,7 +50,10 @@ def same_owner(saved_by: dict[str, Any] | None, owner: dict[str, Any]) -> bool:
     return bool(saved_by.get("kernel")) and saved_by.get("kernel") == owner.get("kernel")
 
 
-class StateManager:
+class Checkpoints:
+    """A worker's checkpoints (``worker.checkpoints``): the stores it uses, who
+    it saves as, the ``%checkpoint`` magic, and the actions both run."""
+
     def __init__(self, shell: Any) -> None:
         self.shell = shell
         self._engines: dict[str, CheckpointEngine] = {}
@@ -245,7 +251,7 @@ def describe(action: str, name: str, result: dict[str, Any]) -> str:
 
 @magics_class
 class CheckpointMagics(Magics):
-    def __init__(self, shell: Any, manager: StateManager) -> None:
+    def __init__(self, shell: Any, manager: Checkpoints) -> None:
         super().__init__(shell)
         self.manager = manager
 

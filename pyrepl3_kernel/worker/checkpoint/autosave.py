@@ -65,7 +65,7 @@ def max_object_bytes() -> int:
     them after every cell would cost more than it saves."""
     raw = os.environ.get("PYREPL3_AUTOSAVE_MAX_OBJECT", "")
     if raw:
-        from ..units import parse_size
+        from ...units import parse_size
 
         try:
             return parse_size(raw)
@@ -130,7 +130,7 @@ class Autosave:
     MAX_CHILDREN = 2
 
     def __init__(self, state: Any, private_fds: list[int]) -> None:
-        self.state = state  # StateManager
+        self.state = state  # Checkpoints
         self.private_fds = private_fds  # fds the child must not keep (protocol socket, ...)
         self.store: str | None = None
         self.dirty = False
