@@ -10,6 +10,23 @@ Writes are atomic (temp file, fsync, rename); the manifest is written last,
 so a half-written checkpoint never replaces a good one. Every blob is
 verified against its digest when read: a corrupt or truncated checkpoint is
 refused before the session is touched.
+
+Where each part lives:
+
+- ``actions``: :class:`Checkpoints`, what ``worker.checkpoints`` is: the
+  stores a worker uses, who it saves as, and the actions the protocol's
+  ``checkpoint`` request and ``%checkpoint`` run;
+- ``engine``: :class:`CheckpointEngine`, saving a namespace object by object
+  (``restore``: loading one back; ``sources``: functions and classes saved and
+  rebuilt as source, and ``inspect.getsource`` for cells);
+- ``store`` (directories of manifests and blobs), ``format`` (the manifest's
+  version, a blob's framing and digest), ``report``, ``namespace`` (which
+  names are the user's), ``owners`` (who saved a checkpoint), ``errors``;
+- ``autosave``: the automatic checkpoint after each cell, in a forked child;
+- ``magics``: ``%checkpoint``.
+
+How objects are pickled is in :mod:`pyrepl3_kernel.worker.pickling` (its
+path is part of the format).
 """
 
 from .actions import Checkpoints

@@ -25,6 +25,9 @@ from .restore import restore_checkpoint
 from .sources import add_source, prefers_source, rebuildable
 from .store import Store, check_name
 
+#: The actions of a checkpoint request (and of ``%checkpoint``).
+ACTIONS = ("save", "restore", "list", "delete", "info")
+
 
 class CheckpointEngine:
     """Save and restore ``shell.user_ns`` to and from a :class:`Store`."""

@@ -186,3 +186,13 @@ def check_name(name: str) -> None:
         raise CheckpointError(
             f"bad checkpoint name {name!r}: use letters, digits, '_', '-' and '.' (at most 128)"
         )
+
+
+def default_store_root() -> str:
+    """``$PYREPL3_CHECKPOINT_DIR``, else ``<jupyter data dir>/pyrepl3/checkpoints``."""
+    configured = os.environ.get("PYREPL3_CHECKPOINT_DIR")
+    if configured:
+        return configured
+    from jupyter_core.paths import jupyter_data_dir
+
+    return os.path.join(jupyter_data_dir(), "pyrepl3", "checkpoints")
