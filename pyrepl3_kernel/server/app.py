@@ -3,9 +3,44 @@ that honour ``KERNEL_*``, and kernel WebSockets with TCP_NODELAY."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from jupyter_server.extension.application import ExtensionApp
 
-from .handlers import Registry, handlers
+from .overrides import NoDelayKernelWebsocketHandler, StartKernelHandler
+from .rest import (
+    CheckpointHandler,
+    CheckpointsHandler,
+    ExecuteHandler,
+    ExecutionHandler,
+    HealthHandler,
+    InputHandler,
+    PoolHandler,
+    Registry,
+    RestoreHandler,
+)
+
+KERNEL_ID = r"(?P<kernel_id>[\w-]+)"
+NAME = r"(?P<name>[A-Za-z0-9_.\-]+)"
+EXECUTION_ID = r"(?P<execution_id>[0-9a-f]{32})"
+
+
+def handlers() -> list[tuple[str, Any]]:
+    return [
+        (r"/api/pyrepl3/pool", PoolHandler),
+        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/health", HealthHandler),
+        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/execute", ExecuteHandler),
+        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints", CheckpointsHandler),
+        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints/{NAME}", CheckpointHandler),
+        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints/{NAME}/restore", RestoreHandler),
+        (rf"/api/pyrepl3/executions/{EXECUTION_ID}", ExecutionHandler),
+        (rf"/api/pyrepl3/executions/{EXECUTION_ID}/input", InputHandler),
+        (r"/api/kernels", StartKernelHandler),
+        (
+            r"/api/kernels/(?P<kernel_id>\w+-\w+-\w+-\w+-\w+)/channels",
+            NoDelayKernelWebsocketHandler,
+        ),
+    ]
 
 
 class Pyrepl3App(ExtensionApp):

@@ -8,25 +8,16 @@ gets 400 with a message, an unknown kernel, execution or checkpoint 404.
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
-import os
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from jupyter_server.auth.decorator import authorized
-from jupyter_server.base.handlers import APIHandler
-from jupyter_server.services.kernels.handlers import MainKernelHandler
-from jupyter_server.services.kernels.websocket import KernelWebsocketHandler
-from jupyter_server.utils import ensure_async
 from tornado import web
 from tornado.iostream import StreamClosedError
 
 from .bridge import BridgeError, Execution, KernelBridge, KernelGone
+from .proxy import ForwardingHandler, forwarded
 
-KERNEL_ID = r"(?P<kernel_id>[\w-]+)"
-NAME = r"(?P<name>[A-Za-z0-9_.\-]+)"
-EXECUTION_ID = r"(?P<execution_id>[0-9a-f]{32})"
 MAX_EXECUTIONS = 1000
 
 
@@ -44,74 +35,8 @@ class Registry:
             self.executions.pop(oldest)
 
 
-#: How long a request forwarded to the gateway may take (the gateway bounds
-#: each request itself: ``timeout``, ``wait``).
-FORWARD_TIMEOUT = 86400.0 + 60
-
-
-def forwarded(method: Callable[..., Awaitable[None]]) -> Callable[..., Awaitable[None]]:
-    """On a server whose kernels run on a gateway (``--gateway-url``), send
-    the request on to the gateway's own ``/api/pyrepl3`` endpoint (with the
-    GatewayClient's credentials) and relay its answer, streamed; otherwise
-    run ``method``. Goes under ``@authorized``: this server's auth comes first."""
-
-    @functools.wraps(method)
-    async def wrapper(self: Pyrepl3Handler, *args: Any, **kwargs: Any) -> None:
-        gateway = getattr(self.serverapp, "gateway_config", None)
-        if gateway is not None and gateway.gateway_enabled:
-            await self.forward(gateway)
-        else:
-            await method(self, *args, **kwargs)
-
-    return wrapper
-
-
-class Pyrepl3Handler(APIHandler):
+class Pyrepl3Handler(ForwardingHandler):
     auth_resource = "kernels"
-
-    async def forward(self, gateway: Any) -> None:
-        from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
-
-        path = self.request.path[len(self.base_url.rstrip("/")) :]
-        url = gateway.url.rstrip("/") + path
-        if self.request.query:
-            url += "?" + self.request.query
-        options = dict(gateway.load_connection_args())
-        headers = dict(options.pop("headers", None) or {})
-        for name in ("Content-Type", "Accept"):
-            if name in self.request.headers:
-                headers[name] = self.request.headers[name]
-        options.update(request_timeout=FORWARD_TIMEOUT, headers=headers)
-
-        def on_header(line: str) -> None:
-            if line.startswith("HTTP/"):
-                self.set_status(int(line.split()[1]))
-            elif ":" in line:
-                name, value = (part.strip() for part in line.split(":", 1))
-                if name.lower() in ("content-type", "cache-control", "x-accel-buffering"):
-                    self.set_header(name, value)
-
-        def on_chunk(chunk: bytes) -> None:
-            self.write(chunk)
-            # Relayed as it comes (server-sent events); a client gone away
-            # shows here as a failed flush, which is of no consequence.
-            self.flush().add_done_callback(lambda f: f.exception())
-
-        request = HTTPRequest(
-            url,
-            method=self.request.method or "GET",
-            body=self.request.body if self.request.method in ("POST", "PUT", "PATCH") else None,
-            header_callback=on_header,
-            streaming_callback=on_chunk,
-            **options,
-        )
-        try:
-            response = await AsyncHTTPClient().fetch(request, raise_error=False)
-        except (HTTPClientError, OSError) as exc:
-            raise web.HTTPError(502, f"the gateway {gateway.url} did not answer: {exc}") from None
-        if response.code == 599:  # no HTTP answer (timeout, connection lost)
-            raise web.HTTPError(502, f"the gateway {gateway.url} did not answer: {response.error}")
-        self.finish()
 
     @property
     def registry(self) -> Registry:
@@ -366,98 +291,3 @@ class RestoreHandler(CheckpointBase):
         if not isinstance(clear, bool):
             raise web.HTTPError(400, "'clear' must be a boolean")
         self.write_json(await self.call(kernel_id, "restore", name, clear=clear))
-
-
-class StartKernelHandler(MainKernelHandler):  # type: ignore[misc]
-    """``POST /api/kernels`` that also honours ``env`` (``KERNEL_*`` variables,
-    ``KERNEL_WORKING_DIR``), as jupyter_server's GatewayClient sends them."""
-
-    @web.authenticated
-    @authorized
-    async def post(self) -> None:
-        km = self.kernel_manager
-        model = self.get_json_body() or {}
-        if not isinstance(model, dict):
-            raise web.HTTPError(400, "the request body must be a JSON object")
-        name = model.get("name") or km.default_kernel_name
-        env = model.get("env") or {}
-        if not isinstance(env, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in env.items()
-        ):
-            raise web.HTTPError(400, "'env' must map strings to strings")
-        kernel_env = {
-            k: v for k, v in env.items() if k.startswith("KERNEL_") or k == "JPY_SESSION_NAME"
-        }
-        kwargs: dict[str, Any] = {
-            "kernel_name": name,
-            "path": model.get("path"),
-            "kernel_id": model.get("kernel_id"),
-        }
-        if kernel_env:
-            kwargs["env"] = {**os.environ, **kernel_env}
-            workdir = kernel_env.get("KERNEL_WORKING_DIR")
-            if workdir and model.get("path") is None:
-                if not os.path.isdir(workdir):
-                    raise web.HTTPError(400, f"KERNEL_WORKING_DIR {workdir!r} is not a directory")
-                kwargs["cwd"] = workdir
-        from jupyter_client.kernelspec import NoSuchKernel
-
-        # Look the spec up first: a start that fails inside jupyter_client
-        # leaves its kernel id pending for ever, and the server's shutdown
-        # (POST /api/shutdown, Ctrl-C) then fails on it.
-        try:
-            await ensure_async(self.kernel_spec_manager.get_kernel_spec(name))
-        except KeyError:  # NoSuchKernel; a KeyError from a gateway's spec manager
-            raise web.HTTPError(404, f"no kernel named {name!r}") from None
-        try:
-            kernel_id: str = await km.start_kernel(**kwargs)
-        except NoSuchKernel:
-            _forget_failed_starts(km)
-            raise web.HTTPError(404, f"no kernel named {name!r}") from None
-        except Exception:
-            _forget_failed_starts(km)
-            raise
-        model = await ensure_async(km.kernel_model(kernel_id))
-        self.set_header("Location", f"{self.base_url.rstrip('/')}/api/kernels/{kernel_id}")
-        self.set_status(201)
-        self.finish(json.dumps(model, default=str))
-
-
-def _forget_failed_starts(km: Any) -> None:
-    """Drop the pending entries of kernel starts that failed (jupyter_client
-    keeps them, and ``shutdown_all`` then raises on their ids)."""
-    pending = getattr(km, "_pending_kernels", None)
-    kernels = getattr(km, "_kernels", {})
-    if not isinstance(pending, dict):
-        return
-    for kernel_id, task in list(pending.items()):
-        if task.done() and kernel_id not in kernels:
-            pending.pop(kernel_id, None)
-
-
-class NoDelayKernelWebsocketHandler(KernelWebsocketHandler):  # type: ignore[misc]
-    """The kernel WebSocket with TCP_NODELAY back on: tornado turns it off
-    after the upgrade, and Nagle's algorithm meeting delayed ACKs then adds
-    about 40 ms to every small message's round trip."""
-
-    async def open(self, kernel_id: str) -> None:  # type: ignore[override]
-        self.set_nodelay(True)
-        await super().open(kernel_id)
-
-
-def handlers() -> list[tuple[str, Any]]:
-    return [
-        (r"/api/pyrepl3/pool", PoolHandler),
-        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/health", HealthHandler),
-        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/execute", ExecuteHandler),
-        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints", CheckpointsHandler),
-        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints/{NAME}", CheckpointHandler),
-        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints/{NAME}/restore", RestoreHandler),
-        (rf"/api/pyrepl3/executions/{EXECUTION_ID}", ExecutionHandler),
-        (rf"/api/pyrepl3/executions/{EXECUTION_ID}/input", InputHandler),
-        (r"/api/kernels", StartKernelHandler),
-        (
-            r"/api/kernels/(?P<kernel_id>\w+-\w+-\w+-\w+-\w+)/channels",
-            NoDelayKernelWebsocketHandler,
-        ),
-    ]
