@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import re
 import types
 from typing import Any
 
-#: IPython's own names in the user namespace.
-_IPYTHON_NAMES = re.compile(
-    r"^(_|__|___|_i|_ii|_iii|_i\d+|_\d+|_ih|_oh|_dh|_exit_code|In|Out|exit|quit|get_ipython)$"
-)
+from ..ipython_names import SHELL_NAMES, is_ipython_name
 
 
 def user_names(shell: Any) -> list[str]:
@@ -20,7 +16,8 @@ def user_names(shell: Any) -> list[str]:
         n
         for n in shell.user_ns
         if not n.startswith("__")
-        and not _IPYTHON_NAMES.match(n)
+        and not is_ipython_name(n)
+        and n not in SHELL_NAMES
         and (n not in hidden or shell.user_ns[n] is not hidden[n])
     ]
 

@@ -29,14 +29,13 @@ See docs/transactions.md for what is and is not covered.
 """
 
 from .manager import Transaction, TransactionManager
-from .names import IPYTHON_NAMES, is_ipython_name, referenced_names
+from .names import referenced_names
 from .policy import ENV_POLICY, POLICIES, cell_policy, strip_transaction_line
 from .report import PAYLOAD_SOURCE, Outcome
 from .snapshot import Snapshot
 
 __all__ = [
     "ENV_POLICY",
-    "IPYTHON_NAMES",
     "PAYLOAD_SOURCE",
     "POLICIES",
     "Outcome",
@@ -44,7 +43,6 @@ __all__ = [
     "Transaction",
     "TransactionManager",
     "cell_policy",
-    "is_ipython_name",
     "referenced_names",
     "strip_transaction_line",
 ]

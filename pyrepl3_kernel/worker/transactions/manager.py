@@ -13,9 +13,10 @@ from collections.abc import Iterable
 from typing import Any
 
 from ...units import parse_size
+from ..ipython_names import is_ipython_name
 from .kinds import MISSING
 from .magics import TransactionMagics
-from .names import is_ipython_name, referenced_names
+from .names import referenced_names
 from .policy import (
     DEFAULT_MAX_BYTES,
     DEFAULT_MAX_OBJECTS,

@@ -1,6 +1,5 @@
-"""The names of the user namespace a cell touches: those IPython rebinds by
-itself (never rolled back) and those a cell can reach (what ``full``
-snapshots)."""
+"""The names of the user namespace a cell can reach: what ``full`` snapshots
+(IPython's own names are in :mod:`..ipython_names`)."""
 
 from __future__ import annotations
 
@@ -10,24 +9,11 @@ import weakref
 from collections.abc import Iterable
 from typing import Any
 
+from ..ipython_names import IPYTHON_NAMES, SHELL_NAMES
 from .kinds import MISSING
 
-#: Names IPython (and Python's warnings) rebind by themselves: never rolled back.
-IPYTHON_NAMES = frozenset(
-    {
-        *("_", "__", "___", "_i", "_ii", "_iii", "_ih", "_oh", "_dh", "In", "Out"),
-        *("_exit_code", "__warningregistry__"),
-    }
-)
-_NUMBERED = re.compile(r"_i?\d+\Z")
-
-
-def is_ipython_name(name: object) -> bool:
-    return isinstance(name, str) and (name in IPYTHON_NAMES or _NUMBERED.match(name) is not None)
-
-
 #: Names ``full`` never snapshots through (the shell and its history).
-_NOT_SNAPSHOTTED = IPYTHON_NAMES | {"get_ipython", "exit", "quit", "__builtins__", "__builtin__"}
+_NOT_SNAPSHOTTED = IPYTHON_NAMES | SHELL_NAMES | {"__builtins__", "__builtin__"}
 _IDENTIFIER = re.compile(r"[^\W\d]\w*")
 
 
