@@ -42,8 +42,6 @@ REQUIRED_PLUGINS = {
     "pytest_asyncio": "pytest-asyncio",
     "flaky": "flaky",
     "pytest_jupyter": "pytest-jupyter[server]",
-    "pytest_console_scripts": "pytest-console-scripts",
-    "pytest_mock": "pytest-mock",
 }
 
 

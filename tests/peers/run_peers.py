@@ -326,6 +326,8 @@ def compare(runs: Runs, args: argparse.Namespace) -> list[Difference]:
                 passed_on_base = base is None or (
                     nodeid in base.results and base.results[nodeid].outcome == "passed"
                 )
+                if other.cut and res.outcome == "not-run":
+                    continue  # the cut itself fails the run; these say nothing more
                 if res.outcome in FAILING and passed_on_base:
                     match = next((k for k in known if k.matches(suite, kernel, nodeid)), None)
                     diffs.append(
