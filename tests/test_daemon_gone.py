@@ -106,11 +106,14 @@ def test_forced_shutdown_when_the_runtime_dir_changed(
     elsewhere = tmp_path / "another-runtime-dir"
     elsewhere.mkdir()
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(elsewhere))
-    km.shutdown_kernel(now=True)
-    assert_gone([worker])
-    assert all(lease["lease_id"] != lease_id for lease in setup.status()["leases"])
-    assert processes_naming(str(elsewhere)) == []
-    assert not (elsewhere / "pyrepl3-daemon.sock").exists()
+    try:
+        km.shutdown_kernel(now=True)
+        assert_gone([worker])
+        assert all(lease["lease_id"] != lease_id for lease in setup.status()["leases"])
+        assert processes_naming(str(elsewhere)) == []
+        assert not (elsewhere / "pyrepl3-daemon.sock").exists()
+    finally:
+        cli("stop", "--runtime-dir", str(elsewhere), check=False, timeout=60)
 
 
 def test_jupyter_run_shuts_its_kernel_down_at_exit(setup: PoolSetup) -> None:

@@ -177,10 +177,13 @@ def test_a_daemon_started_by_a_client_in_a_test_runtime_dir_exits_with_it(
     setup: PoolSetup, tmp_path: Path
 ) -> None:
     runtime = tmp_path / "runtime"
-    result = run_client({**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)}, tmp_path)
-    # the client is gone and nothing is leased: no idle_timeout (600 s) to wait for
-    assert_gone([result["daemon"]], timeout=30)
-    assert not DaemonPaths.default(runtime).socket.exists()
+    try:
+        result = run_client({**os.environ, "JUPYTER_RUNTIME_DIR": str(runtime)}, tmp_path)
+        # the client is gone and nothing is leased: no idle_timeout (600 s) to wait for
+        assert_gone([result["daemon"]], timeout=30)
+        assert not DaemonPaths.default(runtime).socket.exists()
+    finally:
+        cli("stop", "--runtime-dir", str(runtime), check=False, timeout=60)
 
 
 def test_a_daemon_in_the_usual_runtime_dir_outlives_short_clients(

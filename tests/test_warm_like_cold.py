@@ -134,7 +134,8 @@ def execute(kc: Any, code: str, **kwargs: Any) -> tuple[dict[str, Any], list[dic
     """Run ``code``: its reply and its iopub messages (through idle)."""
     msg_id = kc.execute(code, **kwargs)
     reply = kc.get_shell_msg(timeout=60)
-    assert reply["parent_header"]["msg_id"] == msg_id
+    while reply["parent_header"].get("msg_id") != msg_id:  # a late kernel_info_reply
+        reply = kc.get_shell_msg(timeout=60)
     outputs = []
     while True:
         msg = kc.get_iopub_msg(timeout=60)
