@@ -12,7 +12,7 @@ by an ``AsyncIOLoopKernelManager`` whose ``KernelRestarter`` runs (polling
 defaults, as in jupyter_server), and driven by one ``BlockingKernelClient``
 that is kept for the kernel's whole life.
 
-(a) recovery: the checkpoint workload (a 1e6 float64 array, a 100k x 5
+(a) recovery (Jupyter kernels, pooled and cold, and the native ``Session``): the checkpoint workload (a 1e6 float64 array, a 100k x 5
     DataFrame, a 10k dict, functions, a class with 1000 instances) is
     defined, then a cell calls ``os._exit(1)``. Measured from sending that
     cell: to its ``execute_reply`` (pyrepl3 replies once the new worker runs
@@ -62,6 +62,7 @@ from jupyter_client.ioloop import AsyncIOLoopKernelManager
 POOLED = "pyrepl3-bench"
 COLD = "pyrepl3-bench-cold"
 IPYKERNEL = "python3"
+NATIVE = "native Session (cold)"
 TIMEOUT = 120.0
 
 FULL = {"crashes": 5, "interrupts": 10, "round_trips": 300, "compute": 5}
@@ -385,6 +386,55 @@ def recovery_pyrepl3(kernel: Kernel, runtime: Path, reps: int) -> dict[str, Any]
     return out
 
 
+def recovery_native(loop: Loop, runtime: Path, reps: int) -> dict[str, Any]:
+    """The same crash through the native API: a supervised ``Session``, cold
+    workers (no pool), from sending the crash cell to its reply (the new
+    worker runs with the state restored) and to the result of the next cell."""
+    from pyrepl3_kernel import ExecuteMessage, Session
+
+    async def cell(session: Any, code: str, **fields: Any) -> Any:
+        reply = None
+        async for msg in session.execute(ExecuteMessage(code=code, **fields)):
+            if msg.type == "execute_reply":
+                reply = msg
+        return reply
+
+    async def measure() -> dict[str, Any]:
+        session = Session(max_restarts=1000)
+        await session.start()
+        try:
+            marker = f"bench_marker_{uuid.uuid4().hex[:8]}"
+            await cell(session, f"{marker} = 1")
+            count = (await cell(session, WORKLOAD)).execution_count
+            await asyncio.to_thread(autosave_done, runtime, marker, count)
+            to_reply: list[float] = []
+            to_next: list[float] = []
+            for _ in range(reps):
+                t0 = time.monotonic()
+                reply = await cell(session, "import os\nos._exit(1)")
+                t_reply = time.monotonic()
+                if reply.ename != "WorkerDied":
+                    raise BenchError(f"the crash cell did not fail: {reply}")
+                checked = await cell(session, "", silent=True, user_expressions={"v": CHECK})
+                t_next = time.monotonic()
+                value = checked.user_expressions["v"]
+                if value.get("data", {}).get("text/plain") != CHECK_OK:
+                    raise BenchError(f"state not restored: {value}")
+                to_reply.append(t_reply - t0)
+                to_next.append(t_next - t0)
+                await asyncio.sleep(1.0)  # the new worker's own save is done
+            return {
+                "crash_to_reply_ms": summary(to_reply, 1000),
+                "crash_to_next_result_ms": summary(to_next, 1000),
+                "state_restored": True,
+                "restarts": session.restarts,
+            }
+        finally:
+            await session.shutdown()
+
+    return loop.run(measure(), timeout=TIMEOUT * (reps + 1))  # type: ignore[no-any-return]
+
+
 def recovery_ipykernel(kernel: Kernel, reps: int) -> dict[str, Any]:
     to_answer: list[float] = []
     to_restart: list[float] = []
@@ -485,7 +535,7 @@ def table(results: dict[str, Any]) -> str:
     rec = results["a_recovery"]
     lines = ["", "(a) recovery after os._exit(1) in a cell, with the checkpoint workload", ""]
     lines.append(f"{'kernel':<22} {'to reply (p50)':>16} {'to next result (p50)':>22}  state")
-    for name in (POOLED, COLD):
+    for name in (POOLED, COLD, NATIVE):
         r = rec[name]
         lines.append(
             f"{name:<22} {r['crash_to_reply_ms']['p50']:>13.0f} ms "
@@ -559,6 +609,7 @@ def main() -> int:
             for name in (POOLED, COLD):
                 kernel = start(name, crash_env)
                 rec[name] = recovery_pyrepl3(kernel, runtime, params["crashes"])
+            rec[NATIVE] = recovery_native(loop, runtime, params["crashes"])
             ipk = start(IPYKERNEL)
             rec[IPYKERNEL] = recovery_ipykernel(ipk, params["crashes"])
             results["a_recovery"] = rec

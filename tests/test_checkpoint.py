@@ -28,7 +28,7 @@ import pytest
 from session_helpers import collect, of_type, reply_of, stream_text
 
 from pyrepl3_kernel.protocol import CheckpointMessage, CheckpointReplyMessage, MessageType
-from pyrepl3_kernel.session import Session
+from pyrepl3_kernel.session import WorkerProcess
 from pyrepl3_kernel.worker.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
@@ -70,7 +70,7 @@ class Worker:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.session = Session()
+        self.session = WorkerProcess()
         self.run(self.session.start())
 
     def run(self, coro: Any, timeout: float = TIMEOUT) -> Any:

@@ -22,6 +22,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
         ("basic.py", "Hello from subprocess!"),
         ("interactive_input.py", "Hello Alice, 30 years old!"),
         ("session_pool.py", ""),
+        ("crash_recovery.py", "WorkerDied: the worker process died (exit code 3)"),
     ],
 )
 def test_example_runs(script, expected, tmp_path, monkeypatch):
@@ -36,6 +37,8 @@ def test_example_runs(script, expected, tmp_path, monkeypatch):
     assert done.returncode == 0, done.stderr
     assert expected in done.stdout
     assert "Traceback" not in done.stderr
+    if script == "crash_recovery.py":
+        assert "42\nrestarts: 1, last crash: exit code 3" in done.stdout, done.stdout
 
 
 # -- examples/demo.py (what scripts/demo.sh runs) ------------------------------

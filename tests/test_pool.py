@@ -16,9 +16,9 @@ from session_helpers import assert_no_leftovers, collect, reply_of, result_text,
 from pyrepl3_kernel.session import (
     PoolConfig,
     PoolExhausted,
-    Session,
     SessionPool,
     WarmupError,
+    WorkerProcess,
     WorkerStartError,
 )
 
@@ -32,10 +32,10 @@ class Recorder:
     """A session factory that remembers what it made."""
 
     def __init__(self) -> None:
-        self.sessions: list[Session] = []
+        self.sessions: list[WorkerProcess] = []
 
-    def __call__(self) -> Session:
-        session = Session()
+    def __call__(self) -> WorkerProcess:
+        session = WorkerProcess()
         self.sessions.append(session)
         return session
 

@@ -1,6 +1,6 @@
-"""Behaviour of :class:`Session`: one real worker process per test.
+"""Behaviour of :class:`WorkerProcess`: one real worker process per test.
 
-Every test drives its session inside ``async with Session()``, so the worker
+Every test drives its session inside ``async with WorkerProcess()``, so the worker
 is shut down even when an assertion fails; the tests that kill or crash a
 worker also check by pid that no process is left behind.
 """
@@ -43,7 +43,7 @@ from pyrepl3_kernel.protocol import (
     MessageType,
     frame,
 )
-from pyrepl3_kernel.session import Session, WorkerDeadError
+from pyrepl3_kernel.session import WorkerDeadError, WorkerProcess
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +65,7 @@ def index_of(msgs: list[Message], kind: MessageType, text: str | None = None) ->
 
 def test_stdout_and_stderr_are_streamed():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             msgs = await collect(s, "import sys\nprint('out')\nprint('err', file=sys.stderr)")
             assert stream_text(msgs, "stdout") == "out\n"
             assert stream_text(msgs, "stderr") == "err\n"
@@ -76,7 +76,7 @@ def test_stdout_and_stderr_are_streamed():
 
 def test_print_precedes_display_result_and_error():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             msgs = await collect(s, "print('p1')\ndisplay('D')\nprint('p2')\n42")
             p1 = index_of(msgs, MessageType.OUTPUT, "p1")
             shown = index_of(msgs, MessageType.DISPLAY)
@@ -92,7 +92,7 @@ def test_print_precedes_display_result_and_error():
 
 def test_c_level_output_arrives():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             msgs = await collect(s, "import os\nos.system('echo hi')\nos.write(2, b'raw\\n')")
             assert "hi\n" in stream_text(msgs, "stdout")
             assert "raw\n" in stream_text(msgs, "stderr")
@@ -111,7 +111,7 @@ def test_display_update_and_clear_output():
     )
 
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             msgs = await collect(s, code)
             first, update = of_type(msgs, MessageType.DISPLAY)
             assert first.data["text/plain"] == "'v1'"
@@ -127,7 +127,7 @@ def test_display_update_and_clear_output():
 
 def test_result_carries_execution_count():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             first = await collect(s, "1 + 1")
             (result,) = of_type(first, MessageType.RESULT)
             assert result.data["text/plain"] == "2"
@@ -141,7 +141,7 @@ def test_result_carries_execution_count():
 
 def test_error_message_and_reply():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             msgs = await collect(s, "1/0")
             (error,) = of_type(msgs, MessageType.ERROR)
             assert error.ename == "ZeroDivisionError"
@@ -157,7 +157,7 @@ def test_error_message_and_reply():
 
 def test_user_expressions():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             msgs = await collect(s, "a = 20", user_expressions={"ok": "a + 1", "bad": "1/0"})
             exprs = reply_of(msgs).user_expressions
             assert exprs["ok"]["status"] == "ok"
@@ -170,7 +170,7 @@ def test_user_expressions():
 
 def test_silent_execution_has_no_result_and_keeps_the_count():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             before = reply_of(await collect(s, "1")).execution_count
             silent = await collect(s, "2 + 2", silent=True)
             assert not of_type(silent, MessageType.RESULT)
@@ -184,7 +184,7 @@ def test_silent_execution_has_no_result_and_keeps_the_count():
 
 def test_top_level_await():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             msgs = await collect(s, "import asyncio\nawait asyncio.sleep(0.01)\n'slept'")
             assert reply_of(msgs).status == "ok"
             assert result_text(msgs) == "'slept'"
@@ -194,7 +194,7 @@ def test_top_level_await():
 
 def test_ipython_magics():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             timed = await collect(s, "%time 1")
             assert "Wall time" in stream_text(timed)
             assert result_text(timed) == "1"
@@ -210,7 +210,7 @@ def test_ipython_magics():
 
 def test_input_request_and_response():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             seen = []
 
             async def answer(msg):
@@ -227,7 +227,7 @@ def test_input_request_and_response():
 
 def test_getpass_sets_password():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             seen = []
 
             async def answer(msg):
@@ -256,7 +256,7 @@ def test_input_from_a_thread():
     )
 
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
 
             async def answer(msg):
                 if msg.type == MessageType.INPUT:
@@ -271,7 +271,7 @@ def test_input_from_a_thread():
 
 def test_input_without_stdin_fails_at_once():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             # No answer is ever sent: waiting for one would hit collect's timeout.
             msgs = await collect(s, "input('never: ')", allow_stdin=False, timeout=15)
             assert not of_type(msgs, MessageType.INPUT)
@@ -287,7 +287,7 @@ def test_input_without_stdin_fails_at_once():
 
 def test_interrupt_stops_a_sleeping_cell():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
 
             async def interrupt_once_started(msg):
                 if msg.type == MessageType.OUTPUT and "started" in msg.data:
@@ -319,7 +319,7 @@ def test_interrupt_during_print_shows_only_the_cell():
     (print, its streams) shows the cell's frames only, as C's print would."""
 
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             sent = []
 
             async def interrupt_once_printing(msg):
@@ -340,7 +340,7 @@ def test_interrupt_during_print_shows_only_the_cell():
 
 def test_interrupt_cancels_a_pending_input():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
 
             async def interrupt_input(msg):
                 if msg.type == MessageType.INPUT:
@@ -358,7 +358,7 @@ def test_targeted_interrupt_hits_only_its_target():
     code = "import time\nprint('started', flush=True)\ntime.sleep(1)\n'finished'"
 
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
 
             async def interrupt_other(msg):
                 if msg.type == MessageType.OUTPUT and "started" in msg.data:
@@ -382,7 +382,7 @@ def test_targeted_interrupt_hits_only_its_target():
 
 def test_interrupt_while_idle_is_harmless():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             pid = s.pid
             await collect(s, "x = 1")
             await s.interrupt()
@@ -409,7 +409,7 @@ def test_output_after_the_reply_goes_to_on_unrouted():
 
     async def body():
         unrouted: list[Message] = []
-        async with Session(on_unrouted=unrouted.append) as s:
+        async with WorkerProcess(on_unrouted=unrouted.append) as s:
             msgs = await collect(s, code)
             assert reply_of(msgs).status == "ok"
             await wait_until(lambda: "late line" in stream_text(unrouted), what="the late line")
@@ -424,7 +424,7 @@ def test_output_after_the_reply_goes_to_on_unrouted():
 
 def test_complete_and_inspect():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             code = "import os; os.pa"
             reply = await s.request(CompleteMessage(code=code, cursor_pos=len(code)))
             assert reply.type == MessageType.COMPLETE_REPLY
@@ -448,7 +448,7 @@ def test_history_tail_range_and_search():
     cells = [f"a_{marker} = 1", f"b_{marker} = 2", f"c_{marker} = 3"]
 
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             for cell in cells:
                 await collect(s, cell)
 
@@ -486,7 +486,7 @@ def test_history_tail_range_and_search():
 )
 def test_is_complete(code, status, indent):
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             reply = await s.request(IsCompleteMessage(code=code))
             assert (reply.status, reply.indent) == (status, indent)
 
@@ -511,7 +511,7 @@ COMM_TARGET = textwrap.dedent(
 
 def test_comm_open_and_msg_from_the_client():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             assert reply_of(await collect(s, COMM_TARGET)).status == "ok"
 
             request = CommOpenMessage(comm_id="c1", target_name="echo_target", data={"x": 1})
@@ -541,7 +541,7 @@ def test_comm_open_and_msg_from_the_client():
 
 def test_comm_created_by_the_kernel():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             msgs = await collect(
                 s, "import comm\nc = comm.create_comm(target_name='t', data={'a': 1})"
             )
@@ -565,7 +565,7 @@ def test_comm_created_by_the_kernel():
 
 def test_health():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             reply = await s.request(HealthMessage())
             assert reply.type == MessageType.HEALTH_REPLY
             assert reply.pid == s.pid
@@ -581,7 +581,7 @@ def test_health():
 def test_exit_during_a_cell():
     async def body():
         unrouted: list[Message] = []
-        async with Session(on_unrouted=unrouted.append) as s:
+        async with WorkerProcess(on_unrouted=unrouted.append) as s:
             pid = s.pid
             msgs = await collect(s, "print('last words')\nimport os\nos._exit(3)", timeout=15)
             assert "last words\n" in stream_text(msgs)
@@ -607,7 +607,7 @@ def test_exit_during_a_cell():
 
 def test_segfault_is_named():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             pid = s.pid
             msgs = await collect(s, "import ctypes\nctypes.string_at(0)", timeout=15)
             (error,) = of_type(msgs, MessageType.ERROR)
@@ -621,7 +621,7 @@ def test_segfault_is_named():
 
 def test_sigkill_from_outside_is_named():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             pid = s.pid
 
             async def kill_once_started(msg):
@@ -641,7 +641,7 @@ def test_sigkill_from_outside_is_named():
 
 def test_restart_gives_a_fresh_worker():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             old = s.pid
             await collect(s, "kept = 42")
             await collect(s, "import os\nos._exit(1)", timeout=15)
@@ -664,7 +664,7 @@ def test_restart_gives_a_fresh_worker():
 
 def test_shutdown_ends_a_running_cell():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             pid = s.pid
             started = asyncio.Event()
 
@@ -689,10 +689,10 @@ def test_shutdown_ends_a_running_cell():
 HELPER = textwrap.dedent(
     """
     import asyncio, sys, time
-    from pyrepl3_kernel.session import Session
+    from pyrepl3_kernel.session import WorkerProcess
 
     async def main():
-        session = Session()
+        session = WorkerProcess()
         await session.start()
         print(session.pid, flush=True)
         await asyncio.sleep(60)
@@ -723,7 +723,7 @@ def test_worker_dies_with_its_parent():
 
 def test_shutdown_kills_the_process_group():
     async def body():
-        async with Session() as s:
+        async with WorkerProcess() as s:
             pid = s.pid
             msgs = await collect(
                 s, "import subprocess\np = subprocess.Popen(['sleep', '1000'])\np.pid"
@@ -740,7 +740,7 @@ def test_shutdown_kills_the_process_group():
 def test_garbage_on_the_control_transport():
     async def body():
         unrouted: list[Message] = []
-        async with Session(on_unrouted=unrouted.append) as s:
+        async with WorkerProcess(on_unrouted=unrouted.append) as s:
             assert s._control is not None
             s._control.write(frame(b"garbage"))
             s._control.write(frame(msgpack.packb({"v": 1, "type": "no_such_type", "id": "u1"})))

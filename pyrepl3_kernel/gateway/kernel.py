@@ -2,7 +2,7 @@
 
 The gateway owns the kernel's five channels and key for the kernel's whole
 life and translates Jupyter messaging (protocol 5.4) to the native protocol
-and back. Its session (:class:`SupervisedSession`) replaces the worker when it
+and back. Its session (:class:`~..session.Session`) replaces the worker when it
 dies; the gateway presents what the session says. Several gateways can share
 one asyncio event loop.
 """
@@ -36,9 +36,9 @@ from ..protocol import (
     Message,
     MessageType,
 )
-from ..session.supervised import WORKER_DIED, SupervisedSession
+from ..session.supervised import WORKER_DIED, Session
 from ..session.worker import WorkerDeadError, WorkerProcess
-from ..session.workers import WorkerSource
+from ..session.workers import ColdWorkers, WorkerSource
 from . import checkpoint_comm, translate
 from .heartbeat import Heartbeat
 
@@ -69,7 +69,7 @@ class JupyterGateway:
     the final ones. ``workers`` is where workers come from (default: cold
     starts); ``session``, if given, is a started worker to adopt as the
     first. ``autosave_dir`` (default: under the runtime dir, by kernel id)
-    and the limits in ``env`` go to the kernel's :class:`SupervisedSession`.
+    and the limits in ``env`` go to the kernel's supervised :class:`Session`.
     """
 
     def __init__(
@@ -93,11 +93,11 @@ class JupyterGateway:
         info.setdefault("signature_scheme", "hmac-sha256")
         self.connection_info = info
         self.kernel_id = kernel_id or str(uuid.uuid4())
-        self.session = SupervisedSession(
-            workers,
+        self.session = Session(
+            workers=workers or ColdWorkers(),
             worker=session,
             session_id=self.kernel_id,
-            autosave_dir=autosave_dir if autosave_dir is not None else True,
+            autosave=autosave_dir if autosave_dir is not None else True,
             env=env,
             on_unrouted=self._on_unrouted,
         )
@@ -570,7 +570,7 @@ class JupyterGateway:
         self._spawn(self.session.input_response(native_id, str(value)))
 
     async def interrupt(self) -> None:
-        """Interrupt the running cell (see :meth:`SupervisedSession.interrupt`)."""
+        """Interrupt the running cell (see :meth:`Session.interrupt`)."""
         if await self.session.interrupt():
             # The interrupt ends the pending input(): the next input_reply is
             # for the input() that the cell may ask for after catching it.

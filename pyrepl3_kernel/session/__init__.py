@@ -1,13 +1,13 @@
 """Client side of the native protocol: one worker (``WorkerProcess``), a
 supervised session over it, or a pool of sessions."""
 
+from .limits import Limits
 from .pool import PoolConfig, PoolExhausted, SessionPool, WarmupError
+from .supervised import Session
 from .worker import WorkerDeadError, WorkerProcess, WorkerStartError
 
-#: The native session (for now the bare worker process; see supervised.py).
-Session = WorkerProcess
-
 __all__ = [
+    "Limits",
     "PoolConfig",
     "PoolExhausted",
     "Session",

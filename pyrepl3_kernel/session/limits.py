@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -48,6 +49,15 @@ class Limits:
     max_restarts: int = 5
     restart_window: float = 60.0
     poll_interval: float = 0.25
+
+    def replace(self, **given: Any) -> Limits:
+        """A copy with the fields given (and not None) changed; sizes may be
+        strings such as ``"2G"``."""
+        changes = {k: v for k, v in given.items() if v is not None}
+        for name in ("memory_limit", "memory_soft_limit"):
+            if isinstance(changes.get(name), str):
+                changes[name] = parse_size(changes[name])
+        return dataclasses.replace(self, **changes)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Limits:

@@ -1,8 +1,12 @@
 """``SessionPool``: warm sessions, ready before anyone asks.
 
-A session is handed out once. ``release`` never hands it on: it is shut down
-and a fresh one warms up in its place, so no user ever sees another user's
-state. Idle sessions whose worker died are replaced.
+The pool keeps warm worker processes. ``acquire`` hands one out inside a
+supervised :class:`~.supervised.Session` (which takes a new worker from the
+pool if its worker dies, with the state restored); ``acquire_worker`` hands
+out a bare worker (what the manager daemon's kernels take). A worker is
+handed out once: released, it is shut down and a fresh one warms up in its
+place, so no user ever sees another user's state. Idle workers that died are
+replaced.
 """
 
 from __future__ import annotations
@@ -14,7 +18,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from ..protocol import ExecuteMessage, MessageType
+from .limits import Limits
+from .supervised import Session
 from .worker import WorkerProcess, WorkerStartError
+from .workers import PooledWorkers
 
 log = logging.getLogger("pyrepl3.pool")
 
@@ -48,6 +55,11 @@ class PoolConfig:
     env: Mapping[str, str] | None = None
     startup_timeout: float = 60.0
     session_factory: Callable[[], WorkerProcess] | None = field(default=None, repr=False)
+    #: How the sessions ``acquire`` hands out are supervised (see
+    #: :class:`~.supervised.Session`): the state saved after each successful
+    #: cell for a new worker to restore, and the limits.
+    autosave: bool = True
+    limits: Limits | None = None
 
     def __post_init__(self) -> None:
         if self.min_idle < 0:
@@ -67,12 +79,13 @@ class WarmupError(WorkerStartError):
 
 
 class SessionPool:
-    """A pool of warm :class:`Session` objects."""
+    """A pool of warm workers, handed out as supervised sessions."""
 
     def __init__(self, config: PoolConfig | None = None) -> None:
         self.config = config or PoolConfig()
         self._idle: list[WorkerProcess] = []
         self._leased: set[WorkerProcess] = set()
+        self._sessions: set[Session] = set()
         self._starting = 0
         self._waiters = 0
         self._changed = asyncio.Condition()
@@ -102,8 +115,36 @@ class SessionPool:
                     f"the pool could not warm up sessions: {self.last_error}"
                 ) from self.last_error
 
-    async def acquire(self, timeout: float | None = None, *, refill: bool = True) -> WorkerProcess:
-        """A warm session for exclusive use, started on demand if none is idle.
+    async def acquire(self, timeout: float | None = None) -> Session:
+        """A supervised session on a warm worker, for exclusive use; a worker
+        is started on demand if none is idle. If its worker dies, the session
+        takes a new one from this pool and restores its state.
+
+        Raises :class:`PoolExhausted` if ``max_sessions`` are in use and none
+        comes free within ``timeout`` (default: ``config.acquire_timeout``).
+        """
+        worker = await self.acquire_worker(timeout)
+        cfg = self.config
+        session = Session(
+            workers=PooledWorkers(self, timeout=timeout),
+            worker=worker,
+            autosave=cfg.autosave,
+            limits=cfg.limits,
+            env=cfg.env,
+        )
+        self._sessions.add(session)
+        try:
+            await session.start()
+        except BaseException:
+            self._sessions.discard(session)
+            await session.shutdown()
+            raise
+        return session
+
+    async def acquire_worker(
+        self, timeout: float | None = None, *, refill: bool = True
+    ) -> WorkerProcess:
+        """A warm worker for exclusive use, started on demand if none is idle.
 
         Raises :class:`PoolExhausted` if ``max_sessions`` are in use and none
         comes free within ``timeout`` (default: ``config.acquire_timeout``).
@@ -154,8 +195,18 @@ class SessionPool:
         """Start warming sessions until ``min_idle`` are idle or warming."""
         self._refill()
 
-    async def release(self, session: WorkerProcess) -> None:
+    async def release(self, session: Session) -> None:
         """Give a session back. It is shut down (never handed on) and the pool
+        warms a replacement."""
+        if session not in self._sessions:
+            raise ValueError(
+                "this session was not acquired from this pool (or was released already)"
+            )
+        self._sessions.discard(session)
+        await session.shutdown()
+
+    async def release_worker(self, session: WorkerProcess) -> None:
+        """Give a worker back. It is shut down (never handed on) and the pool
         warms a replacement."""
         if session not in self._leased:
             raise ValueError(
@@ -172,6 +223,8 @@ class SessionPool:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        supervised, self._sessions = list(self._sessions), set()
+        await asyncio.gather(*(s.shutdown() for s in supervised), return_exceptions=True)
         sessions = self._idle + list(self._leased)
         self._idle.clear()
         self._leased.clear()

@@ -1,4 +1,4 @@
-"""``SupervisedSession``: a session that outlives its workers.
+"""``Session``: a session that outlives its workers.
 
 One worker process at a time does the work (a :class:`~.manager.Session`
 talks to it); this object owns the worker's whole life around it: it starts
@@ -70,30 +70,63 @@ def died_text(cause: str) -> str:
     return f"the worker process died ({cause}) while running this cell; the cell is not re-run"
 
 
-class SupervisedSession:
+class Session:
     """A session whose worker is replaced, with its state, when it dies.
 
-    ``workers`` says where workers come from (default: a cold start with
-    this interpreter); ``worker``, if given, is a started worker to adopt as
-    the first one. ``autosave_dir`` is where the worker saves its state after
-    each successful cell (default: under Jupyter's runtime dir, named by
-    ``session_id``; None: no saved state, a new worker starts empty).
-    ``limits`` default to the PYREPL3_* variables of ``env``.
+    >>> session = Session(memory_limit="2G", cell_timeout=600)
+    >>> await session.start()
+    >>> async for msg in session.execute(ExecuteMessage(code="print(1)")):
+    ...     print(msg.type, getattr(msg, "data", ""))
+    >>> await session.shutdown()
+
+    Workers start cold with ``python`` (default: this interpreter) in
+    ``cwd`` with ``env``; ``workers`` replaces that with another
+    :class:`~.workers.WorkerSource` (a pool's), and ``worker``, if given, is a
+    started worker to adopt as the first one.
+
+    ``autosave``: where the worker saves its state after each successful
+    cell, for the next worker to restore: True (default) for a directory
+    under Jupyter's runtime dir named by ``session_id`` (removed at
+    shutdown), a path, or False/None for no saved state (a new worker starts
+    empty). Limits (see :class:`~.limits.Limits`) come from the keyword
+    arguments, else from the PYREPL3_* variables of ``env`` (default: this
+    process's environment). ``max_restarts=0`` turns recovery off: after the
+    first death every request fails with :class:`WorkerDeadError`.
     """
 
     def __init__(
         self,
-        workers: WorkerSource | None = None,
         *,
+        python: str | None = None,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        startup_timeout: float = 60.0,
+        worker_log_level: str = "WARNING",
+        on_unrouted: Callable[[Message], None] | None = None,
+        workers: WorkerSource | None = None,
         worker: WorkerProcess | None = None,
         session_id: str | None = None,
-        autosave_dir: str | None | bool = True,
+        autosave: str | bool | None = True,
         limits: Limits | None = None,
-        env: Mapping[str, str] | None = None,
-        on_unrouted: Callable[[Message], None] | None = None,
+        memory_limit: int | str | None = None,
+        memory_soft_limit: int | str | None = None,
+        cell_timeout: float | None = None,
+        cell_cpu_limit: float | None = None,
+        interrupt_grace: float | None = None,
+        max_restarts: int | None = None,
+        restart_window: float | None = None,
     ) -> None:
         self.id = session_id or str(uuid.uuid4())
-        self.workers: WorkerSource = workers or ColdWorkers()
+        #: What cold-started workers are given (the launch of this session).
+        self.python, self.cwd = python, cwd
+        self.env = dict(env) if env is not None else None
+        self.workers: WorkerSource = workers or ColdWorkers(
+            python=python,
+            cwd=cwd,
+            env=env,
+            startup_timeout=startup_timeout,
+            worker_log_level=worker_log_level,
+        )
         self._owns_worker = worker is not None
         #: The worker process now serving the session.
         self.worker: WorkerProcess = worker or WorkerProcess()
@@ -101,12 +134,20 @@ class SupervisedSession:
         #: output of background threads and tasks, comm traffic after a cell
         #: ended, and what the session says about a death while idle.
         self.on_unrouted = on_unrouted
-        self.limits = limits or Limits.from_env(env)
+        self.limits = (limits or Limits.from_env(env)).replace(
+            memory_limit=memory_limit,
+            memory_soft_limit=memory_soft_limit,
+            cell_timeout=cell_timeout,
+            cell_cpu_limit=cell_cpu_limit,
+            interrupt_grace=interrupt_grace,
+            max_restarts=max_restarts,
+            restart_window=restart_window,
+        )
         self.budget = RestartBudget(self.limits.max_restarts, self.limits.restart_window)
         self.monitor = WorkerMonitor(self.limits, kill=self.kill_worker, warn=self._warn_running)
-        if autosave_dir is True:
-            autosave_dir = default_autosave_dir(self.id, env)
-        self.autosave_dir: str | None = autosave_dir or None
+        if autosave is True:
+            autosave = default_autosave_dir(self.id, env)
+        self.autosave_dir: str | None = os.fspath(autosave) if autosave else None
         self.restarts = 0
         self.last_crash: str | None = None
         #: Why no worker is started any more (the restart budget is spent).
@@ -152,6 +193,20 @@ class SupervisedSession:
     def running(self) -> str | None:
         """Id of the cell running now, if any."""
         return self._running
+
+    @property
+    def executing(self) -> str | None:
+        """Id of the request the worker's main thread is on, if any."""
+        return self.worker.executing
+
+    @property
+    def death_cause(self) -> str | None:
+        """Why the last worker died (None while it lives)."""
+        return self.worker.death_cause
+
+    @property
+    def returncode(self) -> int | None:
+        return self.worker.returncode
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -206,7 +261,7 @@ class SupervisedSession:
             with contextlib.suppress(Exception):
                 await self.workers.release(self.worker)
 
-    async def __aenter__(self) -> SupervisedSession:
+    async def __aenter__(self) -> Session:
         await self.start()
         return self
 
@@ -506,13 +561,21 @@ class SupervisedSession:
             )
             reply.parent_id = message.id
         if not reply.execution_count:
-            reply.execution_count = self.next_execution_count(message)
+            # An aborted cell never ran: it takes no number of its own.
+            aborted = reply.status == "aborted"
+            reply.execution_count = (
+                self.execution_count if aborted else self.next_execution_count(message)
+            )
         self.execution_count = max(self.execution_count, reply.execution_count)
         yield reply
 
     async def stream(self, request: Message) -> AsyncIterator[Message]:
-        """Send a request (other than a cell) to a ready worker; yield what
-        it causes up to its reply."""
+        """Send a request to a ready worker; yield what it causes up to its
+        reply (a cell goes through :meth:`execute`)."""
+        if isinstance(request, ExecuteMessage):
+            async for msg in self.execute(request):
+                yield msg
+            return
         await self.ensure_worker()
         self._last_request = request.id
         async for msg in self.worker.stream(request):
@@ -629,7 +692,7 @@ class SupervisedSession:
         return content
 
     def __repr__(self) -> str:
-        return f"<SupervisedSession {self.id} worker={self.worker!r} restarts={self.restarts}>"
+        return f"<Session {self.id} worker={self.worker!r} restarts={self.restarts}>"
 
 
 def _died(cause: str, parent_id: str | None) -> ErrorMessage:

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from .pool import SessionPool
 from .worker import WorkerProcess
+
+if TYPE_CHECKING:
+    from .pool import SessionPool
 
 
 class WorkerSource(Protocol):
@@ -39,18 +41,28 @@ class ColdWorkers:
         python: str | None = None,
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
+        startup_timeout: float = 60.0,
+        worker_log_level: str = "WARNING",
         first: asyncio.Task[WorkerProcess] | None = None,
     ) -> None:
         self.python = python
         self.cwd = cwd
         self.env = env
+        self.startup_timeout = startup_timeout
+        self.worker_log_level = worker_log_level
         self._first = first
 
     async def acquire(self) -> WorkerProcess:
         if self._first is not None:
             first, self._first = self._first, None
             return await first
-        session = WorkerProcess(python=self.python, cwd=self.cwd, env=self.env)
+        session = WorkerProcess(
+            python=self.python,
+            cwd=self.cwd,
+            env=self.env,
+            startup_timeout=self.startup_timeout,
+            worker_log_level=self.worker_log_level,
+        )
         await session.start()
         return session
 
@@ -86,14 +98,14 @@ class PooledWorkers:
 
     async def acquire(self) -> WorkerProcess:
         self.last_was_warm = self.pool.stats["idle"] > 0
-        session = await self.pool.acquire(timeout=self.timeout, refill=not self.defer_refill)
+        session = await self.pool.acquire_worker(timeout=self.timeout, refill=not self.defer_refill)
         try:
             if self.cwd is not None or self.env is not None:
                 await session.configure(cwd=self.cwd, env=self.env)
         except BaseException:
-            await self.pool.release(session)
+            await self.pool.release_worker(session)
             raise
         return session
 
     async def release(self, session: WorkerProcess) -> None:
-        await self.pool.release(session)
+        await self.pool.release_worker(session)
