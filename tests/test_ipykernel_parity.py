@@ -403,3 +403,47 @@ def test_stdout_knows_the_master_process(kernel: Frontend) -> None:
     )
     assert run.status == "ok", run.reply["content"]
     assert sorted(run.stdout().split()) == ["False", "True"]
+
+
+# -- the kernel's command line ----------------------------------------------------------
+
+
+def test_cold_kernel_takes_ipykernels_command_line_options(tmp_path: Any) -> None:
+    """nbclient passes ``--HistoryManager.hist_file=:memory:`` to any kernel
+    named python3, ipykernel's tests ``--profile-dir DIR``: the standalone
+    kernel takes them as ipykernel does, as IPython configuration."""
+    from jupyter_client.manager import KernelManager
+    from jupyter_helpers import COLD_KERNEL_NAME
+
+    km = KernelManager(kernel_name=COLD_KERNEL_NAME)
+    km.start_kernel(
+        extra_arguments=["--HistoryManager.hist_file=:memory:", "--profile-dir", str(tmp_path)]
+    )
+    kc = km.client()
+    try:
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        printed: list[str] = []
+
+        def hook(msg: Msg) -> None:
+            if msg["msg_type"] == "stream":
+                printed.append(msg["content"]["text"])
+
+        reply = kc.execute_interactive(
+            "print(get_ipython().history_manager.hist_file)", timeout=TIMEOUT, output_hook=hook
+        )
+        assert reply["content"]["status"] == "ok"
+        assert "".join(printed) == ":memory:\n"
+    finally:
+        kc.stop_channels()
+        km.shutdown_kernel(now=True)
+
+
+def test_command_line_options_are_sorted_out() -> None:
+    from pyrepl3_kernel.gateway.standalone import ipython_options
+
+    options, unknown = ipython_options(
+        ["--HistoryManager.hist_file=:memory:", "--profile-dir", "/p", "--bogus", "x"]
+    )
+    assert options == ["HistoryManager.hist_file=:memory:", "ProfileDir.location=/p"]
+    assert unknown == ["--bogus", "x"]

@@ -24,19 +24,14 @@ from jupyter_client.session import Session as JupyterSession
 
 from .. import zmqsend
 from ..protocol import (
-    CommCloseMessage,
+    WORKER_DIED,
     CommInfoMessage,
-    CommMsgMessage,
-    CommOpenMessage,
-    CompleteMessage,
-    ExecuteMessage,
-    HistoryMessage,
-    InspectMessage,
     IsCompleteMessage,
     Message,
     MessageType,
+    ends_request,
 )
-from ..session.supervised import WORKER_DIED, Session
+from ..session.supervised import Session
 from ..session.worker import WorkerDeadError, WorkerProcess
 from ..session.workers import ColdWorkers, WorkerSource
 from . import checkpoint_comm, translate
@@ -291,28 +286,19 @@ class JupyterGateway:
         )
 
     async def _execute(self, idents: list[bytes], msg: JupyterMsg) -> None:
-        content = msg["content"]
-        code = content.get("code", "")
-        silent = bool(content.get("silent", False))
-        store_history = bool(content.get("store_history", not silent))
-        stop_on_error = bool(content.get("stop_on_error", True))
         msg_id = msg["header"]["msg_id"]
-        native = ExecuteMessage(
-            id=msg_id if msg_id and msg_id not in self._parents else uuid.uuid4().hex,
-            code=code,
-            silent=silent,
-            store_history=store_history,
-            user_expressions=content.get("user_expressions") or {},
-            allow_stdin=bool(content.get("allow_stdin", True)),
-            cell_id=(msg.get("metadata") or {}).get("cellId"),
+        native = translate.execute_request(
+            msg, msg_id if msg_id and msg_id not in self._parents else uuid.uuid4().hex
         )
+        stop_on_error = bool(msg["content"].get("stop_on_error", True))
         started = datetime.now(timezone.utc).isoformat()
         reply: Any = None
         self._remember(native.id, msg)
 
         def publish_input(count: int) -> None:
-            if not silent:
-                self._publish("execute_input", {"code": code, "execution_count": count}, msg)
+            if not native.silent:
+                content = {"code": native.code, "execution_count": count}
+                self._publish("execute_input", content, msg)
 
         try:
             async for out in self.session.execute(native, on_start=publish_input):
@@ -376,10 +362,7 @@ class JupyterGateway:
         try:
             reply: Any = None
             async for out in self.session.stream(native):
-                if out.parent_id == native.id and out.type in (
-                    MessageType.PROTOCOL_ERROR,
-                    *_REPLY_OF.values(),
-                ):
+                if ends_request(out, native):
                     reply = out
                 else:
                     self._publish_native(out, msg)
@@ -403,38 +386,18 @@ class JupyterGateway:
             )
             return
         if reply_type:
-            fields = {
-                k: v for k, v in reply.__dict__.items() if k not in ("id", "timestamp", "parent_id")
-            }
-            self._reply("shell", idents, msg, reply_type, fields)
+            self._reply("shell", idents, msg, reply_type, translate.reply_content(reply))
 
     async def _complete(self, idents: list[bytes], msg: JupyterMsg) -> None:
-        c = msg["content"]
-        native = CompleteMessage(code=c.get("code", ""), cursor_pos=c.get("cursor_pos"))
+        native = translate.complete_request(msg["content"])
         await self._forward(idents, msg, native, "complete_reply")
 
     async def _inspect(self, idents: list[bytes], msg: JupyterMsg) -> None:
-        c = msg["content"]
-        native = InspectMessage(
-            code=c.get("code", ""),
-            cursor_pos=c.get("cursor_pos"),
-            detail_level=int(c.get("detail_level") or 0),
-        )
+        native = translate.inspect_request(msg["content"])
         await self._forward(idents, msg, native, "inspect_reply")
 
     async def _history(self, idents: list[bytes], msg: JupyterMsg) -> None:
-        c = msg["content"]
-        native = HistoryMessage(
-            hist_access_type=str(c.get("hist_access_type", "tail")),
-            output=bool(c.get("output", False)),
-            raw=bool(c.get("raw", True)),
-            session=int(c.get("session") or 0),
-            start=int(c.get("start") or 0),
-            stop=c.get("stop") if isinstance(c.get("stop"), int) else None,
-            n=c.get("n") if isinstance(c.get("n"), int) else None,
-            pattern=str(c.get("pattern") or "*"),
-            unique=bool(c.get("unique", False)),
-        )
+        native = translate.history_request(msg["content"])
         await self._forward(idents, msg, native, "history_reply")
 
     async def _is_complete(self, idents: list[bytes], msg: JupyterMsg) -> None:
@@ -448,18 +411,14 @@ class JupyterGateway:
                     self.session.request(IsCompleteMessage(code=code)), IS_COMPLETE_WORKER_TIMEOUT
                 )
                 if reply.type == MessageType.IS_COMPLETE_REPLY:
-                    content = {"status": reply.status}
-                    if reply.status == "incomplete":
-                        content["indent"] = reply.indent
+                    content = translate.is_complete_content(reply.status, reply.indent)
         if content is None:
             # The worker is busy with a cell: answer here, so a console
             # never waits for the cell to finish (it gives up after 1 s).
             status, indent = await asyncio.get_running_loop().run_in_executor(
                 None, _check_complete, code
             )
-            content = {"status": status}
-            if status == "incomplete":
-                content["indent"] = " " * (indent or 0)
+            content = translate.is_complete_content(status, indent)
         self._reply("shell", idents, msg, "is_complete_reply", content)
 
     async def _comm_info(self, idents: list[bytes], msg: JupyterMsg) -> None:
@@ -489,26 +448,7 @@ class JupyterGateway:
         if self._checkpoint_comms.handles(msg):
             await self._checkpoint_comms.handle(msg)
             return
-        c = msg["content"]
-        buffers = [bytes(b) for b in msg.get("buffers") or []]
-        fields: dict[str, Any] = {
-            "comm_id": str(c.get("comm_id", "")),
-            "data": c.get("data") or {},
-            "metadata": msg.get("metadata") or {},
-            "buffers": buffers,
-        }
-        msg_type = msg["header"]["msg_type"]
-        native: Message
-        if msg_type == "comm_open":
-            native = CommOpenMessage(
-                target_name=str(c.get("target_name", "")),
-                target_module=c.get("target_module"),
-                **fields,
-            )
-        elif msg_type == "comm_msg":
-            native = CommMsgMessage(**fields)
-        else:
-            native = CommCloseMessage(**fields)
+        native = translate.comm_message(msg)
         self._remember(native.id, msg, last=not concurrent)
         await self._forward(idents, msg, native, "")
 
@@ -689,15 +629,6 @@ class JupyterGateway:
         """Output of background threads and tasks, comm traffic after a cell
         ended, and what the session says of a worker's death while idle."""
         self._publish_native(msg, self._parents.get(msg.parent_id or "", self._last_parent))
-
-
-_REPLY_OF = {
-    MessageType.COMPLETE: MessageType.COMPLETE_REPLY,
-    MessageType.INSPECT: MessageType.INSPECT_REPLY,
-    MessageType.HISTORY: MessageType.HISTORY_REPLY,
-    MessageType.COMM_INFO: MessageType.COMM_INFO_REPLY,
-    MessageType.COMM_OPEN: MessageType.ACK,
-}
 
 
 _transformer_manager: Any = None

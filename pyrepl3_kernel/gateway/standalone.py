@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import signal
 import sys
 
@@ -23,12 +24,38 @@ async def _started(session: WorkerProcess) -> WorkerProcess:
     return session
 
 
-async def serve(connection_file: str) -> None:
+#: Options ipykernel takes on its command line that clients pass to any kernel
+#: bound to the name python3 (nbclient adds --HistoryManager.hist_file=:memory:,
+#: ipykernel's tests --profile-dir DIR): IPython configuration.
+_TRAIT_OPTION = re.compile(r"^--([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)+=.*)$", re.DOTALL)
+
+
+def ipython_options(extra: list[str]) -> tuple[list[str], list[str]]:
+    """(the IPython configuration in ``extra`` as ``Class.trait=value``,
+    what is not understood). ``--profile-dir D`` becomes
+    ``ProfileDir.location=D``."""
+    options: list[str] = []
+    unknown: list[str] = []
+    args = iter(extra)
+    for arg in args:
+        match = _TRAIT_OPTION.match(arg)
+        if match:
+            options.append(match.group(1))
+        elif arg == "--profile-dir":
+            options.append(f"ProfileDir.location={next(args, '')}")
+        elif arg.startswith("--profile-dir="):
+            options.append(f"ProfileDir.location={arg.split('=', 1)[1]}")
+        else:
+            unknown.append(arg)
+    return options, unknown
+
+
+async def serve(connection_file: str, options: list[str] | None = None) -> None:
     with open(connection_file) as f:
         info = json.load(f)
     # Start the worker before importing the gateway's heavy dependencies
     # (zmq, jupyter_client): the two interpreters then boot side by side.
-    session = WorkerProcess()
+    session = WorkerProcess(ipython_options=options)
     first = asyncio.ensure_future(_started(session))
     while session.pid is None and not first.done():
         await asyncio.sleep(0)
@@ -38,7 +65,9 @@ async def serve(connection_file: str) -> None:
 
     done = asyncio.Event()
     gateway = JupyterGateway(
-        info, workers=ColdWorkers(first=first), on_shutdown=lambda restart: done.set()
+        info,
+        workers=ColdWorkers(ipython_options=options, first=first),
+        on_shutdown=lambda restart: done.set(),
     )
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(gateway.interrupt()))
@@ -85,13 +114,16 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("-f", "--connection-file", required=True, help="Jupyter connection file")
     parser.add_argument("--log-level", default="WARNING")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    options, unknown = ipython_options(extra)
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.basicConfig(
         level=args.log_level,
         stream=sys.stderr,
         format="[pyrepl3 %(name)s] %(levelname)s %(message)s",
     )
-    asyncio.run(serve(args.connection_file))
+    asyncio.run(serve(args.connection_file, options))
 
 
 if __name__ == "__main__":

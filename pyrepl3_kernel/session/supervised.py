@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from ..protocol import (
+    WORKER_DIED,
     CheckpointMessage,
     ConfigureMessage,
     ErrorMessage,
@@ -51,8 +52,6 @@ from .worker import WorkerDeadError, WorkerProcess, WorkerStartError
 from .workers import ColdWorkers, WorkerSource
 
 log = logging.getLogger("pyrepl3.session")
-
-WORKER_DIED = "WorkerDied"
 
 
 def default_autosave_dir(session_id: str, env: Mapping[str, str] | None = None) -> str | None:
@@ -360,11 +359,10 @@ class Session:
             )
         except WorkerDeadError as exc:
             return f"{head}, but restoring the state failed: {exc}\n"
-        if getattr(reply, "status", "") != "ok":
+        if not reply.ok:
             if not os.path.exists(os.path.join(self.autosave_dir, "auto.json")):
                 return nothing
-            detail = getattr(reply, "evalue", "") or getattr(reply, "detail", "")
-            return f"{head}; the saved state could not be restored: {detail}\n"
+            return f"{head}; the saved state could not be restored: {reply.evalue}\n"
         result = reply.result
         saved_cell = result.get("cell_number")  # the prompt the user saw
         if not isinstance(saved_cell, int):  # a worker from before cell_number

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import codecs
-import collections
 import contextlib
 import logging
 import os
@@ -23,34 +22,24 @@ import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 
 from ..protocol import (
-    ORDERED_REQUESTS,
-    REPLY_TYPES,
-    AckMessage,
-    CommInfoReplyMessage,
-    CompleteReplyMessage,
     ConfigureMessage,
-    ErrorMessage,
+    Conversation,
     ExecuteMessage,
-    ExecuteReplyMessage,
     FrameDecoder,
-    HealthReplyMessage,
-    HistoryReplyMessage,
     InputResponseMessage,
-    InspectReplyMessage,
     InterruptMessage,
-    IsCompleteReplyMessage,
     Message,
     MessageType,
     OutputMessage,
-    PongMessage,
     ProtocolError,
     ProtocolErrorMessage,
     ReadyMessage,
+    Reply,
     ShutdownMessage,
-    ShutdownReplyMessage,
     StatusMessage,
     decode,
     encode,
+    ends_request,
     frame,
     negotiate,
 )
@@ -67,23 +56,6 @@ OUTPUT_COALESCE_S = 0.002
 #: that never ends a line (a progress counter) waits this long; ipykernel
 #: holds all output for up to 200 ms.
 PARTIAL_LINE_WAIT_S = 0.01
-TERMINAL_TYPES = frozenset(REPLY_TYPES.values()) | {MessageType.PROTOCOL_ERROR}
-
-_REPLY_CLASSES: dict[MessageType, type[Message]] = {
-    MessageType.EXECUTE: ExecuteReplyMessage,
-    MessageType.COMPLETE: CompleteReplyMessage,
-    MessageType.INSPECT: InspectReplyMessage,
-    MessageType.HISTORY: HistoryReplyMessage,
-    MessageType.IS_COMPLETE: IsCompleteReplyMessage,
-    MessageType.COMM_INFO: CommInfoReplyMessage,
-    MessageType.COMM_OPEN: AckMessage,
-    MessageType.COMM_MSG: AckMessage,
-    MessageType.COMM_CLOSE: AckMessage,
-    MessageType.CONFIGURE: AckMessage,
-    MessageType.HEALTH: HealthReplyMessage,
-    MessageType.SHUTDOWN: ShutdownReplyMessage,
-    MessageType.PING: PongMessage,
-}
 
 
 class WorkerStartError(RuntimeError):
@@ -169,8 +141,12 @@ class WorkerProcess:
         startup_timeout: float = 60.0,
         worker_log_level: str = "WARNING",
         on_unrouted: Callable[[Message], None] | None = None,
+        ipython_options: list[str] | None = None,
     ) -> None:
         self.python = python or sys.executable
+        #: IPython configuration for the worker's shell, as command-line
+        #: options (``--HistoryManager.hist_file=:memory:``).
+        self.ipython_options = list(ipython_options or [])
         self.cwd = cwd
         self.env = dict(env) if env is not None else None
         self.startup_timeout = startup_timeout
@@ -187,9 +163,7 @@ class WorkerProcess:
         self._control: asyncio.Transport | None = None
         self._ready_future: asyncio.Future[ReadyMessage] | None = None
         self._streams: dict[str, asyncio.Queue[Message]] = {}
-        self._request_types: dict[str, MessageType] = {}
-        self._inflight: collections.deque[str] = collections.deque()
-        self._last_parent: str | None = None
+        self._conversation = Conversation()
         self._decoders: dict[int, codecs.IncrementalDecoder] = {}
         self._startup_stderr = bytearray()
         self._pending_output: list[tuple[int, str, str | None]] = []
@@ -234,6 +208,7 @@ class WorkerProcess:
             "2",
             "--log-level",
             self.worker_log_level,
+            *(f"--ipython-option={option}" for option in self.ipython_options),
         ]
         self._ready_future = loop.create_future()
         try:
@@ -329,18 +304,18 @@ class WorkerProcess:
             while True:
                 msg = await queue.get()
                 yield msg
-                if msg.type in TERMINAL_TYPES and msg.parent_id == request.id:
+                if ends_request(msg, request):
                     return
         finally:
             self._streams.pop(request.id, None)
-            self._request_types.pop(request.id, None)
 
-    async def request(self, request: Message) -> Message:
+    async def request(self, request: Message) -> Reply:
         """Send ``request`` and return its reply; messages it causes on the way
         are passed to ``on_unrouted``."""
-        reply: Message | None = None
+        reply: Reply | None = None
         async for msg in self.stream(request):
-            if msg.type in TERMINAL_TYPES and msg.parent_id == request.id:
+            if ends_request(msg, request):
+                assert isinstance(msg, Reply)
                 reply = msg
             elif self.on_unrouted is not None:
                 self.on_unrouted(msg)
@@ -355,9 +330,8 @@ class WorkerProcess:
         reply = await self.request(
             ConfigureMessage(cwd=cwd, env=dict(env) if env is not None else None)
         )
-        if getattr(reply, "status", "error") != "ok":
-            detail = getattr(reply, "evalue", "") or getattr(reply, "detail", "")
-            raise RuntimeError(f"could not configure the worker: {detail}")
+        if not reply.ok:
+            raise RuntimeError(f"could not configure the worker: {reply.evalue}")
 
     async def input_response(self, request_id: str, value: str) -> None:
         """Answer the INPUT message whose id is ``request_id``."""
@@ -380,18 +354,15 @@ class WorkerProcess:
     @property
     def executing(self) -> str | None:
         """Id of the request the worker's main thread is on, if any."""
-        return self._inflight[0] if self._inflight else None
+        return self._conversation.running
 
     # -- internals: sending -----------------------------------------------------
 
     def _open(self, request: Message, queue: asyncio.Queue[Message]) -> None:
         if not self.is_alive:
             raise WorkerDeadError(self.death_cause or "not started")
+        self._conversation.send(request)  # ValueError for what gets no reply
         self._streams[request.id] = queue
-        self._request_types[request.id] = request.type
-        if request.type in ORDERED_REQUESTS:
-            self._inflight.append(request.id)
-            self._last_parent = request.id
         self._send(request)
 
     def _send(self, msg: Message) -> None:
@@ -421,15 +392,8 @@ class WorkerProcess:
             if self._ready_future is not None and not self._ready_future.done():
                 self._ready_future.set_result(msg)
             return
-        if msg.type in TERMINAL_TYPES and self._inflight and msg.parent_id == self._inflight[0]:
-            self._inflight.popleft()
-        elif (
-            msg.type in TERMINAL_TYPES
-            and msg.parent_id is not None
-            and msg.parent_id in self._inflight
-        ):
-            self._inflight.remove(msg.parent_id)
-        self._route(msg)
+        ended = self._conversation.receive(msg)
+        self._route(msg, final=ended is not None)
 
     def _on_output(self, fd: int, data: bytes) -> None:
         if self.ready is None:
@@ -442,7 +406,7 @@ class WorkerProcess:
         text = decoder.decode(data)
         if not text:
             return
-        parent = self._inflight[0] if self._inflight else self._last_parent
+        parent = self._conversation.output_owner
         self._pending_output.append((fd, text, parent))
         # A completed line goes out at once, unless output is streaming fast
         # (then it joins the batch due OUTPUT_COALESCE_S after the last send).
@@ -485,17 +449,16 @@ class WorkerProcess:
             )
             i = j
 
-    def _route(self, msg: Message) -> None:
+    def _route(self, msg: Message, final: bool = False) -> None:
         parent = msg.parent_id or ""
         queue = self._streams.get(parent)
         if queue is not None:
             queue.put_nowait(msg)
-            if msg.type in TERMINAL_TYPES:
+            if final:
                 # The stream ends with this message: what comes later for this
                 # request (output of a thread the cell left running) goes to
                 # ``on_unrouted``, not to a queue nobody reads any more.
                 del self._streams[parent]
-                self._request_types.pop(parent, None)
         elif self.on_unrouted is not None:
             self.on_unrouted(msg)
         elif msg.type == MessageType.PROTOCOL_ERROR:
@@ -526,54 +489,25 @@ class WorkerProcess:
         if self._ready_future is not None and not self._ready_future.done():
             self._ready_future.set_exception(WorkerDeadError(cause))
             return
-        running = self._inflight[0] if self._inflight else None
+        owner = self._conversation.output_owner
         self._end_open_requests(cause)
         # The death is news for the supervisor, not for a request stream
         # (those have just been closed with their replies).
-        status = StatusMessage(state="dead", detail=cause, parent_id=running or self._last_parent)
+        status = StatusMessage(state="dead", detail=cause, parent_id=owner)
         if self.on_unrouted is not None and not self._shutting_down:
             self.on_unrouted(status)
 
     def _end_open_requests(self, cause: str) -> None:
-        """End every open request stream: the running cell gets an ERROR and an
-        error reply, other requests a synthetic reply (cells: ``aborted``)."""
+        """End every open request stream with what the worker's death makes of
+        it (docs/protocol.md 12.2): the running cell an ERROR and an error
+        reply, queued cells ``aborted``, other requests a protocol error."""
         if self._pending_output:
             self._flush_output()  # output the worker wrote comes before the replies
-        running = self._inflight[0] if self._inflight else None
-        for req_id, req_type in list(self._request_types.items()):
-            if req_id == running and req_type == MessageType.EXECUTE:
-                self._route(
-                    ErrorMessage(
-                        ename="WorkerDied",
-                        evalue=f"the worker process died ({cause}) while running this cell",
-                        traceback=[
-                            f"\x1b[0;31mWorkerDied\x1b[0m: the worker process died ({cause}) while running this cell"
-                        ],
-                        parent_id=req_id,
-                    )
-                )
-            self._route(self._synthetic_reply(req_id, req_type, cause, aborted=req_id != running))
-        self._inflight.clear()
-
-    @staticmethod
-    def _synthetic_reply(req_id: str, req_type: MessageType, cause: str, aborted: bool) -> Message:
-        cls = _REPLY_CLASSES.get(req_type)
-        if cls is ExecuteReplyMessage:
-            if aborted:
-                return ExecuteReplyMessage(status="aborted", parent_id=req_id)
-            evalue = f"the worker process died ({cause}) while running this cell"
-            return ExecuteReplyMessage(
-                status="error",
-                ename="WorkerDied",
-                evalue=evalue,
-                traceback=[f"\x1b[0;31mWorkerDied\x1b[0m: {evalue}"],
-                parent_id=req_id,
-            )
-        if cls is ShutdownReplyMessage:
-            return ShutdownReplyMessage(parent_id=req_id)
-        return ProtocolErrorMessage(
-            code="worker_died", detail=f"the worker process died ({cause})", parent_id=req_id
-        )
+        for msg in self._conversation.worker_died(cause):
+            # A request nobody listens to any more (its stream was abandoned)
+            # needs no ending.
+            if msg.parent_id in self._streams:
+                self._route(msg, final=isinstance(msg, Reply))
 
     async def _kill(self) -> None:
         """Kill the worker's process group and reap the worker."""
@@ -602,8 +536,7 @@ class WorkerProcess:
         self._process_protocol = None
         self._control = None
         self._streams.clear()
-        self._request_types.clear()
-        self._inflight.clear()
+        self._conversation.clear()
         self._decoders.clear()
         self._startup_stderr.clear()
         self._pending_output = []

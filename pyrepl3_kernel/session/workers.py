@@ -43,6 +43,7 @@ class ColdWorkers:
         env: Mapping[str, str] | None = None,
         startup_timeout: float = 60.0,
         worker_log_level: str = "WARNING",
+        ipython_options: list[str] | None = None,
         first: asyncio.Task[WorkerProcess] | None = None,
     ) -> None:
         self.python = python
@@ -50,6 +51,7 @@ class ColdWorkers:
         self.env = env
         self.startup_timeout = startup_timeout
         self.worker_log_level = worker_log_level
+        self.ipython_options = ipython_options
         self._first = first
 
     async def acquire(self) -> WorkerProcess:
@@ -62,6 +64,7 @@ class ColdWorkers:
             env=self.env,
             startup_timeout=self.startup_timeout,
             worker_log_level=self.worker_log_level,
+            ipython_options=self.ipython_options,
         )
         await session.start()
         return session

@@ -25,6 +25,7 @@ from typing import Any
 from .._version import __version__
 from ..language import language_info
 from ..protocol import (
+    DURING_AWAIT_REQUESTS,
     ORDERED_REQUESTS,
     SUPPORTED_VERSIONS,
     AckMessage,
@@ -48,11 +49,11 @@ from ..protocol import (
     ProtocolErrorMessage,
     ReadyMessage,
     ShutdownReplyMessage,
+    failure_reply,
 )
 from . import output
 from .channel import Channel
-from .checkpoint import Autosave
-from .checkpoint import Checkpoints as StateManager
+from .checkpoint import Autosave, Checkpoints
 from .eventloop import IdleLoop, cells_loop, running_cells_loop
 from .transactions import TransactionManager
 
@@ -71,9 +72,6 @@ CAPABILITIES = [
 ]
 
 
-_COMMS = frozenset({MessageType.COMM_OPEN, MessageType.COMM_MSG, MessageType.COMM_CLOSE})
-
-
 class _InputSlot:
     __slots__ = ("event", "value")
 
@@ -85,7 +83,8 @@ class _InputSlot:
 class Worker:
     """One worker process: a shell, a channel and the request loop."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: socket.socket, ipython_options: list[str] | None = None) -> None:
+        self._ipython_options = list(ipython_options or [])
         self.channel = Channel(sock, (1, 2))
         self.started = time.monotonic()
         self._requests: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
@@ -111,7 +110,7 @@ class Worker:
         self._act_as_ipykernel()
         self._idle_loop = IdleLoop(self._requests)
         self._set_session_name()
-        self.checkpoints = StateManager(self.shell)
+        self.checkpoints = Checkpoints(self.shell)
         self.transactions = TransactionManager(self.shell)
         self.autosave = Autosave(self.checkpoints, [sock.fileno(), *self.channel.private_fds])
         self.shell.events.register("post_run_cell", self.autosave.after_cell)
@@ -139,6 +138,13 @@ class Worker:
         # environment: a warm worker must come out as a cold one would.
         _set_default_mpl_backend()
         config = Config()
+        if self._ipython_options:
+            from traitlets.config.loader import KVArgParseConfigLoader
+
+            # As ipykernel takes them on its command line (nbclient passes
+            # --HistoryManager.hist_file=:memory:).
+            loader = KVArgParseConfigLoader([f"--{o}" for o in self._ipython_options])
+            config.merge(loader.load_config())
         # tqdm.autonotebook and others look for this key to detect a kernel.
         config.IPKernelApp = Config()
         shell = ZMQInteractiveShell.instance(config=config, outlet=self)
@@ -226,7 +232,7 @@ class Worker:
     def _dispatch(self, msg: Message) -> None:
         """Called on the I/O thread for every incoming message."""
         kind = msg.type
-        if kind in _COMMS and self._running is not None:
+        if kind in DURING_AWAIT_REQUESTS and self._running is not None:
             # A cell in a top-level await may be waiting for this very
             # message (a widget's reply): hand it to the running loop, as
             # ipykernel runs comms concurrently with a busy shell.
@@ -283,25 +289,7 @@ class Worker:
             raise KeyboardInterrupt
 
     def _fail(self, req: Message, ename: str, evalue: str) -> None:
-        reply: Message
-        if req.type == MessageType.EXECUTE:
-            reply = ExecuteReplyMessage(
-                status="error",
-                ename=ename,
-                evalue=evalue,
-                execution_count=self.shell.execution_count - 1,
-            )
-        elif req.type in (
-            MessageType.COMM_OPEN,
-            MessageType.COMM_MSG,
-            MessageType.COMM_CLOSE,
-            MessageType.CONFIGURE,
-        ):
-            reply = AckMessage(status="error", ename=ename, evalue=evalue)
-        else:
-            reply = ProtocolErrorMessage(code="failed", detail=f"{ename}: {evalue}")
-        reply.parent_id = req.id
-        self.emit(reply)
+        self.emit(failure_reply(req, ename, evalue, execution_count=self.shell.execution_count - 1))
 
     # -- execution ------------------------------------------------------------
 
@@ -686,6 +674,12 @@ def main(argv: list[str] | None = None) -> None:
         "--log-fd", type=int, default=-1, help="fd for the worker's own log (default: none)"
     )
     parser.add_argument("--log-level", default="WARNING")
+    parser.add_argument(
+        "--ipython-option",
+        action="append",
+        default=[],
+        help="IPython configuration for the shell, as Class.trait=value (repeatable)",
+    )
     args = parser.parse_args(argv)
     _die_with_parent(args.parent_pid)
     sock = socket.socket(fileno=args.fd)
@@ -702,6 +696,6 @@ def main(argv: list[str] | None = None) -> None:
     import faulthandler
 
     faulthandler.enable(file=2, all_threads=False)
-    worker = Worker(sock)
+    worker = Worker(sock, ipython_options=args.ipython_option)
     worker.run()
     os._exit(0)
