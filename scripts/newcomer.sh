@@ -172,6 +172,14 @@ EOF
 grep -qF "stdout: 42 $VENV2" "$WORK/cell.log" || fail "the cell did not run in $VENV2"
 check_log "$WORK/cell.log" "the one-cell run"
 
+step "what the one-cell run left: the manager daemon, and how to stop it"
+# The documented policy (docs/daemon.md): in the usual runtime dir a daemon
+# started by a short-lived client keeps its warm pool for the next run, until
+# it has had no lease for its idle timeout; `pyrepl3-kernel stop` ends it.
+as_newcomer "$VENV2/bin/pyrepl3-kernel" status | tee "$WORK/status.out" ||
+  fail "pyrepl3-kernel status failed"
+as_newcomer "$VENV2/bin/pyrepl3-kernel" stop || fail "pyrepl3-kernel stop failed"
+
 step "pyrepl3-kernel gateway --help"
 as_newcomer "$VENV2/bin/pyrepl3-kernel" gateway --help || fail "gateway --help exited with $?"
 
