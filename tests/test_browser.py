@@ -58,6 +58,7 @@ CELLS = [
     "name = input('your name? ')\nprint('hi ' + name)",
     "import os\nos._exit(3)",
     "print('alive after the crash')",
+    "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3])",
 ]
 TIMEOUT_MS = 60_000
 
@@ -161,6 +162,13 @@ def test_jupyterlab_notebook_survives_a_worker_crash(lab: JupyterServer, tmp_pat
             cell = _run_cell(page, 4)
             _wait_done(cell)
             expect(cell.locator(".jp-OutputArea-output")).to_contain_text("alive after the crash")
+
+            # 6: a plot shows as an image (inline backend, also in a warm worker)
+            cell = _run_cell(page, 5)
+            _wait_done(cell)
+            image = cell.locator(".jp-OutputArea-output[data-mime-type='image/png'] img")
+            expect(image).to_have_count(1)
+            assert image.evaluate("img => img.naturalWidth") > 100
 
             text = page.locator("body").inner_text()
             assert page.locator(".jp-Dialog").count() == 0, page.locator(".jp-Dialog").inner_text()
