@@ -54,7 +54,7 @@ import zmq
 from jupyter_client import AsyncKernelManager, KernelManager
 from jupyter_client.asynchronous import AsyncKernelClient
 
-from pyrepl3_kernel.gateway.daemon_client import DaemonClient, DaemonPaths
+from pyrepl3_kernel.daemon.client import DaemonClient, DaemonPaths
 
 POOLED = "pyrepl3-bench"
 POOLED_NP = "pyrepl3-bench-np"

@@ -226,7 +226,7 @@ def write_kernel_spec(
 
 
 #: Warm workers one kernelspec may ask for: the manager daemon refuses a
-#: lease whose pool size is outside this range (gateway/daemon.py).
+#: lease whose pool size is outside this range (daemon/server.py).
 POOL_SIZE_RANGE = (0, 64)
 
 
@@ -442,7 +442,7 @@ def cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def _daemon_paths(args: argparse.Namespace) -> Any:
-    from .gateway.daemon_client import DaemonPaths
+    from .daemon.client import DaemonPaths
 
     return DaemonPaths.default(getattr(args, "runtime_dir", None))
 
@@ -476,7 +476,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """
     import logging
 
-    from .gateway.daemon import run
+    from .daemon.server import run
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -493,7 +493,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 )
 def cmd_status(args: argparse.Namespace) -> int:
     """Show the manager daemon, its pools and its leases."""
-    from .gateway.daemon_client import DaemonClient, DaemonError, DaemonUnavailable
+    from .daemon.client import DaemonClient, DaemonError, DaemonUnavailable
     from .units import format_size
 
     client = DaemonClient(_daemon_paths(args), timeout=10)
@@ -544,7 +544,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
     """Stop the manager daemon and every kernel it hosts."""
     import time
 
-    from .gateway.daemon_client import DaemonClient, DaemonError, DaemonUnavailable
+    from .daemon.client import DaemonClient, DaemonError, DaemonUnavailable
 
     client = DaemonClient(_daemon_paths(args), timeout=10)
     try:

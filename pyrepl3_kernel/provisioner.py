@@ -33,7 +33,7 @@ from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Float, Integer, Unicode
 
-from .gateway.daemon_client import (
+from .daemon.client import (
     DAEMON_PROTOCOL_VERSION,
     STARTER_ENV,
     DaemonClient,

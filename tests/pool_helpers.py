@@ -22,7 +22,7 @@ from typing import Any
 
 import psutil
 
-from pyrepl3_kernel.gateway.daemon_client import DaemonClient, DaemonPaths
+from pyrepl3_kernel.daemon.client import DaemonClient, DaemonPaths
 
 _ISOLATED_ENV = ("JUPYTER_PATH", "IPYTHONDIR", "JUPYTER_RUNTIME_DIR")
 

@@ -47,7 +47,7 @@ from pool_helpers import (
 )
 from test_rest_api import AS_ROOT, free_port
 
-from pyrepl3_kernel.gateway.daemon_client import DaemonClient, DaemonPaths
+from pyrepl3_kernel.daemon.client import DaemonClient, DaemonPaths
 
 NAME = "pyrepl3-lifetime"
 COLD = "pyrepl3-lifetime-cold"
@@ -125,7 +125,7 @@ CLIENT = textwrap.dedent(
     """
     import json, sys
     from jupyter_client import KernelManager
-    from pyrepl3_kernel.gateway.daemon_client import DaemonClient, DaemonPaths
+    from pyrepl3_kernel.daemon.client import DaemonClient, DaemonPaths
 
     km = KernelManager(kernel_name=sys.argv[1])
     km.start_kernel()
@@ -222,7 +222,7 @@ IN_PROCESS_SERVER = textwrap.dedent(
     """
     import json, sys
     from jupyter_server.serverapp import ServerApp
-    from pyrepl3_kernel.gateway.daemon_client import DaemonClient, DaemonPaths
+    from pyrepl3_kernel.daemon.client import DaemonClient, DaemonPaths
 
     name, port, root = sys.argv[1], sys.argv[2], sys.argv[3]
     app = ServerApp()

@@ -24,7 +24,7 @@ from frontend import Frontend
 from jupyter_client.session import Session as JupyterSession
 from jupyter_helpers import KERNEL_NAMES, TIMEOUT, Msg, Run
 
-from pyrepl3_kernel.gateway.daemon_client import DaemonClient, DaemonPaths
+from pyrepl3_kernel.daemon.client import DaemonClient, DaemonPaths
 
 pytestmark = pytest.mark.usefixtures("pyrepl3_kernelspec")
 

@@ -37,7 +37,7 @@ from pool_helpers import (
 )
 from traitlets.config import Config
 
-from pyrepl3_kernel.gateway.daemon_client import MAX_FRAME, DaemonError
+from pyrepl3_kernel.daemon.client import MAX_FRAME, DaemonError
 
 NAME = "pyrepl3-daemon-test"
 NOBODY = 65534

@@ -24,7 +24,7 @@ from jupyter_client import KernelManager
 from jupyter_helpers import COLD_KERNEL_NAME, KERNEL_NAME, KERNEL_NAMES
 from traitlets.config import Config
 
-from pyrepl3_kernel.gateway.daemon_client import DaemonClient, DaemonPaths
+from pyrepl3_kernel.daemon.client import DaemonClient, DaemonPaths
 
 pytestmark = pytest.mark.usefixtures("pyrepl3_kernelspec")
 

@@ -91,7 +91,7 @@ class PoolHandler(Pyrepl3Handler):
     @forwarded
     async def get(self) -> None:
         """The manager daemon: pools and leases (``daemon: null`` if none runs)."""
-        from ..gateway.daemon_client import DaemonClient, DaemonError, DaemonUnavailable
+        from ..daemon.client import DaemonClient, DaemonError, DaemonUnavailable
 
         client = DaemonClient(timeout=10)
         try:

@@ -28,7 +28,8 @@ DAEMON_PROTOCOL_VERSION = 1
 #: (see docs/daemon.md, "Lifecycle": the daemon may exit once it is gone).
 STARTER_ENV = "PYREPL3_DAEMON_STARTER"
 MAX_FRAME = 16 * 1024 * 1024
-_HEADER = struct.Struct(">I")
+#: A frame's header: the payload's length, 4 bytes big-endian.
+HEADER = struct.Struct(">I")
 # AF_UNIX paths are limited to 108 bytes on Linux.
 _MAX_SOCKET_PATH = 100
 
@@ -74,7 +75,7 @@ def encode_frame(obj: dict[str, Any]) -> bytes:
     payload = json.dumps(obj, separators=(",", ":")).encode()
     if len(payload) > MAX_FRAME:
         raise ValueError(f"daemon message of {len(payload)} bytes exceeds {MAX_FRAME}")
-    return _HEADER.pack(len(payload)) + payload
+    return HEADER.pack(len(payload)) + payload
 
 
 def decode_payload(payload: bytes) -> dict[str, Any]:
@@ -116,7 +117,7 @@ class DaemonClient:
             except (FileNotFoundError, ConnectionRefusedError) as exc:
                 raise DaemonUnavailable(f"no daemon at {self.paths.socket}: {exc}") from None
             sock.sendall(encode_frame(request))
-            (length,) = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+            (length,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
             if length > MAX_FRAME:
                 raise DaemonError("too_large", f"reply of {length} bytes exceeds {MAX_FRAME}")
             reply = decode_payload(_recv_exact(sock, length))

@@ -33,11 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .._version import __version__
+from ..gateway.kernel import JupyterGateway
 from ..session import PoolConfig, PoolExhausted, SessionPool, WorkerStartError
 from ..session.workers import ColdWorkers, PooledWorkers, WorkerSource
-from .daemon_client import (
-    _HEADER,
+from .client import (
     DAEMON_PROTOCOL_VERSION,
+    HEADER,
     MAX_FRAME,
     STARTER_ENV,
     DaemonError,
@@ -45,7 +46,6 @@ from .daemon_client import (
     decode_payload,
     encode_frame,
 )
-from .kernel import JupyterGateway
 
 log = logging.getLogger("pyrepl3.daemon")
 
@@ -379,8 +379,8 @@ class ManagerDaemon:
         after: Any = None
         try:
             self._check_peer(writer)
-            header = await asyncio.wait_for(reader.readexactly(_HEADER.size), 10)
-            (length,) = _HEADER.unpack(header)
+            header = await asyncio.wait_for(reader.readexactly(HEADER.size), 10)
+            (length,) = HEADER.unpack(header)
             if length > MAX_FRAME:
                 raise DaemonError("too_large", f"request of {length} bytes exceeds {MAX_FRAME}")
             request = decode_payload(await asyncio.wait_for(reader.readexactly(length), 10))
