@@ -1,0 +1,317 @@
+"""The kernels a daemon hands out (leases) and the warm pools their workers
+come from.
+
+A lease is a kernel (a :class:`JupyterGateway` with its ports bound and its
+key chosen) whose worker came from a warm pool, or was started cold when the
+launch asked for no pool. A lease is never handed out twice and its workers
+never go back to a pool. Leases whose owner process died are reaped. Pools
+are kept per kernelspec, python, warm-up code and start-up environment
+(:func:`startup_key`): two launches share warm workers only if a worker could
+not tell them apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..gateway.kernel import JupyterGateway
+from ..session import PoolConfig, PoolExhausted, SessionPool, WorkerStartError
+from ..session.workers import ColdWorkers, PooledWorkers, WorkerSource
+from .client import DaemonError
+
+log = logging.getLogger("pyrepl3.daemon")
+
+#: Environment variables that act when an interpreter (or the worker's
+#: shell) starts: workers started with different values of these are kept in
+#: different pools. Every ``PYTHON*`` variable counts too (see
+#: :func:`startup_key`).
+STARTUP_ENV = (
+    "LD_LIBRARY_PATH",
+    "LD_PRELOAD",
+    # the locale at start-up fixes the encodings (UTF-8 mode, stdio, file names)
+    "LC_ALL",
+    "LC_CTYPE",
+    "LANG",
+    # IPython adds the active virtualenv to sys.path when the shell starts
+    "VIRTUAL_ENV",
+)
+#: PYTHON* variables read later, not at start-up (PYTHONSTARTUP: never, by a worker).
+_NOT_STARTUP = frozenset({"PYTHONSTARTUP", "PYTHONBREAKPOINT", "PYTHONEXECUTABLE"})
+
+
+def startup_key(env: dict[str, str]) -> tuple[Any, ...]:
+    """What of ``env`` a worker takes in when it starts and cannot change
+    later: two launches with the same key can share warm workers."""
+    python_vars = tuple(
+        sorted((k, v) for k, v in env.items() if k.startswith("PYTHON") and k not in _NOT_STARTUP)
+    )
+    # The shell's profile directory (history, startup files) is fixed when it starts.
+    ipython_dir = env.get("IPYTHONDIR") or os.path.join(env.get("HOME", "~"), ".ipython")
+    return (python_vars, ipython_dir, *(env.get(k) for k in STARTUP_ENV))
+
+
+@dataclass
+class Lease:
+    id: str
+    kernel_name: str
+    kernel_id: str
+    gateway: JupyterGateway
+    workers: WorkerSource
+    owner_pid: int
+    owner_started: float | None
+    pool_key: tuple[Any, ...] | None
+    warm: bool
+    created: float = field(default_factory=time.time)
+    state: str = "running"  # running | awaiting_restart | ending
+
+    def describe(self) -> dict[str, Any]:
+        session = self.gateway.session
+        return {
+            "lease_id": self.id,
+            "kernel_name": self.kernel_name,
+            "kernel_id": self.kernel_id,
+            "state": self.state,
+            "owner_pid": self.owner_pid,
+            "worker_pid": session.pid if session.is_alive else None,
+            "warm": self.warm,
+            "age_s": round(time.time() - self.created, 1),
+            "restarts": session.restarts,
+            "last_crash": session.last_crash,
+            "health": session.monitor.sample() if session.is_alive else None,
+            "ports": {k: v for k, v in self.gateway.connection_info.items() if k.endswith("_port")},
+        }
+
+
+def process_started(pid: int) -> float | None:
+    import psutil
+
+    try:
+        return float(psutil.Process(pid).create_time())
+    except (psutil.Error, ValueError):
+        return None
+
+
+def owner_alive(pid: int, started: float | None) -> bool:
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except psutil.Error:
+        return False
+
+
+class Leases:
+    """A daemon's leases by id, and the pools their workers come from.
+
+    ``on_activity`` is called when a lease starts and stops ending (the
+    daemon's idle time counts from then)."""
+
+    def __init__(self, *, lease_timeout: float, on_activity: Callable[[], None]) -> None:
+        self.lease_timeout = lease_timeout
+        self._on_activity = on_activity
+        self._leases: dict[str, Lease] = {}
+        self.pools: dict[tuple[Any, ...], SessionPool] = {}
+        self._pool_info: dict[tuple[Any, ...], dict[str, Any]] = {}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        #: Leases handed out since the daemon started, and how many of them warm.
+        self.served = 0
+        self.served_warm = 0
+
+    def __len__(self) -> int:
+        return len(self._leases)
+
+    def __iter__(self) -> Iterator[Lease]:
+        return iter(list(self._leases.values()))
+
+    def get(self, lease_id: str) -> Lease | None:
+        return self._leases.get(lease_id)
+
+    async def create(
+        self,
+        *,
+        kernel_name: str,
+        kernel_id: str,
+        python: str,
+        env: dict[str, str] | None,
+        cwd: str | None,
+        owner_pid: int,
+        pooled: bool,
+        pool_size: int,
+        max_kernels: int,
+        warmup_code: str,
+    ) -> tuple[Lease, Callable[[], Any] | None]:
+        """A new lease with its kernel started; and what to run once the
+        client has its reply (refill the pool), if anything. A worker that
+        cannot be had raises :class:`DaemonError` (``exhausted``,
+        ``worker_failed``)."""
+        launch_env = env if env is not None else dict(os.environ)
+        pool_key: tuple[Any, ...] | None = None
+        pool: SessionPool | None = None
+        workers: WorkerSource
+        if pooled:
+            pool_key = (kernel_name, python, warmup_code, startup_key(launch_env))
+            pool = await self._pool(
+                pool_key, python, launch_env, pool_size, max_kernels, warmup_code
+            )
+            workers = PooledWorkers(
+                pool, cwd=cwd, env=env, timeout=self.lease_timeout, defer_refill=True
+            )
+        else:
+            workers = ColdWorkers(python=python, cwd=cwd, env=launch_env)
+        with worker_errors():
+            session = await workers.acquire()
+        warm = isinstance(workers, PooledWorkers) and workers.last_was_warm
+        if isinstance(workers, PooledWorkers):
+            workers.defer_refill = False  # later acquires (restarts) refill at once
+        lease_id = uuid.uuid4().hex
+        info = {
+            "transport": "tcp",
+            "ip": "127.0.0.1",
+            "key": secrets.token_hex(32),
+            "signature_scheme": "hmac-sha256",
+        }
+        lease: Lease | None = None
+
+        def on_shutdown(restart: bool) -> Any:
+            assert lease is not None
+            return self._on_kernel_shutdown(lease, restart)
+
+        gateway = JupyterGateway(
+            info,
+            workers=workers,
+            session=session,
+            kernel_id=kernel_id,
+            on_shutdown=on_shutdown,
+            env=launch_env,  # limits (PYREPL3_MEMORY_LIMIT, ...) come with the launch
+        )
+        try:
+            await gateway.start()
+        except BaseException:
+            await gateway.stop()
+            raise
+        lease = Lease(
+            id=lease_id,
+            kernel_name=kernel_name,
+            kernel_id=kernel_id,
+            gateway=gateway,
+            workers=workers,
+            owner_pid=owner_pid,
+            owner_started=process_started(owner_pid),
+            pool_key=pool_key,
+            warm=warm,
+        )
+        self._leases[lease_id] = lease
+        self.served += 1
+        self.served_warm += int(warm)
+        return lease, (pool.refill if pool is not None else None)
+
+    async def restart(self, lease: Lease) -> None:
+        """Give the lease's kernel a new worker (warm if its pool has one)."""
+        with worker_errors():
+            await lease.gateway.restart_worker()
+        lease.state = "running"
+        lease.warm = isinstance(lease.workers, PooledWorkers) and lease.workers.last_was_warm
+
+    async def let_worker_go(self, lease: Lease) -> None:
+        """Stop the lease's worker and keep its kernel for a restart."""
+        await lease.gateway.session.release_worker()
+        lease.state = "awaiting_restart"
+
+    async def end(self, lease: Lease) -> None:
+        """Stop the lease's kernel; returns once its worker is gone (a second
+        caller waits for the first). Until then the lease is ``ending``, and
+        ``poll`` says it still runs: a client that sees the kernel as exited
+        finds its worker gone and its ports closed."""
+        if self._leases.get(lease.id) is not lease:
+            return
+        lease.state = "ending"
+        self._on_activity()
+        try:
+            await lease.gateway.stop()
+        finally:
+            self._leases.pop(lease.id, None)
+            self._on_activity()
+
+    async def reap(self) -> None:
+        """End the leases whose owner process is gone."""
+        for lease in self:
+            if not owner_alive(lease.owner_pid, lease.owner_started):
+                log.info("owner %s of lease %s is gone: reaping it", lease.owner_pid, lease.id)
+                await self.end(lease)
+
+    async def stop(self) -> None:
+        """End every lease and stop every pool."""
+        await asyncio.gather(*(self.end(lease) for lease in self))
+        await asyncio.gather(*(pool.stop() for pool in self.pools.values()), return_exceptions=True)
+        self.pools.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def describe_pools(self) -> list[dict[str, Any]]:
+        return [{**self._pool_info[key], **pool.stats} for key, pool in self.pools.items()]
+
+    async def _on_kernel_shutdown(self, lease: Lease, restart: bool) -> None:
+        if restart:
+            # jupyter_client follows with a restart op; a client that restarts
+            # by message alone gets a new worker on its next request.
+            await self.let_worker_go(lease)
+        else:
+            # Not awaited here: the gateway's own task is running this.
+            self._spawn(self.end(lease))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _pool(
+        self,
+        key: tuple[Any, ...],
+        python: str,
+        env: dict[str, str],
+        size: int,
+        max_kernels: int,
+        warmup_code: str,
+    ) -> SessionPool:
+        pool = self.pools.get(key)
+        if pool is not None:
+            # The latest launch's settings win for size and limit.
+            pool.config.min_idle = min(size, pool.config.max_sessions)
+            return pool
+        config = PoolConfig(
+            min_idle=min(size, max_kernels),
+            max_sessions=max_kernels,
+            warmup_code=warmup_code,
+            python=python,
+            env=env,
+            acquire_timeout=self.lease_timeout,
+        )
+        pool = SessionPool(config)
+        await pool.start(wait=False)
+        self.pools[key] = pool
+        self._pool_info[key] = {"kernel_name": key[0], "python": python, "warmup_code": warmup_code}
+        return pool
+
+
+@contextlib.contextmanager
+def worker_errors() -> Iterator[None]:
+    """Report a worker that cannot be had with its own error code."""
+    try:
+        yield
+    except PoolExhausted as exc:
+        raise DaemonError("exhausted", str(exc)) from None
+    except WorkerStartError as exc:
+        raise DaemonError("worker_failed", str(exc)) from None
