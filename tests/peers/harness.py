@@ -379,7 +379,8 @@ class Job:
 
 
 def kill_marked(prefix: str) -> list[int]:
-    """Terminate (then kill) every process whose environment has ``MARKER`` starting with ``prefix``."""
+    """Terminate (then kill) every process whose ``MARKER`` is ``prefix`` or below it
+    (``run`` covers ``run/suite/kernel``)."""
     own = os.getpid()
     found: list[psutil.Process] = []
     for proc in psutil.process_iter():
@@ -389,7 +390,8 @@ def kill_marked(prefix: str) -> list[int]:
             value = proc.environ().get(MARKER)
         except (psutil.Error, OSError):
             continue
-        if value is not None and value.startswith(prefix):
+        # "run/suite/pyrepl3" must not match "run/suite/pyrepl3-cold".
+        if value is not None and (value == prefix or value.startswith(prefix + "/")):
             found.append(proc)
     for proc in found:
         try:
