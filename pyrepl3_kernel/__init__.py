@@ -1,8 +1,9 @@
 """pyrepl3-kernel: a Jupyter kernel whose user code runs in an isolated worker.
 
 The public surface is small: :class:`Session`, :class:`SessionPool`,
-:class:`PoolConfig` and the protocol's message types. Names are loaded on first
-use, so the worker process (which imports this package) stays light.
+:class:`PoolConfig`, the protocol's message types, and :class:`Pyrepl3Error`,
+the base of every error the project raises. Names are loaded on first use, so
+the worker process (which imports this package) stays light.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 
 if TYPE_CHECKING:
+    from .errors import Pyrepl3Error
     from .protocol import *  # noqa: F403
     from .session import (
         PoolConfig,
@@ -37,6 +39,8 @@ def __getattr__(name: str) -> Any:
 
     if name in _SESSION_NAMES:
         return getattr(importlib.import_module(".session", __name__), name)
+    if name == "Pyrepl3Error":
+        return importlib.import_module(".errors", __name__).Pyrepl3Error
     protocol = importlib.import_module(".protocol", __name__)
     if name in protocol.__all__:
         return getattr(protocol, name)
@@ -47,12 +51,13 @@ def __dir__() -> list[str]:
     import importlib
 
     protocol = importlib.import_module(".protocol", __name__)
-    return sorted(set(globals()) | _SESSION_NAMES | set(protocol.__all__))
+    return sorted(set(globals()) | _SESSION_NAMES | {"Pyrepl3Error"} | set(protocol.__all__))
 
 
 __all__ = [
     "PoolConfig",
     "PoolExhausted",
+    "Pyrepl3Error",
     "Session",
     "SessionPool",
     "WorkerDeadError",

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..errors import Pyrepl3Error
+
 DAEMON_PROTOCOL_VERSION = 1
 #: Set by the provisioner in the environment of a daemon it starts: JSON
 #: ``{"pid", "started", "server_info_file"}`` of the process that started it
@@ -34,7 +36,7 @@ HEADER = struct.Struct(">I")
 _MAX_SOCKET_PATH = 100
 
 
-class DaemonError(RuntimeError):
+class DaemonError(Pyrepl3Error, RuntimeError):
     """The daemon answered with an error (``code`` says which)."""
 
     def __init__(self, code: str, message: str) -> None:
@@ -42,7 +44,7 @@ class DaemonError(RuntimeError):
         self.code = code
 
 
-class DaemonUnavailable(ConnectionError):
+class DaemonUnavailable(Pyrepl3Error, ConnectionError):
     """No daemon answers on the socket."""
 
 

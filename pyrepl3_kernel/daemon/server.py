@@ -28,6 +28,7 @@ import uuid
 from typing import Any
 
 from .._version import __version__
+from ..errors import Pyrepl3Error
 from .client import (
     DAEMON_PROTOCOL_VERSION,
     HEADER,
@@ -44,8 +45,8 @@ from .lifetime import ExitPolicy, Starter, is_usual_runtime_dir
 log = logging.getLogger("pyrepl3.daemon")
 
 
-class DaemonAlreadyRunning(RuntimeError):
-    pass
+class DaemonAlreadyRunning(Pyrepl3Error, RuntimeError):
+    """Another daemon holds the lock of this runtime directory."""
 
 
 class ManagerDaemon:

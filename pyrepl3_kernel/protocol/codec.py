@@ -16,6 +16,7 @@ from typing import Any
 
 import msgpack
 
+from ..errors import Pyrepl3Error
 from .messages import FIELD_TYPES, MESSAGE_CLASSES, Message, MessageType, ProtocolErrorCode
 
 #: The protocol version this implementation speaks (the ``v`` of every message).
@@ -28,7 +29,7 @@ DEFAULT_MAX_MESSAGE_SIZE = 256 * 1024 * 1024
 _BINARY_KEY = "$binary"
 
 
-class ProtocolError(Exception):
+class ProtocolError(Pyrepl3Error):
     """A message could not be decoded or accepted.
 
     ``code`` is a :class:`ProtocolErrorCode` (``malformed``, ``unknown_type``,

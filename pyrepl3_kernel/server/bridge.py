@@ -19,15 +19,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from .. import zmqsend
+from ..errors import Pyrepl3Error
 
 CHECKPOINT_TARGET = "pyrepl3.checkpoint"
 
 
-class KernelGone(Exception):
+class KernelGone(Pyrepl3Error):
     """The kernel was shut down or does not answer."""
 
 
-class BridgeError(Exception):
+class BridgeError(Pyrepl3Error):
     """A request to the kernel failed; ``status`` is the HTTP status to use."""
 
     def __init__(self, status: int, message: str) -> None:

@@ -17,6 +17,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+from ..errors import Pyrepl3Error
 from ..protocol import ExecuteMessage, MessageType
 from .limits import Limits
 from .supervised import Session
@@ -31,7 +32,7 @@ log = logging.getLogger("pyrepl3.pool")
 MAX_START_FAILURES = 3
 
 
-class PoolExhausted(RuntimeError):
+class PoolExhausted(Pyrepl3Error, RuntimeError):
     """No session could be had within the acquire timeout."""
 
 

@@ -21,6 +21,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 
+from ..errors import Pyrepl3Error
 from ..protocol import (
     ConfigureMessage,
     Conversation,
@@ -58,11 +59,11 @@ OUTPUT_COALESCE_S = 0.002
 PARTIAL_LINE_WAIT_S = 0.01
 
 
-class WorkerStartError(RuntimeError):
+class WorkerStartError(Pyrepl3Error, RuntimeError):
     """The worker process did not come up."""
 
 
-class WorkerDeadError(RuntimeError):
+class WorkerDeadError(Pyrepl3Error, RuntimeError):
     """The worker process is not running; ``cause`` says why it died."""
 
     def __init__(self, cause: str) -> None:

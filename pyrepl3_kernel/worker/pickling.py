@@ -40,13 +40,15 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import Pyrepl3Error
+
 PROTOCOL = 5
 
 LOCK_TYPES = {type(threading.Lock()): "Lock", type(threading.RLock()): "RLock"}
 FILE_TYPES = (io.TextIOWrapper, io.BufferedReader, io.BufferedWriter, io.BufferedRandom, io.FileIO)
 
 
-class NotRestorable(Exception):
+class NotRestorable(Pyrepl3Error):
     """The object cannot be saved; ``str(exc)`` says why."""
 
 

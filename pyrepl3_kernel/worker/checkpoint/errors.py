@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from ...errors import Pyrepl3Error
 
-class CheckpointError(Exception):
+
+class CheckpointError(Pyrepl3Error):
     """A checkpoint could not be written or read; the message says why."""
 
 
