@@ -50,6 +50,18 @@ class Limits:
     restart_window: float = 60.0
     poll_interval: float = 0.25
 
+    def describe(self) -> dict[str, Any]:
+        """The limits as health reports show them."""
+        return {
+            "memory_limit": self.memory_limit,
+            "memory_soft_limit": self.memory_soft_limit,
+            "cell_timeout": self.cell_timeout,
+            "cell_cpu_limit": self.cell_cpu_limit,
+            "interrupt_grace": self.interrupt_grace,
+            "max_restarts": self.max_restarts,
+            "restart_window": self.restart_window,
+        }
+
     def replace(self, **given: Any) -> Limits:
         """A copy with the fields given (and not None) changed; sizes may be
         strings such as ``"2G"``."""

@@ -37,7 +37,6 @@ from typing import Any
 
 from ..protocol import (
     WORKER_DIED,
-    CheckpointMessage,
     ConfigureMessage,
     ErrorMessage,
     ExecuteMessage,
@@ -47,6 +46,8 @@ from ..protocol import (
     OutputMessage,
     ReadyMessage,
 )
+from . import recovery
+from .health import UsageMeter
 from .limits import Limits, RestartBudget, WorkerMonitor
 from .worker import WorkerDeadError, WorkerProcess, WorkerStartError
 from .workers import ColdWorkers, WorkerSource
@@ -63,10 +64,6 @@ def default_autosave_dir(session_id: str, env: Mapping[str, str] | None = None) 
     from jupyter_core.paths import jupyter_runtime_dir
 
     return os.path.join(jupyter_runtime_dir(), "pyrepl3-autosave", session_id)
-
-
-def died_text(cause: str) -> str:
-    return f"the worker process died ({cause}) while running this cell; the cell is not re-run"
 
 
 class Session:
@@ -167,7 +164,7 @@ class Session:
         self._last_request: str | None = None
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._usage_processes: dict[int, Any] = {}
+        self._usage = UsageMeter()
 
     # -- what the current worker is ---------------------------------------------------
 
@@ -342,40 +339,7 @@ class Session:
 
     async def _restore_autosave(self) -> str:
         """Load the automatic checkpoint into the new worker; say what happened."""
-        head = "pyrepl3: a new worker is running"
-        if not self.autosave_dir:
-            return (
-                f"{head}; the state is lost (automatic checkpoints are off: PYREPL3_AUTOSAVE=0)\n"
-            )
-        nothing = f"{head}; no saved state to restore (no cell had completed)\n"
-        # The directory comes with the first save; ``auto.json`` only once it
-        # is written: a crash right after the first cell finds the save still
-        # on its way, and the restore waits for it (in the worker).
-        if not os.path.isdir(self.autosave_dir):
-            return nothing
-        try:
-            reply: Any = await self.worker.request(
-                CheckpointMessage(action="restore", name="auto", store=self.autosave_dir)
-            )
-        except WorkerDeadError as exc:
-            return f"{head}, but restoring the state failed: {exc}\n"
-        if not reply.ok:
-            if not os.path.exists(os.path.join(self.autosave_dir, "auto.json")):
-                return nothing
-            return f"{head}; the saved state could not be restored: {reply.evalue}\n"
-        result = reply.result
-        saved_cell = result.get("cell_number")  # the prompt the user saw
-        if not isinstance(saved_cell, int):  # a worker from before cell_number
-            count = result.get("execution_count")
-            saved_cell = count - 1 if isinstance(count, int) and count > 0 else self.execution_count
-        names = sorted(result.get("saved", {}))
-        lines = [
-            f"{head}; restored {len(names)} variable{'' if len(names) == 1 else 's'} as of cell {saved_cell}"
-            + (f": {', '.join(names[:20])}{' ...' if len(names) > 20 else ''}" if names else "")
-        ]
-        for var, reason in {**result.get("skipped", {}), **result.get("failed", {})}.items():
-            lines.append(f"  not restored: {var}: {reason}")
-        return "\n".join(lines) + "\n"
+        return await recovery.restore_autosave(self.worker, self.autosave_dir, self.execution_count)
 
     def discard_autosave(self) -> None:
         if self.autosave_dir:
@@ -520,7 +484,7 @@ class Session:
                     self._input_started(out.id)
                 elif out.type == MessageType.ERROR and getattr(out, "ename", "") == WORKER_DIED:
                     cause = self._death_text or self.worker.death_cause or "unknown cause"
-                    out = crashed = _died(cause, message.id)
+                    out = crashed = recovery.died_error(cause, message.id)
                 yield out
             if crashed is not None and reply is not None:
                 reply.evalue, reply.traceback = crashed.evalue, list(crashed.traceback)
@@ -646,58 +610,17 @@ class Session:
         """Resource usage of the worker's process tree, in the shape of
         ipykernel's usage_reply (jupyter-resource-usage reads it), plus the
         session's health: uptime, restarts, last crash, limits."""
-        import socket as _socket
-
-        import psutil
-
-        content: dict[str, Any] = {"hostname": _socket.gethostname(), "pid": self.worker.pid}
-        procs: list[Any] = []
-        if self.worker.is_alive and self.worker.pid:
-            with contextlib.suppress(psutil.Error):
-                root = psutil.Process(self.worker.pid)
-                procs = [root, *root.children(recursive=True)]
-        # Process objects are kept between requests: cpu_percent measures
-        # from the previous call.
-        self._usage_processes = {p.pid: self._usage_processes.get(p.pid, p) for p in procs}
-        cpu = 0.0
-        memory = 0
-        for proc in self._usage_processes.values():
-            with contextlib.suppress(psutil.Error):
-                cpu += proc.cpu_percent(None)
-                info = proc.memory_full_info()
-                memory += getattr(info, "pss", info.rss)
-        content["kernel_cpu"] = cpu
-        content["kernel_memory"] = memory
-        content["cpu_count"] = psutil.cpu_count(logical=True)
-        content["host_virtual_memory"] = dict(psutil.virtual_memory()._asdict())
-        lim = self.limits
+        content = self._usage.report(self.worker.pid if self.worker.is_alive else None)
+        content["pid"] = self.worker.pid
         content["pyrepl3"] = {
             "uptime_s": round(time.time() - self.started, 1),
             "restarts": self.restarts,
             "last_crash": self.last_crash,
             "halted": self.halted,
             "peak_rss": self.monitor.peak_rss,
-            "limits": {
-                "memory_limit": lim.memory_limit,
-                "memory_soft_limit": lim.memory_soft_limit,
-                "cell_timeout": lim.cell_timeout,
-                "cell_cpu_limit": lim.cell_cpu_limit,
-                "interrupt_grace": lim.interrupt_grace,
-                "max_restarts": lim.max_restarts,
-                "restart_window": lim.restart_window,
-            },
+            "limits": self.limits.describe(),
         }
         return content
 
     def __repr__(self) -> str:
         return f"<Session {self.id} worker={self.worker!r} restarts={self.restarts}>"
-
-
-def _died(cause: str, parent_id: str | None) -> ErrorMessage:
-    evalue = died_text(cause)
-    return ErrorMessage(
-        ename=WORKER_DIED,
-        evalue=evalue,
-        traceback=[f"\x1b[0;31m{WORKER_DIED}\x1b[0m: {evalue}"],
-        parent_id=parent_id,
-    )
