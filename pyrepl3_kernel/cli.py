@@ -555,16 +555,12 @@ def cmd_stop(args: argparse.Namespace) -> int:
         return 0
     except DaemonError as exc:
         return _error(f"the daemon refused: {exc}")
-    import psutil
+    from .processes import alive
 
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        try:
-            # A zombie has exited (its parent, possibly not init, reaps it).
-            exited = psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            exited = True
-        if exited:
+        # A zombie has exited (its parent, possibly not init, reaps it).
+        if not alive(pid):
             print(f"stopped the pyrepl3 daemon (pid {pid})")
             return 0
         time.sleep(0.05)

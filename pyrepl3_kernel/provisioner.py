@@ -41,6 +41,7 @@ from .daemon.client import (
     DaemonPaths,
     DaemonUnavailable,
 )
+from .processes import alive, started_at
 
 _T = TypeVar("_T")
 
@@ -326,7 +327,7 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             while hello is None and time.monotonic() < deadline:
                 time.sleep(0.05)
                 hello = client.ping()
-                if hello is None and not _alive(pid):
+                if hello is None and not alive(pid):
                     # It exited: it lost the race to another daemon (then
                     # that one answers now) or it failed (see its log).
                     hello = client.ping()
@@ -383,7 +384,7 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         env[STARTER_ENV] = json.dumps(
             {
                 "pid": os.getpid(),
-                "started": _start_time(os.getpid()),
+                "started": started_at(os.getpid()),
                 "server_info_file": self._server_info_file(),
             }
         )
@@ -441,29 +442,6 @@ def _shows(logger: logging.Logger | logging.LoggerAdapter[Any], level: int) -> b
                 return True
         current = current.parent if current.propagate else None
     return found == 0  # no handler at all: logging's last resort prints it
-
-
-def _start_time(pid: int) -> float:
-    import psutil
-
-    try:
-        return float(psutil.Process(pid).create_time())
-    except psutil.Error:
-        return 0.0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is not alive
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
 
 
 def _tail(path: os.PathLike[str], lines: int = 5) -> str:

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..gateway.kernel import JupyterGateway
+from ..processes import alive, started_at
 from ..session import PoolConfig, PoolExhausted, SessionPool, WorkerStartError
 from ..session.workers import ColdWorkers, PooledWorkers, WorkerSource
 from .client import DaemonError
@@ -89,27 +90,6 @@ class Lease:
             "health": session.monitor.sample() if session.is_alive else None,
             "ports": {k: v for k, v in self.gateway.connection_info.items() if k.endswith("_port")},
         }
-
-
-def process_started(pid: int) -> float | None:
-    import psutil
-
-    try:
-        return float(psutil.Process(pid).create_time())
-    except (psutil.Error, ValueError):
-        return None
-
-
-def owner_alive(pid: int, started: float | None) -> bool:
-    import psutil
-
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return started is None or abs(proc.create_time() - started) < 1.0
-    except psutil.Error:
-        return False
 
 
 class Leases:
@@ -208,7 +188,7 @@ class Leases:
             gateway=gateway,
             workers=workers,
             owner_pid=owner_pid,
-            owner_started=process_started(owner_pid),
+            owner_started=started_at(owner_pid),
             pool_key=pool_key,
             warm=warm,
         )
@@ -247,7 +227,7 @@ class Leases:
     async def reap(self) -> None:
         """End the leases whose owner process is gone."""
         for lease in self:
-            if not owner_alive(lease.owner_pid, lease.owner_started):
+            if not alive(lease.owner_pid, lease.owner_started):
                 log.info("owner %s of lease %s is gone: reaping it", lease.owner_pid, lease.id)
                 await self.end(lease)
 

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..processes import alive
 from .client import STARTER_ENV
-from .leases import owner_alive
 
 log = logging.getLogger("pyrepl3.daemon")
 
@@ -78,8 +78,7 @@ class Starter:
             ]
         serving = any(os.path.exists(f) for f in info_files)
         self.is_server = self.is_server or serving
-        alive = owner_alive(self.pid, self.started)
-        self.gone = not alive or (self.is_server and not serving)
+        self.gone = not alive(self.pid, self.started) or (self.is_server and not serving)
         return self.gone
 
     def describe(self) -> dict[str, Any]:

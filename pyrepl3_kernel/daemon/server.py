@@ -29,6 +29,7 @@ from typing import Any
 
 from .._version import __version__
 from ..errors import Pyrepl3Error
+from ..processes import alive
 from .client import (
     DAEMON_PROTOCOL_VERSION,
     HEADER,
@@ -39,7 +40,7 @@ from .client import (
     decode_payload,
     encode_frame,
 )
-from .leases import Leases, owner_alive
+from .leases import Leases
 from .lifetime import ExitPolicy, Starter, is_usual_runtime_dir
 
 log = logging.getLogger("pyrepl3.daemon")
@@ -280,7 +281,7 @@ class ManagerDaemon:
         if cwd is not None and not os.path.isdir(cwd):
             raise DaemonError("bad_request", f"cwd {cwd!r} is not a directory")
         owner_pid = _field(request, "owner_pid", int, 0)
-        if owner_pid <= 0 or not owner_alive(owner_pid, None):
+        if owner_pid <= 0 or not alive(owner_pid):
             raise DaemonError("bad_request", f"owner_pid {owner_pid} is not a running process")
         kernel_id = _field(request, "kernel_id", str, None) or str(uuid.uuid4())
         pool_cfg = _field(request, "pool", dict, {})

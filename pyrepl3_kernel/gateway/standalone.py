@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 
+from ..processes import alive
 from ..session.worker import WorkerProcess
 
 
@@ -93,14 +94,8 @@ async def _watch_parent(done: asyncio.Event, interval: float = 1.0) -> None:
     launched_by = os.getppid()
     while True:
         await asyncio.sleep(interval)
-        try:
-            os.kill(parent, 0)
-            gone = os.getppid() != launched_by  # reparented: our launcher died
-        except ProcessLookupError:
-            gone = True
-        except PermissionError:
-            gone = False
-        if gone:
+        # gone, or we were reparented: our launcher died
+        if not alive(parent) or os.getppid() != launched_by:
             logging.getLogger("pyrepl3.gateway").warning(
                 "parent process %s is gone; shutting down", parent
             )
