@@ -34,7 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ..units import format_size, parse_size
+from ..units import format_size, parse_size, size_from_env
 
 log = logging.getLogger("pyrepl3.gateway")
 
@@ -86,8 +86,8 @@ class Limits:
                 log.warning("ignoring %s=%r: %s", name, raw, exc)
                 return None
 
-        limits.memory_limit = number("PYREPL3_MEMORY_LIMIT", parse_size)
-        limits.memory_soft_limit = number("PYREPL3_MEMORY_SOFT_LIMIT", parse_size)
+        limits.memory_limit = size_from_env(env, "PYREPL3_MEMORY_LIMIT", None, log)
+        limits.memory_soft_limit = size_from_env(env, "PYREPL3_MEMORY_SOFT_LIMIT", None, log)
         limits.cell_timeout = number("PYREPL3_CELL_TIMEOUT", float)
         limits.cell_cpu_limit = number("PYREPL3_CELL_CPU_LIMIT", float)
         for name, attr, kind in (

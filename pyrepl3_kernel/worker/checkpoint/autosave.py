@@ -63,15 +63,9 @@ def max_object_bytes() -> int:
     """Objects larger than this are left out of automatic checkpoints
     (``PYREPL3_AUTOSAVE_MAX_OBJECT``, e.g. ``512M``; default 1 GiB): writing
     them after every cell would cost more than it saves."""
-    raw = os.environ.get("PYREPL3_AUTOSAVE_MAX_OBJECT", "")
-    if raw:
-        from ...units import parse_size
+    from ...units import size_from_env
 
-        try:
-            return parse_size(raw)
-        except ValueError:
-            log.warning("ignoring PYREPL3_AUTOSAVE_MAX_OBJECT=%r", raw)
-    return DEFAULT_MAX_OBJECT
+    return size_from_env(os.environ, "PYREPL3_AUTOSAVE_MAX_OBJECT", DEFAULT_MAX_OBJECT, log)
 
 
 #: Characters without which a cell can neither bind, call, import, run a

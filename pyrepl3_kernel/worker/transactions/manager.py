@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from typing import Any
 
-from ...units import parse_size
+from ...units import size_from_env
 from ..ipython_names import is_ipython_name
 from .kinds import MISSING
 from .magics import TransactionMagics
@@ -173,24 +173,13 @@ class TransactionManager:
             raise ValueError(f"unknown transaction policy {policy!r} (use {', '.join(POLICIES)})")
         self.explicit = policy
 
-    @staticmethod
-    def _limit(env: str, default: int) -> int:
-        value = os.environ.get(env)
-        if not value:
-            return default
-        try:
-            return parse_size(value)
-        except ValueError:
-            log.warning("%s=%r is not a size; using %d", env, value, default)
-            return default
-
     @property
     def max_bytes(self) -> int:
-        return self._limit(ENV_MAX_BYTES, DEFAULT_MAX_BYTES)
+        return size_from_env(os.environ, ENV_MAX_BYTES, DEFAULT_MAX_BYTES, log)
 
     @property
     def max_objects(self) -> int:
-        return self._limit(ENV_MAX_OBJECTS, DEFAULT_MAX_OBJECTS)
+        return size_from_env(os.environ, ENV_MAX_OBJECTS, DEFAULT_MAX_OBJECTS, log)
 
     # -- hooks ---------------------------------------------------------------------
 
