@@ -126,7 +126,10 @@ def test_a_notebook_through_the_front(front: JupyterServer, gateway: JupyterServ
             # Checkpoint through the gateway's own endpoints.
             assert ws.execute("x = 41 + 1; words = ['a', 'b']").status == "ok"
             base = f"/api/pyrepl3/kernels/{kid}/checkpoints"
-            r = gateway.api("POST", base, {"name": "nb"})
+            # Its own name: both fronts' kernels share the gateway's store, and
+            # a checkpoint another kernel saved is not replaced without force.
+            name = f"nb-{front.name}"
+            r = gateway.api("POST", base, {"name": name})
             assert r.status_code == 201, r.text
             assert {"x", "words"} <= set(r.json()["saved"])
 
@@ -138,7 +141,7 @@ def test_a_notebook_through_the_front(front: JupyterServer, gateway: JupyterServ
             assert r8.stdout == "False False\n"
 
             # Restore the checkpoint into the restarted kernel.
-            r = gateway.api("POST", f"{base}/nb/restore", {})
+            r = gateway.api("POST", f"{base}/{name}/restore", {})
             assert r.status_code == 200, r.text
             r9 = ws.execute("print(x, words)")
             assert r9.stdout == "42 ['a', 'b']\n"

@@ -18,11 +18,6 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timezone
 from typing import Any
 
-import zmq
-import zmq.asyncio
-from jupyter_client.session import Session as JupyterSession
-
-from .. import zmqsend
 from ..protocol import (
     WORKER_DIED,
     CommInfoMessage,
@@ -35,7 +30,7 @@ from ..session.supervised import Session
 from ..session.worker import WorkerDeadError, WorkerProcess
 from ..session.workers import ColdWorkers, WorkerSource
 from . import checkpoint_comm, translate
-from .heartbeat import Heartbeat
+from .channels import CHANNELS, KernelChannels
 
 log = logging.getLogger("pyrepl3.gateway")
 
@@ -78,16 +73,9 @@ class JupyterGateway:
         autosave_dir: str | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
-        info = dict(connection_info)
-        key = info.get("key", b"")
-        if isinstance(key, str):
-            key = key.encode()
-        info["key"] = key
-        info.setdefault("transport", "tcp")
-        info.setdefault("ip", "127.0.0.1")
-        info.setdefault("signature_scheme", "hmac-sha256")
-        self.connection_info = info
         self.kernel_id = kernel_id or str(uuid.uuid4())
+        self.channels = KernelChannels(connection_info, self.kernel_id)
+        self.connection_info = self.channels.connection_info
         self.session = Session(
             workers=workers or ColdWorkers(),
             worker=session,
@@ -99,12 +87,6 @@ class JupyterGateway:
         #: Called with the ``restart`` flag of a shutdown_request; without it,
         #: the gateway just lets its worker go.
         self.on_shutdown = on_shutdown
-        self.jsession = JupyterSession(
-            key=key, signature_scheme=info["signature_scheme"], username="kernel"
-        )
-        self._ctx = zmq.asyncio.Context.instance()
-        self._sockets: dict[str, zmq.asyncio.Socket] = {}
-        self._heartbeat: Heartbeat | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._shell_queue: asyncio.Queue[tuple[list[bytes], JupyterMsg]] = asyncio.Queue()
         self._parents: collections.OrderedDict[str, JupyterMsg] = collections.OrderedDict()
@@ -122,9 +104,9 @@ class JupyterGateway:
 
     async def start(self) -> None:
         """Bind the channels and bring the worker up."""
-        self._bind()
+        self.channels.bind()
         self._publish_status("starting", {})
-        for channel in ("shell", "control", "stdin", "iopub"):
+        for channel in CHANNELS:
             self._spawn(self._recv_loop(channel))
         self._spawn(self._shell_loop())
         self.session.begin()
@@ -142,10 +124,7 @@ class JupyterGateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.session.shutdown()
-        for sock in self._sockets.values():
-            sock.close(linger=200)
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
+        self.channels.close()
         self.closed.set()
 
     def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
@@ -159,48 +138,16 @@ class JupyterGateway:
         if not task.cancelled() and task.exception() is not None:
             log.error("gateway task failed", exc_info=task.exception())
 
-    def _bind(self) -> None:
-        info = self.connection_info
-        transport, ip = info["transport"], info["ip"]
-        url = f"{transport}://{ip}"
-        kinds = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER, "iopub": zmq.XPUB}
-        for channel, kind in kinds.items():
-            sock = self._ctx.socket(kind)
-            sock.linger = 1000
-            if kind == zmq.ROUTER:
-                # As ipykernel: a client that reconnects with its identity
-                # (all clients of one KernelManager share one) takes over.
-                sock.router_handover = 1
-            if kind == zmq.XPUB:
-                sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-            port = int(info.get(f"{channel}_port") or 0)
-            if transport == "tcp":
-                if port:
-                    sock.bind(f"{url}:{port}")
-                else:
-                    port = sock.bind_to_random_port(url)
-            else:
-                if not port:
-                    raise ValueError("ipc transport needs explicit port numbers")
-                sock.bind(f"{url}-{port}")
-            info[f"{channel}_port"] = port
-            self._sockets[channel] = sock
-        self._heartbeat = Heartbeat(url, int(info.get("hb_port") or 0))
-        info["hb_port"] = self._heartbeat.port
-        self._heartbeat.start()
-
     # -- receiving ----------------------------------------------------------------
 
     async def _recv_loop(self, channel: str) -> None:
-        sock = self._sockets[channel]
         while True:
-            frames = await sock.recv_multipart()
+            frames = await self.channels.recv(channel)
             if channel == "iopub":
                 self._on_subscription(frames)
                 continue
             try:
-                idents, msg_list = self.jsession.feed_identities(frames)
-                msg = self.jsession.deserialize(msg_list)
+                idents, msg = self.channels.parse(frames)
             except Exception as exc:
                 log.warning("dropped an invalid message on %s: %s", channel, exc)
                 continue
@@ -224,8 +171,8 @@ class JupyterGateway:
                 self._iopub_subscribed.set()
                 topic = frame[1:]
                 # JEP 65: tell each new subscriber that it is connected.
-                self._send(
-                    self._sockets["iopub"],
+                self.channels.send(
+                    "iopub",
                     "iopub_welcome",
                     {"subscription": topic.decode(errors="replace")},
                     parent=None,
@@ -253,7 +200,7 @@ class JupyterGateway:
         try:
             handler = self._shell_handlers.get(msg_type)
             if handler is None:
-                self._reply_unknown(self._sockets["shell"], idents, msg)
+                self._reply_unknown("shell", idents, msg)
             else:
                 await handler(self, idents, msg)
         finally:
@@ -346,8 +293,8 @@ class JupyterGateway:
             self._shell_queue.put_nowait(item)
 
     def _forward_input(self, idents: list[bytes], parent: JupyterMsg, request: Any) -> None:
-        sent = self._send(
-            self._sockets["stdin"],
+        sent = self.channels.send(
+            "stdin",
             "input_request",
             {"prompt": request.prompt, "password": request.password},
             parent=parent,
@@ -492,7 +439,7 @@ class JupyterGateway:
         elif msg_type == "usage_request":
             self._reply("control", idents, msg, "usage_reply", self.session.usage())
         else:
-            self._reply_unknown(self._sockets["control"], idents, msg)
+            self._reply_unknown("control", idents, msg)
 
     def _handle_stdin(self, msg: JupyterMsg) -> None:
         if msg["header"].get("msg_type") != "input_reply":
@@ -545,47 +492,21 @@ class JupyterGateway:
         content: dict[str, Any],
         metadata: dict[str, Any] | None = None,
     ) -> None:
-        if self._closing and channel not in self._sockets:
+        if self._closing and not self.channels.open(channel):
             return
-        self._send(
-            self._sockets[channel],
-            msg_type,
-            content,
-            parent=parent,
-            ident=idents,
-            metadata=metadata,
+        self.channels.send(
+            channel, msg_type, content, parent=parent, ident=idents, metadata=metadata
         )
 
-    def _send(
-        self,
-        sock: zmq.asyncio.Socket,
-        msg_type: str,
-        content: dict[str, Any],
-        *,
-        parent: JupyterMsg | None,
-        ident: bytes | list[bytes] | None,
-        metadata: dict[str, Any] | None = None,
-        buffers: list[Any] | None = None,
-    ) -> JupyterMsg:
-        """Sign and send one message (see :mod:`pyrepl3_kernel.zmqsend`)."""
-        msg: JupyterMsg = self.jsession.msg(
-            msg_type, content=content, parent=parent, metadata=metadata
-        )
-        zmqsend.send(self.jsession, sock, msg, ident, buffers)
-        return msg
-
-    def _reply_unknown(
-        self, sock: zmq.asyncio.Socket, idents: list[bytes], msg: JupyterMsg
-    ) -> None:
+    def _reply_unknown(self, channel: str, idents: list[bytes], msg: JupyterMsg) -> None:
         msg_type = msg["header"].get("msg_type", "")
         log.warning("unsupported request %r", msg_type)
         if msg_type.endswith("_request"):
             content = translate.error_reply_content(
                 "NotImplementedError", f"{msg_type} is not supported by this kernel"
             )
-            self._send(
-                sock, msg_type[: -len("_request")] + "_reply", content, parent=msg, ident=idents
-            )
+            reply_type = msg_type[: -len("_request")] + "_reply"
+            self.channels.send(channel, reply_type, content, parent=msg, ident=idents)
 
     def _publish(
         self,
@@ -595,19 +516,7 @@ class JupyterGateway:
         metadata: dict[str, Any] | None = None,
         buffers: list[Any] | None = None,
     ) -> None:
-        sock = self._sockets.get("iopub")
-        if sock is None or sock.closed:
-            return
-        topic = f"kernel.{self.kernel_id}.{msg_type}".encode()
-        self._send(
-            sock,
-            msg_type,
-            content,
-            parent=parent or None,
-            ident=topic,
-            metadata=metadata,
-            buffers=buffers,
-        )
+        self.channels.publish(msg_type, content, parent, metadata=metadata, buffers=buffers)
 
     def _publish_status(self, state: str, parent: JupyterMsg) -> None:
         self._publish("status", {"execution_state": state}, parent)

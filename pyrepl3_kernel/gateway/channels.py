@@ -1,0 +1,137 @@
+"""The five Jupyter channels of one kernel: ZMQ sockets bound on the
+connection's ports, and signed messages in and out.
+
+:class:`KernelChannels` knows the wire (socket kinds and options, ports,
+HMAC signing, the iopub topic); it knows nothing of what the messages mean.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import zmq
+import zmq.asyncio
+from jupyter_client.session import Session as JupyterSession
+
+from .. import zmqsend
+from .heartbeat import Heartbeat
+
+JupyterMsg = dict[str, Any]
+CHANNELS = ("shell", "control", "stdin", "iopub")
+
+
+class KernelChannels:
+    """Shell, control and stdin (ROUTER), iopub (XPUB) and the heartbeat.
+
+    ``connection_info`` is completed with defaults, its key made bytes; ports
+    given as 0 are chosen at :meth:`bind` time, and ``connection_info``
+    holds the final ones.
+    """
+
+    def __init__(self, connection_info: dict[str, Any], kernel_id: str) -> None:
+        info = dict(connection_info)
+        key = info.get("key", b"")
+        if isinstance(key, str):
+            key = key.encode()
+        info["key"] = key
+        info.setdefault("transport", "tcp")
+        info.setdefault("ip", "127.0.0.1")
+        info.setdefault("signature_scheme", "hmac-sha256")
+        self.connection_info = info
+        self.kernel_id = kernel_id
+        self.jsession = JupyterSession(
+            key=key, signature_scheme=info["signature_scheme"], username="kernel"
+        )
+        self._ctx = zmq.asyncio.Context.instance()
+        self._sockets: dict[str, zmq.asyncio.Socket] = {}
+        self._heartbeat: Heartbeat | None = None
+
+    def bind(self) -> None:
+        info = self.connection_info
+        transport, ip = info["transport"], info["ip"]
+        url = f"{transport}://{ip}"
+        kinds = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER, "iopub": zmq.XPUB}
+        for channel, kind in kinds.items():
+            sock = self._ctx.socket(kind)
+            sock.linger = 1000
+            if kind == zmq.ROUTER:
+                # As ipykernel: a client that reconnects with its identity
+                # (all clients of one KernelManager share one) takes over.
+                sock.router_handover = 1
+            if kind == zmq.XPUB:
+                sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+            port = int(info.get(f"{channel}_port") or 0)
+            if transport == "tcp":
+                if port:
+                    sock.bind(f"{url}:{port}")
+                else:
+                    port = sock.bind_to_random_port(url)
+            else:
+                if not port:
+                    raise ValueError("ipc transport needs explicit port numbers")
+                sock.bind(f"{url}-{port}")
+            info[f"{channel}_port"] = port
+            self._sockets[channel] = sock
+        self._heartbeat = Heartbeat(url, int(info.get("hb_port") or 0))
+        info["hb_port"] = self._heartbeat.port
+        self._heartbeat.start()
+
+    def close(self) -> None:
+        for sock in self._sockets.values():
+            sock.close(linger=200)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
+
+    def open(self, channel: str) -> bool:
+        sock = self._sockets.get(channel)
+        return sock is not None and not sock.closed
+
+    async def recv(self, channel: str) -> list[bytes]:
+        return await self._sockets[channel].recv_multipart()  # type: ignore[no-any-return]
+
+    def parse(self, frames: list[bytes]) -> tuple[list[bytes], JupyterMsg]:
+        """(routing identities, the message) of a received multipart
+        message; raises on a bad signature or malformed frames."""
+        idents, msg_list = self.jsession.feed_identities(frames)
+        return idents, self.jsession.deserialize(msg_list)
+
+    def send(
+        self,
+        channel: str,
+        msg_type: str,
+        content: dict[str, Any],
+        *,
+        parent: JupyterMsg | None,
+        ident: bytes | list[bytes] | None,
+        metadata: dict[str, Any] | None = None,
+        buffers: list[Any] | None = None,
+    ) -> JupyterMsg:
+        """Sign and send one message (see :mod:`pyrepl3_kernel.zmqsend`)."""
+        msg: JupyterMsg = self.jsession.msg(
+            msg_type, content=content, parent=parent, metadata=metadata
+        )
+        zmqsend.send(self.jsession, self._sockets[channel], msg, ident, buffers)
+        return msg
+
+    def publish(
+        self,
+        msg_type: str,
+        content: dict[str, Any],
+        parent: JupyterMsg | None,
+        metadata: dict[str, Any] | None = None,
+        buffers: list[Any] | None = None,
+    ) -> None:
+        """Send on iopub, under the topic ``kernel.<id>.<msg_type>``; nothing
+        once iopub is closed."""
+        if not self.open("iopub"):
+            return
+        topic = f"kernel.{self.kernel_id}.{msg_type}".encode()
+        self.send(
+            "iopub",
+            msg_type,
+            content,
+            parent=parent or None,
+            ident=topic,
+            metadata=metadata,
+            buffers=buffers,
+        )
