@@ -86,6 +86,16 @@ def describe_exit(returncode: int | None) -> str:
     return f"exit code {returncode}"
 
 
+def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """What a worker's environment holds of ``env``: all of it but
+    ``PYTHONSTARTUP``, an interactive interpreter's start-up file, which a
+    worker neither has nor runs, whether started with ``env`` or configured
+    with it later (a warm worker then looks like a cold one)."""
+    env = dict(env)
+    env.pop("PYTHONSTARTUP", None)
+    return env
+
+
 class _ControlProtocol(asyncio.Protocol):
     def __init__(self, session: WorkerProcess, generation: int) -> None:
         self.session = session
@@ -194,8 +204,7 @@ class WorkerProcess:
         loop = asyncio.get_running_loop()
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fd = child_sock.fileno()
-        env = dict(os.environ if self.env is None else self.env)
-        env.pop("PYTHONSTARTUP", None)
+        env = worker_environment(os.environ if self.env is None else self.env)
         cmd = [
             self.python,
             "-u",
@@ -329,7 +338,7 @@ class WorkerProcess:
         """Move the worker to ``cwd`` and give it ``env`` (the whole
         environment), as if it had been started with them."""
         reply = await self.request(
-            ConfigureMessage(cwd=cwd, env=dict(env) if env is not None else None)
+            ConfigureMessage(cwd=cwd, env=worker_environment(env) if env is not None else None)
         )
         if not reply.ok:
             raise RuntimeError(f"could not configure the worker: {reply.evalue}")

@@ -91,10 +91,6 @@ class PooledWorkers:
         self.defer_refill = defer_refill
         self.cwd = cwd
         self.env = dict(env) if env is not None else None
-        if self.env is not None:
-            # As Session.start leaves it out of a worker's environment (a
-            # cold worker never has it).
-            self.env.pop("PYTHONSTARTUP", None)
         self.timeout = timeout
         #: Whether the last acquire found a warm worker waiting.
         self.last_was_warm = False
