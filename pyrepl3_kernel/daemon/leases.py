@@ -27,6 +27,7 @@ from ..gateway.kernel import JupyterGateway
 from ..processes import alive, started_at
 from ..session import PoolConfig, PoolExhausted, SessionPool, WorkerStartError
 from ..session.workers import ColdWorkers, PooledWorkers, WorkerSource
+from ..tasks import BackgroundTasks
 from .client import DaemonError
 
 log = logging.getLogger("pyrepl3.daemon")
@@ -104,7 +105,7 @@ class Leases:
         self._leases: dict[str, Lease] = {}
         self.pools: dict[tuple[Any, ...], SessionPool] = {}
         self._pool_info: dict[tuple[Any, ...], dict[str, Any]] = {}
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log)
         #: Leases handed out since the daemon started, and how many of them warm.
         self.served = 0
         self.served_warm = 0
@@ -236,9 +237,7 @@ class Leases:
         await asyncio.gather(*(self.end(lease) for lease in self))
         await asyncio.gather(*(pool.stop() for pool in self.pools.values()), return_exceptions=True)
         self.pools.clear()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
 
     def describe_pools(self) -> list[dict[str, Any]]:
         return [{**self._pool_info[key], **pool.stats} for key, pool in self.pools.items()]
@@ -250,12 +249,7 @@ class Leases:
             await self.let_worker_go(lease)
         else:
             # Not awaited here: the gateway's own task is running this.
-            self._spawn(self.end(lease))
-
-    def _spawn(self, coro: Any) -> None:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+            self._tasks.spawn(self.end(lease))
 
     async def _pool(
         self,

@@ -29,6 +29,7 @@ from ..protocol import (
 from ..session.supervised import Session
 from ..session.worker import WorkerDeadError, WorkerProcess
 from ..session.workers import ColdWorkers, WorkerSource
+from ..tasks import BackgroundTasks
 from . import checkpoint_comm, translate
 from .channels import CHANNELS, KernelChannels
 
@@ -87,7 +88,7 @@ class JupyterGateway:
         #: Called with the ``restart`` flag of a shutdown_request; without it,
         #: the gateway just lets its worker go.
         self.on_shutdown = on_shutdown
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log)
         self._shell_queue: asyncio.Queue[tuple[list[bytes], JupyterMsg]] = asyncio.Queue()
         self._parents: collections.OrderedDict[str, JupyterMsg] = collections.OrderedDict()
         self._last_parent: JupyterMsg = {}
@@ -107,8 +108,8 @@ class JupyterGateway:
         self.channels.bind()
         self._publish_status("starting", {})
         for channel in CHANNELS:
-            self._spawn(self._recv_loop(channel))
-        self._spawn(self._shell_loop())
+            self._tasks.spawn(self._recv_loop(channel))
+        self._tasks.spawn(self._shell_loop())
         self.session.begin()
 
     async def wait_ready(self) -> None:
@@ -120,23 +121,10 @@ class JupyterGateway:
             await self.closed.wait()
             return
         self._closing = True
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         await self.session.shutdown()
         self.channels.close()
         self.closed.set()
-
-    def _spawn(self, coro: Awaitable[Any]) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("gateway task failed", exc_info=task.exception())
 
     # -- receiving ----------------------------------------------------------------
 
@@ -154,14 +142,14 @@ class JupyterGateway:
             msg_type = msg["header"].get("msg_type", "")
             if channel == "shell":
                 if msg_type in IMMEDIATE_SHELL:
-                    self._spawn(self._handle_shell(idents, msg))
+                    self._tasks.spawn(self._handle_shell(idents, msg))
                 elif msg_type in COMM_MESSAGES and self.session.running is not None:
                     # No busy/idle: the running cell's status stands.
-                    self._spawn(self._comm(idents, msg, concurrent=True))
+                    self._tasks.spawn(self._comm(idents, msg, concurrent=True))
                 else:
                     self._shell_queue.put_nowait((idents, msg))
             elif channel == "control":
-                self._spawn(self._handle_control(idents, msg))
+                self._tasks.spawn(self._handle_control(idents, msg))
             else:
                 self._handle_stdin(msg)
 
@@ -454,7 +442,7 @@ class JupyterGateway:
             log.warning("input_reply for no pending input request")
             return
         value = msg["content"].get("value", "")
-        self._spawn(self.session.input_response(native_id, str(value)))
+        self._tasks.spawn(self.session.input_response(native_id, str(value)))
 
     async def interrupt(self) -> None:
         """Interrupt the running cell (see :meth:`Session.interrupt`)."""

@@ -46,6 +46,7 @@ from ..protocol import (
     OutputMessage,
     ReadyMessage,
 )
+from ..tasks import BackgroundTasks
 from . import recovery
 from .health import UsageMeter
 from .limits import Limits, RestartBudget, WorkerMonitor
@@ -163,7 +164,7 @@ class Session:
         self._interrupt_timer: asyncio.TimerHandle | None = None
         self._last_request: str | None = None
         self._closing = False
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._tasks = BackgroundTasks(log)
         self._usage = UsageMeter()
 
     # -- what the current worker is ---------------------------------------------------
@@ -209,7 +210,7 @@ class Session:
     def begin(self) -> None:
         """Start bringing the first worker up, without waiting for it."""
         if self._replacing is None:
-            self._replacing = self._spawn(
+            self._replacing = self._tasks.spawn(
                 self._adopt_worker() if self.worker.is_alive else self._start_worker()
             )
 
@@ -231,9 +232,7 @@ class Session:
             self._interrupt_timer.cancel()
             self._interrupt_timer = None
         self.monitor.cell_finished()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._tasks.cancel()
         await self.release_worker()
         self.discard_autosave()
 
@@ -243,7 +242,7 @@ class Session:
         self.budget.reset()
         self.halted = None
         self.discard_autosave()
-        self._replacing = self._spawn(self._start_worker())
+        self._replacing = self._tasks.spawn(self._start_worker())
         await self._replacing
         if not self._ready.is_set():
             raise WorkerStartError(self.last_crash or "the worker could not be started")
@@ -263,17 +262,6 @@ class Session:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.shutdown()
-
-    def _spawn(self, coro: Any) -> asyncio.Task[Any]:
-        task = asyncio.ensure_future(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("session task failed", exc_info=task.exception())
 
     async def _adopt_worker(self) -> None:
         try:
@@ -354,7 +342,7 @@ class Session:
             raise WorkerDeadError(self.halted)
         if not self._ready.is_set():
             if self._replacing is None or self._replacing.done():
-                self._replacing = self._spawn(self._start_worker())
+                self._replacing = self._tasks.spawn(self._start_worker())
             await self._replacing
             if not self._ready.is_set():
                 raise WorkerDeadError(self.last_crash or "the worker could not be started")
@@ -371,7 +359,7 @@ class Session:
             log.error("worker died (%s); %s", cause, self.halted)
             return
         log.warning("worker died (%s); starting a new one", cause)
-        self._replacing = self._spawn(self._start_worker(restore=True))
+        self._replacing = self._tasks.spawn(self._start_worker(restore=True))
 
     def kill_worker(self, reason: str) -> None:
         """Stop the worker at once (limits, interrupt escalation); the running
@@ -428,7 +416,7 @@ class Session:
                 )
             self._on_worker_dead(cause)
             if idle:
-                self._spawn(self._tell_recovery(parent))
+                self._tasks.spawn(self._tell_recovery(parent))
             return
         if msg.type == MessageType.PROTOCOL_ERROR:
             log.warning("protocol error from the worker: %s", msg)
