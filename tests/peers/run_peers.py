@@ -2,8 +2,8 @@
 against ipykernel and against PyREPL3, and list what passes on one and not on
 the other.
 
-    .venv/bin/python -m tests.peers.run_peers                      # all suites, ipykernel + pooled PyREPL3
-    .venv/bin/python -m tests.peers.run_peers --kernels ipykernel,pyrepl3,pyrepl3-cold
+    .venv/bin/python -m tests.peers.run_peers                      # all suites, all three kernels
+    .venv/bin/python -m tests.peers.run_peers --kernels ipykernel,pyrepl3   # without the --no-pool spec
     .venv/bin/python -m tests.peers.run_peers --suites ipykernel --kernels pyrepl3 \\
         --test tests/test_kernel.py::test_sys_path --keep         # one test, its log, by-hand commands
 
@@ -53,7 +53,7 @@ except ImportError:  # Python 3.10: pytest brings tomli
 KNOWN_DIFFERENCES = Path(__file__).resolve().parent / "known_differences.toml"
 # "not-run": the pytest process ended (or was killed) before the test ran.
 FAILING = ("failed", "error", "timeout", "not-run")
-DEFAULT_KERNELS = "ipykernel,pyrepl3"
+DEFAULT_KERNELS = "ipykernel,pyrepl3,pyrepl3-cold"
 ALONE_ATTEMPTS = 2
 EXIT_MISSING_DEPENDENCIES = 3
 
