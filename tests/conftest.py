@@ -22,6 +22,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -101,3 +102,25 @@ def pyrepl3_kernelspec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+# -- one kernel per kernelspec for a whole test module (tests/frontend.py) ----------------
+
+
+@pytest.fixture(scope="module", params=[KERNEL_NAME, COLD_KERNEL_NAME])
+def shared(request: pytest.FixtureRequest, pyrepl3_kernelspec: Path) -> Iterator[Any]:
+    """A :class:`frontend.Frontend` on each kernelspec, for the module's tests."""
+    from frontend import Frontend
+
+    fe = Frontend(request.param)
+    try:
+        yield fe
+    finally:
+        fe.close()
+
+
+@pytest.fixture
+def kernel(shared: Any) -> Any:
+    """The module's kernel, with nothing left unread from the test before."""
+    shared.flush()
+    return shared

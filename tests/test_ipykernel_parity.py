@@ -11,29 +11,13 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from frontend import Frontend
-from jupyter_helpers import KERNEL_NAMES, TIMEOUT, Msg
+from jupyter_helpers import TIMEOUT, Msg
 
 pytestmark = pytest.mark.usefixtures("pyrepl3_kernelspec")
-
-
-@pytest.fixture(scope="module", params=KERNEL_NAMES)
-def shared(request: pytest.FixtureRequest) -> Iterator[Frontend]:
-    fe = Frontend(request.param)
-    try:
-        yield fe
-    finally:
-        fe.close()
-
-
-@pytest.fixture
-def kernel(shared: Frontend) -> Frontend:
-    shared.flush()
-    return shared
 
 
 def streams_of(kernel: Frontend, msg_id: str, count: int, timeout: float = TIMEOUT) -> list[Msg]:

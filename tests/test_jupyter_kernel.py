@@ -31,21 +31,6 @@ pytestmark = pytest.mark.usefixtures("pyrepl3_kernelspec")
 PROMPT = 5.0
 
 
-@pytest.fixture(scope="module", params=KERNEL_NAMES)
-def shared(request: pytest.FixtureRequest) -> Iterator[Frontend]:
-    fe = Frontend(request.param)
-    try:
-        yield fe
-    finally:
-        fe.close()
-
-
-@pytest.fixture
-def kernel(shared: Frontend) -> Frontend:
-    shared.flush()
-    return shared
-
-
 @pytest.fixture(params=KERNEL_NAMES)
 def own_kernel(request: pytest.FixtureRequest) -> Iterator[Frontend]:
     fe = Frontend(request.param)
