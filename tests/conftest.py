@@ -25,9 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-KERNEL_NAME = "pyrepl3"
-COLD_KERNEL_NAME = "pyrepl3-cold"
+from jupyter_helpers import COLD_KERNEL_NAME, KERNEL_NAME, stop_daemon
 
 _ISOLATED_ENV = ("JUPYTER_PATH", "IPYTHONDIR", "JUPYTER_RUNTIME_DIR")
 
@@ -39,22 +37,6 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
         capture_output=True,
         text=True,
         timeout=120,
-    )
-
-
-def stop_daemon(runtime_dir: str | os.PathLike[str]) -> None:
-    """Stop the manager daemon of ``runtime_dir``, if one runs (and its kernels)."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyrepl3_kernel.cli",
-            "stop",
-            "--runtime-dir",
-            os.fspath(runtime_dir),
-        ],
-        capture_output=True,
-        timeout=60,
     )
 
 

@@ -3,6 +3,9 @@ request's outcome (:class:`Run`)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -13,6 +16,22 @@ KERNEL_NAMES = [KERNEL_NAME, COLD_KERNEL_NAME]
 TIMEOUT = 30.0
 
 Msg = dict[str, Any]
+
+
+def stop_daemon(runtime_dir: str | os.PathLike[str]) -> None:
+    """Stop the manager daemon of ``runtime_dir``, if one runs (and its kernels)."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pyrepl3_kernel.cli",
+            "stop",
+            "--runtime-dir",
+            os.fspath(runtime_dir),
+        ],
+        capture_output=True,
+        timeout=60,
+    )
 
 
 @dataclass

@@ -19,7 +19,7 @@ from pathlib import Path
 import pexpect
 import psutil
 import pytest
-from conftest import stop_daemon
+from jupyter_helpers import stop_daemon
 
 pytestmark = pytest.mark.usefixtures("pyrepl3_kernelspec")
 

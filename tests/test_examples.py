@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import stop_daemon
+from jupyter_helpers import stop_daemon
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
