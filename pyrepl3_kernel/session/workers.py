@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .worker import WorkerProcess
 
@@ -28,44 +28,23 @@ class WorkerSource(Protocol):
 
 
 class ColdWorkers:
-    """A fresh worker process for every acquire.
+    """A fresh worker process for every acquire, started with ``launch``
+    (:class:`WorkerProcess`'s keyword arguments: python, cwd, env, ...).
 
     ``first``, if given, is a worker already starting (a standalone kernel
     starts it before its own imports, so both interpreters boot at once); the
     first acquire returns it.
     """
 
-    def __init__(
-        self,
-        *,
-        python: str | None = None,
-        cwd: str | None = None,
-        env: Mapping[str, str] | None = None,
-        startup_timeout: float = 60.0,
-        worker_log_level: str = "WARNING",
-        ipython_options: list[str] | None = None,
-        first: asyncio.Task[WorkerProcess] | None = None,
-    ) -> None:
-        self.python = python
-        self.cwd = cwd
-        self.env = env
-        self.startup_timeout = startup_timeout
-        self.worker_log_level = worker_log_level
-        self.ipython_options = ipython_options
+    def __init__(self, *, first: asyncio.Task[WorkerProcess] | None = None, **launch: Any) -> None:
+        self.launch = launch
         self._first = first
 
     async def acquire(self) -> WorkerProcess:
         if self._first is not None:
             first, self._first = self._first, None
             return await first
-        session = WorkerProcess(
-            python=self.python,
-            cwd=self.cwd,
-            env=self.env,
-            startup_timeout=self.startup_timeout,
-            worker_log_level=self.worker_log_level,
-            ipython_options=self.ipython_options,
-        )
+        session = WorkerProcess(**self.launch)
         await session.start()
         return session
 
