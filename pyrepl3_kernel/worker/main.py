@@ -31,18 +31,14 @@ from ..protocol import (
     AckMessage,
     CheckpointReplyMessage,
     CommInfoReplyMessage,
-    CompleteReplyMessage,
     ExecuteMessage,
     ExecuteReplyMessage,
     HealthReplyMessage,
     HelloMessage,
     HistoryMessage,
-    HistoryReplyMessage,
     InputMessage,
     InputResponseMessage,
-    InspectReplyMessage,
     InterruptMessage,
-    IsCompleteReplyMessage,
     Message,
     MessageType,
     PongMessage,
@@ -51,7 +47,7 @@ from ..protocol import (
     ShutdownReplyMessage,
     failure_reply,
 )
-from . import output
+from . import introspection, launch, output
 from .channel import Channel
 from .checkpoint import Autosave, Checkpoints
 from .eventloop import IdleLoop, cells_loop, running_cells_loop
@@ -136,7 +132,7 @@ class Worker:
         # What the worker itself adds to its environment (here and in the
         # shell's init_environment) is done again by _configure for a launch's
         # environment: a warm worker must come out as a cold one would.
-        _set_default_mpl_backend()
+        launch.set_default_mpl_backend()
         config = Config()
         if self._ipython_options:
             from traitlets.config.loader import KVArgParseConfigLoader
@@ -172,7 +168,7 @@ class Worker:
         debugger.Pdb = debugger.InterruptiblePdb  # type: ignore[misc]
         pdb.Pdb = debugger.Pdb  # type: ignore[assignment,misc]
         pdb.set_trace = debugger.set_trace
-        _put_cwd_on_path()
+        launch.put_cwd_on_path()
         output.install(self)
 
     # -- the request loop -----------------------------------------------------
@@ -380,79 +376,16 @@ class Worker:
     # -- introspection ------------------------------------------------------------
 
     def _complete(self, req: Any) -> None:
-        from IPython.core.completer import provisionalcompleter, rectify_completions
-
-        code = req.code
-        cursor = len(code) if req.cursor_pos is None else req.cursor_pos
-        with provisionalcompleter():
-            completions = list(
-                rectify_completions(code, self.shell.Completer.completions(code, cursor))
-            )
-        reply = CompleteReplyMessage(parent_id=req.id, cursor_start=cursor, cursor_end=cursor)
-        if completions:
-            reply.cursor_start = completions[0].start
-            reply.cursor_end = completions[0].end
-            reply.matches = [c.text for c in completions]
-        reply.metadata = {
-            "_jupyter_types_experimental": [
-                {
-                    "start": c.start,
-                    "end": c.end,
-                    "text": c.text,
-                    "type": c.type,
-                    "signature": c.signature,
-                }
-                for c in completions
-            ]
-        }
-        self.emit(reply)
+        self.emit(introspection.complete(self.shell, req))
 
     def _inspect(self, req: Any) -> None:
-        from IPython.utils.tokenutil import token_at_cursor
-
-        code = req.code
-        cursor = len(code) if req.cursor_pos is None else req.cursor_pos
-        name = token_at_cursor(code, cursor)
-        reply = InspectReplyMessage(parent_id=req.id)
-        try:
-            bundle = self.shell.object_inspect_mime(name, detail_level=req.detail_level)
-            if not self.shell.enable_html_pager:
-                bundle.pop("text/html", None)
-            reply.data = self._jsonable(bundle)
-            reply.found = True
-        except KeyError:
-            reply.found = False
-        self.emit(reply)
+        self.emit(introspection.inspect(self.shell, req))
 
     def _history(self, req: HistoryMessage) -> None:
-        manager = self.shell.history_manager
-        if req.hist_access_type == "tail":
-            hist = manager.get_tail(
-                req.n or 10, raw=req.raw, output=req.output, include_latest=True
-            )
-        elif req.hist_access_type == "range":
-            # IPython numbers the entries of the current session 0 (its alias
-            # for "current"); a client needs the real number it asked for.
-            hist = [
-                (session or manager.session_number, line, entry)
-                for session, line, entry in manager.get_range(
-                    req.session, req.start, req.stop, raw=req.raw, output=req.output
-                )
-            ]
-        elif req.hist_access_type == "search":
-            hist = manager.search(
-                req.pattern, raw=req.raw, output=req.output, n=req.n, unique=req.unique
-            )
-        else:
-            hist = []
-        self.emit(HistoryReplyMessage(parent_id=req.id, history=self._jsonable(list(hist))))
+        self.emit(introspection.history(self.shell, req))
 
     def _is_complete(self, req: Any) -> None:
-        status, indent = self.shell.input_transformer_manager.check_complete(req.code)
-        reply = IsCompleteReplyMessage(parent_id=req.id, status=status)
-        if status == "incomplete":
-            reply.indent = " " * (indent or 0)
-        self.emit(reply)
+        self.emit(introspection.is_complete(self.shell, req))
 
     # -- comms ------------------------------------------------------------------
 
@@ -511,9 +444,11 @@ class Worker:
     def _configure(self, req: Any) -> None:
         try:
             if req.env is not None:
-                self._take_environment(req.env)
+                self._env_baseline = launch.take_environment(
+                    self.shell, req.env, self._env_baseline
+                )
             if req.cwd:
-                self._move_to(req.cwd)
+                launch.move_to(self.shell, req.cwd)
             if req.autosave is not None:
                 self.autosave.configure(req.autosave)
             if req.execution_count is not None:
@@ -527,53 +462,6 @@ class Worker:
             )
             return
         self.emit(AckMessage(parent_id=req.id))
-
-    def _take_environment(self, env: dict[str, str]) -> None:
-        """Make os.environ what a worker started with ``env`` would have:
-        ``env``, plus what the worker adds at start-up (derived again from
-        ``env``), plus what happened since (warm-up code's imports) where
-        ``env`` does not say otherwise."""
-        added = {k: v for k, v in os.environ.items() if k not in self._env_baseline}
-        backend = os.environ.get("MPLBACKEND")
-        os.environ.clear()
-        os.environ.update(env)
-        _set_default_mpl_backend()
-        self.shell.init_environment()
-        for key, value in added.items():
-            os.environ.setdefault(key, value)
-        self._env_baseline = dict(os.environ)
-        time.tzset()  # TZ is read when the C library first needs it: read it again
-        mpl = sys.modules.get("matplotlib")
-        wanted = os.environ.get("MPLBACKEND")
-        if mpl is not None and wanted and wanted != backend:
-            # The warm-up imported matplotlib under the old value; a cold
-            # worker would have imported it under the new one.
-            try:
-                mpl.use(wanted)
-                inline = sys.modules.get("matplotlib_inline.backend_inline")
-                if inline is not None:  # its hooks are set: set them for the new backend
-                    inline.configure_inline_support(self.shell, wanted)
-            except Exception as exc:
-                log.warning("could not switch matplotlib to %s: %s", wanted, exc)
-
-    def _move_to(self, cwd: str) -> None:
-        """chdir, and move what a process started in ``cwd`` would have
-        there: sys.path[0] (``python -m`` puts the start-up directory first)
-        and IPython's record of the starting directory (``_dh``)."""
-        before = os.getcwd()
-        os.chdir(cwd)
-        after = os.getcwd()
-        if before == after:
-            return
-        if sys.path and sys.path[0] == before:
-            sys.path[0] = after
-        shell = self.shell
-        if getattr(shell, "starting_dir", None) == before:
-            shell.starting_dir = after
-        history = getattr(shell, "history_manager", None)
-        dir_hist = getattr(history, "dir_hist", None)
-        if dir_hist is not None and [os.fspath(p) for p in dir_hist] == [before]:
-            dir_hist[:] = [type(dir_hist[0])(after)]
 
     def _set_session_name(self) -> None:
         # As ipykernel: the notebook's path, for code that wants to know it.
@@ -612,33 +500,6 @@ class Worker:
         sys.stdout.flush()
         sys.stderr.flush()
         self.emit(ShutdownReplyMessage(parent_id=req.id, restart=req.restart))
-
-
-def _put_cwd_on_path() -> None:
-    """sys.path as ipykernel (IPython's ``init_path``) has it: ``''`` (the
-    working directory, whatever it is at import time) before the first
-    site-packages, after the standard library; not the directory the worker
-    happened to start in, which ``python -m`` put first."""
-    start_dir = os.getcwd()
-    if sys.path and sys.path[0] in (start_dir, ""):
-        del sys.path[0]
-    if "" in sys.path:
-        return
-    index = 0
-    for i, path in enumerate(sys.path):
-        if os.path.basename(path) in ("site-packages", "dist-packages"):
-            index = i
-            break
-    sys.path.insert(index, "")
-
-
-def _set_default_mpl_backend() -> None:
-    """Plots show inline, as with ipykernel, unless MPLBACKEND says otherwise."""
-    if "MPLBACKEND" not in os.environ:
-        import importlib.util
-
-        if importlib.util.find_spec("matplotlib_inline") is not None:
-            os.environ["MPLBACKEND"] = "module://matplotlib_inline.backend_inline"
 
 
 def _die_with_parent(parent_pid: int) -> None:
