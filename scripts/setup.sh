@@ -8,12 +8,18 @@ if [ ! -x .venv/bin/python ]; then
   "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install --quiet --upgrade pip
-# Headless Chromium for tests/test_browser.py: Debian's package, never
-# Playwright's own browser download. Installed only if missing, and only as
-# root with apt-get (CI); without it the browser test is skipped.
-if [ ! -x /usr/bin/chromium ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }; then
-    echo "setup: warning: could not install chromium; tests/test_browser.py will be skipped" >&2
+# Debian packages the tests use: headless Chromium (tests/test_browser.py;
+# Debian's package, never Playwright's own browser download), bubblewrap (the
+# sandbox profile) and openssh-server (the remote-host tests' sshd on
+# loopback). Installed only if missing, and only as root with apt-get (CI);
+# without them the tests that need them are skipped and say why.
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v bwrap >/dev/null || missing+=(bubblewrap)
+[ -x /usr/sbin/sshd ] || missing+=(openssh-server)
+if [ ${#missing[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null; }; then
+    echo "setup: warning: could not install ${missing[*]}; the tests that need them will be skipped" >&2
   fi
 fi
 .venv/bin/python -m pip install --quiet -e ".[dev]"
