@@ -14,6 +14,7 @@ import zmq.asyncio
 from jupyter_client.session import Session as JupyterSession
 
 from .. import zmqsend
+from ..curve import CurveKeys, serve_on
 from .heartbeat import Heartbeat
 
 JupyterMsg = dict[str, Any]
@@ -37,6 +38,10 @@ class KernelChannels:
         info.setdefault("transport", "tcp")
         info.setdefault("ip", "127.0.0.1")
         info.setdefault("signature_scheme", "hmac-sha256")
+        #: CurveZMQ: every socket a Curve server with the manager's keys (None: plain).
+        self.curve = CurveKeys.of(info)
+        if self.curve is not None:
+            info.update(self.curve.as_info())
         self.connection_info = info
         self.kernel_id = kernel_id
         self.jsession = JupyterSession(
@@ -54,6 +59,7 @@ class KernelChannels:
         for channel, kind in kinds.items():
             sock = self._ctx.socket(kind)
             sock.linger = 1000
+            serve_on(sock, self.curve)
             if kind == zmq.ROUTER:
                 # As ipykernel: a client that reconnects with its identity
                 # (all clients of one KernelManager share one) takes over.
@@ -72,7 +78,7 @@ class KernelChannels:
                 sock.bind(f"{url}-{port}")
             info[f"{channel}_port"] = port
             self._sockets[channel] = sock
-        self._heartbeat = Heartbeat(url, int(info.get("hb_port") or 0))
+        self._heartbeat = Heartbeat(url, int(info.get("hb_port") or 0), self.curve)
         info["hb_port"] = self._heartbeat.port
         self._heartbeat.start()
 

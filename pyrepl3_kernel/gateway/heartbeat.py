@@ -7,12 +7,15 @@ import threading
 
 import zmq
 
+from ..curve import CurveKeys, serve_on
+
 
 class Heartbeat:
-    def __init__(self, url: str, port: int) -> None:
+    def __init__(self, url: str, port: int, curve: CurveKeys | None = None) -> None:
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.linger = 0
+        serve_on(self._sock, curve)
         if port:
             self._sock.bind(f"{url}:{port}" if url.startswith("tcp") else f"{url}-{port}")
             self.port = port
