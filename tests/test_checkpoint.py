@@ -226,6 +226,52 @@ def test_restore_into_a_fresh_worker(main: Worker, fresh: Worker) -> None:
     assert fresh.value("points[3].norm() == m.hypot(3, 6)") is True
 
 
+ALIGNMENT_PROBE = """
+import json as _j
+import numpy as _np
+_out = {}
+for _k, _a in {"arr": arr, "ro": ro, "f32": f32, "fort": fort, "col": df["f"].to_numpy()}.items():
+    _out[_k] = [bool(_a.flags.aligned), _a.ctypes.data % 64, bool(_a.flags.writeable),
+                _a.tobytes().hex()[:64], float(_a.sum()), _a.dtype.str, list(_a.shape)]
+print(_j.dumps(_out))
+del _j, _np, _out, _k, _a
+"""
+
+
+def test_restored_arrays_are_aligned_equal_and_writable_as_saved(
+    loop: asyncio.AbstractEventLoop, fresh: Worker
+) -> None:
+    fresh.ex(
+        "import numpy as np, pandas as pd\n"
+        "arr = np.random.default_rng(3).random(300_001)\n"  # odd length: odd offsets follow
+        "ro = np.arange(1001, dtype=np.int16); ro.flags.writeable = False\n"
+        "f32 = np.random.default_rng(4).random(17).astype(np.float32)\n"
+        "fort = np.asfortranarray(np.random.default_rng(5).random((33, 7)))\n"
+        "df = pd.DataFrame({'f': np.random.default_rng(6).random(5001), 'i': np.arange(5001)})\n"
+        "small = np.arange(3, dtype=np.uint8)"
+    )
+    before = json.loads(fresh.ex(ALIGNMENT_PROBE))
+    exact = fresh.value("[arr.sum().hex(), float(df['f'].sum()).hex()]")
+    fresh.ok("save", "aligned")
+    other = Worker(loop)
+    try:
+        other.ex("import numpy, pandas")
+        report = other.ok("restore", "aligned")
+        assert report["failed"] == {}
+        after = json.loads(other.ex(ALIGNMENT_PROBE))
+        for key, (is_aligned, offset, writable, *data) in after.items():
+            assert is_aligned and offset == 0, (key, after[key])
+            assert writable == before[key][2], key  # read-only stays read-only
+            assert data == before[key][3:], key
+        # Bit for bit: the same sums, to the last bit.
+        assert other.value("[arr.sum().hex(), float(df['f'].sum()).hex()]") == exact
+        assert other.value("fort.flags.f_contiguous and not fort.flags.c_contiguous") is True
+        other.ex("arr[0] = 1.5; fort[0, 0] = 2.5; small[0] = 9")
+        assert other.error("ro[0] = 1")[0] == "ValueError"
+    finally:
+        other.close()
+
+
 def test_restore_into_the_same_worker_undoes_changes(main: Worker) -> None:
     main.ex(
         "arr[:10] = -1.0\ndf.loc[0, 's'] = 'changed'\nd.clear()\nscale = 100\n"

@@ -113,6 +113,9 @@ class CheckpointEngine:
             }
             if refs:
                 entry["refs"] = sorted(refs)
+            readonly = [i for i, b in enumerate(buffers) if b.readonly]
+            if readonly:
+                entry["readonly"] = readonly
             add_source(entry, obj, ns, sources)
             modules.update(_modules_of(obj))
             entries[var] = entry

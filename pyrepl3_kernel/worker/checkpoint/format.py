@@ -42,24 +42,37 @@ def pack_blob(inband: bytes, buffers: list[memoryview]) -> list[bytes | memoryvi
     return [header, inband, *(b.cast("B") for b in buffers)]
 
 
+def blob_header(head: bytes | memoryview, size: int) -> tuple[int, int]:
+    """(number of buffers, in-band length) from a blob's first 16 bytes;
+    ``size`` is the blob's whole length."""
+    if len(head) < 16 or size < 16 or head[:4] != _BLOB_MAGIC:
+        raise CheckpointError("blob is corrupt (bad header)")
+    count, inband_len = struct.unpack(">IQ", head[4:16])
+    if 16 + 8 * count > size:
+        raise CheckpointError("blob is corrupt (truncated)")
+    return int(count), int(inband_len)
+
+
+def blob_lengths(table: bytes | memoryview, count: int, inband_len: int, size: int) -> list[int]:
+    """The buffers' lengths from the table after the header; checks that
+    header, in-band pickle and buffers make up exactly ``size`` bytes."""
+    if len(table) != 8 * count:
+        raise CheckpointError("blob is corrupt (truncated)")
+    lengths = [int(n) for (n,) in struct.iter_unpack(">Q", table)] if count else []
+    if 16 + 8 * count + inband_len + sum(lengths) != size:
+        raise CheckpointError("blob is corrupt (truncated)")
+    return lengths
+
+
 def unpack_blob(data: bytes | bytearray) -> tuple[memoryview, list[memoryview]]:
     view = memoryview(data)
-    if len(view) < 16 or view[:4] != _BLOB_MAGIC:
-        raise CheckpointError("blob is corrupt (bad header)")
-    count, inband_len = struct.unpack(">IQ", view[4:16])
-    pos = 16
-    if pos + 8 * count > len(view):
-        raise CheckpointError("blob is corrupt (truncated)")
-    lengths = []
-    for _ in range(count):
-        lengths.append(struct.unpack(">Q", view[pos : pos + 8])[0])
-        pos += 8
+    count, inband_len = blob_header(view[:16], len(view))
+    pos = 16 + 8 * count
+    lengths = blob_lengths(view[16:pos], count, inband_len, len(view))
     inband = view[pos : pos + inband_len]
     pos += inband_len
     buffers = []
     for n in lengths:
         buffers.append(view[pos : pos + n])
         pos += n
-    if pos != len(view):
-        raise CheckpointError("blob is corrupt (truncated)")
     return inband, buffers

@@ -9,8 +9,9 @@ import time
 from typing import Any
 
 from ..pickling import load
+from .buffers import as_saved
 from .errors import CheckpointError
-from .format import blob_digest, unpack_blob
+from .format import blob_digest
 from .namespace import user_names
 from .report import Report, cell_number_of, saved_by_of
 from .sources import rebuild_from_source, register_sources
@@ -36,7 +37,7 @@ def restore_checkpoint(shell: Any, store: Store, name: str, clear: bool = True) 
     for var, entry in entries.items():
         digest = entry.get("blob")
         if digest and digest not in blobs:
-            inband, buffers = unpack_blob(store.read_blob(digest))
+            inband, buffers = store.read_blob_parts(digest)
             if blob_digest([inband, *buffers]) != digest:
                 raise CheckpointError(
                     f"checkpoint {name!r} is corrupt: the data of {var!r} does not match its digest"
@@ -61,6 +62,7 @@ def restore_checkpoint(shell: Any, store: Store, name: str, clear: bool = True) 
         try:
             if entry.get("blob"):
                 inband, buffers = blobs[entry["blob"]]
+                buffers = as_saved(buffers, entry.get("readonly"))
                 try:
                     loaded[var] = load(inband, buffers, resolve)
                 except Exception as exc:

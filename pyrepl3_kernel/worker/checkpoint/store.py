@@ -9,8 +9,9 @@ import re
 import tempfile
 from typing import Any
 
+from .buffers import aligned, copy_aligned
 from .errors import CheckpointError
-from .format import FORMAT, FORMAT_VERSION
+from .format import FORMAT, FORMAT_VERSION, blob_header, blob_lengths, unpack_blob
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
@@ -65,6 +66,36 @@ class Store:
                 return data
         except FileNotFoundError:
             raise CheckpointError(f"blob {digest} is missing from {self.root}") from None
+
+    def read_blob_parts(self, digest: str) -> tuple[memoryview, list[memoryview]]:
+        """A blob's in-band pickle and its out-of-band buffers, each buffer
+        read straight into memory of its own, 64-byte aligned and writable
+        (see :mod:`.buffers`). Not verified against the digest here."""
+        path = self._join("objects", digest)
+        if self._fs:
+            inband, buffers = unpack_blob(self.read_blob(digest))
+            return inband, [copy_aligned(b) for b in buffers]
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            raise CheckpointError(f"blob {digest} is missing from {self.root}") from None
+        with f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(16)
+            count, inband_len = blob_header(head, size)
+            lengths = blob_lengths(f.read(8 * count), count, inband_len, size)
+            pickled = bytearray(inband_len)
+            if f.readinto(pickled) != inband_len:
+                raise CheckpointError("blob is corrupt (truncated)")
+            buffers = []
+            for n in lengths:
+                buffer = aligned(n)
+                if n and f.readinto(buffer) != n:
+                    raise CheckpointError("blob is corrupt (truncated)")
+                buffers.append(buffer)
+            if f.read(1):
+                raise CheckpointError("blob is corrupt (truncated)")
+        return memoryview(pickled), buffers
 
     def write_manifest(self, name: str, manifest: dict[str, Any]) -> None:
         self._write(self._join(f"{name}.json"), [json.dumps(manifest, indent=1).encode()])
