@@ -188,7 +188,13 @@ def kernel_spec_dict(
         "display_name": display_name,
         "language": "python",
         "interrupt_mode": "message",
-        "metadata": {"debugger": False, "pyrepl3": {"version": __version__}},
+        "metadata": {
+            "debugger": False,
+            # jupyter_client provisions CurveZMQ keys for the kernel only when
+            # asked to (KernelManager.transport_encryption); see pyrepl3_kernel/curve.py
+            "supported_encryption": ["curve"],
+            "pyrepl3": {"version": __version__},
+        },
     }
     if pool is not None:
         spec["metadata"]["kernel_provisioner"] = {

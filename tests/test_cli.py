@@ -113,6 +113,7 @@ def test_install_writes_kernel_json_and_logos(jupyter_env: dict[str, str], prefi
         "interrupt_mode": "message",
         "metadata": {
             "debugger": False,
+            "supported_encryption": ["curve"],
             "pyrepl3": {"version": __version__},
             "kernel_provisioner": {"provisioner_name": "pyrepl3-pool", "config": {}},
         },
