@@ -33,6 +33,7 @@ from jupyter_client.provisioning.local_provisioner import LocalProvisioner
 from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 from traitlets import Bool, Float, Integer, Unicode
 
+from .curve import PUBLIC, CurveKeys, manager_keys
 from .daemon.client import (
     DAEMON_PROTOCOL_VERSION,
     STARTER_ENV,
@@ -75,6 +76,8 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     #: The daemon this provisioner's lease lives in: fixed at the first launch,
     #: so a runtime directory that changes later does not lose the kernel.
     _daemon_paths: DaemonPaths | None = None
+    #: The KernelManager's CurveZMQ keys the leased kernel serves with (None: plain).
+    _curve: CurveKeys | None = None
 
     # -- Popen-like -----------------------------------------------------------------
 
@@ -156,6 +159,8 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self._warn("no manager daemon (%s); starting the kernel cold", exc)
             else:
                 kwargs.pop("extra_arguments", None)
+                kwargs.pop("transport_encryption", None)  # the KernelManager's, as LocalProvisioner
+                self._curve = manager_keys(self.parent)
                 kwargs = await super().pre_launch(**kwargs)
                 kwargs["cmd"] = list(self.kernel_spec.argv)
                 return kwargs
@@ -203,6 +208,7 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                     "max_kernels": self.max_kernels,
                     "enabled": True,
                 },
+                **(self._curve.as_info() if self._curve is not None else {}),
             }
             try:
                 try:
@@ -212,6 +218,7 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                     # start another and ask once more.
                     await _in_thread(self._ensure_daemon)
                     reply = await self._call("lease", timeout=self.lease_timeout + 10, **lease)
+                await self._check_curve(reply)
             except (DaemonError, DaemonUnavailable) as exc:
                 self._warn("the daemon could not lease a kernel (%s); starting it cold", exc)
                 fallback = self._use_fallback()
@@ -225,6 +232,19 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
         self.connection_info = leased  # type: ignore[assignment]
         self._exit_code = None
         return leased  # type: ignore[return-value]
+
+    async def _check_curve(self, reply: dict[str, Any]) -> None:
+        """Raise DaemonError (after releasing the lease) if the leased kernel
+        does not serve with this launch's Curve keys: a daemon older than
+        Curve support ignores them, and a client would then wait forever."""
+        wanted = self._curve.as_info()[PUBLIC] if self._curve is not None else None
+        if reply.get("connection_info", {}).get(PUBLIC) != wanted:
+            await self._call("release", timeout=30.0, lease_id=reply.get("lease_id"))
+            raise DaemonError(
+                "no_curve",
+                "the running daemon did not apply the CurveZMQ keys (a pyrepl3-kernel "
+                "older than Curve support? stop it with `pyrepl3-kernel stop`)",
+            )
 
     async def cleanup(self, restart: bool = False) -> None:
         if self._fallback is not None:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..curve import CurveKeys
 from ..gateway.kernel import JupyterGateway
 from ..processes import alive, started_at
 from ..session import PoolConfig, PoolExhausted, SessionPool, WorkerStartError
@@ -132,11 +133,12 @@ class Leases:
         pool_size: int,
         max_kernels: int,
         warmup_code: str,
+        curve: CurveKeys | None = None,
     ) -> tuple[Lease, Callable[[], Any] | None]:
-        """A new lease with its kernel started; and what to run once the
-        client has its reply (refill the pool), if anything. A worker that
-        cannot be had raises :class:`DaemonError` (``exhausted``,
-        ``worker_failed``)."""
+        """A new lease with its kernel started (its sockets Curve servers
+        with ``curve``, if given); and what to run once the client has its
+        reply (refill the pool), if anything. A worker that cannot be had
+        raises :class:`DaemonError` (``exhausted``, ``worker_failed``)."""
         launch_env = env if env is not None else dict(os.environ)
         pool_key: tuple[Any, ...] | None = None
         pool: SessionPool | None = None
@@ -162,6 +164,7 @@ class Leases:
             "ip": "127.0.0.1",
             "key": secrets.token_hex(32),
             "signature_scheme": "hmac-sha256",
+            **(curve.as_info() if curve is not None else {}),
         }
         lease: Lease | None = None
 

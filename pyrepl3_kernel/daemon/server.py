@@ -28,6 +28,7 @@ import uuid
 from typing import Any
 
 from .._version import __version__
+from ..curve import PUBLIC, SECRET, CurveKeyError, CurveKeys
 from ..errors import Pyrepl3Error
 from ..processes import alive
 from .client import (
@@ -291,6 +292,10 @@ class ManagerDaemon:
         if not isinstance(warmup_code, str):
             raise DaemonError("bad_request", "pool.warmup_code must be a string")
         enabled = bool(pool_cfg.get("enabled", True))
+        try:  # the KernelManager's CurveZMQ keys, if it asked for encryption
+            curve = CurveKeys.of({name: request.get(name) for name in (PUBLIC, SECRET)})
+        except CurveKeyError as exc:
+            raise DaemonError("bad_request", str(exc)) from None
         lease, refill = await self.leases.create(
             kernel_name=kernel_name,
             kernel_id=kernel_id,
@@ -302,6 +307,7 @@ class ManagerDaemon:
             pool_size=size,
             max_kernels=max_kernels,
             warmup_code=warmup_code,
+            curve=curve,
         )
         gateway = lease.gateway
         connection_info = dict(gateway.connection_info)
