@@ -65,6 +65,9 @@ class MessageType(str, enum.Enum):
     # session state
     CHECKPOINT = "checkpoint"
     CHECKPOINT_REPLY = "checkpoint_reply"
+    # a copy-on-write fork of the worker (docs/fork.md)
+    FORK = "fork"
+    FORK_REPLY = "fork_reply"
 
     def __str__(self) -> str:
         return self.value
@@ -531,6 +534,30 @@ class CheckpointReplyMessage(Reply):
     action: str = ""
     name: str = ""
     result: dict[str, Any] = field(default_factory=dict)
+    ename: str = ""
+    evalue: str = ""
+
+
+@dataclass(kw_only=True)
+class ForkMessage(Message):
+    """Client -> worker, at an idle point: fork; the new worker connects to
+    the Unix socket ``path``, sends ``token`` and takes the stdout/stderr
+    pipes passed back to it (docs/fork.md). Answered by FORK_REPLY."""
+
+    type: ClassVar[MessageType] = MessageType.FORK
+    path: str = ""
+    token: str = ""
+
+
+@dataclass(kw_only=True)
+class ForkReplyMessage(Reply):
+    """``pid`` of the new worker; ``report``: what did not carry over the
+    fork (``lost``), and what both workers now share (``shared``), by name."""
+
+    type: ClassVar[MessageType] = MessageType.FORK_REPLY
+    status: str = "ok"
+    pid: int = 0
+    report: dict[str, Any] = field(default_factory=dict)
     ename: str = ""
     evalue: str = ""
 
