@@ -20,12 +20,15 @@ negotiation (what jupyter_client's ``LocalProvisioner.pre_launch`` does).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-import zmq
-from zmq.utils import z85
+from typing import TYPE_CHECKING, Any
 
 from .errors import Pyrepl3Error
+
+if TYPE_CHECKING:
+    import zmq
+
+# zmq is imported where it is used: the standalone kernel imports this module
+# before its worker starts, and zmq is not needed for that.
 
 PUBLIC = "curve_publickey"
 SECRET = "curve_secretkey"
@@ -59,6 +62,8 @@ class CurveKeys:
                 f"the connection info has only half a Curve key pair: {missing} is missing"
             )
         keys = cls(_key_bytes(PUBLIC, public), _key_bytes(SECRET, secret))
+        import zmq
+
         if not zmq.has("curve"):
             raise CurveKeyError(
                 "the connection info asks for CurveZMQ encryption, but this pyzmq's libzmq "
@@ -94,6 +99,8 @@ def manager_keys(km: Any) -> CurveKeys | None:
     ``"auto"`` with a kernelspec that declares Curve. Keys ``km`` already
     holds (a restart, a loaded connection file) are kept, whatever the
     policy. Raises RuntimeError where ``"required"`` cannot be met."""
+    import zmq
+
     policy_of = getattr(km, "_transport_encryption_policy", None)
     policy = policy_of() if callable(policy_of) else "disabled"
     if policy == "required" and getattr(km, "transport", "tcp") not in ("tcp", "ipc"):
@@ -121,6 +128,8 @@ def _key_bytes(name: str, value: Any) -> bytes:
             f"{name} must be a Z85-encoded Curve key of {Z85_KEY_LENGTH} characters "
             f"(got {_shape(value)})"
         )
+    from zmq.utils import z85
+
     try:
         z85.decode(value)
     except (ValueError, KeyError):

@@ -16,6 +16,7 @@ import re
 import signal
 import sys
 
+from ..curve import CurveKeyError
 from ..processes import alive
 from ..session.worker import WorkerProcess
 
@@ -118,7 +119,10 @@ def main(argv: list[str] | None = None) -> None:
         stream=sys.stderr,
         format="[pyrepl3 %(name)s] %(levelname)s %(message)s",
     )
-    asyncio.run(serve(args.connection_file, options))
+    try:
+        asyncio.run(serve(args.connection_file, options))
+    except CurveKeyError as exc:  # the connection file's keys: say so, no traceback
+        sys.exit(f"{parser.prog}: {args.connection_file}: {exc}")
 
 
 if __name__ == "__main__":
