@@ -47,6 +47,7 @@ from .messages import (
     Reply,
     ShutdownReplyMessage,
 )
+    SubshellReplyMessage,
 
 
 @dataclass(frozen=True)
@@ -183,6 +184,11 @@ class Conversation:
 
     # -- feeding ----------------------------------------------------------------
 
+        #: Ordered requests for a subshell (``subshell_id`` set), per
+        #: subshell, in the order sent: each subshell's first is running on
+        #: its own thread, concurrently with the main thread.
+        self._lanes: dict[str, collections.deque[str]] = {}
+        self._lane_of: dict[str, str] = {}
     def send(self, request: Message) -> None:
         """Record that ``request`` was sent; it is open until it ends.
 
@@ -197,7 +203,11 @@ class Conversation:
         if request.id in self._open:
             raise ValueError(f"a request with id {request.id!r} is already open")
         self._open[request.id] = request.type
-        if rule.ordered:
+        subshell = getattr(request, "subshell_id", None)
+        if rule.ordered and subshell:
+            self._lanes.setdefault(subshell, collections.deque()).append(request.id)
+            self._lane_of[request.id] = subshell
+        elif rule.ordered:
             self._main.append(request.id)
             self._last_ordered = request.id
 
@@ -220,7 +230,13 @@ class Conversation:
         if msg.type is not MessageType.PROTOCOL_ERROR and msg.type is not REPLY_TYPES[request_type]:
             return None
         del self._open[request_id]
-        if REQUESTS[request_type].ordered:
+        subshell = self._lane_of.pop(request_id, None)
+        if subshell is not None:
+            lane = self._lanes[subshell]
+            lane.remove(request_id)
+            if not lane:
+                del self._lanes[subshell]
+        elif REQUESTS[request_type].ordered:
             if self._main[0] == request_id:
                 self._main.popleft()
             else:
@@ -232,17 +248,18 @@ class Conversation:
         gone (``cause``: ``exit code 3``, ``killed by signal SIGKILL (Killed)``),
         in the order the requests were sent. Afterwards no request is open.
 
-        * The running ``execute``: an ERROR then an EXECUTE_REPLY with status
-          ``error``, both ``WorkerDied`` and :func:`worker_died_text`.
+        * The running ``execute`` (the main thread's, and each subshell's):
+          an ERROR then an EXECUTE_REPLY with status ``error``, both
+          ``WorkerDied`` and :func:`worker_died_text`.
         * A queued ``execute``: an EXECUTE_REPLY with status ``aborted``.
         * A ``shutdown``: a SHUTDOWN_REPLY (status ``ok``: the worker is gone).
         * Any other request: a PROTOCOL_ERROR code ``worker_died``.
         """
-        running = self.running
+        running = {self.running, *(lane[0] for lane in self._lanes.values())}
         out: list[Message] = []
         for request_id, request_type in self._open.items():
             if request_type is MessageType.EXECUTE:
-                if request_id == running:
+                if request_id in running:
                     evalue = worker_died_text(cause)
                     traceback = [f"\x1b[0;31m{WORKER_DIED}\x1b[0m: {evalue}"]
                     out.append(
@@ -274,8 +291,7 @@ class Conversation:
                         parent_id=request_id,
                     )
                 )
-        self._open.clear()
-        self._main.clear()
+        self.clear()
         return out
 
     def clear(self) -> None:
@@ -286,6 +302,8 @@ class Conversation:
 
     # -- what it knows ------------------------------------------------------------
 
+        self._lanes.clear()
+        self._lane_of.clear()
     @property
     def running(self) -> str | None:
         """Id of the request on the worker's main thread: the oldest ordered
@@ -295,6 +313,11 @@ class Conversation:
     @property
     def queued(self) -> list[str]:
         """Ids of the ordered requests waiting behind the running one."""
+    def running_in(self, subshell_id: str) -> str | None:
+        """Id of the request the subshell ``subshell_id`` is running, if any."""
+        lane = self._lanes.get(subshell_id)
+        return lane[0] if lane else None
+
         return list(self._main)[1:]
 
     @property

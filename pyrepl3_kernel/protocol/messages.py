@@ -72,6 +72,9 @@ class MessageType(str, enum.Enum):
     def __str__(self) -> str:
         return self.value
 
+    # subshells (JEP 91)
+    SUBSHELL = "subshell"
+    SUBSHELL_REPLY = "subshell_reply"
 
 def new_id() -> str:
     """A fresh message id (32 hex digits)."""
@@ -165,6 +168,14 @@ class Reply(Message):
 
 
 @dataclass(kw_only=True)
+@dataclass(kw_only=True)
+class ShellRequest(Message):
+    """A request the main shell or a subshell handles: ``subshell_id`` names
+    the subshell (nil: the main shell, on the worker's main thread)."""
+
+    subshell_id: str | None = None
+
+
 class ReadyMessage(Message):
     """Worker -> client, first message: the worker is up and what it speaks."""
 
@@ -246,7 +257,7 @@ class ProtocolErrorMessage(Reply):
 
 
 @dataclass(kw_only=True)
-class ExecuteMessage(Message):
+class ExecuteMessage(ShellRequest):
     """Client -> worker: run ``code``."""
 
     type: ClassVar[MessageType] = MessageType.EXECUTE
@@ -352,7 +363,7 @@ class InterruptMessage(Message):
 
 
 @dataclass(kw_only=True)
-class CompleteMessage(Message):
+class CompleteMessage(ShellRequest):
     type: ClassVar[MessageType] = MessageType.COMPLETE
     code: str = ""
     cursor_pos: int | None = None
@@ -369,7 +380,7 @@ class CompleteReplyMessage(Reply):
 
 
 @dataclass(kw_only=True)
-class InspectMessage(Message):
+class InspectMessage(ShellRequest):
     type: ClassVar[MessageType] = MessageType.INSPECT
     code: str = ""
     cursor_pos: int | None = None
@@ -386,7 +397,7 @@ class InspectReplyMessage(Reply):
 
 
 @dataclass(kw_only=True)
-class HistoryMessage(Message):
+class HistoryMessage(ShellRequest):
     """``hist_access_type`` is ``tail``, ``range`` or ``search``, with the
     fields of Jupyter's history_request."""
 
@@ -413,7 +424,7 @@ class HistoryReplyMessage(Reply):
 
 
 @dataclass(kw_only=True)
-class IsCompleteMessage(Message):
+class IsCompleteMessage(ShellRequest):
     type: ClassVar[MessageType] = MessageType.IS_COMPLETE
     code: str = ""
 
@@ -431,7 +442,7 @@ class IsCompleteReplyMessage(Reply):
 
 
 @dataclass(kw_only=True)
-class CommOpenMessage(Message):
+class CommOpenMessage(ShellRequest):
     type: ClassVar[MessageType] = MessageType.COMM_OPEN
     comm_id: str = ""
     target_name: str = ""
@@ -442,7 +453,7 @@ class CommOpenMessage(Message):
 
 
 @dataclass(kw_only=True)
-class CommMsgMessage(Message):
+class CommMsgMessage(ShellRequest):
     type: ClassVar[MessageType] = MessageType.COMM_MSG
     comm_id: str = ""
     data: dict[str, Any] = field(default_factory=dict)
@@ -451,7 +462,7 @@ class CommMsgMessage(Message):
 
 
 @dataclass(kw_only=True)
-class CommCloseMessage(Message):
+class CommCloseMessage(ShellRequest):
     type: ClassVar[MessageType] = MessageType.COMM_CLOSE
     comm_id: str = ""
     data: dict[str, Any] = field(default_factory=dict)
@@ -460,7 +471,7 @@ class CommCloseMessage(Message):
 
 
 @dataclass(kw_only=True)
-class CommInfoMessage(Message):
+class CommInfoMessage(ShellRequest):
     type: ClassVar[MessageType] = MessageType.COMM_INFO
     target_name: str | None = None
 
@@ -542,6 +553,36 @@ class CheckpointReplyMessage(Reply):
 class ForkMessage(Message):
     """Client -> worker, at an idle point: fork; the new worker connects to
     the Unix socket ``path``, sends ``token`` and takes the stdout/stderr
+# -- subshells ---------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class SubshellMessage(Message):
+    """Client -> worker: ``action`` ``create`` (a subshell named
+    ``subshell_id``, or a new id when nil), ``delete`` (the subshell
+    ``subshell_id``: its running request is interrupted, its queued ones
+    aborted) or ``list``. Answered at once by SUBSHELL_REPLY."""
+
+    type: ClassVar[MessageType] = MessageType.SUBSHELL
+    action: str = "list"
+    subshell_id: str | None = None
+
+
+@dataclass(kw_only=True)
+class SubshellReplyMessage(Reply):
+    """``subshell_id``: the subshell created or deleted; ``subshell_ids``:
+    every subshell after the action. An unknown id: status ``error``, ename
+    ``UnknownSubshellError``."""
+
+    type: ClassVar[MessageType] = MessageType.SUBSHELL_REPLY
+    status: str = "ok"
+    action: str = ""
+    subshell_id: str | None = None
+    subshell_ids: list[str] = field(default_factory=list)
+    ename: str = ""
+    evalue: str = ""
+
+
     pipes passed back to it (docs/fork.md). Answered by FORK_REPLY."""
 
     type: ClassVar[MessageType] = MessageType.FORK
@@ -588,7 +629,8 @@ class HealthReplyMessage(Reply):
 
 MESSAGE_CLASSES: dict[MessageType, type[Message]] = {}
 for _cls in list(globals().values()):
-    if isinstance(_cls, type) and issubclass(_cls, Message) and _cls not in (Message, Reply):
+    bases = (Message, Reply, ShellRequest)
+    if isinstance(_cls, type) and issubclass(_cls, Message) and _cls not in bases:
         MESSAGE_CLASSES[_cls.type] = _cls
 
 
