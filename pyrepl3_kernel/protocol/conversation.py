@@ -46,8 +46,8 @@ from .messages import (
     ProtocolErrorMessage,
     Reply,
     ShutdownReplyMessage,
-)
     SubshellReplyMessage,
+)
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,7 @@ REQUESTS: Mapping[MessageType, RequestRule] = MappingProxyType(
         MessageType.SHUTDOWN: RequestRule(ShutdownReplyMessage, ordered=True),
         MessageType.PING: RequestRule(PongMessage, ordered=False),
         MessageType.HEALTH: RequestRule(HealthReplyMessage, ordered=False),
+        MessageType.SUBSHELL: RequestRule(SubshellReplyMessage, ordered=False),
     }
 )
 
@@ -181,14 +182,14 @@ class Conversation:
         #: one the worker's main thread is on.
         self._main: collections.deque[str] = collections.deque()
         self._last_ordered: str | None = None
-
-    # -- feeding ----------------------------------------------------------------
-
         #: Ordered requests for a subshell (``subshell_id`` set), per
         #: subshell, in the order sent: each subshell's first is running on
         #: its own thread, concurrently with the main thread.
         self._lanes: dict[str, collections.deque[str]] = {}
         self._lane_of: dict[str, str] = {}
+
+    # -- feeding ----------------------------------------------------------------
+
     def send(self, request: Message) -> None:
         """Record that ``request`` was sent; it is open until it ends.
 
@@ -299,25 +300,25 @@ class Conversation:
         last ordered request sent stays :attr:`output_owner`."""
         self._open.clear()
         self._main.clear()
+        self._lanes.clear()
+        self._lane_of.clear()
 
     # -- what it knows ------------------------------------------------------------
 
-        self._lanes.clear()
-        self._lane_of.clear()
     @property
     def running(self) -> str | None:
         """Id of the request on the worker's main thread: the oldest ordered
         request without its reply. None when the worker is idle."""
         return self._main[0] if self._main else None
 
-    @property
-    def queued(self) -> list[str]:
-        """Ids of the ordered requests waiting behind the running one."""
     def running_in(self, subshell_id: str) -> str | None:
         """Id of the request the subshell ``subshell_id`` is running, if any."""
         lane = self._lanes.get(subshell_id)
         return lane[0] if lane else None
 
+    @property
+    def queued(self) -> list[str]:
+        """Ids of the ordered requests waiting behind the running one."""
         return list(self._main)[1:]
 
     @property

@@ -68,13 +68,13 @@ class MessageType(str, enum.Enum):
     # a copy-on-write fork of the worker (docs/fork.md)
     FORK = "fork"
     FORK_REPLY = "fork_reply"
+    # subshells (JEP 91)
+    SUBSHELL = "subshell"
+    SUBSHELL_REPLY = "subshell_reply"
 
     def __str__(self) -> str:
         return self.value
 
-    # subshells (JEP 91)
-    SUBSHELL = "subshell"
-    SUBSHELL_REPLY = "subshell_reply"
 
 def new_id() -> str:
     """A fresh message id (32 hex digits)."""
@@ -164,10 +164,6 @@ class Reply(Message):
         return ""
 
 
-# -- handshake and lifecycle -------------------------------------------------
-
-
-@dataclass(kw_only=True)
 @dataclass(kw_only=True)
 class ShellRequest(Message):
     """A request the main shell or a subshell handles: ``subshell_id`` names
@@ -176,6 +172,10 @@ class ShellRequest(Message):
     subshell_id: str | None = None
 
 
+# -- handshake and lifecycle -------------------------------------------------
+
+
+@dataclass(kw_only=True)
 class ReadyMessage(Message):
     """Worker -> client, first message: the worker is up and what it speaks."""
 
@@ -549,10 +549,6 @@ class CheckpointReplyMessage(Reply):
     evalue: str = ""
 
 
-@dataclass(kw_only=True)
-class ForkMessage(Message):
-    """Client -> worker, at an idle point: fork; the new worker connects to
-    the Unix socket ``path``, sends ``token`` and takes the stdout/stderr
 # -- subshells ---------------------------------------------------------------
 
 
@@ -583,6 +579,10 @@ class SubshellReplyMessage(Reply):
     evalue: str = ""
 
 
+@dataclass(kw_only=True)
+class ForkMessage(Message):
+    """Client -> worker, at an idle point: fork; the new worker connects to
+    the Unix socket ``path``, sends ``token`` and takes the stdout/stderr
     pipes passed back to it (docs/fork.md). Answered by FORK_REPLY."""
 
     type: ClassVar[MessageType] = MessageType.FORK
