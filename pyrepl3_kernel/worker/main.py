@@ -101,6 +101,7 @@ class Worker:
             MessageType.COMM_CLOSE: self._comm,
             MessageType.CONFIGURE: self._configure,
             MessageType.CHECKPOINT: self._checkpoint,
+            MessageType.FORK: self._fork,
         }
         self.shell = self._make_shell()
         self._act_as_ipykernel()
@@ -438,6 +439,11 @@ class Worker:
             reply.ename = type(exc).__name__
             reply.evalue = str(exc)
         self.emit(reply)
+
+    def _fork(self, req: Any) -> None:
+        from .fork import fork  # a copy-on-write copy of this worker (docs/fork.md)
+
+        fork(self, req)
 
     # -- launch context -------------------------------------------------------------
 
