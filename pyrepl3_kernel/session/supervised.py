@@ -256,6 +256,17 @@ class Session:
             with contextlib.suppress(Exception):
                 await self.workers.release(self.worker)
 
+    async def fork(self, **options: Any) -> Session:
+        """A new session, started, whose worker is a copy-on-write fork of
+        this one's, taken at an idle point: the whole namespace, sockets and
+        generators included, independent afterwards (docs/fork.md). Its
+        ``fork_report`` says what did not carry over. Raises ``ForkBusyError``
+        while a cell runs. ``options``: ``session_id``, ``autosave``,
+        ``on_unrouted`` of the new session."""
+        from .fork import fork_session
+
+        return await fork_session(self, **options)
+
     async def __aenter__(self) -> Session:
         await self.start()
         return self
