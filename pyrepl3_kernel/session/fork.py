@@ -1,0 +1,369 @@
+"""Fork a live session: a new supervised :class:`~.supervised.Session` whose
+worker is a copy-on-write fork of a running session's worker.
+
+How the new worker comes to its new supervisor (docs/fork.md): the
+supervisor listens on a Unix socket in an owner-only directory and sends the
+running worker a ``fork`` request naming it and a random token; the worker
+forks at an idle point (the request waits for no cell: a session running a
+cell refuses to fork, :class:`ForkBusyError`); the new worker, in a session
+and process group of its own, connects, sends the token, and receives the
+write ends of its stdout and stderr pipes. That connection is its protocol
+socket. The supervisor checks the peer's uid and pid (``SO_PEERCRED``)
+against the fork reply.
+
+:class:`ForkedWorkerProcess` is a :class:`~.worker.WorkerProcess` for a
+process that is not this process's child: its death is seen through a pidfd
+(and its socket's end), its exit status is read from ``/proc`` while it is a
+zombie (when the reaper has not been faster: then it is unknown), and it is
+killed, interrupted and measured by its process group and pid as a started
+worker is. Limits, autosave and crash recovery work as for any worker: the
+session's replacement for a dead fork is a cold worker with the fork's last
+automatic checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import tempfile
+from typing import Any
+
+from ..errors import Pyrepl3Error
+from ..protocol import ForkMessage, ForkReplyMessage
+from .supervised import Session
+from .worker import WorkerProcess, WorkerStartError, _ControlProtocol, _ProcessProtocol
+from .workers import ColdWorkers
+
+log = logging.getLogger("pyrepl3.session")
+
+#: How long the fork may take to connect to its new supervisor.
+CONNECT_TIMEOUT_S = 30.0
+_TOKEN_MAX = 256
+
+
+class ForkError(Pyrepl3Error, RuntimeError):
+    """The kernel could not be forked; the message says why."""
+
+
+class ForkBusyError(ForkError):
+    """The kernel is running a cell: a fork is taken only at an idle point."""
+
+    def __init__(self, running: str | None = None) -> None:
+        super().__init__(
+            "the kernel is running a cell; fork it when the cell has finished "
+            "(or interrupt the cell first)"
+        )
+        self.running = running
+
+
+class ForkListener:
+    """An owner-only Unix socket that one forked worker connects to."""
+
+    def __init__(self) -> None:
+        self.directory = tempfile.mkdtemp(prefix="pyrepl3-fork-")  # mode 0700
+        self.path = os.path.join(self.directory, "s")
+        self.token = secrets.token_hex(16)
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.bind(self.path)
+        self._sock.listen(4)
+        self._sock.setblocking(False)
+
+    async def accept(self) -> tuple[socket.socket, int, int, int]:
+        """The fork's connection, the read ends of its stdout and stderr
+        pipes, and its pid. Connections without the token are dropped."""
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            try:
+                pid, uid, _gid = struct.unpack(
+                    "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+                )
+                line = await self._read_line(conn)
+                if uid != os.getuid() or not hmac.compare_digest(line, self.token.encode()):
+                    log.warning("fork listener: dropped a connection without the token")
+                    conn.close()
+                    continue
+                out_r, out_w = os.pipe()
+                err_r, err_w = os.pipe()
+                try:
+                    conn.setblocking(True)
+                    socket.send_fds(conn, [b"p"], [out_w, err_w])
+                finally:
+                    os.close(out_w)
+                    os.close(err_w)
+                return conn, out_r, err_r, pid
+            except OSError as exc:
+                log.warning("fork listener: connection failed: %s", exc)
+                conn.close()
+
+    @staticmethod
+    async def _read_line(conn: socket.socket) -> bytes:
+        loop = asyncio.get_running_loop()
+        conn.setblocking(False)
+        data = b""
+        while not data.endswith(b"\n") and len(data) <= _TOKEN_MAX:
+            chunk = await loop.sock_recv(conn, _TOKEN_MAX + 1 - len(data))
+            if not chunk:
+                break
+            data += chunk
+        return data.rstrip(b"\n")
+
+    def close(self) -> None:
+        self._sock.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _PipeReader(asyncio.Protocol):
+    """One of a forked worker's output pipes, fed to the WorkerProcess as
+    a subprocess transport would feed it."""
+
+    def __init__(self, process: _ProcessProtocol, fd: int) -> None:
+        self.process = process
+        self.fd = fd
+
+    def data_received(self, data: bytes) -> None:
+        self.process.pipe_data_received(self.fd, data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.process.pipe_connection_lost(self.fd, exc)
+
+
+class _AdoptedProcess:
+    """What :class:`WorkerProcess` uses of a subprocess transport, for a
+    process that is not our child: its exit is seen through a pidfd."""
+
+    def __init__(self, pid: int, on_exit: Any) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+        self.exited = asyncio.Event()
+        self.killed = False
+        self.pipes: list[asyncio.BaseTransport] = []
+        self._on_exit = on_exit
+        self._loop = asyncio.get_running_loop()
+        self._pidfd: int | None = os.pidfd_open(pid)
+        self._loop.add_reader(self._pidfd, self._exit_seen)
+
+    def _exit_seen(self) -> None:
+        if self._pidfd is not None:
+            self._loop.remove_reader(self._pidfd)
+        status = zombie_exit_status(self.pid)
+        if status is not None:
+            self.returncode = status
+        elif self.killed:
+            self.returncode = -signal.SIGKILL
+        self.exited.set()
+        self._on_exit()
+
+    def get_pid(self) -> int:
+        return self.pid
+
+    def get_returncode(self) -> int | None:
+        return self.returncode
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            pipe.close()
+        if self._pidfd is not None:
+            with contextlib.suppress(ValueError, OSError):
+                self._loop.remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+
+
+def zombie_exit_status(pid: int) -> int | None:
+    """The exit status of ``pid`` while it is a zombie (``/proc/PID/stat``
+    field 52), as ``Popen.returncode``; None once it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is field 3 (state); exit_code is field 52.
+    if len(fields) < 50 or fields[0] != b"Z":
+        return None
+    return os.waitstatus_to_exitcode(int(fields[49]))
+
+
+class ForkedWorkerProcess(WorkerProcess):
+    """A worker forked from another one, adopted over its own connection.
+
+    ``fork_report`` is what the fork did not carry over (``lost``) or shares
+    with its parent (``shared``), by name."""
+
+    def __init__(
+        self,
+        conn: socket.socket,
+        stdout: int,
+        stderr: int,
+        pid: int,
+        *,
+        fork_report: dict[str, Any] | None = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(**options)
+        self._adoption: tuple[socket.socket, int, int] | None = (conn, stdout, stderr)
+        self._adopted_pid = pid
+        self.fork_report: dict[str, Any] = fork_report or {"lost": {}, "shared": {}}
+
+    @property
+    def pid(self) -> int | None:
+        return self._adopted_pid
+
+    async def start(self) -> None:
+        """Wire up the connection and pipes; wait for the fork's READY."""
+        if self._adoption is None:
+            raise WorkerStartError("a forked worker cannot be started again; fork anew")
+        conn, stdout, stderr = self._adoption
+        self._adoption = None
+        self._reset()
+        generation = self._generation
+        loop = asyncio.get_running_loop()
+        protocol = _ProcessProtocol(self, generation)
+        try:
+            process = _AdoptedProcess(self._adopted_pid, protocol.process_exited)
+        except OSError as exc:  # gone already
+            for fd in (stdout, stderr):
+                os.close(fd)
+            conn.close()
+            raise WorkerStartError(f"the forked worker is gone: {exc}") from None
+        self._process = process  # type: ignore[assignment]
+        self._process_protocol = protocol
+        for fd, pipe in ((1, stdout), (2, stderr)):
+            transport, _ = await loop.connect_read_pipe(
+                lambda fd=fd: _PipeReader(protocol, fd),  # type: ignore[misc]
+                os.fdopen(pipe, "rb", buffering=0),
+            )
+            process.pipes.append(transport)
+        self._ready_future = loop.create_future()
+        conn.setblocking(False)
+        control, _ = await loop.create_unix_connection(
+            lambda: _ControlProtocol(self, generation), sock=conn
+        )
+        self._control = control
+        try:
+            ready = await asyncio.wait_for(asyncio.shield(self._ready_future), self.startup_timeout)
+        except Exception as exc:
+            await self._kill()
+            raise WorkerStartError(f"the forked worker did not become ready: {exc}") from None
+        self.ready = ready
+
+    async def restart(self) -> None:
+        raise WorkerStartError("a forked worker cannot be restarted; its session starts a new one")
+
+    async def _kill(self) -> None:
+        process = self._process
+        if process is None:
+            return
+        assert isinstance(process, _AdoptedProcess)
+        if not process.exited.is_set():
+            process.killed = True
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(process.exited.wait(), 2.0)
+        self.returncode = process.returncode
+        if self._control is not None:
+            self._control.close()
+        process.close()
+
+
+async def fork_worker(
+    parent: WorkerProcess, *, timeout: float = CONNECT_TIMEOUT_S, **options: Any
+) -> ForkedWorkerProcess:
+    """Fork ``parent`` (a ready worker, idle) and adopt the fork; ``options``
+    are :class:`WorkerProcess`'s keyword arguments for it."""
+    listener = ForkListener()
+    try:
+        accepted = asyncio.ensure_future(listener.accept())
+        try:
+            reply = await parent.request(ForkMessage(path=listener.path, token=listener.token))
+            if not reply.ok:
+                raise ForkError(f"the worker could not fork: {reply.ename}: {reply.evalue}")
+            assert isinstance(reply, ForkReplyMessage)
+            try:
+                conn, stdout, stderr, pid = await asyncio.wait_for(accepted, timeout)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(reply.pid, signal.SIGKILL)  # it never got here
+                raise ForkError(
+                    f"the forked worker (pid {reply.pid}) did not connect within {timeout:g} s"
+                ) from None
+        finally:
+            accepted.cancel()
+    finally:
+        listener.close()
+    if pid != reply.pid:
+        conn.close()
+        os.close(stdout)
+        os.close(stderr)
+        raise ForkError(f"the fork's connection came from pid {pid}, not the fork ({reply.pid})")
+    worker = ForkedWorkerProcess(conn, stdout, stderr, pid, fork_report=reply.report, **options)
+    await worker.start()
+    return worker
+
+
+class ForkedSession(Session):
+    """A session forked from another; ``fork_report`` says what its first
+    worker did not carry over the fork (``lost``) and what it shares with
+    the parent's worker (``shared``), by name."""
+
+    fork_report: dict[str, Any]
+    #: The id of the session it was forked from.
+    forked_from: str
+
+
+async def fork_session(
+    parent: Session,
+    *,
+    session_id: str | None = None,
+    autosave: str | bool | None = None,
+    on_unrouted: Any = None,
+) -> ForkedSession:
+    """A new session, started, whose worker is a fork of ``parent``'s (see
+    :meth:`Session.fork`). ``autosave``: as :class:`Session` takes it; by
+    default on (a directory of its own) if ``parent`` saves automatically. Raises :class:`ForkBusyError` while ``parent``
+    runs a cell, :class:`ForkError` if the fork fails (``parent`` is
+    untouched either way)."""
+    if parent.running is not None:
+        raise ForkBusyError(parent.running)
+    await parent.ensure_worker()
+    if autosave is None:
+        autosave = parent.autosave_dir is not None
+    old = parent.worker
+    worker = await fork_worker(
+        old,
+        python=old.python,
+        cwd=old.cwd,
+        env=old.env,
+        startup_timeout=old.startup_timeout,
+        worker_log_level=old.worker_log_level,
+        ipython_options=old.ipython_options,
+    )
+    child = ForkedSession(
+        python=parent.python,
+        cwd=parent.cwd,
+        env=parent.env,
+        workers=ColdWorkers(python=parent.python, cwd=parent.cwd, env=parent.env),
+        worker=worker,
+        session_id=session_id,
+        autosave=autosave,
+        limits=parent.limits,
+        on_unrouted=on_unrouted,
+    )
+    child.fork_report = worker.fork_report
+    child.forked_from = parent.id
+    child.execution_count = parent.execution_count
+    try:
+        await child.start()
+    except BaseException:
+        await child.shutdown()
+        raise
+    return child
