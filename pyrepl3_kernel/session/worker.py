@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Protocol
 
 from ..errors import Pyrepl3Error
 from ..protocol import (
@@ -96,6 +97,22 @@ def worker_environment(env: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+class WorkerSpawner(Protocol):
+    """Makes a worker process some other way than a new interpreter (a fork
+    server): its transport, protocol and our end of its protocol socket, or
+    None to have a new interpreter started after all."""
+
+    async def spawn(
+        self,
+        protocol_factory: Callable[[], asyncio.SubprocessProtocol],
+        *,
+        cwd: str | None,
+        env: Mapping[str, str],
+        log_level: str,
+        ipython_options: list[str],
+    ) -> tuple[asyncio.SubprocessTransport, asyncio.SubprocessProtocol, socket.socket] | None: ...
+
+
 class _ControlProtocol(asyncio.Protocol):
     def __init__(self, session: WorkerProcess, generation: int) -> None:
         self.session = session
@@ -153,8 +170,13 @@ class WorkerProcess:
         worker_log_level: str = "WARNING",
         on_unrouted: Callable[[Message], None] | None = None,
         ipython_options: list[str] | None = None,
+        spawner: WorkerSpawner | None = None,
     ) -> None:
         self.python = python or sys.executable
+        #: Where the process comes from: a fork server forks it (see
+        #: session/forkserver.py), or, without one or when it cannot, a new
+        #: interpreter starts.
+        self.spawner = spawner
         #: IPython configuration for the worker's shell, as command-line
         #: options (``--HistoryManager.hist_file=:memory:``).
         self.ipython_options = list(ipython_options or [])
@@ -202,44 +224,21 @@ class WorkerProcess:
         self._reset()
         generation = self._generation
         loop = asyncio.get_running_loop()
-        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        child_fd = child_sock.fileno()
-        env = worker_environment(os.environ if self.env is None else self.env)
-        cmd = [
-            self.python,
-            "-u",
-            "-m",
-            "pyrepl3_kernel.worker",
-            "--fd",
-            str(child_fd),
-            "--parent-pid",
-            str(os.getpid()),
-            "--log-fd",
-            "2",
-            "--log-level",
-            self.worker_log_level,
-            *(f"--ipython-option={option}" for option in self.ipython_options),
-        ]
         self._ready_future = loop.create_future()
-        try:
-            transport, protocol = await loop.subprocess_exec(
+        env = worker_environment(os.environ if self.env is None else self.env)
+        forked = None
+        if self.spawner is not None:
+            forked = await self.spawner.spawn(
                 lambda: _ProcessProtocol(self, generation),
-                *cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                pass_fds=(child_fd,),
-                start_new_session=True,
                 cwd=self.cwd,
                 env=env,
+                log_level=self.worker_log_level,
+                ipython_options=self.ipython_options,
             )
-        except OSError as exc:
-            parent_sock.close()
-            raise WorkerStartError(f"could not start the worker ({self.python}): {exc}") from exc
-        finally:
-            child_sock.close()
-        self._process = transport  # type: ignore[assignment]
-        self._process_protocol = protocol
+        if forked is not None:
+            self._process, self._process_protocol, parent_sock = forked  # type: ignore[assignment]
+        else:
+            parent_sock = await self._exec(generation, env)
         control, _ = await loop.create_unix_connection(
             lambda: _ControlProtocol(self, generation), sock=parent_sock
         )
@@ -264,6 +263,47 @@ class WorkerProcess:
             raise WorkerStartError(str(exc)) from None
         self.ready = ready
         self._startup_stderr.clear()
+
+    async def _exec(self, generation: int, env: dict[str, str]) -> socket.socket:
+        """Start the worker as a new interpreter; our end of its protocol socket."""
+        loop = asyncio.get_running_loop()
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fd = child_sock.fileno()
+        cmd = [
+            self.python,
+            "-u",
+            "-m",
+            "pyrepl3_kernel.worker",
+            "--fd",
+            str(child_fd),
+            "--parent-pid",
+            str(os.getpid()),
+            "--log-fd",
+            "2",
+            "--log-level",
+            self.worker_log_level,
+            *(f"--ipython-option={option}" for option in self.ipython_options),
+        ]
+        try:
+            transport, protocol = await loop.subprocess_exec(
+                lambda: _ProcessProtocol(self, generation),
+                *cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(child_fd,),
+                start_new_session=True,
+                cwd=self.cwd,
+                env=env,
+            )
+        except OSError as exc:
+            parent_sock.close()
+            raise WorkerStartError(f"could not start the worker ({self.python}): {exc}") from exc
+        finally:
+            child_sock.close()
+        self._process = transport  # type: ignore[assignment]
+        self._process_protocol = protocol
+        return parent_sock
 
     async def shutdown(self, timeout: float = 3.0) -> None:
         """Stop the worker (gracefully if it answers within ``timeout``)."""
