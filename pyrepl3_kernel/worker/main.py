@@ -47,7 +47,7 @@ from ..protocol import (
     ShutdownReplyMessage,
     failure_reply,
 )
-from . import introspection, launch, output
+from . import history, introspection, launch, output
 from .channel import Channel
 from .checkpoint import Autosave, Checkpoints
 from .eventloop import IdleLoop, cells_loop, running_cells_loop
@@ -104,6 +104,7 @@ class Worker:
             MessageType.FORK: self._fork,
         }
         self.shell = self._make_shell()
+        self._history_writes = history.defer_writes(self.shell)
         self._act_as_ipykernel()
         self._idle_loop = IdleLoop(self._requests)
         self._set_session_name()
@@ -192,13 +193,18 @@ class Worker:
             )
         )
         while True:
-            # While an automatic checkpoint is pending, wake up to finish it.
+            # While an automatic checkpoint is pending, wake up to finish it;
+            # history held back is written after a short idle time.
             timeout = 0.25 if self.autosave.pending else None
+            if self._history_writes is not None and self._history_writes.held_since is not None:
+                timeout = history.IDLE_WRITE_S
             try:
                 # Background asyncio tasks of the cells run while we wait.
                 ran = self._idle_loop.wait(timeout)
                 req = self._requests.get(timeout=0 if ran else timeout)
             except queue.Empty:
+                if self._history_writes is not None:
+                    self._history_writes.flush()
                 self.autosave.poll()
                 continue
             except KeyboardInterrupt:
@@ -219,7 +225,10 @@ class Worker:
             except Exception as exc:
                 log.exception("error handling %s", req.type)
                 self._fail(req, type(exc).__name__, str(exc))
-            # The reply is out: now is the time for the automatic checkpoint.
+            # The reply is out: now is the time for the automatic checkpoint
+            # (and for the history, if it has waited long).
+            if self._history_writes is not None and self._history_writes.overdue():
+                self._history_writes.flush()
             if self.autosave.dirty:
                 self.autosave.poll()
             # Idle: what background tasks write from now on is sent as their

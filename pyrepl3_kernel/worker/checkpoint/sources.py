@@ -83,7 +83,9 @@ def install(shell: Any) -> None:
 
     def post_run_cell(result: Any) -> None:
         count = getattr(result, "execution_count", None)
-        if count is not None:
+        raw = getattr(getattr(result, "info", None), "raw_cell", None)
+        # A cell whose text never says "class" defined no class of its own.
+        if count is not None and (raw is None or "class" in raw):
             note_cell(count, shell.user_ns)
 
     shell.events.register("post_run_cell", post_run_cell)
