@@ -94,6 +94,7 @@ class JupyterGateway:
         self._last_parent: JupyterMsg = {}
         self._input_requests: dict[str, str] = {}  # jupyter input_request msg_id -> native input id
         self._busy = False
+        self._busy_unpublished: JupyterMsg | None = None
         self._iopub_subscribed = asyncio.Event()
         self._checkpoint_comms = checkpoint_comm.CheckpointComms(
             self.session.request, self._publish
@@ -184,7 +185,12 @@ class JupyterGateway:
         owns_status = not (msg_type in IMMEDIATE_SHELL and self._busy)
         if owns_status:
             self._busy = msg_type not in IMMEDIATE_SHELL or self._busy
-            self._publish_status("busy", msg)
+            if msg_type == "execute_request" and self.session.is_ready:
+                # Published once the cell went to the worker, so the two
+                # overlap (see _execute); at once while a worker comes up.
+                self._busy_unpublished = msg
+            else:
+                self._publish_status("busy", msg)
         try:
             handler = self._shell_handlers.get(msg_type)
             if handler is None:
@@ -195,6 +201,7 @@ class JupyterGateway:
             if owns_status:
                 if msg_type not in IMMEDIATE_SHELL:
                     self._busy = False
+                self._publish_busy()
                 self._publish_status("idle", msg)
 
     async def _kernel_info(
@@ -231,6 +238,7 @@ class JupyterGateway:
         self._remember(native.id, msg)
 
         def publish_input(count: int) -> None:
+            self._publish_busy()
             if not native.silent:
                 content = {"code": native.code, "execution_count": count}
                 self._publish("execute_input", content, msg)
@@ -254,6 +262,7 @@ class JupyterGateway:
             "status": reply.status,
         }
         content = translate.execute_reply_content(reply)
+        self._publish_busy()
         self._reply("shell", idents, msg, "execute_reply", content, metadata=metadata)
         crashed = reply.status == "error" and reply.ename == WORKER_DIED
         if crashed or (reply.status == "error" and stop_on_error):
@@ -508,6 +517,12 @@ class JupyterGateway:
 
     def _publish_status(self, state: str, parent: JupyterMsg) -> None:
         self._publish("status", {"execution_state": state}, parent)
+
+    def _publish_busy(self) -> None:
+        """The busy status of the execute request that holds it back, if any."""
+        parent, self._busy_unpublished = self._busy_unpublished, None
+        if parent is not None:
+            self._publish_status("busy", parent)
 
     def _publish_native(self, msg: Message, parent: JupyterMsg) -> None:
         out = translate.iopub_for(msg)

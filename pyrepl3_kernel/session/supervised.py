@@ -454,7 +454,7 @@ class Session:
     ) -> AsyncIterator[Message]:
         """Run a cell; yields every message of it, ending with its
         EXECUTE_REPLY. ``on_start`` is called with the cell's execution count
-        once a worker is ready and just before the cell goes to it. If the
+        once a worker is ready, just after the cell went to it. If the
         worker dies meanwhile, yields an ERROR naming the cause, an OUTPUT on
         stderr saying what the new worker got back, and an error reply."""
         reply: ExecuteReplyMessage | None = None
@@ -470,11 +470,14 @@ class Session:
                 await self.worker.request(
                     ConfigureMessage(execution_count=self.execution_count + 1)
                 )
+            # The cell goes to the worker first: what the caller does in
+            # ``on_start`` (publishing execute_input) overlaps with the cell.
+            outputs = self.worker.execute(message)
             if on_start is not None:
                 on_start(self.next_execution_count(message))
             self._running = message.id
             self.monitor.cell_started()
-            async for out in self.worker.execute(message):
+            async for out in outputs:
                 if out.type == MessageType.EXECUTE_REPLY:
                     assert isinstance(out, ExecuteReplyMessage)
                     reply = out

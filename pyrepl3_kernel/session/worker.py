@@ -341,15 +341,23 @@ class WorkerProcess:
     # -- requests ---------------------------------------------------------------
 
     def execute(self, message: ExecuteMessage) -> AsyncIterator[Message]:
-        """Run code; yields every message of the execution, ending with its
-        EXECUTE_REPLY. If the worker dies meanwhile, yields an ERROR naming
-        the cause and an EXECUTE_REPLY with status ``error``."""
+        """Send code to run now; the iterator yields every message of the
+        execution, ending with its EXECUTE_REPLY. If the worker dies
+        meanwhile, yields an ERROR naming the cause and an EXECUTE_REPLY with
+        status ``error``."""
         return self.stream(message)
 
-    async def stream(self, request: Message) -> AsyncIterator[Message]:
-        """Send ``request``; yield everything it causes up to its reply."""
+    def stream(self, request: Message) -> AsyncIterator[Message]:
+        """Send ``request`` now; the iterator yields everything it causes up
+        to its reply. Raises :class:`WorkerDeadError` at once if the worker
+        is not running."""
         queue: asyncio.Queue[Message] = asyncio.Queue()
         self._open(request, queue)
+        return self._read_stream(request, queue)
+
+    async def _read_stream(
+        self, request: Message, queue: asyncio.Queue[Message]
+    ) -> AsyncIterator[Message]:
         try:
             while True:
                 msg = await queue.get()
