@@ -16,7 +16,7 @@ import re
 import signal
 import sys
 
-from ..curve import CurveKeyError
+from ..curve import CurveKeyError, CurveKeys
 from ..processes import alive
 from ..session.worker import WorkerProcess
 
@@ -55,6 +55,7 @@ def ipython_options(extra: list[str]) -> tuple[list[str], list[str]]:
 async def serve(connection_file: str, options: list[str] | None = None) -> None:
     with open(connection_file) as f:
         info = json.load(f)
+    CurveKeys.of(info)  # unusable keys: fail before a worker is started
     # Start the worker before importing the gateway's heavy dependencies
     # (zmq, jupyter_client): the two interpreters then boot side by side.
     session = WorkerProcess(ipython_options=options)
