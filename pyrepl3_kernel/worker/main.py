@@ -51,6 +51,7 @@ from . import history, introspection, launch, output
 from .channel import Channel
 from .checkpoint import Autosave, Checkpoints
 from .eventloop import IdleLoop, cells_loop, running_cells_loop
+from .subshells import Subshells
 from .transactions import TransactionManager
 
 log = logging.getLogger("pyrepl3.worker")
@@ -89,6 +90,7 @@ class Worker:
         self._running: str | None = None  # id of the request running user code
         self._allow_stdin = False
         self._in_user_code = False
+        self.subshells = Subshells(self)
         self._handlers: dict[MessageType, Callable[[Any], None]] = {
             MessageType.EXECUTE: self._execute,
             MessageType.COMPLETE: self._complete,
@@ -117,7 +119,7 @@ class Worker:
 
     @property
     def parent_id(self) -> str | None:
-        return self._parent
+        return self.subshells.parent_id(self._parent)  # a subshell's on its thread
 
     def emit(self, msg: Message) -> None:
         self.channel.drain_streams()
@@ -237,6 +239,8 @@ class Worker:
 
     def _dispatch(self, msg: Message) -> None:
         """Called on the I/O thread for every incoming message."""
+        if self.subshells.dispatch(msg):
+            return
         kind = msg.type
         if kind in DURING_AWAIT_REQUESTS and self._running is not None:
             # A cell in a top-level await may be waiting for this very
@@ -363,6 +367,9 @@ class Worker:
         return self._request_input(prompt, password=True)
 
     def _request_input(self, prompt: str, password: bool) -> str:
+        subshell = self.subshells.current()
+        if subshell is not None:
+            return subshell.request_input(prompt, password)
         if not self._allow_stdin or self._parent is None:
             from IPython.core.error import StdinNotImplementedError
 

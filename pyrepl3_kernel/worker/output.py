@@ -23,6 +23,7 @@ import contextvars
 import io
 import os
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -36,6 +37,15 @@ cell_parent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 _builtin_print = builtins.print
+
+#: Set on threads whose writes never go through the pipes (the worker's
+#: subshells, see subshells.py): the pipes' output is the main thread's.
+_through_socket = threading.local()
+
+
+def write_through_socket() -> None:
+    """What this thread writes for a cell goes over the socket."""
+    _through_socket.on = True
 
 
 def owner(outlet: Outlet) -> str | None:
@@ -63,7 +73,8 @@ class CellStream(io.TextIOBase):
 
     def write(self, text: str) -> int:
         owner = cell_parent.get()
-        if owner is not None and owner != self._outlet.parent_id and text:
+        elsewhere = owner != self._outlet.parent_id or getattr(_through_socket, "on", False)
+        if owner is not None and elsewhere and text:
             if not isinstance(text, str):
                 raise TypeError(f"write() argument must be str, not {type(text).__name__}")
             from ..protocol import OutputMessage

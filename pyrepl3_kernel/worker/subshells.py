@@ -1,0 +1,400 @@
+"""Kernel subshells (JEP 91) in the worker: one thread per subshell.
+
+A subshell runs the requests sent for it (``subshell_id`` set) one after the
+other on its own thread, in the same namespace as the main thread and
+concurrently with it, as ipykernel 7 does. The main thread stays the main
+shell: SIGINT, signal handlers and the cells' event loop stay there, and
+every signal is blocked on subshell threads.
+
+What a request on a subshell sees, compared with one on the main thread:
+
+- its output: ``sys.stdout``/``sys.stderr`` writes go over the socket as
+  OUTPUT messages naming the request (the pipes belong to the main thread's
+  request), and :attr:`Worker.parent_id` names the subshell's request on its
+  thread, so displays, results, errors and comm messages are its own;
+- an interrupt: the message naming its request raises KeyboardInterrupt on
+  its thread at the next Python bytecode (a blocking call finishes first;
+  ``input()`` ends at once);
+- ``input()``: asked with the subshell's request as parent;
+- top-level ``await``: on an event loop of the subshell's own;
+- no transaction (the transaction policy applies to main-shell cells).
+
+Deleting a subshell interrupts its running request, aborts the queued ones,
+and ends the thread; the reply to the delete comes last.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import queue
+import signal
+import sys
+import threading
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ..protocol import (
+    ORDERED_REQUESTS,
+    AckMessage,
+    ExecuteMessage,
+    ExecuteReplyMessage,
+    InputMessage,
+    InterruptMessage,
+    Message,
+    MessageType,
+    SubshellMessage,
+    SubshellReplyMessage,
+    failure_reply,
+)
+from . import introspection, output
+
+if TYPE_CHECKING:
+    from .main import Worker
+
+log = logging.getLogger("pyrepl3.worker")
+
+#: ``ename`` of a request for a subshell that does not exist (as ipykernel).
+UNKNOWN_SUBSHELL = "UnknownSubshellError"
+#: ``ename`` of a request a deleted subshell never ran.
+SUBSHELL_DELETED = "SubshellDeleted"
+
+
+def unknown_subshell_text(subshell_id: str) -> str:
+    """ipykernel's words for an unknown id."""
+    return f"Unknown subshell_id {subshell_id!r}"
+
+
+def _raise_in_thread(ident: int, exc: type[BaseException] | None) -> None:
+    """Raise ``exc`` in the thread ``ident`` at its next bytecode; None takes
+    back one not raised yet."""
+    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exc and ctypes.py_object(exc))
+
+
+class _InputSlot:
+    __slots__ = ("event", "value", "interrupted")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.value = ""
+        self.interrupted = False
+
+
+class SubshellThread(threading.Thread):
+    """One subshell: a queue of requests and the thread that runs them."""
+
+    def __init__(self, worker: Worker, subshells: Subshells, subshell_id: str) -> None:
+        super().__init__(name=f"subshell-{subshell_id}", daemon=True)
+        self.worker = worker
+        self.subshells = subshells
+        self.subshell_id = subshell_id
+        self.requests: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
+        #: The request being handled (parent of what it emits).
+        self.parent: str | None = None
+        #: The request running user code now (what an interrupt ends).
+        self.running: str | None = None
+        self.allow_stdin = False
+        self._lock = threading.Lock()
+        self._input: _InputSlot | None = None
+        self._deleting: SubshellMessage | None = None
+        self._loop: Any = None
+
+    # -- called on the I/O thread ------------------------------------------------
+
+    def interrupt(self, target: str | None) -> bool:
+        """Interrupt the running request (``target``: only if it is that one);
+        says whether one was interrupted."""
+        with self._lock:
+            running = self.running
+            if running is None or target not in (None, running):
+                return False
+            slot = self._input
+            if slot is not None:
+                slot.interrupted = True
+                slot.event.set()
+            elif self.ident is not None:
+                _raise_in_thread(self.ident, KeyboardInterrupt)
+            return True
+
+    def delete(self, request: SubshellMessage) -> None:
+        """End the subshell: interrupt what runs, abort what waits, then
+        answer ``request`` and end the thread."""
+        self._deleting = request
+        self.requests.put(None)
+        self.interrupt(None)
+
+    # -- the thread ----------------------------------------------------------------
+
+    def run(self) -> None:
+        # Signals are the main thread's (SIGINT interrupts the main shell).
+        signal.pthread_sigmask(
+            signal.SIG_BLOCK, set(signal.valid_signals()) - {signal.SIGKILL, signal.SIGSTOP}
+        )
+        output.write_through_socket()
+        try:
+            while True:
+                req = self.requests.get()
+                if req is None:
+                    break
+                if self._deleting is not None:
+                    self._abort(req)
+                    continue
+                self._handle(req)
+        finally:
+            if self._loop is not None:
+                self._loop.close()
+            deleting = self._deleting
+            if deleting is not None:
+                self.worker.channel.send(
+                    SubshellReplyMessage(
+                        parent_id=deleting.id,
+                        action="delete",
+                        subshell_id=self.subshell_id,
+                        subshell_ids=self.subshells.ids(),
+                    )
+                )
+
+    def _handle(self, req: Message) -> None:
+        token = output.cell_parent.set(req.id)
+        self.parent = req.id
+        try:
+            if req.type == MessageType.EXECUTE:
+                assert isinstance(req, ExecuteMessage)
+                self._execute(req)
+            elif req.type in _INTROSPECTION:
+                self.worker.emit(_INTROSPECTION[req.type](self.worker.shell, req))
+            elif req.type == MessageType.COMM_INFO:
+                self.worker._comm_info(req)
+            elif req.type in (MessageType.COMM_OPEN, MessageType.COMM_MSG, MessageType.COMM_CLOSE):
+                self._comm(req)
+            else:
+                self.worker.emit(
+                    failure_reply(req, "ValueError", f"a subshell does not run {req.type.value!r}")
+                )
+        except KeyboardInterrupt:
+            self.worker.emit(failure_reply(req, "KeyboardInterrupt", "interrupted"))
+        except Exception as exc:
+            log.exception("error handling %s on subshell %s", req.type, self.subshell_id)
+            self.worker.emit(failure_reply(req, type(exc).__name__, str(exc)))
+        finally:
+            self.parent = None
+            output.cell_parent.reset(token)
+
+    def _abort(self, req: Message) -> None:
+        if req.type == MessageType.EXECUTE:
+            count = self.worker.shell.execution_count - 1
+            self.worker.emit(
+                ExecuteReplyMessage(status="aborted", parent_id=req.id, execution_count=count)
+            )
+        else:
+            text = f"subshell {self.subshell_id!r} was deleted"
+            self.worker.emit(failure_reply(req, SUBSHELL_DELETED, text))
+
+    def _user_code(self, request_id: str | None) -> None:
+        """Mark the start (an id) or the end (None) of user code."""
+        with self._lock:
+            self.running = request_id
+            if request_id is None and self.ident is not None:
+                # An interrupt that came too late must not land in bookkeeping.
+                _raise_in_thread(self.ident, None)
+
+    def _execute(self, req: ExecuteMessage) -> None:
+        shell = self.worker.shell
+        self.allow_stdin = req.allow_stdin
+        result = None
+        self._user_code(req.id)
+        try:
+            result = self._run_cell(req)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            self._user_code(None)
+        count = shell.execution_count - 1
+        if result is not None and result.execution_count is not None:
+            count = result.execution_count
+        reply = ExecuteReplyMessage(parent_id=req.id, execution_count=count)
+        if result is not None and result.success:
+            reply.user_expressions = self.worker._user_expressions(req.user_expressions)
+        else:
+            err = None if result is None else (result.error_before_exec or result.error_in_exec)
+            reply.status = "error"
+            reply.ename = type(err).__name__ if err is not None else "KeyboardInterrupt"
+            reply.evalue = str(err) if err is not None else ""
+            reply.traceback = list(shell._last_traceback or [])
+        payload_manager = shell.payload_manager
+        reply.payload = self.worker._jsonable(payload_manager.read_payload())
+        payload_manager.clear_payload()
+        self.worker.emit(reply)
+
+    def _run_cell(self, req: ExecuteMessage) -> Any:
+        """IPython's ``run_cell``, with top-level ``await`` on this thread's
+        own event loop (the cells' loop belongs to the main thread)."""
+        from IPython.core.async_helpers import _pseudo_sync_runner
+
+        shell = self.worker.shell
+        shell._last_traceback = None
+        result = None
+        try:
+            error = None
+            try:
+                transformed = shell.transform_cell(req.code)
+            except Exception:
+                transformed, error = req.code, sys.exc_info()
+            coro = shell.run_cell_async(
+                req.code,
+                store_history=req.store_history,
+                silent=req.silent,
+                transformed_cell=transformed,
+                preprocessing_exc_tuple=error,
+                cell_id=req.cell_id,
+            )
+            if shell.should_run_async(
+                req.code, transformed_cell=transformed, preprocessing_exc_tuple=error
+            ):
+                result = self._event_loop().run_until_complete(coro)
+            else:
+                result = _pseudo_sync_runner(coro)
+        finally:
+            shell.events.trigger("post_execute")
+            if not req.silent:
+                shell.events.trigger("post_run_cell", result)
+        return result
+
+    def _event_loop(self) -> Any:
+        if self._loop is None:
+            import asyncio
+
+            self._loop = asyncio.new_event_loop()
+            asyncio.set_event_loop(self._loop)
+        return self._loop
+
+    def _comm(self, req: Any) -> None:
+        from .comms import as_jupyter_msg
+
+        handler = getattr(self.worker.comm_manager, req.type.value)
+        self.allow_stdin = False
+        self._user_code(req.id)
+        try:
+            handler(None, None, as_jupyter_msg(req))
+        finally:
+            self._user_code(None)
+        self.worker.emit(AckMessage(parent_id=req.id))
+
+    def request_input(self, prompt: str, password: bool) -> str:
+        """``input()`` on this subshell: asked with its request as parent."""
+        if not self.allow_stdin or self.parent is None:
+            from IPython.core.error import StdinNotImplementedError
+
+            raise StdinNotImplementedError(
+                "raw_input was called, but this frontend does not support input requests."
+            )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        request = InputMessage(prompt=prompt, password=password, parent_id=self.parent)
+        slot = _InputSlot()
+        self.worker._inputs[request.id] = slot  # type: ignore[assignment]  # answered by id
+        with self._lock:
+            self._input = slot
+        try:
+            self.worker.emit(request)
+            slot.event.wait()
+        finally:
+            with self._lock:
+                self._input = None
+            self.worker._inputs.pop(request.id, None)
+        if slot.interrupted:
+            raise KeyboardInterrupt
+        if slot.value == "\x04":
+            raise EOFError("EOF when reading a line")
+        return slot.value
+
+
+_INTROSPECTION: dict[MessageType, Any] = {
+    MessageType.COMPLETE: introspection.complete,
+    MessageType.INSPECT: introspection.inspect,
+    MessageType.HISTORY: introspection.history,
+    MessageType.IS_COMPLETE: introspection.is_complete,
+}
+
+
+class Subshells:
+    """The worker's subshells, by id (created and deleted on the I/O thread)."""
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._threads: dict[str, SubshellThread] = {}
+        self._lock = threading.Lock()
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._threads)
+
+    @staticmethod
+    def current() -> SubshellThread | None:
+        """The subshell whose thread this is, or None."""
+        thread = threading.current_thread()
+        return thread if isinstance(thread, SubshellThread) else None
+
+    def parent_id(self, main_parent: str | None) -> str | None:
+        """The request whose effects this thread emits: its subshell's
+        request on a subshell thread, else ``main_parent``."""
+        subshell = self.current()
+        return main_parent if subshell is None else subshell.parent
+
+    # -- on the I/O thread -------------------------------------------------------------
+
+    def dispatch(self, msg: Message) -> bool:
+        """Take ``msg`` if it is for the subshells (a subshell request, an
+        interrupt of a subshell's request, a request naming a subshell);
+        False leaves it to the main thread."""
+        if msg.type == MessageType.SUBSHELL:
+            assert isinstance(msg, SubshellMessage)
+            self._control(msg)
+            return True
+        if msg.type == MessageType.INTERRUPT:
+            assert isinstance(msg, InterruptMessage)
+            if msg.target is None:
+                return False
+            with self._lock:
+                threads = list(self._threads.values())
+            return any(thread.interrupt(msg.target) for thread in threads)
+        subshell_id = getattr(msg, "subshell_id", None)
+        if msg.type not in ORDERED_REQUESTS or not subshell_id:
+            return False
+        with self._lock:
+            thread = self._threads.get(subshell_id)
+        if thread is None:
+            evalue = unknown_subshell_text(subshell_id)
+            self._worker.channel.send(failure_reply(msg, UNKNOWN_SUBSHELL, evalue))
+        else:
+            thread.requests.put(msg)
+        return True
+
+    def _control(self, msg: SubshellMessage) -> None:
+        reply = SubshellReplyMessage(parent_id=msg.id, action=msg.action)
+        if msg.action == "create":
+            subshell_id = msg.subshell_id or str(uuid.uuid4())
+            with self._lock:
+                taken = subshell_id in self._threads
+                if not taken:
+                    thread = SubshellThread(self._worker, self, subshell_id)
+                    self._threads[subshell_id] = thread
+            if taken:
+                reply.status, reply.ename = "error", "ValueError"
+                reply.evalue = f"subshell_id {subshell_id!r} is in use"
+            else:
+                thread.start()
+                reply.subshell_id = subshell_id
+        elif msg.action == "delete":
+            with self._lock:
+                thread_or_none = self._threads.pop(msg.subshell_id or "", None)
+            if thread_or_none is not None:
+                thread_or_none.delete(msg)  # the thread answers when it has ended
+                return
+            reply.status, reply.ename = "error", UNKNOWN_SUBSHELL
+            reply.evalue = unknown_subshell_text(msg.subshell_id or "")
+        elif msg.action != "list":
+            reply.status, reply.ename = "error", "ValueError"
+            reply.evalue = f"unknown subshell action {msg.action!r} (create, delete, list)"
+        reply.subshell_ids = self.ids()
+        self._worker.channel.send(reply)
