@@ -20,7 +20,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 from ..errors import Pyrepl3Error
 from ..protocol import (
@@ -45,6 +45,7 @@ from ..protocol import (
     frame,
     negotiate,
 )
+from ..sandbox.profile import Profile, SandboxError
 
 log = logging.getLogger("pyrepl3.session")
 
@@ -171,8 +172,20 @@ class WorkerProcess:
         on_unrouted: Callable[[Message], None] | None = None,
         ipython_options: list[str] | None = None,
         spawner: WorkerSpawner | None = None,
+        sandbox: Profile | Mapping[str, Any] | bool | None = None,
     ) -> None:
         self.python = python or sys.executable
+        #: The sandbox profile (pyrepl3_kernel/sandbox); by default what
+        #: ``env`` asks for (PYREPL3_SANDBOX, KERNEL_PYREPL3_SANDBOX). A
+        #: sandboxed worker is never forked by a spawner: it starts in its
+        #: own sandbox.
+        self.sandbox = (
+            Profile.from_env(os.environ if env is None else env)
+            if sandbox is None
+            else Profile.coerce(sandbox)
+        )
+        self._launch: Any = None
+        self._sandbox_cause: str | None = None
         #: Where the process comes from: a fork server forks it (see
         #: session/forkserver.py), or, without one or when it cannot, a new
         #: interpreter starts.
@@ -227,7 +240,7 @@ class WorkerProcess:
         self._ready_future = loop.create_future()
         env = worker_environment(os.environ if self.env is None else self.env)
         forked = None
-        if self.spawner is not None:
+        if self.spawner is not None and self.sandbox is None:
             forked = await self.spawner.spawn(
                 lambda: _ProcessProtocol(self, generation),
                 cwd=self.cwd,
@@ -284,6 +297,14 @@ class WorkerProcess:
             self.worker_log_level,
             *(f"--ipython-option={option}" for option in self.ipython_options),
         ]
+        extra_fds: tuple[int, ...] = ()
+        if self.sandbox is not None:
+            try:
+                cmd, env, extra_fds = self._sandboxed(cmd, env)
+            except (SandboxError, OSError) as exc:
+                parent_sock.close()
+                child_sock.close()
+                raise WorkerStartError(f"could not start the sandbox: {exc}") from exc
         try:
             transport, protocol = await loop.subprocess_exec(
                 lambda: _ProcessProtocol(self, generation),
@@ -291,7 +312,7 @@ class WorkerProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                pass_fds=(child_fd,),
+                pass_fds=(child_fd, *extra_fds),
                 start_new_session=True,
                 cwd=self.cwd,
                 env=env,
@@ -301,6 +322,8 @@ class WorkerProcess:
             raise WorkerStartError(f"could not start the worker ({self.python}): {exc}") from exc
         finally:
             child_sock.close()
+            if self._launch is not None:
+                self._launch.spawned()
         self._process = transport  # type: ignore[assignment]
         self._process_protocol = protocol
         return parent_sock
@@ -385,6 +408,10 @@ class WorkerProcess:
     ) -> None:
         """Move the worker to ``cwd`` and give it ``env`` (the whole
         environment), as if it had been started with them."""
+        if self.sandbox is not None or env is not None:
+            from ..sandbox import check_configure
+
+            check_configure(self.sandbox, self._launch, cwd, env)
         reply = await self.request(
             ConfigureMessage(cwd=cwd, env=worker_environment(env) if env is not None else None)
         )
@@ -541,7 +568,7 @@ class WorkerProcess:
         await self._kill()
         if self._pending_output:
             self._flush_output()
-        cause = describe_exit(self.returncode)
+        cause = self._sandbox_cause or describe_exit(self.returncode)
         self.death_cause = cause
         self._dead.set()
         if self._ready_future is not None and not self._ready_future.done():
@@ -583,6 +610,10 @@ class WorkerProcess:
         if self._control is not None:
             self._control.close()
         transport.close()
+        if self._launch is not None:
+            launch, self._launch = self._launch, None
+            self._sandbox_cause = launch.explain(describe_exit(self.returncode), self.returncode)
+            await launch.cleanup()
 
     def _reset(self) -> None:
         self._generation += 1
@@ -603,6 +634,28 @@ class WorkerProcess:
             self._flush_handle = None
         self._gone_task = None
         self._dead = asyncio.Event()
+        self._launch = None
+        self._sandbox_cause = None
+
+    # -- the sandbox (pyrepl3_kernel/sandbox) -------------------------------------
+
+    def _sandboxed(
+        self, cmd: list[str], env: dict[str, str]
+    ) -> tuple[list[str], dict[str, str], tuple[int, ...]]:
+        from ..sandbox import SandboxLaunch
+
+        assert self.sandbox is not None
+        self._launch = SandboxLaunch(self.sandbox, cwd=self.cwd, python=self.python)
+        return self._launch.wrap(cmd, env)
+
+    @property
+    def sandbox_store(self) -> str | None:
+        """A sandboxed worker's own store directory (the only place outside
+        its working directory and /tmp it can write)."""
+        return self._launch.store if self._launch is not None else None
+
+    def describe_sandbox(self) -> dict[str, Any] | None:
+        return self._launch.describe() if self._launch is not None else None
 
     def __repr__(self) -> str:
         state = (

@@ -1,0 +1,325 @@
+"""One sandboxed worker's launch: the bubblewrap command around the worker's
+command, its store, its control groups and its seccomp filter.
+
+What the worker sees (each host path at the same path inside):
+
+- the system (``/usr``, ``/etc`` without its password and key files, the
+  interpreter's prefixes, this package) read-only; ``/proc`` of its own PID
+  namespace; a minimal ``/dev``;
+- its working directory and the profile's ``writable`` paths, writable; a
+  private ``/tmp`` and an empty private home (tmpfs); the profile's
+  ``read_only`` paths;
+- its **store**, a fresh directory of its own under the profile's
+  ``store_root``: automatic and named checkpoints are written there and
+  nowhere else. The session outside hands a dead worker's saved state on to
+  its successor's store (:func:`adopt_store`);
+- nothing else: not the home, not the runtime directory with the daemon's
+  socket and the kernels' connection files, not another store.
+
+Its own PID, mount, IPC, UTS, cgroup and network namespaces (so no other
+kernel's port, no abstract socket, no other process), no capabilities,
+``PR_SET_NO_NEW_PRIVS`` (bubblewrap sets it), the seccomp filter, and its
+own control groups for memory, processes and CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import Mapping
+
+from .cgroups import Cgroups
+from .profile import Profile, SandboxError
+from .seccomp import build_filter, filter_fd
+
+log = logging.getLogger("pyrepl3.sandbox")
+
+#: System directories shown read-only when they exist (a symlink such as
+#: ``/bin -> usr/bin`` is recreated as the same symlink).
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+#: Files and directories under /etc hidden even though /etc is shown.
+HIDDEN_SYSTEM_PATHS = (
+    "/etc/shadow",
+    "/etc/shadow-",
+    "/etc/gshadow",
+    "/etc/gshadow-",
+    "/etc/sudoers",
+    "/etc/sudoers.d",
+    "/etc/ssh",
+    "/etc/ssl/private",
+)
+#: Marks a directory as a sandbox's store (only such directories are moved
+#: or removed by the functions here).
+STORE_MARK = ".pyrepl3-sandbox-store"
+#: Exit status the start-up shell gives when it cannot enter the cgroups.
+_CGROUP_FAILED = 125
+
+# The start-up shell: enter the sandbox's cgroups (its pid is the sandbox's
+# first), apply rlimits if asked, ignore SIGINT (a process-group interrupt
+# is for the worker: bubblewrap would die of it), then become bubblewrap.
+_SHELL = r"""
+n=$1; shift
+while [ "$n" -gt 0 ]; do
+  echo $$ > "$1" || { echo "pyrepl3: cannot enter the sandbox's cgroup $1" >&2; exit 125; }
+  shift; n=$((n - 1))
+done
+if [ "$1" != - ]; then ulimit -v "$1" || exit 125; fi; shift
+if [ "$1" != - ]; then ulimit -u "$1" 2>/dev/null || ulimit -p "$1" 2>/dev/null; fi; shift
+trap '' INT
+exec "$@"
+"""
+
+
+def default_store_root() -> str:
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    return os.path.join(jupyter_runtime_dir(), "pyrepl3-sandbox")
+
+
+def bwrap_path(profile: Profile) -> str:
+    """The bubblewrap program; SandboxError if it is not installed."""
+    found = shutil.which(profile.bwrap)
+    if found is None:
+        raise SandboxError(
+            f"the sandbox needs bubblewrap ({profile.bwrap!r} is not on PATH): install it "
+            "(Debian/Ubuntu: apt-get install bubblewrap; Fedora: dnf install bubblewrap); "
+            "the kernel does not start unsandboxed"
+        )
+    return found
+
+
+def interpreter_paths(python: str) -> list[str]:
+    """What the worker's interpreter needs to be shown: its prefixes and
+    this package (an editable install's may lie outside them)."""
+    import pyrepl3_kernel
+
+    paths = {os.path.dirname(os.path.abspath(pyrepl3_kernel.__file__))}
+    if os.path.realpath(python) == os.path.realpath(sys.executable) or python == sys.executable:
+        paths.update({sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix})
+    else:
+        # Another interpreter: its installation (``<prefix>/bin/python``).
+        for exe in {os.path.abspath(python), os.path.realpath(python)}:
+            paths.add(os.path.dirname(os.path.dirname(exe)))
+    return sorted(p for p in paths if p and p != "/" and os.path.exists(p))
+
+
+class SandboxLaunch:
+    """Wraps one worker start in a sandbox made from ``profile``."""
+
+    def __init__(self, profile: Profile, *, cwd: str | None, python: str) -> None:
+        profile.check()
+        self.profile = profile
+        self.cwd = os.path.abspath(cwd or os.getcwd())
+        if self.cwd == "/":
+            raise SandboxError("a sandboxed kernel cannot work in / : give it a working directory")
+        if not os.path.isdir(self.cwd):
+            raise SandboxError(f"the working directory {self.cwd!r} does not exist")
+        self.python = python
+        self.bwrap = bwrap_path(profile)
+        root = profile.store_root or default_store_root()
+        #: This worker's own store (autosave, named checkpoints).
+        self.store = os.path.join(root, uuid.uuid4().hex)
+        self.cgroups: Cgroups | None = None
+        #: How the limits are kept: ``cgroup v1``, ``cgroup v2`` or ``rlimit``.
+        self.enforcement = ""
+        self._fds: list[int] = []
+
+    # -- the command ------------------------------------------------------------
+
+    def wrap(
+        self, cmd: list[str], env: Mapping[str, str]
+    ) -> tuple[list[str], dict[str, str], tuple[int, ...]]:
+        """The command, environment and extra fds that start ``cmd`` sandboxed."""
+        profile = self.profile
+        os.makedirs(os.path.dirname(self.store), mode=0o700, exist_ok=True)
+        os.mkdir(self.store, 0o700)
+        open(os.path.join(self.store, STORE_MARK), "w").close()
+        env = dict(env)
+        checkpoints = profile.checkpoints or os.path.join(self.store, "checkpoints")
+        env["PYREPL3_CHECKPOINT_DIR"] = checkpoints
+        env["TMPDIR"] = "/tmp"
+        cmd = list(cmd)
+        if "--parent-pid" in cmd:  # the supervisor is outside the PID namespace
+            cmd[cmd.index("--parent-pid") + 1] = "0"
+        argv = [
+            self.bwrap,
+            "--die-with-parent",
+            "--unshare-pid",
+            "--unshare-ipc",
+            "--unshare-net",
+            "--unshare-uts",
+            "--unshare-cgroup-try",
+            "--hostname",
+            "pyrepl3-sandbox",
+            "--cap-drop",
+            "ALL",
+        ]
+        for path in SYSTEM_PATHS:
+            if os.path.islink(path):
+                argv += ["--symlink", os.readlink(path), path]
+            elif os.path.isdir(path):
+                argv += ["--ro-bind", path, path]
+        for path in HIDDEN_SYSTEM_PATHS:
+            if os.path.isdir(path) and not os.path.islink(path):
+                argv += ["--tmpfs", path, "--remount-ro", path]
+            elif os.path.exists(path):
+                argv += ["--ro-bind", "/dev/null", path]
+        argv += ["--proc", "/proc", "--dev", "/dev"]
+        argv += ["--perms", "1777", "--size", str(profile.tmp_size), "--tmpfs", "/tmp"]
+        home = env.get("HOME")
+        if home and os.path.isabs(home) and os.path.normpath(home) not in ("/", "/tmp"):
+            argv += ["--perms", "0700", "--size", str(64 * 1024**2), "--tmpfs", home]
+        binds: list[tuple[str, str]] = [
+            *(("--ro-bind", p) for p in interpreter_paths(self.python)),
+            *(("--ro-bind", p) for p in profile.read_only),
+            ("--bind", self.cwd),
+            *(("--bind", p) for p in profile.writable),
+            ("--bind", self.store),
+        ]
+        if profile.checkpoints:
+            binds.append(("--bind", profile.checkpoints))
+        # A parent before what lies inside it, so a nested bind stays visible.
+        for option, path in sorted(binds, key=lambda b: b[1].rstrip("/").count("/")):
+            argv += [option, path, path]
+        argv += ["--chdir", self.cwd]
+        if profile.seccomp:
+            fd = filter_fd(build_filter(network=profile.network))
+            self._fds.append(fd)
+            argv += ["--seccomp", str(fd)]
+        argv += ["--", *cmd]
+        return self._shell(argv), env, tuple(self._fds)
+
+    def _shell(self, argv: list[str]) -> list[str]:
+        profile = self.profile
+        groups: Cgroups | None = None
+        reason = "limits = rlimit in the profile"
+        if profile.limits != "rlimit":
+            groups, reason = Cgroups.create(profile.memory, profile.processes, profile.cpus)
+        if groups is None and profile.limits == "cgroup":
+            raise SandboxError(
+                f"the sandbox's profile asks for cgroups and there are none: {reason}"
+            )
+        self.cgroups = groups
+        if groups is not None:
+            self.enforcement = f"cgroup v{groups.version}"
+            procs = groups.procs_files
+            rlimits = ["-", "-"]
+        else:
+            self.enforcement = "rlimit"
+            log.warning(
+                "sandbox without cgroups (%s): memory and process count are per-process "
+                "rlimits, CPU is not bounded beyond the session's limits",
+                reason,
+            )
+            procs = []
+            rlimits = [str(self.profile.memory // 1024), str(self.profile.processes)]
+        return ["/bin/sh", "-c", _SHELL, "sh", str(len(procs)), *procs, *rlimits, *argv]
+
+    def spawned(self) -> None:
+        """The sandbox started: the fds it inherited are not ours to keep."""
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    # -- what happened ----------------------------------------------------------
+
+    def explain(self, cause: str, returncode: int | None) -> str:
+        """``cause`` in the sandbox's words: bubblewrap reports a worker killed
+        by signal N as exit status 128+N; the memory limit's kills and the
+        process limit's refusals are named."""
+        groups = self.cgroups
+        if groups is not None and groups.oom_kills():
+            from ..units import format_size
+
+            return f"killed for the sandbox's memory limit of {format_size(self.profile.memory)}"
+        if returncode is not None and 128 < returncode < 128 + 65:
+            import signal
+
+            try:
+                name = signal.Signals(returncode - 128).name
+            except ValueError:
+                name = str(returncode - 128)
+            return f"killed by signal {name} (in the sandbox)"
+        if returncode == _CGROUP_FAILED:
+            return f"{cause}: the sandbox could not be set up"
+        return cause
+
+    def describe(self) -> dict[str, object]:
+        groups = self.cgroups
+        return {
+            **self.profile.describe(),
+            "enforcement": self.enforcement,
+            "store": self.store,
+            "processes_now": groups.processes() if groups else None,
+            "forks_refused": groups.forks_refused() if groups else None,
+        }
+
+    # -- the end ------------------------------------------------------------------
+
+    async def cleanup(self) -> None:
+        """After the worker is gone: its cgroups, its fds, and its store unless
+        the store holds a saved state a successor is to adopt."""
+        self.spawned()
+        if self.cgroups is not None:
+            await self.cgroups.remove()
+        if not _holds_state(self.store):
+            shutil.rmtree(self.store, ignore_errors=True)
+
+
+def _holds_state(store: str) -> bool:
+    for sub in ("autosave", "checkpoints"):
+        path = os.path.join(store, sub)
+        if os.path.isdir(path) and os.listdir(path):
+            return True
+    return False
+
+
+def _store_of(path: str) -> str | None:
+    """The sandbox store ``path`` lies in, if it lies in one."""
+    current = os.path.abspath(path)
+    for _ in range(4):
+        if os.path.exists(os.path.join(current, STORE_MARK)):
+            return current
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return None
+
+
+def adopt_store(store: str, autosave_dir: str | None) -> str | None:
+    """The autosave directory a worker whose store is ``store`` writes:
+    ``<store>/autosave/<name>``, where the state of ``autosave_dir`` (the
+    dead predecessor's, in its store, or a directory outside any store) is
+    moved first; a predecessor's store is removed after its contents
+    (autosave and named checkpoints) moved."""
+    if autosave_dir is None:
+        return None
+    name = os.path.basename(os.path.normpath(autosave_dir))
+    target = os.path.join(store, "autosave", name)
+    if os.path.abspath(autosave_dir) == os.path.abspath(target):
+        return target
+    os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+    previous = _store_of(autosave_dir)
+    if os.path.isdir(autosave_dir) and not os.path.exists(target):
+        shutil.move(autosave_dir, target)
+    if previous is not None and previous != store:
+        old_checkpoints = os.path.join(previous, "checkpoints")
+        new_checkpoints = os.path.join(store, "checkpoints")
+        if os.path.isdir(old_checkpoints) and not os.path.exists(new_checkpoints):
+            shutil.move(old_checkpoints, new_checkpoints)
+        shutil.rmtree(previous, ignore_errors=True)
+    return target
+
+
+def discard_store(autosave_dir: str | None) -> None:
+    """Remove the sandbox store ``autosave_dir`` lies in (the session ends or
+    starts afresh); nothing if it lies in none."""
+    if autosave_dir is None:
+        return
+    store = _store_of(autosave_dir)
+    if store is not None:
+        shutil.rmtree(store, ignore_errors=True)
