@@ -35,6 +35,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
+from .. import sandbox
 from ..protocol import (
     WORKER_DIED,
     ConfigureMessage,
@@ -46,6 +47,7 @@ from ..protocol import (
     OutputMessage,
     ReadyMessage,
 )
+from ..sandbox.profile import Profile
 from ..tasks import BackgroundTasks
 from . import recovery
 from .health import UsageMeter
@@ -112,8 +114,11 @@ class Session:
         interrupt_grace: float | None = None,
         max_restarts: int | None = None,
         restart_window: float | None = None,
+        sandbox: Profile | Mapping[str, Any] | bool | None = None,
     ) -> None:
         self.id = session_id or str(uuid.uuid4())
+        # A profile that cannot be used fails here, before any worker starts.
+        profile = Profile.coerce(sandbox) if sandbox is not None else None
         #: What cold-started workers are given (the launch of this session).
         self.python, self.cwd = python, cwd
         self.env = dict(env) if env is not None else None
@@ -123,6 +128,7 @@ class Session:
             env=env,
             startup_timeout=startup_timeout,
             worker_log_level=worker_log_level,
+            sandbox=profile,
         )
         self._owns_worker = worker is not None
         #: The worker process now serving the session.
@@ -283,6 +289,8 @@ class Session:
 
     async def _prepare(self, worker: WorkerProcess) -> None:
         worker.on_unrouted = self._on_worker_unrouted
+        if self.autosave_dir and worker.sandbox_store:  # it can write only its own store
+            self.autosave_dir = sandbox.adopt_store(worker.sandbox_store, self.autosave_dir)
         if self.autosave_dir:
             await worker.request(ConfigureMessage(autosave=self.autosave_dir))
         self.monitor.attach(worker.pid)
@@ -343,6 +351,7 @@ class Session:
     def discard_autosave(self) -> None:
         if self.autosave_dir:
             shutil.rmtree(self.autosave_dir, ignore_errors=True)
+            sandbox.discard_store(self.autosave_dir)
 
     async def ensure_worker(self) -> None:
         """Wait for a worker to serve the next request (one being started or
