@@ -16,9 +16,11 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..errors import Pyrepl3Error
 from ..protocol import ExecuteMessage, MessageType
+from ..sandbox.profile import Profile
 from .limits import Limits
 from .supervised import Session
 from .worker import WorkerProcess, WorkerStartError
@@ -61,6 +63,10 @@ class PoolConfig:
     #: cell for a new worker to restore, and the limits.
     autosave: bool = True
     limits: Limits | None = None
+    #: The sandbox profile of the pool's workers (pyrepl3_kernel/sandbox):
+    #: a ``Profile``, a mapping of its options, or True for the defaults; by
+    #: default what ``env`` asks for (PYREPL3_SANDBOX).
+    sandbox: Profile | Mapping[str, Any] | bool | None = None
 
     def __post_init__(self) -> None:
         if self.min_idle < 0:
@@ -73,6 +79,8 @@ class PoolConfig:
             )
         if self.max_concurrent_starts < 1:
             raise ValueError("max_concurrent_starts must be >= 1")
+        if self.sandbox is not None:
+            self.sandbox = Profile.coerce(self.sandbox)
 
 
 class WarmupError(WorkerStartError):
@@ -282,7 +290,11 @@ class SessionPool:
             return self.config.session_factory()
         cfg = self.config
         return WorkerProcess(
-            python=cfg.python, cwd=cfg.cwd, env=cfg.env, startup_timeout=cfg.startup_timeout
+            python=cfg.python,
+            cwd=cfg.cwd,
+            env=cfg.env,
+            startup_timeout=cfg.startup_timeout,
+            sandbox=cfg.sandbox,
         )
 
     async def _warm_one(self) -> None:
