@@ -52,6 +52,7 @@ from ..tasks import BackgroundTasks
 from . import recovery
 from .health import UsageMeter
 from .limits import Limits, RestartBudget, WorkerMonitor
+from .subshells import SessionSubshells
 from .worker import WorkerDeadError, WorkerProcess, WorkerStartError
 from .workers import ColdWorkers, WorkerSource
 
@@ -172,6 +173,9 @@ class Session:
         self._closing = False
         self._tasks = BackgroundTasks(log)
         self._usage = UsageMeter()
+        #: The subshells (JEP 91); a new worker gets them back.
+        self.subshells = SessionSubshells(self)
+        self._told_note: str | None = None
 
     # -- what the current worker is ---------------------------------------------------
 
@@ -248,6 +252,7 @@ class Session:
         self.budget.reset()
         self.halted = None
         self.discard_autosave()
+        self.subshells.forget()
         self._replacing = self._tasks.spawn(self._start_worker())
         await self._replacing
         if not self._ready.is_set():
@@ -289,6 +294,7 @@ class Session:
 
     async def _prepare(self, worker: WorkerProcess) -> None:
         worker.on_unrouted = self._on_worker_unrouted
+        await self.subshells.restore(worker)
         if self.autosave_dir and worker.sandbox_store:  # it can write only its own store
             self.autosave_dir = sandbox.adopt_store(worker.sandbox_store, self.autosave_dir)
         if self.autosave_dir:
@@ -400,16 +406,24 @@ class Session:
             return reason
         return self.monitor.explain_death(cause, self.worker.returncode)
 
-    async def recovery_note(self) -> str | None:
-        """After a crash: wait for the new worker; what was restored."""
+    async def recovery_note(self, keep: bool = False) -> str | None:
+        """After a crash: wait for the new worker; what was restored (told
+        once, unless ``keep``: a subshell's cell tells it too)."""
         task = self._replacing
         if task is not None:
             with contextlib.suppress(Exception):
                 await asyncio.shield(task)
         if self.halted is not None:
             return f"pyrepl3: {self.halted}\n"
+        if keep:  # the main shell's cell may have taken it first
+            return self._recovery_note or self._told_note
         note, self._recovery_note = self._recovery_note, None
+        self._told_note = note
         return note
+
+    def death_text(self) -> str:
+        """Why the last worker died, in the words its running cells get."""
+        return self._death_text or self.worker.death_cause or "unknown cause"
 
     def _warn_running(self, text: str) -> None:
         self._unrouted_note(text, self._running)
@@ -428,7 +442,7 @@ class Session:
                 self._restore_death = self._death_cause(getattr(msg, "detail", ""))
                 return
             cause = self._death_text = self._death_cause(getattr(msg, "detail", ""))
-            idle = self._running is None and not self._closing
+            idle = self._running is None and not self.subshells.running and not self._closing
             parent = msg.parent_id or self._last_request
             if idle:
                 self._unrouted_note(
@@ -466,6 +480,10 @@ class Session:
         once a worker is ready, just after the cell went to it. If the
         worker dies meanwhile, yields an ERROR naming the cause, an OUTPUT on
         stderr saying what the new worker got back, and an error reply."""
+        if message.subshell_id:  # runs beside the main shell's cell
+            async for out in self.subshells.execute(message, on_start):
+                yield out
+            return
         reply: ExecuteReplyMessage | None = None
         crashed: ErrorMessage | None = None
         self._death_text = None
