@@ -30,7 +30,7 @@ from ..session.supervised import Session
 from ..session.worker import WorkerDeadError, WorkerProcess
 from ..session.workers import ColdWorkers, WorkerSource
 from ..tasks import BackgroundTasks
-from . import checkpoint_comm, translate
+from . import checkpoint_comm, fork_magic, translate
 from .channels import CHANNELS, KernelChannels
 
 log = logging.getLogger("pyrepl3.gateway")
@@ -101,6 +101,9 @@ class JupyterGateway:
         )
         self._closing = False
         self.closed = asyncio.Event()
+        #: Where ``%fork`` puts the new kernel (set by the kernel's host, the
+        #: daemon); None: ``%fork`` is refused (gateway/fork_magic.py).
+        self.fork_host: fork_magic.ForkHost | None = None
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -228,6 +231,9 @@ class JupyterGateway:
         )
 
     async def _execute(self, idents: list[bytes], msg: JupyterMsg) -> None:
+        if fork_magic.is_fork_cell(msg["content"].get("code", "")):
+            await fork_magic.run_fork_cell(self, idents, msg)  # between cells, not in one
+            return
         msg_id = msg["header"]["msg_id"]
         native = translate.execute_request(
             msg, msg_id if msg_id and msg_id not in self._parents else uuid.uuid4().hex
