@@ -31,6 +31,7 @@ from .._version import __version__
 from ..curve import PUBLIC, SECRET, CurveKeyError, CurveKeys
 from ..errors import Pyrepl3Error
 from ..processes import alive
+from . import forks
 from .client import (
     DAEMON_PROTOCOL_VERSION,
     HEADER,
@@ -310,6 +311,7 @@ class ManagerDaemon:
             curve=curve,
         )
         gateway = lease.gateway
+        forks.offer_forks(self.leases, lease)  # %fork makes a new lease here
         connection_info = dict(gateway.connection_info)
         connection_info["key"] = connection_info["key"].decode()
         reply = {
@@ -388,6 +390,10 @@ class ManagerDaemon:
     async def _op_shutdown(self, request: dict[str, Any]) -> tuple[dict[str, Any], Any]:
         return {"stopping": True}, self._stop.set
 
+    async def _op_fork(self, request: dict[str, Any]) -> dict[str, Any]:
+        """A new lease whose worker is a fork of ``lease_id``'s (docs/fork.md)."""
+        return await forks.op_fork(self.leases, self._lease(request), request)
+
     _ops: dict[str, Any] = {
         "hello": _op_hello,
         "lease": _op_lease,
@@ -398,6 +404,7 @@ class ManagerDaemon:
         "release": _op_release,
         "status": _op_status,
         "shutdown": _op_shutdown,
+        "fork": _op_fork,
     }
 
     def _lease(self, request: dict[str, Any], missing_ok: bool = False) -> Any:
