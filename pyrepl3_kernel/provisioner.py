@@ -46,6 +46,10 @@ from .processes import alive, started_at
 
 _T = TypeVar("_T")
 
+#: In a launch's environment: start the kernel as a fork of the daemon's
+#: lease of this id, not from a pool (the REST fork, docs/fork.md).
+FORK_OF_ENV = "PYREPL3_FORK_OF"
+
 
 class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     """Lease kernels from the pyrepl3 manager daemon; start cold if it fails."""
@@ -67,6 +71,10 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     lease_timeout = Float(120.0, config=True, help="Seconds a lease request may take.")
 
     lease_id: str | None = None
+    #: Whether this kernel was started as a fork of another (``FORK_OF_ENV``).
+    _forked = False
+    #: What did not carry over the fork, by name (the daemon's report).
+    fork_report: dict[str, Any] | None = None
     #: Whether the last launch was served by a warm worker (None: cold fallback).
     warm: bool | None = None
     #: The leased kernel's working directory (for resolve_path).
@@ -194,6 +202,17 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 self.lease_id = None
             else:
                 self.warm = bool(reply.get("warm"))
+        fork_of = env.pop(FORK_OF_ENV, None)
+        if fork_of and self.lease_id is None and not self._forked:
+            # A fork of a running kernel (docs/fork.md); no cold fallback: a
+            # fork that fails fails the start.
+            self._forked = True
+            curve = self._curve.as_info() if self._curve is not None else {}
+            fork = {"lease_id": fork_of, "kernel_id": self.kernel_id, "owner_pid": os.getpid()}
+            reply = await self._call("fork", timeout=self.lease_timeout, **fork, **curve)
+            self.lease_id = reply["lease_id"]
+            self.warm = False
+            self.fork_report = reply.get("report") or {}
         if self.lease_id is None:
             lease = {
                 "kernel_name": self._kernel_name(),
