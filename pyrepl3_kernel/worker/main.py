@@ -112,6 +112,9 @@ class Worker:
         self._set_session_name()
         self.checkpoints = Checkpoints(self.shell)
         self.transactions = TransactionManager(self.shell)
+        from .fork import install_magic
+
+        install_magic(self.shell)  # %fork inside a cell: a clear error (docs/fork.md)
         self.autosave = Autosave(self.checkpoints, [sock.fileno(), *self.channel.private_fds])
         self.shell.events.register("post_run_cell", self.autosave.after_cell)
 
