@@ -7,6 +7,7 @@ from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 
+from .fork import ForkHandler
 from .overrides import NoDelayKernelWebsocketHandler, StartKernelHandler
 from .rest import (
     CheckpointHandler,
@@ -30,6 +31,7 @@ def handlers() -> list[tuple[str, Any]]:
         (r"/api/pyrepl3/pool", PoolHandler),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/health", HealthHandler),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/execute", ExecuteHandler),
+        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/fork", ForkHandler),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints", CheckpointsHandler),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints/{NAME}", CheckpointHandler),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints/{NAME}/restore", RestoreHandler),
