@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from jupyter_client.blocking.client import BlockingKernelClient
 from session_helpers import (
     assert_no_leftovers,
     collect,
@@ -175,3 +179,153 @@ def test_a_fork_outlives_its_parent_and_keeps_its_own_limits() -> None:
         return pids
 
     assert_no_leftovers(run(main()))
+
+
+# -- %fork through Jupyter (both kernelspecs) -----------------------------------------------
+
+
+def connected(connection_file: str) -> BlockingKernelClient:
+    kc = BlockingKernelClient(connection_file=connection_file)
+    kc.load_connection_file()
+    kc.start_channels()
+    kc.wait_for_ready(timeout=30)
+    return kc
+
+
+def evaluate(kc: BlockingKernelClient, expression: str) -> str:
+    reply = kc.execute_interactive(
+        "", user_expressions={"v": expression}, silent=True, timeout=30, output_hook=lambda m: None
+    )
+    result = reply["content"]["user_expressions"]["v"]
+    assert result["status"] == "ok", result
+    return str(result["data"]["text/plain"])
+
+
+def test_fork_magic_makes_a_kernel_one_can_connect_to(kernel: Any) -> None:
+    assert kernel.execute("x = 'parent'\nitems = iter(range(5)); next(items)").status == "ok"
+    run = kernel.execute("%fork")
+    if not kernel.pooled:
+        # A standalone kernel has nowhere to host a fork: a clear error.
+        assert run.status == "error"
+        assert "no host for a fork" in run.error()["evalue"]
+        assert kernel.value("x") == "'parent'"
+        return
+    assert run.status == "ok", run.iopub
+    text = run.stdout()
+    kernel_id = re.search(r"new kernel ([0-9a-f-]{36})", text)
+    found = re.search(r"jupyter console --existing (\S+)", text)
+    assert kernel_id and found, text
+    connection_file = found.group(1)
+    assert kernel_id.group(1) in connection_file
+    fork = connected(connection_file)
+    try:
+        assert evaluate(fork, "x") == "'parent'"
+        assert evaluate(fork, "next(items)") == "1"
+        fork.execute_interactive("x = 'fork'", timeout=30, output_hook=lambda m: None)
+        assert evaluate(fork, "x") == "'fork'"
+        assert kernel.value("x") == "'parent'"
+        assert kernel.value("next(items)") == "1"
+        fork_pid = int(evaluate(fork, "__import__('os').getpid()"))
+        assert fork_pid != int(kernel.value("__import__('os').getpid()"))
+    finally:
+        fork.shutdown()
+        fork.stop_channels()
+    assert_no_leftovers([fork_pid], timeout=15)
+    # The parent goes on as before.
+    assert kernel.value("x") == "'parent'"
+
+
+def test_fork_magic_inside_a_longer_cell_is_refused(kernel: Any) -> None:
+    run = kernel.execute("y = 1\n%fork")
+    assert run.status == "error"
+    assert "a cell of its own" in run.reply["content"]["evalue"] + run.stderr()
+
+
+# -- REST: POST /api/pyrepl3/kernels/{kernel_id}/fork ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def server(pyrepl3_kernelspec: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """``pyrepl3-kernel gateway`` (jupyter_server with the extension)."""
+    from test_rest_api import running_server
+
+    with running_server("gateway", tmp_path_factory.mktemp("fork-gateway")) as jupyter:
+        yield jupyter
+
+
+def rest_value(server: Any, kernel_id: str, code: str) -> str:
+    r = server.api("POST", f"/api/pyrepl3/kernels/{kernel_id}/execute", {"code": code})
+    assert r.status_code == 200, r.text
+    state = r.json()
+    assert state["status"] == "ok", state
+    results = [o for o in state["outputs"] if o["output_type"] == "execute_result"]
+    return str(results[-1]["data"]["text/plain"]) if results else ""
+
+
+def kernel_ids(server: Any) -> set[str]:
+    r = server.api("GET", "/api/kernels")
+    assert r.status_code == 200, r.text
+    return {k["id"] for k in r.json()}
+
+
+def test_rest_fork_is_a_kernel_jupyter_server_lists(server: Any) -> None:
+    parent = server.start_kernel("pyrepl3")
+    rest_value(
+        server, parent, "import os\nx = 41\nsquares = (i * i for i in range(9)); next(squares)"
+    )
+    r = server.api("POST", f"/api/pyrepl3/kernels/{parent}/fork")
+    assert r.status_code == 201, r.text
+    body = r.json()
+    child = body["id"]
+    assert child != parent and body["forked_from"] == parent and body["name"] == "pyrepl3"
+    assert r.headers["Location"] == f"/api/kernels/{child}"
+    assert {"lost", "shared"} <= set(body["report"])
+    assert {parent, child} <= kernel_ids(server)
+    # The new kernel answers, with the parent's state, and is its own.
+    assert rest_value(server, child, "x + 1") == "42"
+    assert rest_value(server, child, "next(squares)") == "1"
+    rest_value(server, child, "x = 0")
+    assert rest_value(server, parent, "x") == "41"
+    child_pid = int(rest_value(server, child, "os.getpid()"))
+    assert child_pid != int(rest_value(server, parent, "os.getpid()"))
+    # Shutting the parent down leaves the fork running.
+    assert server.api("DELETE", f"/api/kernels/{parent}").status_code == 204
+    assert rest_value(server, child, "x") == "0"
+    assert server.api("DELETE", f"/api/kernels/{child}").status_code == 204
+    assert_no_leftovers([child_pid], timeout=15)
+
+
+def test_rest_fork_of_an_unknown_kernel_is_404(server: Any) -> None:
+    r = server.api("POST", "/api/pyrepl3/kernels/00000000-0000-0000-0000-000000000000/fork")
+    assert r.status_code == 404, r.text
+    assert "no kernel" in r.json()["message"]
+
+
+def test_rest_fork_while_a_cell_runs_is_409(server: Any) -> None:
+    parent = server.start_kernel("pyrepl3")
+    try:
+        r = server.api(
+            "POST",
+            f"/api/pyrepl3/kernels/{parent}/execute",
+            {"code": "import time\ntime.sleep(60)", "timeout": 0.5},
+        )
+        assert r.status_code == 202, r.text
+        r = server.api("POST", f"/api/pyrepl3/kernels/{parent}/fork")
+        assert r.status_code == 409, r.text
+        assert "running a cell" in r.json()["message"]
+        before = kernel_ids(server)
+        assert server.api("POST", f"/api/kernels/{parent}/interrupt").status_code == 204
+        # No kernel was left behind by the refused fork.
+        assert kernel_ids(server) == before
+    finally:
+        server.api("DELETE", f"/api/kernels/{parent}")
+
+
+def test_rest_fork_of_a_standalone_kernel_is_409(server: Any) -> None:
+    parent = server.start_kernel("pyrepl3-cold")
+    try:
+        r = server.api("POST", f"/api/pyrepl3/kernels/{parent}/fork")
+        assert r.status_code == 409, r.text
+        assert "not hosted by the pyrepl3 manager daemon" in r.json()["message"]
+    finally:
+        server.api("DELETE", f"/api/kernels/{parent}")

@@ -299,3 +299,22 @@ def new_history_session(shell: Any) -> None:
                 hm._switch_to_memory_history()
     with contextlib.suppress(Exception):
         hm._restart_thread_if_stopped()
+
+
+NOT_A_CELL_OF_ITS_OWN = (
+    "%fork forks the kernel between cells, never inside one: run it as a cell of its own "
+    "(just `%fork`) in Jupyter; from Python, use `await session.fork()`"
+)
+
+
+def install_magic(shell: Any) -> None:
+    """``%fork`` where the worker sees it (among other code, or from the
+    native API): a clear error. A cell that is only ``%fork`` never reaches
+    the worker: the Jupyter gateway answers it (gateway/fork_magic.py)."""
+
+    def fork_magic(line: str) -> None:
+        from IPython.core.error import UsageError
+
+        raise UsageError(NOT_A_CELL_OF_ITS_OWN)
+
+    shell.register_magic_function(fork_magic, "line", "fork")

@@ -1,0 +1,197 @@
+"""Forks of live kernels hosted by the daemon (docs/fork.md).
+
+A fork of a lease is a new lease: a new kernel (its own gateway, ports, key
+and kernel id) whose first worker is a copy-on-write fork of the parent
+lease's worker. It is owned by whoever asked for it (the owner's death reaps
+it, as any lease), never by the parent kernel: the parent's shutdown leaves
+it running. A worker that replaces a dead fork starts cold, with the fork's
+last automatic checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from ..curve import CurveKeys
+from ..gateway.kernel import JupyterGateway
+from ..processes import alive, started_at
+from ..session.fork import ForkBusyError, ForkError, fork_worker
+from ..session.worker import WorkerDeadError, WorkerStartError
+from ..session.workers import ColdWorkers
+from .client import DaemonError
+from .leases import Lease, Leases
+
+if TYPE_CHECKING:
+    from ..session.fork import ForkedWorkerProcess
+
+log = logging.getLogger("pyrepl3.daemon")
+
+
+async def fork_lease(
+    leases: Leases,
+    parent: Lease,
+    *,
+    kernel_id: str | None = None,
+    owner_pid: int | None = None,
+    curve: CurveKeys | None = None,
+) -> tuple[Lease, dict[str, Any]]:
+    """A new lease whose worker is a fork of ``parent``'s; and the fork's
+    report (what did not carry over). ``owner_pid`` defaults to the
+    parent's owner. Raises :class:`DaemonError`: ``busy`` while the parent
+    runs a cell, ``fork_failed`` if the fork could not be made."""
+    if parent.state != "running":
+        raise DaemonError("unknown_lease", f"lease {parent.id!r} is {parent.state}: no worker")
+    session = parent.gateway.session
+    if session.running is not None:
+        raise DaemonError("busy", str(ForkBusyError()))
+    if owner_pid is None:
+        owner_pid = parent.owner_pid
+    elif owner_pid <= 0 or not alive(owner_pid):
+        raise DaemonError("bad_request", f"owner_pid {owner_pid} is not a running process")
+    try:
+        await session.ensure_worker()
+        old = session.worker
+        worker: ForkedWorkerProcess = await fork_worker(
+            old,
+            python=old.python,
+            cwd=old.cwd,
+            env=old.env,
+            startup_timeout=old.startup_timeout,
+            worker_log_level=old.worker_log_level,
+            ipython_options=old.ipython_options,
+        )
+    except (ForkError, WorkerStartError, WorkerDeadError) as exc:
+        raise DaemonError("fork_failed", str(exc)) from None
+    kernel_id = kernel_id or str(uuid.uuid4())
+    info = {
+        "transport": "tcp",
+        "ip": "127.0.0.1",
+        "key": secrets.token_hex(32),
+        "signature_scheme": "hmac-sha256",
+        **(curve.as_info() if curve is not None else {}),
+    }
+    lease: Lease | None = None
+
+    def on_shutdown(restart: bool) -> Any:
+        assert lease is not None
+        # As for any lease (Leases.create): restart keeps the kernel.
+        return leases._on_kernel_shutdown(lease, restart)
+
+    workers = ColdWorkers(python=worker.python, cwd=session.cwd, env=session.env)
+    gateway = JupyterGateway(
+        info,
+        workers=workers,
+        session=worker,
+        kernel_id=kernel_id,
+        on_shutdown=on_shutdown,
+        env=session.env,  # the parent's limits hold for the fork
+    )
+    gateway.session.execution_count = session.execution_count
+    try:
+        await gateway.start()
+        await gateway.wait_ready()
+    except BaseException:
+        await gateway.stop()
+        raise
+    lease = Lease(
+        id=uuid.uuid4().hex,
+        kernel_name=parent.kernel_name,
+        kernel_id=kernel_id,
+        gateway=gateway,
+        workers=workers,
+        owner_pid=owner_pid,
+        owner_started=started_at(owner_pid),
+        pool_key=None,
+        warm=False,
+    )
+    leases._leases[lease.id] = lease
+    leases.served += 1
+    offer_forks(leases, lease)
+    log.info("lease %s forked from %s (worker %s)", lease.id, parent.id, worker.pid)
+    return lease, worker.fork_report
+
+
+def offer_forks(leases: Leases, lease: Lease) -> None:
+    """Let ``%fork`` in the lease's kernel make a new lease of this daemon."""
+    lease.gateway.fork_host = lambda: host_fork(leases, lease)
+
+
+async def op_fork(leases: Leases, parent: Lease, request: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's ``fork`` op: ``lease_id`` (the parent), ``kernel_id``
+    and ``owner_pid`` of the new kernel, CurveZMQ keys as ``lease`` takes
+    them; the reply is ``lease``'s plus the fork's ``report``."""
+    from ..curve import PUBLIC, SECRET, CurveKeyError
+
+    owner_pid = request.get("owner_pid")
+    if not isinstance(owner_pid, int) or isinstance(owner_pid, bool):
+        raise DaemonError("bad_request", "owner_pid (an int) is required")
+    kernel_id = request.get("kernel_id") or None
+    if kernel_id is not None and not isinstance(kernel_id, str):
+        raise DaemonError("bad_request", "kernel_id must be a string")
+    try:
+        curve = CurveKeys.of({name: request.get(name) for name in (PUBLIC, SECRET)})
+    except CurveKeyError as exc:
+        raise DaemonError("bad_request", str(exc)) from None
+    lease, report = await fork_lease(
+        leases, parent, kernel_id=kernel_id, owner_pid=owner_pid, curve=curve
+    )
+    info = dict(lease.gateway.connection_info)
+    info["key"] = info["key"].decode()
+    return {
+        "lease_id": lease.id,
+        "kernel_id": lease.kernel_id,
+        "connection_info": info,
+        "worker_pid": lease.gateway.session.pid,
+        "daemon_pid": os.getpid(),
+        "warm": False,
+        "report": report,
+    }
+
+
+async def host_fork(leases: Leases, parent: Lease | None) -> dict[str, Any]:
+    """What ``%fork`` in a daemon-hosted kernel gets: the new kernel's id,
+    connection info and connection file (written to Jupyter's runtime
+    directory, so ``jupyter console --existing`` finds it)."""
+    if parent is None:
+        raise ForkError("this kernel is not hosted by the daemon any more")
+    try:
+        lease, report = await fork_lease(leases, parent)
+    except DaemonError as exc:
+        raise ForkError(str(exc)) from None
+    return describe_fork(lease, report)
+
+
+def describe_fork(lease: Lease, report: dict[str, Any]) -> dict[str, Any]:
+    info = dict(lease.gateway.connection_info)
+    info["key"] = info["key"].decode() if isinstance(info["key"], bytes) else info["key"]
+    return {
+        "lease_id": lease.id,
+        "kernel_id": lease.kernel_id,
+        "kernel_name": lease.kernel_name,
+        "connection_info": info,
+        "connection_file": write_connection_file(lease.kernel_id, lease.kernel_name, info),
+        "worker_pid": lease.gateway.session.pid,
+        "report": report,
+        "daemon_pid": os.getpid(),
+        "created": time.time(),
+    }
+
+
+def write_connection_file(kernel_id: str, kernel_name: str, info: dict[str, Any]) -> str:
+    """``kernel-<id>.json`` in Jupyter's runtime directory, owner-only."""
+    import json
+
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    directory = jupyter_runtime_dir()
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    path = os.path.join(directory, f"kernel-{kernel_id}.json")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump({**info, "kernel_name": kernel_name}, f, indent=2)
+    return path
