@@ -332,3 +332,24 @@ def test_jupyter_server_requiring_encryption_runs_a_notebook(
             assert outs[2].prompts == ["who? "] and outs[2].stdout == "hello curve\n"
             r = server.api("DELETE", f"/api/sessions/{r.json()['id']}")
             assert r.status_code == 204, r.text
+
+
+def test_pyrepl3_rest_execute_with_required_encryption(
+    pyrepl3_kernelspec: Path, tmp_path: Path
+) -> None:
+    """``pyrepl3-kernel gateway``'s own REST execute is a ZMQ client of the
+    kernel too: it gets the keys from the kernel's manager."""
+    from test_rest_api import execute, running_server
+
+    with running_server(
+        "gateway", tmp_path / "gateway", "--MappingKernelManager.transport_encryption=required"
+    ) as server:
+        kernel_id = server.start_kernel(KERNEL_NAME)
+        written = json.loads((server.runtime_dir / f"kernel-{kernel_id}.json").read_text())
+        assert len(written.get("curve_publickey", "")) == 40, written.keys()
+        r = execute(server, kernel_id, "print('over REST'); 6 * 7")
+        assert r.status_code == 200, r.text
+        state = r.json()
+        assert state["status"] == "ok", state
+        assert state["outputs"][0]["text"] == "over REST\n"
+        assert state["outputs"][1]["data"]["text/plain"] == "42"
