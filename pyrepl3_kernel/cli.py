@@ -189,7 +189,8 @@ def kernel_spec_dict(
         "language": "python",
         "interrupt_mode": "message",
         "metadata": {
-            "debugger": False,
+            # JupyterLab offers its debugger where the workers have debugpy.
+            "debugger": _debugger_available(executable),
             # jupyter_client provisions CurveZMQ keys for the kernel only when
             # asked to (KernelManager.transport_encryption); see pyrepl3_kernel/curve.py
             "supported_encryption": ["curve"],
@@ -204,6 +205,12 @@ def kernel_spec_dict(
     if env:
         spec["env"] = dict(env)
     return spec
+
+
+def _debugger_available(python: str | None) -> bool:
+    from .gateway.debugger import debugpy_importable
+
+    return debugpy_importable(python)
 
 
 def write_kernel_spec(

@@ -112,7 +112,7 @@ def test_install_writes_kernel_json_and_logos(jupyter_env: dict[str, str], prefi
         "language": "python",
         "interrupt_mode": "message",
         "metadata": {
-            "debugger": False,
+            "debugger": True,  # debugpy comes with ipykernel
             "supported_encryption": ["curve"],
             "pyrepl3": {"version": __version__},
             "kernel_provisioner": {"provisioner_name": "pyrepl3-pool", "config": {}},

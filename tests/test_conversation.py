@@ -100,6 +100,7 @@ def test_every_table_derives_from_the_one_table() -> None:
         MessageType.PING,
         MessageType.HEALTH,
         MessageType.SUBSHELL,
+        MessageType.DEBUG_REQUEST,
     }
     assert DURING_AWAIT_REQUESTS == {
         MessageType.COMM_OPEN,

@@ -32,6 +32,7 @@ from ..session.workers import ColdWorkers, WorkerSource
 from ..tasks import BackgroundTasks
 from . import checkpoint_comm, fork_magic, translate
 from .channels import CHANNELS, KernelChannels
+from .debugger import DebugRelay
 
 log = logging.getLogger("pyrepl3.gateway")
 
@@ -101,6 +102,8 @@ class JupyterGateway:
         )
         self._closing = False
         self.closed = asyncio.Event()
+        self._debugger = DebugRelay(self.session.request, self._publish)
+        self.session.death_listeners.append(self._debugger.worker_died)
         #: Where ``%fork`` puts the new kernel (set by the kernel's host, the
         #: daemon); None: ``%fork`` is refused (gateway/fork_magic.py).
         self.fork_host: fork_magic.ForkHost | None = None
@@ -423,12 +426,14 @@ class JupyterGateway:
 
     async def _handle_control(self, idents: list[bytes], msg: JupyterMsg) -> None:
         # As ipykernel: busy and idle around every control request (clients
-        # that track the execution state wait for that idle).
-        self._publish_status("busy", msg)
-        try:
-            await self._dispatch_control(idents, msg)
-        finally:
-            self._publish_status("idle", msg)
+        # that track the execution state wait for that idle). Debug
+        # requests one at a time, each busy ... idle, as ipykernel's.
+        async with self._debugger.turn(msg):
+            self._publish_status("busy", msg)
+            try:
+                await self._dispatch_control(idents, msg)
+            finally:
+                self._publish_status("idle", msg)
 
     async def _dispatch_control(self, idents: list[bytes], msg: JupyterMsg) -> None:
         msg_type = msg["header"].get("msg_type", "")
@@ -439,6 +444,9 @@ class JupyterGateway:
             self._reply("control", idents, msg, "interrupt_reply", {"status": "ok"})
         elif msg_type == "shutdown_request":
             await self._shutdown("control", idents, msg)
+        elif msg_type == "debug_request":
+            content = await self._debugger.handle(msg)
+            self._reply("control", idents, msg, "debug_reply", content)
         elif msg_type == "usage_request":
             self._reply("control", idents, msg, "usage_reply", self.session.usage())
         else:
@@ -546,6 +554,9 @@ class JupyterGateway:
     def _on_unrouted(self, msg: Message) -> None:
         """Output of background threads and tasks, comm traffic after a cell
         ended, and what the session says of a worker's death while idle."""
+        if msg.type == MessageType.DEBUG_EVENT:
+            self._debugger.on_event(msg, self._last_parent)  # type: ignore[arg-type]
+            return
         self._publish_native(msg, self._parents.get(msg.parent_id or "", self._last_parent))
 
 

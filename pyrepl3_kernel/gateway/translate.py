@@ -107,6 +107,8 @@ def comm_message(msg: JupyterMsg) -> Message:
 
 def kernel_info_content(ready: Any | None) -> dict[str, Any]:
     """kernel_info_reply content; advertises only what this kernel does."""
+    # The debugger where the worker has debugpy (it says so in its READY).
+    debugger = "debugger" in (getattr(ready, "capabilities", None) or [])
     return {
         "status": "ok",
         "protocol_version": JUPYTER_PROTOCOL_VERSION,
@@ -115,8 +117,8 @@ def kernel_info_content(ready: Any | None) -> dict[str, Any]:
         "language_info": dict(ready.language_info) if ready is not None else language_info(),
         "banner": ready.banner if ready is not None else "",
         "help_links": HELP_LINKS,
-        "debugger": False,
-        "supported_features": [],
+        "debugger": debugger,
+        "supported_features": ["debugger"] if debugger else [],
     }
 
 

@@ -32,6 +32,7 @@ from .messages import (
     CheckpointReplyMessage,
     CommInfoReplyMessage,
     CompleteReplyMessage,
+    DebugReplyMessage,
     ErrorMessage,
     ExecuteReplyMessage,
     ForkReplyMessage,
@@ -86,6 +87,7 @@ REQUESTS: Mapping[MessageType, RequestRule] = MappingProxyType(
         MessageType.SHUTDOWN: RequestRule(ShutdownReplyMessage, ordered=True),
         MessageType.PING: RequestRule(PongMessage, ordered=False),
         MessageType.HEALTH: RequestRule(HealthReplyMessage, ordered=False),
+        MessageType.DEBUG_REQUEST: RequestRule(DebugReplyMessage, ordered=False),
         MessageType.SUBSHELL: RequestRule(SubshellReplyMessage, ordered=False),
     }
 )

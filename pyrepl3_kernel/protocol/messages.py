@@ -65,6 +65,10 @@ class MessageType(str, enum.Enum):
     # session state
     CHECKPOINT = "checkpoint"
     CHECKPOINT_REPLY = "checkpoint_reply"
+    # the debugger: Debug Adapter Protocol messages (docs/debugger.md)
+    DEBUG_REQUEST = "debug_request"
+    DEBUG_REPLY = "debug_reply"
+    DEBUG_EVENT = "debug_event"
     # a copy-on-write fork of the worker (docs/fork.md)
     FORK = "fork"
     FORK_REPLY = "fork_reply"
@@ -601,6 +605,37 @@ class ForkReplyMessage(Reply):
     report: dict[str, Any] = field(default_factory=dict)
     ename: str = ""
     evalue: str = ""
+
+
+# -- debugger ----------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class DebugRequestMessage(Message):
+    """Client -> worker: a Debug Adapter Protocol request (``content``: the
+    DAP request as the frontend sent it in Jupyter's debug_request).
+    Answered by DEBUG_REPLY, at once, also while a cell runs or is stopped
+    at a breakpoint."""
+
+    type: ClassVar[MessageType] = MessageType.DEBUG_REQUEST
+    content: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class DebugReplyMessage(Reply):
+    """Worker -> client: the DAP response (``content``) to a DEBUG_REQUEST."""
+
+    type: ClassVar[MessageType] = MessageType.DEBUG_REPLY
+    content: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class DebugEventMessage(Message):
+    """Worker -> client, unsolicited: a DAP event (``content``: ``stopped``,
+    ``continued``, ``output``, ...), Jupyter's debug_event."""
+
+    type: ClassVar[MessageType] = MessageType.DEBUG_EVENT
+    content: dict[str, Any] = field(default_factory=dict)
 
 
 # -- health ------------------------------------------------------------------

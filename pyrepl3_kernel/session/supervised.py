@@ -138,6 +138,9 @@ class Session:
         #: output of background threads and tasks, comm traffic after a cell
         #: ended, and what the session says about a death while idle.
         self.on_unrouted = on_unrouted
+        #: Called with the cause whenever a worker dies (not at shutdown),
+        #: before a new one is started (the gateway's debugger relay).
+        self.death_listeners: list[Callable[[str], None]] = []
         self.limits = (limits or Limits.from_env(env)).replace(
             memory_limit=memory_limit,
             memory_soft_limit=memory_soft_limit,
@@ -379,6 +382,8 @@ class Session:
         self.restarts += 1
         self.last_crash = cause
         self.monitor.cell_finished()
+        for listener in list(self.death_listeners):
+            listener(cause)
         self._ready.clear()
         if not self.budget.record_crash():
             self.halted = self.budget.describe()

@@ -50,6 +50,7 @@ from ..protocol import (
 from . import history, introspection, launch, output
 from .channel import Channel
 from .checkpoint import Autosave, Checkpoints
+from .debugger import Debugger
 from .eventloop import IdleLoop, cells_loop, running_cells_loop
 from .subshells import Subshells
 from .transactions import TransactionManager
@@ -106,6 +107,8 @@ class Worker:
             MessageType.FORK: self._fork,
         }
         self.shell = self._make_shell()
+        #: JupyterLab's debugger (debugpy), where debugpy is installed.
+        self.debugger = Debugger(self.shell, self.channel.send)
         self._history_writes = history.defer_writes(self.shell)
         self._act_as_ipykernel()
         self._idle_loop = IdleLoop(self._requests)
@@ -194,7 +197,7 @@ class Worker:
                 implementation_version=__version__,
                 language_info=language_info(),
                 banner=self.shell.banner,
-                capabilities=CAPABILITIES,
+                capabilities=CAPABILITIES + self.debugger.capabilities,
             )
         )
         while True:
@@ -272,6 +275,8 @@ class Worker:
             else:
                 slot.value = msg.value
                 slot.event.set()
+        elif kind == MessageType.DEBUG_REQUEST:
+            self.debugger.submit(msg)  # served on its own thread, also at a breakpoint
         elif kind == MessageType.PING:
             self.channel.send(PongMessage(parent_id=msg.id))
         elif kind == MessageType.HEALTH:

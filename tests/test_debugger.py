@@ -1,0 +1,384 @@
+"""The JupyterLab debugger (Debug Adapter Protocol over debug_request /
+debug_reply on control and debug_event on iopub), driven through
+jupyter_client as JupyterLab's debugger panel drives it, on both kernelspecs.
+
+One kernel per kernelspec for the module; each test leaves the debugger
+detached and no thread stopped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_helpers import COLD_KERNEL_NAME, KERNEL_NAME, TIMEOUT
+
+pytest.importorskip("debugpy")
+
+INITIALIZE = {
+    "clientID": "test-client",
+    "clientName": "testClient",
+    "adapterID": "python",
+    "pathFormat": "path",
+    "linesStartAt1": True,
+    "columnsStartAt1": True,
+    "supportsVariableType": True,
+    "supportsVariablePaging": True,
+    "supportsRunInTerminalRequest": True,
+    "locale": "en",
+}
+
+CELL = """def f(a, b):
+    c = a + b
+    return c
+
+f(2, 3)"""
+
+
+class Debug:
+    """A debugger client on a :class:`frontend.Frontend`: requests on the
+    control channel, events from iopub (the iopub messages read on the way
+    are kept for :meth:`finish`)."""
+
+    def __init__(self, fe: Any) -> None:
+        self.fe = fe
+        self.kc = fe.kc
+        self._seq = itertools.count(1)
+        self.iopub: list[dict[str, Any]] = []
+
+    def request(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        return self.request_full(command, arguments)["content"]  # type: ignore[no-any-return]
+
+    def request_full(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
+        msg = self.kc.session.msg(
+            "debug_request",
+            {"type": "request", "seq": next(self._seq), "command": command,
+             "arguments": arguments or {}},
+        )  # fmt: skip
+        self.kc.control_channel.send(msg)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            reply = self.kc.control_channel.get_msg(timeout=max(0.01, deadline - time.monotonic()))
+            if reply["parent_header"].get("msg_id") == msg["header"]["msg_id"]:
+                assert reply["msg_type"] == "debug_reply"
+                return reply  # type: ignore[no-any-return]
+
+    def event(self, name: str, timeout: float = TIMEOUT) -> dict[str, Any]:
+        """The next debug_event ``name`` (the content)."""
+        for i, msg in enumerate(self.iopub):
+            if msg["msg_type"] == "debug_event" and msg["content"].get("event") == name:
+                del self.iopub[: i + 1]
+                return msg["content"]  # type: ignore[no-any-return]
+        deadline = time.monotonic() + timeout
+        while True:
+            msg = self.kc.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
+            if msg["msg_type"] == "debug_event" and msg["content"].get("event") == name:
+                return msg["content"]  # type: ignore[no-any-return]
+            self.iopub.append(msg)
+
+    def stopped_again(self, msg_id: str) -> bool:
+        """After a continue: True at the next stopped event, False when the
+        cell ``msg_id`` went idle instead (its messages are kept)."""
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            msg = self.kc.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
+            if msg["msg_type"] == "debug_event" and msg["content"].get("event") == "stopped":
+                return True
+            self.iopub.append(msg)
+            if (
+                msg["parent_header"].get("msg_id") == msg_id
+                and msg["msg_type"] == "status"
+                and msg["content"]["execution_state"] == "idle"
+            ):
+                return False
+
+    def finish(self, msg_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """The execute_reply of ``msg_id`` and its iopub messages up to idle."""
+        reply = self.fe.reply_to(msg_id)
+        mine = [m for m in self.iopub if m["parent_header"].get("msg_id") == msg_id]
+        self.iopub = [m for m in self.iopub if m["parent_header"].get("msg_id") != msg_id]
+        deadline = time.monotonic() + TIMEOUT
+        while not any(
+            m["msg_type"] == "status" and m["content"]["execution_state"] == "idle" for m in mine
+        ):
+            msg = self.kc.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
+            if msg["parent_header"].get("msg_id") == msg_id:
+                mine.append(msg)
+            else:
+                self.iopub.append(msg)
+        return reply, mine
+
+    # -- the sequence JupyterLab runs ---------------------------------------------------
+
+    def attach(self) -> dict[str, Any]:
+        reply = self.request("initialize", INITIALIZE)
+        assert reply["success"], reply.get("message")
+        reply = self.request("attach")
+        assert reply["success"], reply.get("message")
+        info = self.request("debugInfo")
+        assert info["body"]["isStarted"] is True
+        return info  # type: ignore[no-any-return]
+
+    def breakpoint_in(self, code: str, *lines: int) -> str:
+        """Dump ``code`` as a cell and set breakpoints on ``lines``; its path."""
+        source = self.request("dumpCell", {"code": code})["body"]["sourcePath"]
+        reply = self.request(
+            "setBreakpoints",
+            {"breakpoints": [{"line": n} for n in lines], "source": {"path": source},
+             "sourceModified": False},
+        )  # fmt: skip
+        assert reply["success"], reply
+        assert [bp["verified"] for bp in reply["body"]["breakpoints"]] == [True] * len(lines)
+        assert self.request("configurationDone")["success"]
+        return str(source)
+
+    def top_frame(self, thread_id: int) -> dict[str, Any]:
+        frames = self.request("stackTrace", {"threadId": thread_id})["body"]["stackFrames"]
+        return frames[0]  # type: ignore[no-any-return]
+
+    def scope(self, frame_id: int, name: str) -> list[dict[str, Any]]:
+        scopes = self.request("scopes", {"frameId": frame_id})["body"]["scopes"]
+        ref = next(s for s in scopes if s["name"] == name)["variablesReference"]
+        variables = self.request("variables", {"variablesReference": ref})
+        assert variables["success"], variables
+        return variables["body"]["variables"]  # type: ignore[no-any-return]
+
+    def detach(self) -> None:
+        self.request("disconnect", {"restart": False, "terminateDebuggee": True})
+
+
+@pytest.fixture
+def debug(kernel: Any) -> Iterator[Debug]:
+    """The module's kernel with the debugger attached (detached afterwards)."""
+    client = Debug(kernel)
+    client.attach()
+    try:
+        yield client
+    finally:
+        client.detach()
+        kernel.flush()
+
+
+def values(variables: list[dict[str, Any]]) -> dict[str, str]:
+    return {v["name"]: v["value"] for v in variables}
+
+
+# -- kernel_info and the kernelspec -------------------------------------------------------
+
+
+def test_kernel_info_advertises_the_debugger(kernel: Any) -> None:
+    reply = kernel.reply_to(kernel.kc.kernel_info())
+    content = reply["content"]
+    assert content["debugger"] is True
+    assert "debugger" in content["supported_features"]
+
+
+def test_kernelspec_metadata_says_debugger(pyrepl3_kernelspec: Path) -> None:
+    import json
+
+    for name in (KERNEL_NAME, COLD_KERNEL_NAME):
+        spec = json.loads((pyrepl3_kernelspec.parent / name / "kernel.json").read_text())
+        assert spec["metadata"]["debugger"] is True, name
+
+
+# -- the DAP sequence ---------------------------------------------------------------------
+
+
+def test_debug_info_before_attach_gives_the_cell_file_names(kernel: Any) -> None:
+    client = Debug(kernel)
+    info = client.request("debugInfo")
+    body = info["body"]
+    assert info["success"] and body["isStarted"] is False
+    assert body["hashMethod"] == "Murmur2" and body["tmpFileSuffix"] == ".py"
+    assert {"breakpoints", "stoppedThreads", "richRendering", "exceptionPaths"} <= set(body)
+    # The file name JupyterLab computes for a cell is the one its code runs under.
+    from ipykernel.compiler import murmur2_x86
+
+    code = "import sys\nsys._getframe().f_code.co_filename"
+    expected = f"{body['tmpFilePrefix']}{murmur2_x86(code, body['hashSeed'])}.py"
+    reply, iopub = client.finish(kernel.kc.execute(code))
+    result = next(m for m in iopub if m["msg_type"] == "execute_result")
+    assert result["content"]["data"]["text/plain"] == repr(expected)
+
+
+def test_stop_at_breakpoint_inspect_and_continue(debug: Debug) -> None:
+    source = debug.breakpoint_in(CELL, 2)
+    info = debug.request("debugInfo")
+    assert {"source": source, "breakpoints": [{"line": 2}]} in info["body"]["breakpoints"]
+    msg_id = debug.kc.execute(CELL)
+    stopped = debug.event("stopped")
+    assert stopped["body"]["reason"] == "breakpoint"
+    thread = stopped["body"]["threadId"]
+    assert thread in debug.request("debugInfo")["body"]["stoppedThreads"]
+    frame = debug.top_frame(thread)
+    assert frame["source"]["path"] == source and frame["line"] == 2
+    assert values(debug.scope(frame["id"], "Locals")) == {"a": "2", "b": "3"}
+    # evaluate in the stopped frame
+    evaluated = debug.request(
+        "evaluate", {"expression": "a * 10 + b", "frameId": frame["id"], "context": "watch"}
+    )
+    assert evaluated["body"]["result"] == "23"
+    # richInspectVariables at a breakpoint, with frameId
+    rich = debug.request("richInspectVariables", {"variableName": "a", "frameId": frame["id"]})
+    assert rich["success"] and rich["body"]["data"] == {"text/plain": "2"}
+    # The kernel's control channel answers while the main thread is stopped.
+    request = debug.kc.session.msg("kernel_info_request", {})
+    debug.kc.control_channel.send(request)
+    kernel_info = debug.kc.control_channel.get_msg(timeout=10)
+    assert kernel_info["parent_header"]["msg_id"] == request["header"]["msg_id"]
+    assert kernel_info["content"]["debugger"] is True
+    # step over: line 3, c computed
+    debug.request("next", {"threadId": thread})
+    debug.event("stopped")
+    frame = debug.top_frame(thread)
+    assert frame["line"] == 3
+    assert values(debug.scope(frame["id"], "Locals"))["c"] == "5"
+    assert debug.request("continue", {"threadId": thread})["success"]
+    reply, iopub = debug.finish(msg_id)
+    assert reply["content"]["status"] == "ok"
+    result = next(m for m in iopub if m["msg_type"] == "execute_result")
+    assert result["content"]["data"]["text/plain"] == "5"
+    assert debug.request("debugInfo")["body"]["stoppedThreads"] == []
+
+
+def test_breakpoint_in_a_function_of_an_earlier_cell_and_stepping(debug: Debug) -> None:
+    earlier = "def g(x):\n    y = x + 1\n    return y * 2\n"
+    debug.breakpoint_in(earlier, 2)
+    reply, _ = debug.finish(debug.kc.execute(earlier))
+    assert reply["content"]["status"] == "ok"
+    # Source tracking keeps working while the debugger is attached.
+    reply, iopub = debug.finish(debug.kc.execute("import inspect\nprint(inspect.getsource(g))"))
+    out = "".join(m["content"]["text"] for m in iopub if m["msg_type"] == "stream")
+    assert out == earlier + "\n"
+    later = "def h():\n    return g(20)\n\nh()"
+    debug.breakpoint_in(later)  # JupyterLab dumps every cell it runs
+    msg_id = debug.kc.execute(later)
+    stopped = debug.event("stopped")
+    thread = stopped["body"]["threadId"]
+    frame = debug.top_frame(thread)
+    assert (frame["name"], frame["line"]) == ("g", 2)
+    assert values(debug.scope(frame["id"], "Locals")) == {"x": "20"}
+    # step out to h, then step in again from a fresh breakpoint-free call
+    debug.request("stepOut", {"threadId": thread})
+    debug.event("stopped")
+    assert debug.top_frame(thread)["name"] == "h"
+    debug.request("continue", {"threadId": thread})
+    reply, iopub = debug.finish(msg_id)
+    assert reply["content"]["status"] == "ok"
+    # stepIn: stop in h, step into g
+    debug.breakpoint_in(later, 2)
+    msg_id = debug.kc.execute(later)
+    thread = debug.event("stopped")["body"]["threadId"]
+    assert debug.top_frame(thread)["name"] == "h"
+    debug.request("stepIn", {"threadId": thread})
+    debug.event("stopped")
+    assert debug.top_frame(thread)["name"] == "g"
+    debug.request("continue", {"threadId": thread})
+    assert debug.finish(msg_id)[0]["content"]["status"] == "ok"
+    # clear the earlier cell's breakpoint for the next tests
+    debug.breakpoint_in(earlier)
+
+
+def test_inspect_variables_and_rich_inspect_while_running_freely(debug: Debug) -> None:
+    reply, _ = debug.finish(debug.kc.execute("text = 'Hello the world'\nnumber = 42"))
+    assert reply["content"]["status"] == "ok"
+    variables = values(debug.request("inspectVariables")["body"]["variables"])
+    assert variables["text"] == "'Hello the world'" and variables["number"] == "42"
+    assert not {"In", "Out", "get_ipython", "exit"} & set(variables)
+    rich = debug.request("richInspectVariables", {"variableName": "text"})
+    assert rich["body"]["data"] == {"text/plain": "'Hello the world'"}
+    bad = debug.request("richInspectVariables", {"variableName": "not a name"})
+    assert bad["success"] is False
+
+
+def test_copy_to_globals(debug: Debug) -> None:
+    code = "def keep():\n    secret = [1, 2, 3]\n    pass\n\nkeep()"
+    debug.breakpoint_in(code, 3)
+    msg_id = debug.kc.execute(code)
+    thread = debug.event("stopped")["body"]["threadId"]
+    frame = debug.top_frame(thread)
+    reply = debug.request(
+        "copyToGlobals",
+        {"srcVariableName": "secret", "dstVariableName": "secret_copy", "srcFrameId": frame["id"]},
+    )
+    assert reply["success"], reply
+    assert values(debug.scope(frame["id"], "Globals"))["secret_copy"] == "[1, 2, 3]"
+    rejected = debug.request(
+        "copyToGlobals",
+        {"srcVariableName": "secret", "dstVariableName": "x'] or 1 or globals()['y",
+         "srcFrameId": frame["id"]},
+    )  # fmt: skip
+    assert rejected["success"] is False and rejected["command"] == "copyToGlobals"
+    debug.request("continue", {"threadId": thread})
+    assert debug.finish(msg_id)[0]["content"]["status"] == "ok"
+    assert debug.fe.value("secret_copy") == "[1, 2, 3]"
+
+
+def test_exception_breakpoint_and_exception_info(debug: Debug) -> None:
+    code = "def boom():\n    raise ValueError('bad value')\n\nboom()"
+    debug.breakpoint_in(code)
+    assert debug.request("setExceptionBreakpoints", {"filters": ["raised"]})["success"]
+    try:
+        msg_id = debug.kc.execute(code)
+        stopped = debug.event("stopped")
+        assert stopped["body"]["reason"] == "exception"
+        thread = stopped["body"]["threadId"]
+        info = debug.request("exceptionInfo", {"threadId": thread})
+        assert info["success"] and "ValueError" in info["body"]["exceptionId"]
+        assert "bad value" in info["body"]["description"]
+        # "raised" stops again in each frame the exception passes through.
+        for _ in range(10):
+            debug.request("continue", {"threadId": thread})
+            if not debug.stopped_again(msg_id):
+                break
+        reply, _ = debug.finish(msg_id)
+        assert reply["content"]["status"] == "error" and reply["content"]["ename"] == "ValueError"
+    finally:
+        debug.request("setExceptionBreakpoints", {"filters": []})
+
+
+def test_debug_requests_are_answered_one_at_a_time(debug: Debug) -> None:
+    debug.breakpoint_in(CELL, 2)
+    msg_id = debug.kc.execute(CELL)
+    thread = debug.event("stopped")["body"]["threadId"]
+    frame = debug.top_frame(thread)
+    scopes = debug.request("scopes", {"frameId": frame["id"]})["body"]["scopes"]
+    sent = []
+    for scope in scopes[:2]:
+        msg = debug.kc.session.msg(
+            "debug_request",
+            {"type": "request", "seq": 1000 + len(sent), "command": "variables",
+             "arguments": {"variablesReference": scope["variablesReference"]}},
+        )  # fmt: skip
+        debug.kc.control_channel.send(msg)
+        sent.append(msg["header"]["msg_id"])
+    states = []
+    deadline = time.monotonic() + TIMEOUT
+    while len(states) < 4:
+        msg = debug.kc.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
+        if msg["parent_header"].get("msg_id") in sent and msg["msg_type"] == "status":
+            states.append(msg["content"]["execution_state"])
+        elif msg["parent_header"].get("msg_id") not in sent:
+            debug.iopub.append(msg)
+    assert states == ["busy", "idle", "busy", "idle"]
+    for _ in sent:
+        reply = debug.fe.kc.control_channel.get_msg(timeout=TIMEOUT)
+        assert reply["content"]["success"], reply
+    debug.request("continue", {"threadId": thread})
+    assert debug.finish(msg_id)[0]["content"]["status"] == "ok"
+
+
+def test_bad_debug_requests_get_a_clear_error(kernel: Any) -> None:
+    client = Debug(kernel)
+    msg = kernel.kc.session.msg("debug_request", {"type": "request", "seq": 1})
+    kernel.kc.control_channel.send(msg)
+    reply = kernel.kc.control_channel.get_msg(timeout=TIMEOUT)
+    assert reply["msg_type"] == "debug_reply"
+    assert reply["content"]["success"] is False and "command" in reply["content"]["message"]
+    # Requests that need a started debugger say so, before initialize.
+    reply = client.request("stackTrace", {"threadId": 1})
+    assert reply["success"] is False and "not started" in reply["message"]
