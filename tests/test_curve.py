@@ -353,3 +353,34 @@ def test_pyrepl3_rest_execute_with_required_encryption(
         assert state["status"] == "ok", state
         assert state["outputs"][0]["text"] == "over REST\n"
         assert state["outputs"][1]["data"]["text/plain"] == "42"
+
+
+@pytest.mark.parametrize("curve", [KERNEL_NAME], indirect=True)  # its daemon
+def test_a_lease_without_the_keys_is_released_and_refused(curve: CurveKernel) -> None:
+    """What a daemon older than Curve support answers (a plain kernel) is
+    not handed to jupyter_client: the provisioner releases it and says so
+    (its launch then starts the kernel cold)."""
+    import asyncio
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    from pyrepl3_kernel.curve import CurveKeys
+
+    client = DaemonClient(DaemonPaths.default(os.environ["JUPYTER_RUNTIME_DIR"]), timeout=30)
+    plain = client.call("lease", kernel_name=KERNEL_NAME, owner_pid=os.getpid())
+    try:
+        assert "curve_publickey" not in plain["connection_info"]
+        provisioner = PoolProvisioner(
+            kernel_id="curve-check",
+            kernel_spec=KernelSpecManager().get_kernel_spec(KERNEL_NAME),
+            parent=None,
+        )
+        public, secret = zmq.curve_keypair()
+        provisioner._curve = CurveKeys(public, secret)
+        with pytest.raises(DaemonError) as err:
+            asyncio.run(provisioner._check_curve(plain))
+        assert err.value.code == "no_curve" and "pyrepl3-kernel stop" in str(err.value)
+        leases = [lease["lease_id"] for lease in client.call("status")["leases"]]
+        assert plain["lease_id"] not in leases
+    finally:
+        client.call("release", lease_id=plain["lease_id"])
