@@ -179,6 +179,14 @@ class Session:
         #: The subshells (JEP 91); a new worker gets them back.
         self.subshells = SessionSubshells(self)
         self._told_note: str | None = None
+        #: Set before :meth:`start` to resume a kernel on another host (see
+        #: pyrepl3_kernel/cluster): the first worker restores the automatic
+        #: checkpoint, and the first cell's output gives this text, then what
+        #: came back.
+        self.resume: str | None = None
+        #: Told when a cell starts (``cell_started(id, code)``) and ends
+        #: (``cell_finished()``, whose text, if any, goes to the cell's stderr).
+        self.cell_observer: Any = None
 
     # -- what the current worker is ---------------------------------------------------
 
@@ -224,7 +232,9 @@ class Session:
         """Start bringing the first worker up, without waiting for it."""
         if self._replacing is None:
             self._replacing = self._tasks.spawn(
-                self._adopt_worker() if self.worker.is_alive else self._start_worker()
+                self._adopt_worker()
+                if self.worker.is_alive
+                else self._start_worker(restore=self.resume is not None)
             )
 
     async def start(self) -> None:
@@ -507,8 +517,14 @@ class Session:
             outputs = self.worker.execute(message)
             if on_start is not None:
                 on_start(self.next_execution_count(message))
+            if self.resume is not None:  # the first cell after a resume on another host
+                resumed, self.resume = self.resume + (self._recovery_note or ""), None
+                self._recovery_note = None
+                yield OutputMessage(stream="stderr", data=resumed, parent_id=message.id)
             self._running = message.id
             self.monitor.cell_started()
+            if self.cell_observer is not None:
+                self.cell_observer.cell_started(message.id, message.code)
             async for out in outputs:
                 if out.type == MessageType.EXECUTE_REPLY:
                     assert isinstance(out, ExecuteReplyMessage)
@@ -551,6 +567,10 @@ class Session:
             note = await self.recovery_note()
             if note:
                 yield OutputMessage(stream="stderr", data=note, parent_id=message.id)
+        if self.cell_observer is not None:
+            said = self.cell_observer.cell_finished()
+            if said:
+                yield OutputMessage(stream="stderr", data=said, parent_id=message.id)
         if reply is None:
             reply = ExecuteReplyMessage(
                 status="error", ename=WORKER_DIED, evalue="no reply from the worker"
