@@ -1,0 +1,456 @@
+"""A kernel's saved state on object storage (any fsspec URL), keyed by the
+kernel id the server gave it.
+
+The kernel keeps saving its state where it always does (the autosave
+directory on the local disk, written by the worker's forked child after each
+cell); a :class:`StateMirror` copies that directory to
+``<PYREPL3_STATE_URL>/<KERNEL_ID>/autosave/`` from a background thread of the
+kernel process, and a kernel started for a kernel id whose state is in the
+store copies it back before its first worker starts. Nothing here runs on a
+cell's path: a slow or failing store delays only the copy, and the next cell
+says when the state could not be saved.
+
+The copy knows nothing of the checkpoint format beyond two facts that any
+format the checkpoint package writes keeps: files are replaced atomically
+(temp file, rename) and a file whose name starts with a dot is private to
+the writer (locks, temp files). Files other than the ``*.json`` manifests
+are copied first, then the manifests, so a manifest in the store never
+names a file the store does not have yet.
+
+Credentials come from where fsspec's driver finds them (for ``s3://``: the
+AWS environment variables, ``~/.aws``, the instance role);
+``PYREPL3_STATE_OPTIONS`` may add driver options as JSON (an endpoint, a
+region). Neither the options nor any credential is ever logged: messages
+name the URL only, without any user:password part.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("pyrepl3.cluster")
+
+STATE_URL_ENV = "PYREPL3_STATE_URL"
+STATE_OPTIONS_ENV = "PYREPL3_STATE_OPTIONS"
+#: What the kernel that holds a kernel id writes next to its state.
+RECORD_NAME = "kernel.json"
+#: A cell still running after this many seconds is named in the record, so
+#: that a kernel resumed after the loss of this one can say which cell died.
+RUNNING_MARK_AFTER = 1.0
+
+
+class StateStoreError(Exception):
+    """The store cannot be used (bad URL, driver missing, refused)."""
+
+
+def public_url(url: str) -> str:
+    """``url`` without a ``user:password@`` part, for messages and logs."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url
+    netloc, slash, path = rest.partition("/")
+    if "@" in netloc:
+        netloc = netloc.rsplit("@", 1)[1]
+    return f"{scheme}://{netloc}{slash}{path}"
+
+
+def describe_error(exc: BaseException) -> str:
+    """A short reason for a failed store operation (no credentials: botocore
+    messages name the operation and the error code only)."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    name = type(exc).__name__
+    return f"{name}: {text}"[:300] if text else name
+
+
+@dataclass
+class Resumed:
+    """What a kernel found in the store for its kernel id."""
+
+    files: int
+    bytes: int
+    seconds: float
+    #: The record the previous kernel of this id left: its host, and the cell
+    #: it was running if it died in one.
+    record: dict[str, Any] = field(default_factory=dict)
+
+    def lost_note(self, here: str) -> str:
+        """What the first cell after the resume says about the kernel before."""
+        prev = self.record
+        host = prev.get("host") or "another host"
+        if prev.get("stopped"):
+            how = (
+                f"this kernel moved here from {host} (its state was saved there and restored here)"
+            )
+        else:
+            how = (
+                f"this kernel's previous host ({host}) or its kernel process was lost; "
+                f"the kernel was started again on {here}"
+            )
+        running = prev.get("running")
+        lines = [f"pyrepl3: {how}"]
+        if running and not prev.get("stopped"):
+            head = str(running.get("code", "")).strip().splitlines()[:1]
+            lines.append(
+                f"pyrepl3: the cell that was running there did not finish "
+                f"(started {running.get('started', '?')}"
+                + (f": {head[0][:80]!r}" if head else "")
+                + "); it was not re-run"
+            )
+        return "\n".join(lines) + "\n"
+
+
+class StateMirror:
+    """Copies one kernel's autosave directory to ``<url>/<kernel id>/`` and back.
+
+    :meth:`restore_into` (before the kernel's first worker starts) fetches
+    the store's copy; :meth:`start` runs the background thread that uploads
+    what the worker saves; :meth:`flush` waits for the upload of everything
+    saved so far (a planned stop, a move); :meth:`clear` removes the kernel
+    id's state from the store (a shutdown or restart the user asked for).
+    :attr:`failure` is why the last upload failed, None while it works.
+    """
+
+    POLL = 0.05  # seconds between looks at the local directory
+
+    def __init__(
+        self,
+        url: str,
+        kernel_id: str,
+        local_dir: str,
+        *,
+        options: Mapping[str, Any] | None = None,
+        host: str | None = None,
+    ) -> None:
+        if "://" not in url:
+            url = os.path.abspath(url)
+        self.url = url.rstrip("/")
+        self.kernel_id = kernel_id
+        self.local_dir = local_dir
+        self.host = host or socket.gethostname()
+        self.public = f"{public_url(self.url)}/{kernel_id}"
+        try:
+            import fsspec
+
+            opts = dict(options or {})
+            if "://" not in url or url.startswith(("file://", "local://")):
+                opts.setdefault("auto_mkdir", True)  # object stores have no directories
+            self.fs, root = fsspec.core.url_to_fs(self.url, **opts)
+        except ImportError as exc:
+            raise StateStoreError(
+                f"{public_url(url)} needs fsspec and the driver for its scheme ({exc})"
+            ) from None
+        except Exception as exc:
+            raise StateStoreError(f"{public_url(url)}: {describe_error(exc)}") from None
+        self.prefix = f"{root.rstrip('/')}/{kernel_id}"
+        self.failure: str | None = None
+        self.failed_since: float | None = None
+        self.uploads = 0
+        self._uploaded: dict[str, tuple[int, int]] = {}  # relative path -> (size, mtime_ns)
+        self._lock = threading.Lock()  # one upload at a time
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._reported: str | None = None
+        #: Said once, in the first cell's output (a resume that failed).
+        self.first_note: str | None = None
+        self._last_report = 0.0
+        self._running: dict[str, Any] | None = None
+        self._running_timer: threading.Timer | None = None
+        self._record: dict[str, Any] = {
+            "kernel_id": kernel_id,
+            "host": self.host,
+            "pid": os.getpid(),
+            "started": _now(),
+        }
+
+    @classmethod
+    def from_env(
+        cls, kernel_id: str, local_dir: str, env: Mapping[str, str] | None = None, **kw: Any
+    ) -> StateMirror | None:
+        """The mirror ``PYREPL3_STATE_URL`` asks for (None when it is unset)."""
+        env = os.environ if env is None else env
+        url = env.get(STATE_URL_ENV, "").strip()
+        if not url:
+            return None
+        options: dict[str, Any] = {}
+        raw = env.get(STATE_OPTIONS_ENV, "").strip()
+        if raw:
+            try:
+                options = json.loads(raw)
+            except ValueError as exc:
+                raise StateStoreError(f"{STATE_OPTIONS_ENV} is not JSON: {exc}") from None
+            if not isinstance(options, dict):
+                raise StateStoreError(f"{STATE_OPTIONS_ENV} must be a JSON object")
+        return cls(url, kernel_id, local_dir, options=options, **kw)
+
+    # -- paths -----------------------------------------------------------------------------
+
+    def _remote(self, rel: str) -> str:
+        return f"{self.prefix}/autosave/{rel}"
+
+    def _local_files(self) -> dict[str, tuple[int, int]]:
+        files: dict[str, tuple[int, int]] = {}
+        top = self.local_dir
+        for dirpath, dirnames, filenames in os.walk(top):
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for name in filenames:
+                if name.startswith("."):
+                    continue
+                path = os.path.join(dirpath, name)
+                try:
+                    st = os.stat(path)
+                except FileNotFoundError:
+                    continue
+                files[os.path.relpath(path, top).replace(os.sep, "/")] = (
+                    st.st_size,
+                    st.st_mtime_ns,
+                )
+        return files
+
+    # -- back from the store ---------------------------------------------------------------------
+
+    def previous_record(self) -> dict[str, Any]:
+        try:
+            with self.fs.open(f"{self.prefix}/{RECORD_NAME}", "rb") as f:
+                record = json.loads(f.read())
+            return record if isinstance(record, dict) else {}
+        except FileNotFoundError:
+            return {}
+
+    def restore_into(self) -> Resumed | None:
+        """Replace the local autosave directory with the store's copy for this
+        kernel id; None when the store has none. Raises StateStoreError when
+        the store cannot be read."""
+        start = time.monotonic()
+        remote = f"{self.prefix}/autosave"
+        try:
+            listing = self.fs.find(remote)
+            manifests = [p for p in listing if p.endswith(".json")]
+            if not manifests:
+                return None
+            record = self.previous_record()
+            tmp = f"{self.local_dir}.resume-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            total = 0
+            # Manifests first: a file a manifest names is already in the store
+            # (it was uploaded before the manifest).
+            ordered = manifests + [p for p in listing if not p.endswith(".json")]
+            for path in ordered:
+                rel = path[len(remote) :].lstrip("/")
+                dest = os.path.join(tmp, *rel.split("/"))
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+                self.fs.get_file(path, dest)
+                total += os.path.getsize(dest)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise StateStoreError(
+                f"could not read the saved state from {self.public}: {describe_error(exc)}"
+            ) from None
+        shutil.rmtree(self.local_dir, ignore_errors=True)
+        os.makedirs(os.path.dirname(self.local_dir) or ".", exist_ok=True)
+        os.replace(tmp, self.local_dir)
+        # What came back is in the store already: not uploaded again.
+        self._uploaded = self._local_files()
+        return Resumed(len(ordered), total, time.monotonic() - start, record)
+
+    # -- to the store --------------------------------------------------------------------------
+
+    def check(self) -> bool:
+        """Write this kernel's record to the store (and so find out early
+        whether it takes writes); sets :attr:`failure` if not."""
+        return self._write_record()
+
+    def start(self) -> None:
+        """Start the background upload thread."""
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._run, name="pyrepl3-state-mirror", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._running_timer is not None:
+            self._running_timer.cancel()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    def wake(self) -> None:
+        """Look at the local directory now (a cell just ended)."""
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.POLL)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
+            self.sync()
+
+    def sync(self) -> bool:
+        """Upload what changed in the local directory; False if that failed."""
+        with self._lock:
+            try:
+                wrote = self._sync()
+            except Exception as exc:
+                self._failed(exc)
+                return False
+            if wrote and self.failure is not None:
+                log.warning("saving the state to %s works again", self.public)
+                self.failure = None
+                self.failed_since = None
+            return self.failure is None
+
+    def _sync(self) -> bool:
+        """Upload what changed; whether anything was written."""
+        if not os.path.isdir(self.local_dir):
+            return False
+        local = self._local_files()
+        changed = [rel for rel, sig in local.items() if self._uploaded.get(rel) != sig]
+        if not changed:
+            return False
+        # Manifests are read into memory first: the files they name exist
+        # now (the writer renames a manifest into place after its files).
+        manifests: dict[str, bytes] = {}
+        for rel in [r for r in changed if r.endswith(".json")]:
+            try:
+                with open(os.path.join(self.local_dir, rel), "rb") as f:
+                    manifests[rel] = f.read()
+            except FileNotFoundError:
+                continue
+        local = self._local_files()
+        for rel, sig in local.items():
+            if rel.endswith(".json") or self._uploaded.get(rel) == sig:
+                continue
+            self.fs.put_file(os.path.join(self.local_dir, rel), self._remote(rel))
+            self._uploaded[rel] = sig
+        for rel, data in manifests.items():
+            with self.fs.open(self._remote(rel), "wb") as f:
+                f.write(data)
+            self._uploaded[rel] = local.get(rel, (len(data), 0))
+        # Files the writer removed (unreferenced blobs) go from the store
+        # too, once the manifests that replaced them are up.
+        for rel in [r for r in self._uploaded if r not in local]:
+            if not local:
+                break  # the directory was removed as a whole: keep the store's copy
+            try:
+                self.fs.rm_file(self._remote(rel))
+            except FileNotFoundError:
+                pass
+            del self._uploaded[rel]
+        self.uploads += 1
+        return True
+
+    def _failed(self, exc: BaseException) -> None:
+        reason = describe_error(exc)
+        if self.failure != reason:
+            log.warning("could not save the state to %s: %s", self.public, reason)
+        self.failure = reason
+        if self.failed_since is None:
+            self.failed_since = time.time()
+
+    def flush(self, timeout: float = 120.0) -> bool:
+        """Upload everything saved so far, now; False if it could not be."""
+        deadline = time.monotonic() + timeout
+        for _ in range(5):  # a store that refuses writes refuses them again
+            if self.sync():
+                return True
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        return False
+
+    def clear(self) -> None:
+        """Remove this kernel id's state from the store."""
+        self.stop()
+        try:
+            if self.fs.exists(self.prefix):
+                self.fs.rm(self.prefix, recursive=True)
+        except Exception as exc:
+            log.warning("could not remove the state at %s: %s", self.public, describe_error(exc))
+
+    # -- the record: where this kernel id runs, and its running cell ---------------------------------
+
+    def _write_record(self, **changes: Any) -> bool:
+        self._record.update(changes)
+        self._record["updated"] = _now()
+        try:
+            with self.fs.open(f"{self.prefix}/{RECORD_NAME}", "wb") as f:
+                f.write(json.dumps(self._record).encode())
+        except Exception as exc:
+            self._failed(exc)
+            return False
+        return True
+
+    def mark_stopped(self) -> None:
+        """Say in the record that this kernel stopped on purpose (a move):
+        the next kernel of this id does not report a lost host."""
+        self._write_record(stopped=True, running=None)
+
+    def cell_started(self, cell_id: str, code: str) -> None:
+        """A cell starts: if it still runs after RUNNING_MARK_AFTER seconds,
+        the record names it (in a timer thread: never on the cell's path)."""
+        self._running = {"id": cell_id, "code": code[:2000], "started": _now()}
+        running = self._running
+
+        def mark() -> None:
+            if self._running is running and self.failure is None:
+                self._write_record(running=running)
+
+        timer = threading.Timer(RUNNING_MARK_AFTER, mark)
+        timer.daemon = True
+        self._running_timer = timer
+        timer.start()
+
+    def cell_finished(self) -> str | None:
+        """A cell ended: the note for its output about the store, if any."""
+        if self._running_timer is not None:
+            self._running_timer.cancel()
+            self._running_timer = None
+        marked = self._record.get("running") is not None
+        self._running = None
+        if marked:
+            threading.Thread(
+                target=self._write_record, kwargs={"running": None}, daemon=True
+            ).start()
+        self.wake()
+        return self.note()
+
+    def note(self) -> str | None:
+        """``pyrepl3: the state is not being saved ...`` when uploads fail:
+        when the failure starts or changes, and once a minute while it lasts;
+        a line when saving works again (and, once, :attr:`first_note`)."""
+        first, self.first_note = self.first_note, None
+        text = self._store_note()
+        return (first or "") + (text or "") or None
+
+    def _store_note(self) -> str | None:
+        now = time.monotonic()
+        if self.failure is None:
+            if self._reported is not None:
+                self._reported = None
+                return f"pyrepl3: the state is saved to {self.public} again\n"
+            return None
+        if self.failure == self._reported and now - self._last_report < 60:
+            return None
+        self._reported, self._last_report = self.failure, now
+        return (
+            f"pyrepl3: the state is NOT being saved to {self.public} ({self.failure}); "
+            "cells still run, but if this kernel's host is lost its state is lost too\n"
+        )
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())

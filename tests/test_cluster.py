@@ -1,0 +1,261 @@
+"""PyREPL3 kernels on remote hosts (issue 16), on a real small cluster built
+here (tests/cluster_helpers.py): two sshd "hosts" on 127.0.0.2 and
+127.0.0.3, each in its own PID namespace with its own working and autosave
+directories, moto's S3 server on 127.0.0.1 with IAM checks on, and a real
+jupyter_server whose kernelspecs start PyREPL3 through gateway_provisioners'
+DistributedProvisioner over SSH. The cluster tests are marked ``cluster``
+(deselect with ``-m 'not cluster'``); the host-loss test runs last, since it
+kills a host."""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from cluster_helpers import BUCKET, Cluster, KernelSocket, missing_tools, text_of
+
+from pyrepl3_kernel.cluster import kernelspecs
+from pyrepl3_kernel.cluster.statestore import StateMirror, public_url
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# -- without a cluster ------------------------------------------------------------------
+
+
+def test_kernelspecs_validate_against_the_provisioners_settings() -> None:
+    ssh = kernelspecs.distributed_kernelspec(remote_hosts=["10.0.0.1", "10.0.0.2"])
+    assert kernelspecs.validate(ssh) == []
+    for kind in ("kubernetes", "docker"):
+        assert kernelspecs.validate(kernelspecs.container_kernelspec(kind)) == []
+    bad = kernelspecs.distributed_kernelspec(remote_hosts=["h"])
+    bad["metadata"]["kernel_provisioner"]["config"] = {"remote_hosts": "h1", "remote_hostz": 1}
+    problems = kernelspecs.validate(bad)
+    assert any("remote_hosts" in p and "list" in p for p in problems), problems
+    assert any("no setting 'remote_hostz'" in p for p in problems), problems
+    bad = kernelspecs.container_kernelspec("kubernetes")
+    bad["argv"].append("{no_such_placeholder}")
+    assert any("no_such_placeholder" in p for p in kernelspecs.validate(bad))
+
+
+def test_the_image_runs_the_launcher_the_ssh_kernelspec_runs() -> None:
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    cmd = json.loads(re.search(r"^CMD (\[.*\])$", text, re.M).group(1))  # type: ignore[union-attr]
+    argv = kernelspecs.launch_argv("python")
+    assert cmd[:3] == argv[:3] == ["python", "-m", "pyrepl3_kernel.cluster.launcher"]
+    # The pod gets the placeholders' values as KERNEL_ID, RESPONSE_ADDRESS, ...
+    assert "KERNEL_LANGUAGE=python" in text
+
+
+def test_state_mirror_round_trip_and_failure_note(tmp_path: Path) -> None:
+    local = tmp_path / "autosave"
+    (local / "objects").mkdir(parents=True)
+    (local / "objects" / "abc").write_bytes(b"x" * 1000)
+    (local / "auto.json").write_text('{"names": {}}')
+    (local / ".autosave.lock").write_text("")
+    store = tmp_path / "store"
+    mirror = StateMirror(str(store), "k1", str(local))
+    assert mirror.sync() and mirror.failure is None and mirror.note() is None
+    assert (store / "k1" / "autosave" / "objects" / "abc").read_bytes() == b"x" * 1000
+    assert not (store / "k1" / "autosave" / ".autosave.lock").exists()
+    other = StateMirror(str(store), "k1", str(tmp_path / "elsewhere"))
+    resumed = other.restore_into()
+    assert resumed is not None and resumed.files == 2
+    assert (tmp_path / "elsewhere" / "auto.json").read_text() == '{"names": {}}'
+    # A store that refuses writes (a file where its directory should be):
+    # the cell's note says so, once.
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a directory")
+    bad = StateMirror(str(blocked), "k1", str(local))
+    assert not bad.sync()
+    assert bad.failure
+    assert "NOT being saved" in (bad.note() or "")
+    assert bad.note() is None  # said once, not on every cell
+    assert StateMirror.from_env("k", str(local), env={}) is None
+    assert public_url("s3://user:pw@bucket/x") == "s3://bucket/x"
+
+
+# -- on the cluster ------------------------------------------------------------------------
+
+cluster_mark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[Cluster]:
+    reason = missing_tools()
+    if reason:
+        pytest.skip(reason)
+    root = Path(tempfile.mkdtemp(prefix="pyrepl3-cluster-"))
+    c = Cluster(root)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.close()
+
+
+def store_files(cluster: Cluster, kernel_id: str) -> list[str]:
+    fs = cluster.moto.fs()
+    try:
+        return list(fs.find(f"{BUCKET}/kernels/{kernel_id}"))
+    except FileNotFoundError:
+        return []
+
+
+def wait_for(predicate, timeout: float = 60, what: str = "") -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        time.sleep(0.2)
+
+
+def saved_manifest(cluster: Cluster, kernel_id: str) -> bool:
+    return any(p.endswith(".json") and "/autosave/" in p for p in store_files(cluster, kernel_id))
+
+
+@cluster_mark
+def test_remote_kernel_runs_cells_on_its_host_and_saves_to_the_store(cluster: Cluster) -> None:
+    kid = cluster.start_kernel()
+    ks = KernelSocket(cluster, kid)
+    try:
+        host = cluster.kernel_host(kid)
+        assert host in ("127.0.0.2", "127.0.0.3")
+        reply, out = ks.execute("import os; x = 41; print(os.getcwd())")
+        assert reply["status"] == "ok", out
+        assert text_of(out).strip() == str(cluster.host(host).work)
+        reply, out = ks.execute("x + 1")
+        assert text_of(out).strip() == "42"
+        wait_for(lambda: saved_manifest(cluster, kid), 30, "the state in the store")
+    finally:
+        ks.close()
+        cluster.api("DELETE", f"/api/kernels/{kid}")
+    wait_for(lambda: not store_files(cluster, kid), 30, "a shut-down kernel's state removed")
+
+
+@cluster_mark
+def test_input_interrupt_restart_and_shutdown_on_a_remote_kernel(cluster: Cluster) -> None:
+    kid = cluster.start_kernel()
+    ks = KernelSocket(cluster, kid)
+    try:
+        reply, out = ks.execute("name = input('who? '); print('hi', name)", stdin="remote")
+        assert reply["status"] == "ok" and "hi remote" in text_of(out)
+
+        msg_id = ks.send(
+            "execute_request",
+            {"code": "import time; time.sleep(60)", "silent": False, "store_history": True},
+        )
+        time.sleep(1.0)
+        cluster.api("POST", f"/api/kernels/{kid}/interrupt")
+        reply = ks.reply(msg_id, timeout=30)
+        assert reply["content"]["status"] == "error"
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+
+        wait_for(lambda: saved_manifest(cluster, kid), 30, "the state in the store")
+        cluster.api("POST", f"/api/kernels/{kid}/restart")
+        ks.connect()  # as JupyterLab does after a restart (the ports changed)
+        reply, out = ks.execute("name")
+        assert reply["status"] == "error" and reply["ename"] == "NameError", out
+        assert "restored" not in text_of(out)
+    finally:
+        ks.close()
+    cluster.api("DELETE", f"/api/kernels/{kid}")
+    assert kid not in [k["id"] for k in cluster.api("GET", "/api/kernels")]
+    wait_for(lambda: not store_files(cluster, kid), 30, "a shut-down kernel's state removed")
+
+
+@cluster_mark
+def test_store_refusing_writes_never_blocks_a_cell_and_says_so(cluster: Cluster) -> None:
+    for spec, why in (
+        ("pyrepl3_ssh_badcred", "signature|InvalidAccessKeyId|Forbidden|denied"),
+        ("pyrepl3_ssh_nobucket", "NoSuchBucket|no-such-bucket|not exist|NotFound"),
+    ):
+        kid = cluster.start_kernel(spec)
+        ks = KernelSocket(cluster, kid)
+        try:
+            reply, out = ks.execute("y = [1, 2, 3]; sum(y)", timeout=60)
+            text = text_of(out)
+            assert reply["status"] == "ok" and "6" in text, text
+            assert "NOT being saved" in text, text
+            assert re.search(why, text, re.I), text
+            assert "not-the-secret" not in text
+            reply, out = ks.execute("len(y)", timeout=60)
+            assert reply["status"] == "ok" and "3" in text_of(out)
+        finally:
+            ks.close()
+            cluster.api("DELETE", f"/api/kernels/{kid}")
+
+
+@cluster_mark
+def test_explicit_move_keeps_the_state(cluster: Cluster) -> None:
+    kid = cluster.start_kernel()
+    ks = KernelSocket(cluster, kid)
+    try:
+        src = cluster.kernel_host(kid)
+        dst = "127.0.0.3" if src == "127.0.0.2" else "127.0.0.2"
+        reply, _ = ks.execute("import numpy as np; a = np.arange(1000); s = 'moved'")
+        assert reply["status"] == "ok"
+        result = cluster.api("POST", f"/api/pyrepl3/kernels/{kid}/move", {"host": dst})
+        assert result["from"] == src and result["to"] == dst, result
+        assert cluster.kernel_host(kid) == dst
+        ks.connect()
+        reply, out = ks.execute("print(s, int(a.sum()), os.getcwd() if 'os' in dir() else '')")
+        text = text_of(out)
+        assert reply["status"] == "ok", text
+        assert "moved here from" in text and src in text, text
+        assert "moved 499500" in text, text
+        with pytest.raises(Exception, match="409"):
+            cluster.api("POST", f"/api/pyrepl3/kernels/{kid}/move", {"host": dst})
+    finally:
+        ks.close()
+        cluster.api("DELETE", f"/api/kernels/{kid}")
+
+
+@cluster_mark
+def test_host_loss_brings_the_kernel_back_elsewhere_with_its_state(cluster: Cluster) -> None:
+    """Runs last: it kills a host for good."""
+    kid = cluster.start_kernel()
+    ks = KernelSocket(cluster, kid)
+    try:
+        lost = cluster.kernel_host(kid)
+        assert lost is not None
+        reply, _ = ks.execute("data = {'k': list(range(100))}; total = sum(data['k'])")
+        assert reply["status"] == "ok"
+        wait_for(lambda: saved_manifest(cluster, kid), 30, "the state in the store")
+        running = ks.send(
+            "execute_request",
+            {"code": "import time; time.sleep(120)  # the long one", "silent": False},
+        )
+        time.sleep(2.0)  # the record names a cell that runs for more than 1 s
+        cluster.host(lost).kill()  # sshd, the kernel and its worker; its disk too
+
+        # jupyter_server's restarter notices and starts the kernel on another
+        # host; the notebook's WebSocket is told "restarting".
+        deadline = time.monotonic() + 90
+        while True:
+            msg = ks.recv(max(0.1, deadline - time.monotonic()))
+            if msg.get("msg_type") == "status" and msg["content"].get("execution_state") in (
+                "restarting",
+                "dead",
+            ):
+                assert msg["content"]["execution_state"] == "restarting"
+                break
+            assert msg["parent_header"].get("msg_id") != running or msg["channel"] == "iopub"
+        ks.connect()
+        reply, out = ks.execute("total, data['k'][-1]")
+        text = text_of(out)
+        assert reply["status"] == "ok", text
+        assert "(4950, 99)" in text, text
+        assert "previous host" in text and lost in text, text
+        assert "did not finish" in text and "time.sleep(120)" in text, text
+        now = cluster.kernel_host(kid)
+        assert now is not None and now != lost
+        # The state came from the store: the lost host's directories are gone.
+        assert not cluster.host(lost).runtime.exists()
+    finally:
+        ks.close()
+        cluster.api("DELETE", f"/api/kernels/{kid}")
