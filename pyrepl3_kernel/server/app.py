@@ -8,6 +8,7 @@ from typing import Any
 from jupyter_server.extension.application import ExtensionApp
 
 from .fork import ForkHandler
+from ..cluster import move
 from .overrides import NoDelayKernelWebsocketHandler, StartKernelHandler
 from .rest import (
     CheckpointHandler,
@@ -32,6 +33,7 @@ def handlers() -> list[tuple[str, Any]]:
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/health", HealthHandler),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/execute", ExecuteHandler),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/fork", ForkHandler),
+        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/move", move.handler_class()),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints", CheckpointsHandler),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints/{NAME}", CheckpointHandler),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints/{NAME}/restore", RestoreHandler),
