@@ -3,7 +3,10 @@
 A frontend opens a comm with target ``pyrepl3.checkpoint`` and sends
 messages ``{"action": "save" | "restore" | "list" | "delete" | "info",
 "name": ..., "store": ... (optional), "clear": ... (optional, restore),
-"force": ... (optional, save), "request_id": ... (optional, echoed)}``. Each gets one comm message back:
+"force": ... (optional, save), "request_id": ... (optional, echoed)}``,
+or, for the kernel's state history, ``{"action": "states"}``,
+``{"action": "checkout", "cell": N}`` and ``{"action": "undo"}``. Each gets
+one comm message back:
 ``{"status": "ok", "action", "name", "request_id", "result": {...}}`` or
 ``{"status": "error", "action", "name", "request_id", "ename", "evalue"}``.
 See docs/checkpoints.md.
@@ -18,6 +21,8 @@ from ..protocol import CheckpointMessage, Message
 
 TARGET = "pyrepl3.checkpoint"
 ACTIONS = ("save", "restore", "list", "delete", "info")
+#: The state history's actions (no checkpoint name; ``checkout`` takes ``cell``).
+TRAVEL_ACTIONS = ("states", "checkout", "undo")
 
 Publish = Callable[[str, dict[str, Any], dict[str, Any]], None]
 Request = Callable[[Message], Awaitable[Any]]
@@ -60,12 +65,24 @@ class CheckpointComms:
         store = data.get("store")
         clear = data.get("clear", True)
         force = data.get("force", False)
-        if action not in ACTIONS:
+        cell = data.get("cell")
+        if action == "checkout":
+            reply["cell"] = cell
+        if action not in ACTIONS + TRAVEL_ACTIONS:
             reply.update(
                 status="error",
                 ename="ValueError",
-                evalue=f"action must be one of {', '.join(ACTIONS)}",
+                evalue=f"action must be one of {', '.join(ACTIONS + TRAVEL_ACTIONS)}",
             )
+        elif action == "checkout" and (not isinstance(cell, int) or isinstance(cell, bool)):
+            reply.update(
+                status="error",
+                ename="ValueError",
+                evalue="checkout needs 'cell' (an integer: the N of In [N])",
+            )
+        elif action in TRAVEL_ACTIONS:
+            name = str(cell) if action == "checkout" else ""
+            await self._forward(reply, CheckpointMessage(action=action, name=name))
         elif not isinstance(name, str) or (action != "list" and not name):
             reply.update(
                 status="error",
@@ -77,21 +94,26 @@ class CheckpointComms:
         elif not isinstance(force, bool):
             reply.update(status="error", ename="ValueError", evalue="'force' must be a boolean")
         else:
-            try:
-                native = await self._request(
-                    CheckpointMessage(
-                        action=action, name=name, store=store, clear=bool(clear), force=force
-                    )
-                )
-            except Exception as exc:
-                reply.update(status="error", ename=type(exc).__name__, evalue=str(exc))
-            else:
-                if getattr(native, "status", "error") == "ok":
-                    reply.update(status="ok", result=native.result)
-                else:
-                    reply.update(
-                        status="error",
-                        ename=getattr(native, "ename", "") or "KernelError",
-                        evalue=getattr(native, "evalue", "") or getattr(native, "detail", ""),
-                    )
+            await self._forward(
+                reply,
+                CheckpointMessage(
+                    action=action, name=name, store=store, clear=bool(clear), force=force
+                ),
+            )
         self._publish("comm_msg", {"comm_id": comm_id, "data": reply}, parent)
+
+    async def _forward(self, reply: dict[str, Any], request: CheckpointMessage) -> None:
+        """Send ``request`` to the worker; its outcome goes into ``reply``."""
+        try:
+            native = await self._request(request)
+        except Exception as exc:
+            reply.update(status="error", ename=type(exc).__name__, evalue=str(exc))
+            return
+        if getattr(native, "status", "error") == "ok":
+            reply.update(status="ok", result=native.result)
+        else:
+            reply.update(
+                status="error",
+                ename=getattr(native, "ename", "") or "KernelError",
+                evalue=getattr(native, "evalue", "") or getattr(native, "detail", ""),
+            )

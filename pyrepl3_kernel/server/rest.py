@@ -291,3 +291,38 @@ class RestoreHandler(CheckpointBase):
         if not isinstance(clear, bool):
             raise web.HTTPError(400, "'clear' must be a boolean")
         self.write_json(await self.call(kernel_id, "restore", name, clear=clear))
+
+
+class StatesHandler(Pyrepl3Handler):
+    """The kernel's state history (docs/checkpoints.md, "Time travel")."""
+
+    async def travel(self, kernel_id: str, action: str, **options: Any) -> dict[str, Any]:
+        bridge = await self.bridge(kernel_id)
+        try:
+            reply = await bridge.checkpoint(action, "", **options)
+        except BridgeError as exc:
+            raise web.HTTPError(exc.status, str(exc)) from None
+        if reply.get("status") != "ok":
+            ename, evalue = reply.get("ename", ""), reply.get("evalue", "")
+            status = _CHECKPOINT_STATUS.get(ename, 500)
+            if ename == "CheckpointError":
+                # not kept: 404; no history (autosave off): 409; unreadable: 422
+                status = 404 if "is not kept" in evalue else 409 if "no state" in evalue else 422
+            raise web.HTTPError(status, f"{ename}: {evalue}")
+        return reply.get("result") or {}
+
+    @web.authenticated
+    @authorized
+    @forwarded
+    async def get(self, kernel_id: str) -> None:
+        """The states kept: one after each successful cell."""
+        self.write_json(await self.travel(kernel_id, "states"))
+
+
+class CheckoutHandler(StatesHandler):
+    @web.authenticated
+    @authorized
+    @forwarded
+    async def post(self, kernel_id: str, cell: str) -> None:
+        """Put the kernel's namespace back to the state after cell ``cell``."""
+        self.write_json(await self.travel(kernel_id, "checkout", cell=int(cell)))

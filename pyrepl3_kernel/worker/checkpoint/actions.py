@@ -13,9 +13,10 @@ from . import sources
 from .autosave import wait_for_autosave
 from .engine import ACTIONS, CheckpointEngine
 from .errors import CheckpointError, CheckpointExistsError
-from .magics import CheckpointMagics
+from .magics import CheckpointMagics, TravelMagics
 from .owners import describe_owner, origin, same_owner
 from .store import Store, default_store_root
+from .travel import TRAVEL_ACTIONS, TimeTravel
 
 
 class Checkpoints:
@@ -33,8 +34,14 @@ class Checkpoints:
         #: The identity of a worker that has no kernel store (autosave off,
         #: or a :class:`~pyrepl3_kernel.session.Session` without a gateway).
         self._worker_id = f"worker-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        #: The state a checkout went back to (its ``seq``), for the next
+        #: automatic save to record; and the autosave's "save now" hook.
+        self.position: int | None = None
+        self.changed: Any = None
+        self.travel = TimeTravel(self)
         sources.install(shell)
         shell.register_magics(CheckpointMagics(shell, manager=self))
+        shell.register_magics(TravelMagics(shell, travel=self.travel))
 
     def owner(self) -> dict[str, Any]:
         """Who saves from this worker: ``{"notebook": JPY_SESSION_NAME or
@@ -63,10 +70,15 @@ class Checkpoints:
     ) -> dict[str, Any]:
         """Do ``action``; the result is what ``checkpoint_reply.result`` carries.
         A ``save`` over another owner's checkpoint raises
-        :class:`CheckpointExistsError` unless ``force``."""
+        :class:`CheckpointExistsError` unless ``force``. ``states``,
+        ``checkout`` (``name``: the cell number) and ``undo`` are about the
+        kernel's state history (:mod:`.travel`)."""
+        if action in TRAVEL_ACTIONS:
+            return self.travel.run(action, name)
         if action not in ACTIONS:
             raise CheckpointError(
-                f"unknown checkpoint action {action!r} (use one of {', '.join(ACTIONS)})"
+                f"unknown checkpoint action {action!r} "
+                f"(use one of {', '.join(ACTIONS + TRAVEL_ACTIONS)})"
             )
         engine = self.engine(store)
         owner = self.owner()

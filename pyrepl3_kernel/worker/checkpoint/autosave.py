@@ -2,11 +2,14 @@
 
 After a cell succeeds, the worker forks. The child holds a copy-on-write
 snapshot of the namespace as it was at the end of the cell; it writes an
-incremental checkpoint named ``auto`` and exits, while the parent goes on at
-once (a fork costs about 1.5 ms for a 90 MB worker). One child runs at a time:
-a cell that ends while the previous save is still running marks the state
-dirty, and the worker saves again as soon as that child is done (the request
-loop polls while idle). Crash recovery restores ``auto``.
+incremental checkpoint named ``auto``, records it as a state of the
+kernel's history (:mod:`.history`), applies the retention, and exits, while
+the parent goes on at once (a fork costs about 1.5 ms for a 90 MB worker).
+Children save in the order they were forked (each waits for its
+predecessor's exit through a pidfd), so every successful cell's state is
+kept; when ``MAX_CHILDREN`` saves are still running, the worker waits for the
+oldest before it forks again rather than skip a state. Crash recovery
+restores ``auto``, the newest state.
 """
 
 from __future__ import annotations
@@ -15,9 +18,12 @@ import fcntl
 import json
 import logging
 import os
+import select
 import signal
 import time
 from typing import Any
+
+from .history import History, Retention
 
 log = logging.getLogger("pyrepl3.worker")
 
@@ -121,7 +127,10 @@ class Autosave:
     (:func:`wait_for_autosave`), also after the worker that forked them died.
     """
 
-    MAX_CHILDREN = 2
+    MAX_CHILDREN = 3
+    #: How long a save waits for its predecessor, and the worker for a free slot.
+    PREDECESSOR_TIMEOUT = 600.0
+    SLOT_TIMEOUT = 120.0
 
     def __init__(self, state: Any, private_fds: list[int]) -> None:
         self.state = state  # Checkpoints
@@ -131,6 +140,15 @@ class Autosave:
         self._children: list[int] = []
         self.failures = 0
         self._saved_bindings: frozenset[tuple[str, int]] | None = None
+        #: A pidfd of the newest child: the next child waits for its exit.
+        self._last_pidfd: int | None = None
+        state.changed = self.mark_dirty
+
+    def mark_dirty(self) -> None:
+        """The state changed outside a cell (a checkout request): save it."""
+        if self.store is not None:
+            self._saved_bindings = None
+            self.dirty = True
 
     def configure(self, store: str | None) -> None:
         # Not marked dirty: a worker just configured may be about to receive
@@ -159,7 +177,19 @@ class Autosave:
         return self.store is not None and (self.dirty or bool(self._children))
 
     def poll(self) -> None:
-        """Reap finished children; start a save if the state is dirty."""
+        """Reap finished children; start a save if the state is dirty (after
+        waiting for the oldest save when ``MAX_CHILDREN`` are running)."""
+        self._reap()
+        if self.dirty and self.store is not None:
+            deadline = time.monotonic() + self.SLOT_TIMEOUT
+            while len(self._children) >= self.MAX_CHILDREN and time.monotonic() < deadline:
+                time.sleep(0.002)
+                self._reap()
+            if len(self._children) < self.MAX_CHILDREN:
+                self.dirty = False
+                self._fork()
+
+    def _reap(self) -> None:
         for pid in list(self._children):
             try:
                 done, status = os.waitpid(pid, os.WNOHANG)
@@ -170,20 +200,25 @@ class Autosave:
                 if os.waitstatus_to_exitcode(status) != 0:
                     self.failures += 1
                     log.warning("autosave failed (status %s)", status)
-        if self.dirty and self.store is not None and len(self._children) < self.MAX_CHILDREN:
-            self.dirty = False
-            self._fork()
 
     def _fork(self) -> None:
         store = self.store
         assert store is not None
         seq = time.monotonic_ns()  # system-wide: comparable across workers
         pending = _lock(store, PENDING_NAME, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        at, self.state.position = self.state.position, None
+        predecessor = self._last_pidfd
         pid = os.fork()
         if pid:
             if pending is not None:
                 os.close(pending)  # the child holds it until it exits
             self._children.append(pid)
+            if predecessor is not None:
+                os.close(predecessor)
+            try:
+                self._last_pidfd = os.pidfd_open(pid)
+            except (AttributeError, OSError):  # no pidfds: saves may land out of order
+                self._last_pidfd = None
             return
         code = 1
         try:  # the child: save, then vanish without running any cleanup
@@ -199,14 +234,26 @@ class Autosave:
                     os.close(fd)
                 except OSError:
                     pass
+            if predecessor is not None:  # the previous state lands first
+                select.select([predecessor], [], [], self.PREDECESSOR_TIMEOUT)
             writing = _lock(store, LOCK_NAME, fcntl.LOCK_EX)
             if _saved_seq(store) < seq:
-                self.state.engine(store).save(
+                engine = self.state.engine(store)
+                history = History(engine.store) if "://" not in store else None
+
+                def record(manifest: dict[str, Any], report: Any) -> None:
+                    if history is not None:
+                        history.record(seq, manifest, report.bytes_written, at=at)
+
+                engine.save(
                     AUTO_NAME,
                     max_object_bytes=max_object_bytes(),
-                    extra={"autosave_seq": seq},
+                    extra={"autosave_seq": seq, **({"at": at} if at is not None else {})},
                     saved_by=self.state.owner(),
+                    before_manifest=record,
                 )
+                if history is not None:
+                    history.enforce(Retention.of(store))
             if writing is not None:
                 os.close(writing)
             code = 0

@@ -7,6 +7,7 @@ import io
 import sys
 import time
 import types
+from collections.abc import Callable
 from typing import Any
 
 from ...units import format_size
@@ -42,11 +43,14 @@ class CheckpointEngine:
         max_object_bytes: int | None = None,
         extra: dict[str, Any] | None = None,
         saved_by: dict[str, Any] | None = None,
+        before_manifest: Callable[[dict[str, Any], Report], None] | None = None,
     ) -> Report:
         """Save the namespace as checkpoint ``name``, replacing any checkpoint
         of that name (whose owner the caller checked). Objects whose pickled
         size exceeds ``max_object_bytes`` are skipped (and reported);
-        ``saved_by`` is recorded in the manifest."""
+        ``saved_by`` is recorded in the manifest. ``before_manifest`` is
+        called with the manifest and the report once the blobs are durable,
+        before the manifest is written (the state history records it)."""
         check_name(name)
         started = time.perf_counter()
         cell = current_cell(self.shell)
@@ -141,6 +145,8 @@ class CheckpointEngine:
             self.store.sync_blobs()
         if extra:
             manifest.update(extra)
+        if before_manifest is not None:
+            before_manifest(manifest, report)
         self.store.write_manifest(name, manifest)
         report.seconds = time.perf_counter() - started
         return report

@@ -14,6 +14,7 @@ from .owners import origin
 
 if TYPE_CHECKING:
     from .actions import Checkpoints
+    from .travel import TimeTravel
 
 
 def _count(n: int, word: str) -> str:
@@ -121,3 +122,51 @@ class CheckpointMagics(Magics):
         except CheckpointError as exc:
             raise UsageError(str(exc)) from None
         print(describe(action, name, result))
+
+
+@magics_class
+class TravelMagics(Magics):
+    """``%states``, ``%checkout N``, ``%undo``: the kernel's state history."""
+
+    def __init__(self, shell: Any, travel: TimeTravel) -> None:
+        super().__init__(shell)
+        self.travel = travel
+
+    def _run(self, action: str, name: str = "") -> dict[str, Any]:
+        try:
+            return self.travel.run(action, name)
+        except CheckpointError as exc:
+            raise UsageError(str(exc)) from None
+
+    @line_magic
+    def states(self, line: str) -> None:
+        """The states this kernel keeps: one after each successful cell,
+        with the names it added (+), changed (~) and removed (-), the bytes
+        it added, and the disk used against the kernel's budget."""
+        from .travel import describe_states
+
+        if line.strip():
+            raise UsageError("usage: %states (no arguments)")
+        print(describe_states(self._run("states")))
+
+    @line_magic
+    def checkout(self, line: str) -> None:
+        """%checkout N: put the namespace back to the state right after
+        cell In [N], in place (names bound later are removed). The prompt
+        numbers go on; %undo goes back again."""
+        from .travel import describe_checkout
+
+        words = line.split()
+        if len(words) != 1:
+            raise UsageError("usage: %checkout N (the number of a cell, In [N])")
+        print(describe_checkout(self._run("checkout", words[0])))
+
+    @line_magic
+    def undo(self, line: str) -> None:
+        """%undo: back to the state before the last change (the state kept
+        before the newest one); twice goes back twice."""
+        from .travel import describe_checkout
+
+        if line.strip():
+            raise UsageError("usage: %undo (no arguments)")
+        print(describe_checkout(self._run("undo")))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from ..pickling import load
@@ -24,7 +25,22 @@ def restore_checkpoint(shell: Any, store: Store, name: str, clear: bool = True) 
     :class:`CheckpointError` and leaves the session as it was."""
     check_name(name)
     started = time.perf_counter()
-    manifest = store.read_manifest(name)
+    return restore_manifest(shell, store, store.read_manifest(name), name, clear, started)
+
+
+def restore_manifest(
+    shell: Any,
+    store: Store,
+    manifest: dict[str, Any],
+    name: str,
+    clear: bool = True,
+    started: float | None = None,
+    keep: Mapping[str, Any] | None = None,
+) -> Report:
+    """Load the state ``manifest`` describes (``name`` says which, in
+    errors and the report). ``keep``: names whose current object already is
+    the saved one (left as they are, not read)."""
+    started = time.perf_counter() if started is None else started
     report = Report(name)
     if list(manifest.get("python", [])) != list(sys.version_info[:2]):
         raise CheckpointError(
@@ -34,9 +50,10 @@ def restore_checkpoint(shell: Any, store: Store, name: str, clear: bool = True) 
         )
     entries: dict[str, dict[str, Any]] = manifest["names"]
     blobs: dict[str, tuple[memoryview, list[memoryview]]] = {}
+    keep = keep or {}
     for var, entry in entries.items():
         digest = entry.get("blob")
-        if digest and digest not in blobs:
+        if digest and digest not in blobs and var not in keep:
             inband, buffers = store.read_blob_parts(digest)
             if blob_digest([inband, *buffers]) != digest:
                 raise CheckpointError(
@@ -58,6 +75,9 @@ def restore_checkpoint(shell: Any, store: Store, name: str, clear: bool = True) 
         entry = entries.get(var)
         if entry is None or not (entry.get("blob") or entry.get("status") == "source"):
             raise CheckpointError(f"it refers to {var!r}, which is not in the checkpoint")
+        if var in keep:
+            loaded[var] = keep[var]
+            return loaded[var]
         loading.add(var)
         try:
             if entry.get("blob"):

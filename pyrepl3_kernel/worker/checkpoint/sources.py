@@ -62,10 +62,18 @@ def _getfile(obj: Any) -> str:
     return _original_getfile(obj)
 
 
-def note_cell(execution_count: int, user_ns: dict[str, Any]) -> None:
-    """After a cell ran: remember the cell of each class it defined."""
+def note_cell(execution_count: int, user_ns: dict[str, Any], compiler: Any = None) -> None:
+    """After a cell ran: remember the cell of each class it defined. The
+    cell's file name is IPython's ``<ipython-input-N-...>``, or whatever
+    name ``compiler`` (the shell's, which maps names to cell numbers) gave
+    it (the debugger's ``/tmp/pyrepl3_PID/HASH.py``)."""
     prefix = f"<ipython-input-{execution_count}-"
     filenames = [k for k in linecache.cache if isinstance(k, str) and k.startswith(prefix)]
+    mapped = getattr(compiler, "_filename_map", None)
+    if isinstance(mapped, dict):
+        filenames += [
+            k for k, n in mapped.items() if n == execution_count and k in linecache.cache
+        ]
     if not filenames:
         return
     filename = filenames[-1]
@@ -86,7 +94,7 @@ def install(shell: Any) -> None:
         raw = getattr(getattr(result, "info", None), "raw_cell", None)
         # A cell whose text never says "class" defined no class of its own.
         if count is not None and (raw is None or "class" in raw):
-            note_cell(count, shell.user_ns)
+            note_cell(count, shell.user_ns, getattr(shell, "compile", None))
 
     shell.events.register("post_run_cell", post_run_cell)
 

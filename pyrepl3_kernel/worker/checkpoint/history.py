@@ -1,0 +1,308 @@
+"""A kernel's state history: the state after every successful cell, kept.
+
+The automatic checkpoint's store (one directory per kernel) holds, beside
+``auto.json`` (the newest state, what crash recovery loads) and ``objects/``
+(content-addressed blobs shared by everything in the store), a directory
+``states/`` with one manifest per kept state, ``<seq>.json``: ``seq`` orders
+the states (the save's system-wide monotonic clock). A manifest is an
+ordinary checkpoint manifest plus what the state changed against the one
+before it (``added``, ``changed``, ``removed`` names, ``bytes_added``) and,
+for a state made by a checkout, which state it went back to (``at``).
+
+An unchanged object keeps its blob, so a state costs its manifest and the
+objects that changed. Retention (:class:`Retention`) keeps the newest
+``keep`` states and as many as fit in ``budget`` bytes of blobs; blobs no
+kept manifest names are then removed. Writers (the autosave children) hold
+the store's exclusive lock for the whole save, retention and garbage
+collection, so a collection never sees a save's blobs before its manifest.
+Everything is plain files: the directory can be copied or mirrored as is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ...units import parse_size, size_from_env
+from .errors import CheckpointError
+from .format import FORMAT, FORMAT_VERSION
+from .report import cell_number_of
+from .store import Store
+
+log = logging.getLogger("pyrepl3.worker")
+
+STATES_DIR = "states"
+#: Written by the session that owns the store (not a ``.json``: not a checkpoint) (its ``keep_states`` and
+#: ``states_budget``); wins over the environment.
+SETTINGS_NAME = "retention.settings"
+ENV_KEEP = "PYREPL3_STATES_KEEP"
+ENV_BUDGET = "PYREPL3_STATES_BUDGET"
+DEFAULT_KEEP = 100
+DEFAULT_BUDGET = 8 << 30
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How many states are kept, and how many bytes of blobs they may hold
+    (the kernel's disk budget)."""
+
+    keep: int = DEFAULT_KEEP
+    budget: int = DEFAULT_BUDGET
+
+    @classmethod
+    def of(cls, store_root: str | None, env: Mapping[str, str] | None = None) -> Retention:
+        """From the store's ``retention.settings`` (JSON), else ``PYREPL3_STATES_KEEP``
+        and ``PYREPL3_STATES_BUDGET`` (e.g. ``20G``), else the defaults."""
+        env = os.environ if env is None else env
+        keep = _count_from_env(env, ENV_KEEP, DEFAULT_KEEP)
+        budget = size_from_env(env, ENV_BUDGET, DEFAULT_BUDGET, log)
+        settings = _read_settings(store_root)
+        if isinstance(settings.get("keep_states"), int) and settings["keep_states"] >= 1:
+            keep = settings["keep_states"]
+        raw = settings.get("states_budget")
+        if isinstance(raw, int) and raw > 0:
+            budget = raw
+        elif isinstance(raw, str):
+            try:
+                budget = parse_size(raw)
+            except ValueError:
+                log.warning("ignoring states_budget %r in %s", raw, SETTINGS_NAME)
+        return cls(keep=max(1, keep), budget=max(1, budget))
+
+    def as_dict(self) -> dict[str, int]:
+        return {"keep": self.keep, "budget": self.budget}
+
+
+def _count_from_env(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+        if value >= 1:
+            return value
+    except ValueError:
+        pass
+    log.warning("ignoring %s=%r: not a whole number >= 1; %d is used", name, raw, default)
+    return default
+
+
+def _read_settings(store_root: str | None) -> dict[str, Any]:
+    if not store_root or "://" in store_root:
+        return {}
+    try:
+        with open(os.path.join(store_root, SETTINGS_NAME), "rb") as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return settings if isinstance(settings, dict) else {}
+
+
+def summary_of(seq: int, manifest: dict[str, Any]) -> dict[str, Any]:
+    """What ``%states`` and the ``states`` action say about one state."""
+    entries = manifest.get("names", {})
+    blobs = {e["blob"]: e.get("size", 0) for e in entries.values() if e.get("blob")}
+    return {
+        "seq": seq,
+        "cell_number": cell_number_of(manifest),
+        "created": manifest.get("created"),
+        "added": manifest.get("added", []),
+        "changed": manifest.get("changed", []),
+        "removed": manifest.get("removed", []),
+        "skipped": sorted(v for v, e in entries.items() if e.get("status") == "skipped"),
+        "bytes_added": manifest.get("bytes_added", 0),
+        "size": sum(blobs.values()),
+        "names": len(entries),
+        "at": manifest.get("at"),
+    }
+
+
+def changes(previous: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, list[str]]:
+    """Names added, changed (another blob, status or alias) and removed
+    from ``previous``'s state to ``manifest``'s."""
+    now = manifest.get("names", {})
+    before = (previous or {}).get("names", {})
+
+    def key(entry: dict[str, Any]) -> tuple[Any, ...]:
+        return (entry.get("status"), entry.get("blob"), entry.get("of"), entry.get("source"))
+
+    return {
+        "added": [v for v in now if v not in before],
+        "changed": [v for v in now if v in before and key(now[v]) != key(before[v])],
+        "removed": [v for v in before if v not in now],
+    }
+
+
+class History:
+    """The ``states/`` directory of a local store."""
+
+    def __init__(self, store: Store) -> None:
+        if store._fs is not None:
+            raise CheckpointError(
+                f"the state history needs a local directory; {store.root!r} is not one"
+            )
+        self.store = store
+        self.dir = os.path.join(store._path, STATES_DIR)
+
+    # -- reading --------------------------------------------------------------------------
+
+    def seqs(self) -> list[int]:
+        """The kept states' numbers, oldest first."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        out = []
+        for name in names:
+            stem, dot, ext = name.partition(".")
+            if ext == "json" and dot and stem.isdigit():
+                out.append(int(stem))
+        return sorted(out)
+
+    def path(self, seq: int) -> str:
+        return os.path.join(self.dir, f"{seq:020d}.json")
+
+    def read(self, seq: int) -> dict[str, Any]:
+        try:
+            with open(self.path(seq), "rb") as f:
+                raw = f.read()
+        except FileNotFoundError:
+            raise CheckpointError(f"state {seq} is no longer kept") from None
+        try:
+            manifest = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"the saved state {seq} is corrupt (manifest: {exc})") from None
+        if (
+            not isinstance(manifest, dict)
+            or manifest.get("format") != FORMAT
+            or not isinstance(manifest.get("names"), dict)
+        ):
+            raise CheckpointError(f"the saved state {seq} is corrupt (not a state manifest)")
+        if manifest.get("version") != FORMAT_VERSION:
+            raise CheckpointError(
+                f"the saved state {seq} has format version {manifest.get('version')}; "
+                f"this kernel reads version {FORMAT_VERSION}"
+            )
+        return manifest
+
+    def states(self) -> list[dict[str, Any]]:
+        """Every kept state's summary, oldest first (an unreadable one says
+        so in ``error``)."""
+        out = []
+        for seq in self.seqs():
+            try:
+                out.append(summary_of(seq, self.read(seq)))
+            except CheckpointError as exc:
+                out.append({"seq": seq, "error": str(exc)})
+        return out
+
+    def find(self, cell: int) -> tuple[int, dict[str, Any]]:
+        """The state right after cell ``In[cell]``: among the states of the
+        newest cell at or before ``cell`` (a cell that failed or changed
+        nothing saved none), the first saved (later ones of the same cell
+        were made by requests between cells)."""
+        states = [s for s in self.states() if "error" not in s]
+        if not states:
+            raise CheckpointError("no states are kept yet (none is saved before a cell succeeds)")
+        cells = [s["cell_number"] for s in states if isinstance(s["cell_number"], int)]
+        oldest = min(cells) if cells else None
+        if oldest is None or cell < oldest:
+            kept = f"the oldest kept is the state after cell {oldest}" if oldest else "none"
+            raise CheckpointError(f"the state after cell {cell} is not kept ({kept})")
+        best = max(c for c in cells if c <= cell)
+        seq = min(s["seq"] for s in states if s["cell_number"] == best)
+        return seq, self.read(seq)
+
+    def latest(self) -> tuple[int, dict[str, Any]] | None:
+        seqs = self.seqs()
+        return (seqs[-1], self.read(seqs[-1])) if seqs else None
+
+    # -- writing (autosave children, under the store's exclusive lock) ---------------
+
+    def record(
+        self, seq: int, manifest: dict[str, Any], bytes_added: int, at: int | None = None
+    ) -> dict[str, Any]:
+        """Write ``manifest`` as state ``seq``, with what it changed against
+        the newest earlier state; returns the manifest written."""
+        previous = None
+        for older in reversed(self.seqs()):
+            if older < seq:
+                try:
+                    previous = self.read(older)
+                except CheckpointError:
+                    continue
+                break
+        state = {k: v for k, v in manifest.items() if k != "history"}
+        state.update(changes(previous, manifest))
+        state["bytes_added"] = bytes_added
+        state["seq"] = seq
+        if at is not None:
+            state["at"] = at
+        os.makedirs(self.dir, exist_ok=True)
+        self.store._write(self.path(seq), [json.dumps(state, indent=1).encode()])
+        return state
+
+    def enforce(self, retention: Retention) -> list[int]:
+        """Drop the oldest states beyond ``retention.keep`` and those whose
+        blobs do not fit in ``retention.budget`` (never the newest); then
+        remove the blobs no manifest of the store names. Returns the dropped
+        states."""
+        seqs = self.seqs()
+        manifests: dict[int, dict[str, Any]] = {}
+        for seq in seqs:
+            try:
+                manifests[seq] = self.read(seq)
+            except CheckpointError:
+                # Never drop blobs while a manifest is unreadable: it may
+                # name them. Retention waits until it is fixed or removed.
+                log.warning("state %s is unreadable: retention and garbage collection wait", seq)
+                return []
+        dropped = seqs[: max(0, len(seqs) - retention.keep)]
+        kept = seqs[len(dropped) :]
+        sizes: dict[str, int] = {}
+        total = 0
+        fitting: list[int] = []
+        for seq in reversed(kept):  # newest first: the newest is always kept
+            new = {
+                e["blob"]: int(e.get("size", 0))
+                for e in manifests[seq]["names"].values()
+                if e.get("blob") and e["blob"] not in sizes
+            }
+            if fitting and total + sum(new.values()) > retention.budget:
+                break
+            sizes.update(new)
+            total += sum(new.values())
+            fitting.append(seq)
+        dropped += [s for s in kept if s not in fitting]
+        for seq in dropped:
+            try:
+                os.remove(self.path(seq))
+            except FileNotFoundError:
+                pass
+        self.collect_garbage()
+        return dropped
+
+    def collect_garbage(self) -> int:
+        """Remove blobs that neither a kept state nor a checkpoint of the
+        store's root names (the caller holds the store's exclusive lock)."""
+        used: set[str] = set()
+        try:
+            manifests = [self.read(seq) for seq in self.seqs()]
+            for name in self.store.names():
+                manifests.append(self.store.read_manifest(name))
+        except CheckpointError as exc:
+            log.warning("no garbage collection while a manifest is unreadable: %s", exc)
+            return 0
+        for manifest in manifests:
+            used.update(e["blob"] for e in manifest["names"].values() if e.get("blob"))
+        objects = os.path.join(self.store._path, "objects")
+        removed = 0
+        for blob in os.listdir(objects):
+            if blob not in used and not blob.startswith("."):
+                os.remove(os.path.join(objects, blob))
+                removed += 1
+        return removed

@@ -1,0 +1,310 @@
+"""Time travel: the state after every successful cell is kept; ``%states``,
+``%checkout N`` and ``%undo`` (and the native ``Session.states()``,
+``checkout()``, ``undo()``, the ``pyrepl3.checkpoint`` comm's ``states`` and
+``checkout``, REST ``/states``) go back to any of them, in place.
+
+Most tests drive one supervised :class:`Session` per test group on a loop
+shared by the module (a worker starts in about 0.2 s); each session saves
+into its own temporary autosave directory. The REST test starts one
+``pyrepl3-kernel gateway`` (which goes through the comm).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from session_helpers import collect, of_type, reply_of, stream_text
+
+from pyrepl3_kernel.protocol import MessageType
+from pyrepl3_kernel.session import Session
+from pyrepl3_kernel.session.timetravel import TimeTravelError
+
+TIMEOUT = 60.0
+
+
+class Driver:
+    """A supervised Session driven from sync tests on the module's loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, autosave: Path, **kw: Any) -> None:
+        self.loop = loop
+        self.autosave = autosave
+        self.session = Session(autosave=str(autosave), **kw)
+        self.run(self.session.start())
+
+    def run(self, coro: Any, timeout: float = TIMEOUT) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, timeout))
+
+    def close(self) -> None:
+        self.run(self.session.shutdown())
+
+    def cell(self, code: str) -> tuple[str, str, Any]:
+        msgs = self.run(collect(self.session, code))
+        return stream_text(msgs), stream_text(msgs, "stderr"), reply_of(msgs)
+
+    def ex(self, code: str) -> str:
+        """Run ``code``, which must succeed; its stdout."""
+        msgs = self.run(collect(self.session, code))
+        errors = of_type(msgs, MessageType.ERROR)
+        assert not errors and reply_of(msgs).status == "ok", [
+            (e.ename, e.evalue) for e in errors
+        ] or stream_text(msgs, "stderr")
+        return stream_text(msgs)
+
+    def usage_error(self, code: str) -> str:
+        reply = reply_of(self.run(collect(self.session, code)))
+        assert reply.status == "error" and reply.ename == "UsageError", reply
+        return str(reply.evalue)
+
+    def value(self, expression: str) -> Any:
+        return json.loads(self.ex(f"import json as _j; print(_j.dumps({expression})); del _j"))
+
+    def names(self) -> list[str]:
+        return self.value(  # type: ignore[no-any-return]
+            "sorted(k for k in globals() if not k.startswith('_') and k not in "
+            "('In', 'Out', 'exit', 'quit', 'get_ipython', 'open'))"
+        )
+
+    def states(self) -> list[dict[str, Any]]:
+        return self.run(self.session.states())["states"]  # type: ignore[no-any-return]
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[asyncio.AbstractEventLoop]:
+    loop = asyncio.new_event_loop()
+    try:
+        yield loop
+    finally:
+        loop.close()
+
+
+@pytest.fixture
+def driver(loop: asyncio.AbstractEventLoop, tmp_path: Path) -> Iterator[Driver]:
+    d = Driver(loop, tmp_path / "autosave")
+    try:
+        yield d
+    finally:
+        d.close()
+
+
+def blobs_of(manifest: dict[str, Any]) -> set[str]:
+    return {e["blob"] for e in manifest["names"].values() if e.get("blob")}
+
+
+def state_files(autosave: Path) -> list[Path]:
+    return sorted((autosave / "states").glob("*.json"))
+
+
+# -- the magics ----------------------------------------------------------------------------
+
+
+def test_states_checkout_forwards_and_backwards(driver: Driver) -> None:
+    driver.ex("x = 1")  # In [1]
+    driver.ex("y = [1, 2]")  # In [2]
+    driver.ex("y.append(3); z = 'zz'")  # In [3]
+    driver.ex("def f(a):\n    return a + x\nclass P:\n    def m(self):\n        return x * 10")
+    listing = driver.ex("%states")
+    for line in ("In [1]", "+x", "In [2]", "+y", "In [3]", "+z; ~y", "In [4]", "+P, +f", "<- now"):
+        assert line in listing, listing
+    assert "budget 8.0 GiB, up to 100 states" in listing
+
+    # Backwards: names bound later are removed, changed ones restored.
+    out, _, reply = driver.cell("%checkout 2")  # In [6]
+    assert "checked out the state after cell 2" in out and "removed (bound later): P, f, z" in out
+    # The counter goes on: the next cell is In [7], not In [3].
+    assert reply.execution_count == 6 and driver.cell("x")[2].execution_count == 7
+    assert driver.names() == ["x", "y"] and driver.value("y") == [1, 2]
+    # Forwards again: functions and classes work, inspect still finds them.
+    driver.ex("%checkout 4")
+    assert driver.names() == ["P", "f", "x", "y", "z"]
+    assert driver.value("[f(1), P().m(), y]") == [2, 10, [1, 2, 3]]
+    source = driver.value("[__import__('inspect').getsource(f), __import__('inspect').getsource(P)]")
+    assert source[0].startswith("def f(a):") and source[1].startswith("class P:")
+    # Functions see the live namespace after a checkout.
+    driver.ex("x = 5")
+    assert driver.value("[f(1), P().m()]") == [6, 50]
+    # Every state is listed, with the checkouts saying where they went.
+    listing = driver.ex("%states")
+    assert "back to In [2]" in listing and "back to In [4]" in listing, listing
+
+
+def test_undo_twice_and_the_native_api(driver: Driver) -> None:
+    driver.ex("a = 1")
+    driver.ex("b = {'k': 1}")
+    driver.ex("b['k'] = 2; c = 3")
+    driver.ex("print(a)")  # changes nothing: undo passes over it
+    out = driver.ex("%undo")
+    assert "state after cell 2" in out and "removed (bound later): c" in out
+    assert driver.value("b") == {"k": 1} and driver.names() == ["a", "b"]
+    driver.ex("%undo")
+    assert driver.names() == ["a"]
+    assert "nothing to undo" in driver.usage_error("%undo")
+    # Native: states(), checkout(), undo() on the Session.
+    states = driver.states()
+    assert [s["cell_number"] for s in states][:3] == [1, 2, 3]
+    assert states[2]["added"] == ["c"] and states[2]["changed"] == ["b"]
+    assert states[0]["bytes_added"] > 0 and isinstance(states[0]["created"], float)
+    report = driver.run(driver.session.checkout(3))
+    assert report["cell_number"] == 3 and sorted(report["saved"]) == ["a", "b", "c"]
+    assert driver.value("[a, b, c]") == [1, {"k": 2}, 3]
+    report = driver.run(driver.session.undo())
+    assert report["cell_number"] == 2 and report["removed"] == ["c"]
+    with pytest.raises(TimeTravelError, match="not kept"):
+        driver.run(driver.session.checkout(0))
+    assert driver.names() == ["a", "b"]
+
+
+def test_checkout_of_a_cell_that_saved_no_state_takes_the_one_before(driver: Driver) -> None:
+    driver.ex("v = 1")  # In [1]
+    assert driver.cell("v = 2\n1 / 0")[2].status == "error"  # In [2] failed: no state
+    driver.ex("w = 3")  # In [3]
+    out = driver.ex("%checkout 2")
+    assert "state after cell 1" in out and "cell 2 saved no state of its own" in out
+    assert driver.names() == ["v"] and driver.value("v") == 1
+    assert "usage: %checkout N" in driver.usage_error("%checkout")
+    assert "cell number" in driver.usage_error("%checkout soon")
+
+
+def _damage_missing(blob: Path) -> None:
+    blob.unlink()
+
+
+def _damage_flip(blob: Path) -> None:
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0xFF
+    blob.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", [_damage_missing, _damage_flip], ids=["missing", "corrupt"])
+def test_checkout_of_a_damaged_state_is_refused_and_changes_nothing(
+    driver: Driver, damage: Any
+) -> None:
+    driver.ex("import numpy as np\nold = np.arange(1000.0)\nkeep = 'k'")  # In [1]
+    driver.ex("old = 'replaced'\nnew = [1, 2]")  # In [2]
+    driver.states()  # lets the saves land
+    first = json.loads(state_files(driver.autosave)[0].read_text())
+    digest = first["names"]["old"]["blob"]
+    damage(driver.autosave / "objects" / digest)
+    message = driver.usage_error("%checkout 1")
+    assert "cannot check out the state after cell 1" in message
+    assert "the namespace was not changed" in message
+    assert ("missing" in message) if damage is _damage_missing else ("corrupt" in message)
+    assert driver.value("[old, new, keep]") == ["replaced", [1, 2], "k"]
+    with pytest.raises(TimeTravelError, match="namespace was not changed"):
+        driver.run(driver.session.checkout(1))
+
+
+# -- retention and garbage collection --------------------------------------------------
+
+
+def _referenced(autosave: Path) -> set[str]:
+    used: set[str] = set()
+    for path in [*state_files(autosave), autosave / "auto.json"]:
+        used |= blobs_of(json.loads(path.read_text()))
+    return used
+
+
+def test_retention_by_count_and_garbage_collection(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    d = Driver(loop, tmp_path / "auto", keep_states=3)
+    try:
+        for i in range(6):
+            d.ex(f"x{i} = bytes([{i}]) * 100_000")
+        states = d.states()
+        assert [s["cell_number"] for s in states] == [4, 5, 6]
+        assert d.run(d.session.states())["retention"]["keep"] == 3
+        # Exactly the blobs the kept states name are on disk.
+        on_disk = {p.name for p in (d.autosave / "objects").iterdir()}
+        assert on_disk == _referenced(d.autosave)
+        assert "not kept" in d.usage_error("%checkout 2")
+        d.ex("%checkout 4")
+        assert d.names() == ["x0", "x1", "x2", "x3"]
+    finally:
+        d.close()
+
+
+def test_retention_by_bytes_keeps_the_newest_state(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    d = Driver(loop, tmp_path / "auto", states_budget="2500K")
+    try:
+        for i in range(4):  # each state holds 1 MB, a new one
+            d.ex(f"import os\nb = os.urandom(1_000_000)")
+        cells = [s["cell_number"] for s in d.states()]
+        assert cells == [3, 4], cells  # 2 MB fit, a third would not
+        # A state bigger than the whole budget is still kept (the newest always is).
+        d.ex("big = os.urandom(3_000_000)")
+        assert [s["cell_number"] for s in d.states()] == [5]
+        assert {p.name for p in (d.autosave / "objects").iterdir()} == _referenced(d.autosave)
+        used = d.run(d.session.states())["disk_bytes"]
+        assert 4_000_000 < used < 4_200_000  # the 4 MB of state 5, nothing else
+        assert d.session.usage()["pyrepl3"]["states_disk_bytes"] == used
+    finally:
+        d.close()
+
+
+def test_saves_running_together_never_lose_a_needed_blob(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    """Cells that end while earlier saves still write: every state lands
+    (in order), retention and GC run between them, and every kept state
+    checks out."""
+    d = Driver(loop, tmp_path / "auto", keep_states=4)
+    try:
+        d.ex("import numpy as np\nbase = np.random.default_rng(0).random(2_000_000)")
+        for i in range(8):
+            d.ex(f"base[{i}] = -1.0\nv{i} = base.sum()")
+        states = d.states()
+        assert [s["cell_number"] for s in states] == [6, 7, 8, 9]
+        assert all("error" not in s for s in states)
+        for path in state_files(d.autosave):
+            for digest in blobs_of(json.loads(path.read_text())):
+                assert (d.autosave / "objects" / digest).exists(), (path.name, digest)
+        d.ex("%checkout 7")
+        assert d.value("[float(base[5]), float(base[6]), 'v6' in globals()]") == [
+            -1.0,
+            d.value("float(base[6])"),
+            False,
+        ]
+        assert d.value("float(base[5])") == -1.0 and d.value("float(base[6])") != -1.0
+    finally:
+        d.close()
+
+
+# -- crash recovery ----------------------------------------------------------------------
+
+
+ALIGNED = (
+    "[bool(arr.flags.aligned), arr.ctypes.data % 64, bool(arr.flags.writeable), "
+    "arr.sum().hex(), bool(ro.flags.writeable)]"
+)
+
+
+def test_history_and_aligned_arrays_survive_a_worker_crash(driver: Driver) -> None:
+    driver.ex(
+        "import numpy as np\narr = np.random.default_rng(1).random(100_001)\n"
+        "ro = np.arange(7); ro.flags.writeable = False"
+    )  # In [1]
+    expected = driver.value(ALIGNED)
+    expected[1] = 0  # restored data starts at a 64-byte boundary (numpy's own: 16)
+    driver.ex("s = 'second'")  # In [2]
+    pid = driver.session.pid
+    out, err, reply = driver.cell("import os\nos._exit(3)")
+    assert reply.status == "error" and "restored" in err, err
+    assert driver.session.pid != pid
+    # Crash recovery is a checkout of the newest state; the arrays come back aligned.
+    assert driver.value(ALIGNED) == expected
+    assert expected[0] and expected[2]
+    assert driver.value("s") == "second"
+    # The earlier states are still there, and still check out.
+    listing = driver.ex("%states")
+    assert "In [1]" in listing and "In [2]" in listing
+    driver.ex("%checkout 1")
+    assert driver.names() == ["arr", "np", "ro"] and driver.value(ALIGNED) == expected
