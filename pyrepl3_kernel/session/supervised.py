@@ -49,7 +49,7 @@ from ..protocol import (
 )
 from ..sandbox.profile import Profile
 from ..tasks import BackgroundTasks
-from . import recovery
+from . import recovery, timetravel
 from .health import UsageMeter
 from .limits import Limits, RestartBudget, WorkerMonitor
 from .subshells import SessionSubshells
@@ -92,6 +92,10 @@ class Session:
     arguments, else from the PYREPL3_* variables of ``env`` (default: this
     process's environment). ``max_restarts=0`` turns recovery off: after the
     first death every request fails with :class:`WorkerDeadError`.
+    ``keep_states`` and ``states_budget`` (e.g. ``"20G"``) bound the state
+    history kept in the autosave directory (default: PYREPL3_STATES_KEEP and
+    PYREPL3_STATES_BUDGET of the worker's environment, else 100 states and
+    8 GiB); :meth:`states`, :meth:`checkout` and :meth:`undo` use it.
     """
 
     def __init__(
@@ -107,6 +111,8 @@ class Session:
         worker: WorkerProcess | None = None,
         session_id: str | None = None,
         autosave: str | bool | None = True,
+        keep_states: int | None = None,
+        states_budget: int | str | None = None,
         limits: Limits | None = None,
         memory_limit: int | str | None = None,
         memory_soft_limit: int | str | None = None,
@@ -152,6 +158,8 @@ class Session:
         )
         self.budget = RestartBudget(self.limits.max_restarts, self.limits.restart_window)
         self.monitor = WorkerMonitor(self.limits, kill=self.kill_worker, warn=self._warn_running)
+        #: Retention of the state history (None: the worker's environment's).
+        self.keep_states, self.states_budget = keep_states, timetravel.budget_bytes(states_budget)
         if autosave is True:
             autosave = default_autosave_dir(self.id, env)
         self.autosave_dir: str | None = os.fspath(autosave) if autosave else None
@@ -311,6 +319,7 @@ class Session:
         if self.autosave_dir and worker.sandbox_store:  # it can write only its own store
             self.autosave_dir = sandbox.adopt_store(worker.sandbox_store, self.autosave_dir)
         if self.autosave_dir:
+            timetravel.write_settings(self.autosave_dir, self.keep_states, self.states_budget)
             await worker.request(ConfigureMessage(autosave=self.autosave_dir))
         self.monitor.attach(worker.pid)
 
@@ -673,8 +682,26 @@ class Session:
             "halted": self.halted,
             "peak_rss": self.monitor.peak_rss,
             "limits": self.limits.describe(),
+            "states_disk_bytes": timetravel.disk_usage(self.autosave_dir),
         }
         return content
+
+    # -- time travel (docs/checkpoints.md) ------------------------------------------------------
+
+    async def states(self) -> dict[str, Any]:
+        """The states kept (one after each successful cell), the retention
+        and the disk used; raises :class:`~.timetravel.TimeTravelError`."""
+        return await timetravel.run(self, "states")
+
+    async def checkout(self, cell: int) -> dict[str, Any]:
+        """Put the namespace back, in place, to the state right after cell
+        ``In[cell]``; the per-name report. A state that cannot be read
+        raises :class:`~.timetravel.TimeTravelError`, the namespace unchanged."""
+        return await timetravel.run(self, "checkout", str(int(cell)))
+
+    async def undo(self) -> dict[str, Any]:
+        """Back to the state before the last change (as ``%undo``)."""
+        return await timetravel.run(self, "undo")
 
     def __repr__(self) -> str:
         return f"<Session {self.id} worker={self.worker!r} restarts={self.restarts}>"
