@@ -63,6 +63,9 @@ class PoolConfig:
     #: cell for a new worker to restore, and the limits.
     autosave: bool = True
     limits: Limits | None = None
+    #: Retention of each session's state history (see :class:`Session`).
+    keep_states: int | None = None
+    states_budget: int | str | None = None
     #: The sandbox profile of the pool's workers (pyrepl3_kernel/sandbox):
     #: a ``Profile``, a mapping of its options, or True for the defaults; by
     #: default what ``env`` asks for (PYREPL3_SANDBOX).
@@ -140,6 +143,8 @@ class SessionPool:
             autosave=cfg.autosave,
             limits=cfg.limits,
             env=cfg.env,
+            keep_states=cfg.keep_states,
+            states_budget=cfg.states_budget,
         )
         self._sessions.add(session)
         try:
