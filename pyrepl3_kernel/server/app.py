@@ -11,6 +11,7 @@ from .fork import ForkHandler
 from ..cluster import move
 from .overrides import NoDelayKernelWebsocketHandler, StartKernelHandler
 from .rest import (
+    CheckoutHandler,
     CheckpointHandler,
     CheckpointsHandler,
     ExecuteHandler,
@@ -20,6 +21,7 @@ from .rest import (
     PoolHandler,
     Registry,
     RestoreHandler,
+    StatesHandler,
 )
 
 KERNEL_ID = r"(?P<kernel_id>[\w-]+)"
@@ -37,6 +39,8 @@ def handlers() -> list[tuple[str, Any]]:
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints", CheckpointsHandler),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints/{NAME}", CheckpointHandler),
         (rf"/api/pyrepl3/kernels/{KERNEL_ID}/checkpoints/{NAME}/restore", RestoreHandler),
+        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/states", StatesHandler),
+        (rf"/api/pyrepl3/kernels/{KERNEL_ID}/states/(?P<cell>[0-9]+)/checkout", CheckoutHandler),
         (rf"/api/pyrepl3/executions/{EXECUTION_ID}", ExecutionHandler),
         (rf"/api/pyrepl3/executions/{EXECUTION_ID}/input", InputHandler),
         (r"/api/kernels", StartKernelHandler),
