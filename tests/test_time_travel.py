@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -124,7 +122,9 @@ def test_states_checkout_forwards_and_backwards(driver: Driver) -> None:
     driver.ex("%checkout 4")
     assert driver.names() == ["P", "f", "x", "y", "z"]
     assert driver.value("[f(1), P().m(), y]") == [2, 10, [1, 2, 3]]
-    source = driver.value("[__import__('inspect').getsource(f), __import__('inspect').getsource(P)]")
+    source = driver.value(
+        "[__import__('inspect').getsource(f), __import__('inspect').getsource(P)]"
+    )
     assert source[0].startswith("def f(a):") and source[1].startswith("class P:")
     # Functions see the live namespace after a checkout.
     driver.ex("x = 5")
@@ -235,8 +235,8 @@ def test_retention_by_bytes_keeps_the_newest_state(
 ) -> None:
     d = Driver(loop, tmp_path / "auto", states_budget="2500K")
     try:
-        for i in range(4):  # each state holds 1 MB, a new one
-            d.ex(f"import os\nb = os.urandom(1_000_000)")
+        for _i in range(4):  # each state holds 1 MB, a new one
+            d.ex("import os\nb = os.urandom(1_000_000)")
         cells = [s["cell_number"] for s in d.states()]
         assert cells == [3, 4], cells  # 2 MB fit, a third would not
         # A state bigger than the whole budget is still kept (the newest always is).

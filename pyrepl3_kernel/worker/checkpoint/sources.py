@@ -71,9 +71,7 @@ def note_cell(execution_count: int, user_ns: dict[str, Any], compiler: Any = Non
     filenames = [k for k in linecache.cache if isinstance(k, str) and k.startswith(prefix)]
     mapped = getattr(compiler, "_filename_map", None)
     if isinstance(mapped, dict):
-        filenames += [
-            k for k, n in mapped.items() if n == execution_count and k in linecache.cache
-        ]
+        filenames += [k for k, n in mapped.items() if n == execution_count and k in linecache.cache]
     if not filenames:
         return
     filename = filenames[-1]
