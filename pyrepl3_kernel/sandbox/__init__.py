@@ -61,3 +61,24 @@ def _within(path: str, root: str) -> bool:
 def describe(worker: Any) -> dict[str, Any] | None:
     """A worker's sandbox as health reports show it (None: not sandboxed)."""
     return worker.describe_sandbox() if hasattr(worker, "describe_sandbox") else None
+
+
+def cli_profile_env(spec: str | None, options: list[str]) -> tuple[str, str]:
+    """``(PYREPL3_SANDBOX, profile JSON)`` for a kernelspec's ``env``;
+    SandboxError for a profile that cannot be used here (bubblewrap missing
+    included: the spec's kernels would not start)."""
+    from .launch import bwrap_path
+    from .profile import profile_from_cli
+
+    profile = profile_from_cli(spec, options)
+    bwrap_path(profile)
+    return ENV_VAR, profile.to_json()
+
+
+def pool_cwd(env: Mapping[str, str], cwd: str | None) -> str | None:
+    """The working directory warm workers for a launch with ``env`` and
+    ``cwd`` must be started in: None unless the launch is sandboxed (a
+    sandbox shows its working directory from its start)."""
+    if Profile.from_env(env) is None:
+        return None
+    return os.path.abspath(cwd or os.getcwd())

@@ -233,3 +233,38 @@ def _what(exc: Exception) -> str:
     if isinstance(exc, TypeError):
         return text
     return "valid: " + text
+
+
+def profile_from_cli(spec: str | None, options: list[str]) -> Profile:
+    """The profile ``install --sandbox [PROFILE] [--sandbox-option K=V ...]``
+    asks for: PROFILE is a JSON object or a JSON file's path (none: the
+    defaults); each option's value is read as JSON where it is JSON
+    (``["/data"]``, ``1.5``), else as text (``512M``, ``loopback``)."""
+    data: dict[str, Any] = {}
+    text = (spec or "").strip()
+    if text and text != "1":
+        if not text.startswith("{"):
+            try:
+                with open(os.path.expanduser(text), encoding="utf-8") as f:
+                    text = f.read()
+            except OSError as exc:
+                raise SandboxError(
+                    f"cannot read the sandbox profile {spec!r}: {exc.strerror}"
+                ) from None
+        try:
+            loaded = json.loads(text)
+        except ValueError as exc:
+            raise SandboxError(f"the sandbox profile {spec!r} is not JSON: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise SandboxError("a sandbox profile is a JSON object")
+        data.update(loaded)
+    for option in options:
+        key, sep, raw = option.partition("=")
+        if not sep or not key:
+            raise SandboxError(f"--sandbox-option takes KEY=VALUE, not {option!r}")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        data[key.strip()] = value
+    return Profile.from_mapping(data)

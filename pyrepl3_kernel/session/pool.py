@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,13 +64,13 @@ class PoolConfig:
     #: cell for a new worker to restore, and the limits.
     autosave: bool = True
     limits: Limits | None = None
-    #: Retention of each session's state history (see :class:`Session`).
-    keep_states: int | None = None
-    states_budget: int | str | None = None
     #: The sandbox profile of the pool's workers (pyrepl3_kernel/sandbox):
     #: a ``Profile``, a mapping of its options, or True for the defaults; by
     #: default what ``env`` asks for (PYREPL3_SANDBOX).
     sandbox: Profile | Mapping[str, Any] | bool | None = None
+    #: Retention of each session's state history (see :class:`Session`).
+    keep_states: int | None = None
+    states_budget: int | str | None = None
 
     def __post_init__(self) -> None:
         if self.min_idle < 0:
@@ -291,9 +292,12 @@ class SessionPool:
         task.add_done_callback(self._tasks.discard)
 
     def _new_session(self) -> WorkerProcess:
-        if self.config.session_factory is not None:
-            return self.config.session_factory()
         cfg = self.config
+        # A sandboxed worker starts in a sandbox of its own, not from a
+        # factory's (fork server's) process.
+        sandboxed = cfg.sandbox is not None or Profile.from_env(cfg.env or os.environ)
+        if cfg.session_factory is not None and not sandboxed:
+            return cfg.session_factory()
         return WorkerProcess(
             python=cfg.python,
             cwd=cfg.cwd,
