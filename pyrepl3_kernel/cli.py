@@ -317,6 +317,23 @@ def _env_pair(text: str) -> tuple[str, str]:
         metavar="CODE",
         help="code warm workers run before they are leased, e.g. 'import pandas'",
     ),
+    arg(
+        "--sandbox",
+        nargs="?",
+        const="1",
+        default=None,
+        metavar="PROFILE",
+        help="run every kernel of this spec sandboxed (bubblewrap), with the defaults or "
+        "PROFILE (a JSON object or a JSON file; docs/security.md)",
+    ),
+    arg(
+        "--sandbox-option",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="one sandbox option, e.g. network=loopback, memory=1G, "
+        'writable=["/data"] (repeatable; implies --sandbox)',
+    ),
 )
 def cmd_install(args: argparse.Namespace) -> int:
     """Install the PyREPL3 kernel spec for Jupyter.
@@ -355,6 +372,13 @@ def cmd_install(args: argparse.Namespace) -> int:
                 pool["warmup_code"] = args.warmup_code
         elif args.pool_size is not None or args.warmup_code is not None:
             return _error("--pool-size and --warmup-code need the pool (drop --no-pool)")
+        if args.sandbox is not None or args.sandbox_option:
+            from .sandbox import cli_profile_env
+
+            try:
+                args.env.append(cli_profile_env(args.sandbox, args.sandbox_option))
+            except ValueError as exc:
+                return _error(str(exc))
         missing = write_kernel_spec(
             Path(tmp), sys.executable, args.display_name, dict(args.env), pool
         )
