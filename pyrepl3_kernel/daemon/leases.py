@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import sandbox
 from ..curve import CurveKeys
 from ..gateway.kernel import JupyterGateway
 from ..processes import alive, started_at
@@ -46,6 +47,9 @@ STARTUP_ENV = (
     "LANG",
     # IPython adds the active virtualenv to sys.path when the shell starts
     "VIRTUAL_ENV",
+    # a sandboxed worker's sandbox is made when it starts (pyrepl3_kernel/sandbox)
+    "PYREPL3_SANDBOX",
+    "KERNEL_PYREPL3_SANDBOX",
 )
 #: PYTHON* variables read later, not at start-up (PYTHONSTARTUP: never, by a worker).
 _NOT_STARTUP = frozenset({"PYTHONSTARTUP", "PYTHONBREAKPOINT", "PYTHONEXECUTABLE"})
@@ -144,9 +148,12 @@ class Leases:
         pool: SessionPool | None = None
         workers: WorkerSource
         if pooled:
-            pool_key = (kernel_name, python, warmup_code, startup_key(launch_env))
+            # A sandbox shows its working directory from the start: sandboxed
+            # warm workers are kept per directory.
+            sandbox_cwd = sandbox.pool_cwd(launch_env, cwd)
+            pool_key = (kernel_name, python, warmup_code, startup_key(launch_env), sandbox_cwd)
             pool = await self._pool(
-                pool_key, python, launch_env, pool_size, max_kernels, warmup_code
+                pool_key, python, launch_env, pool_size, max_kernels, warmup_code, sandbox_cwd
             )
             workers = PooledWorkers(
                 pool, cwd=cwd, env=env, timeout=self.lease_timeout, defer_refill=True
@@ -262,6 +269,7 @@ class Leases:
         size: int,
         max_kernels: int,
         warmup_code: str,
+        cwd: str | None = None,
     ) -> SessionPool:
         pool = self.pools.get(key)
         if pool is not None:
@@ -275,6 +283,7 @@ class Leases:
             python=python,
             env=env,
             acquire_timeout=self.lease_timeout,
+            cwd=cwd,
         )
         pool = SessionPool(config)
         await pool.start(wait=False)
