@@ -308,3 +308,43 @@ def test_history_and_aligned_arrays_survive_a_worker_crash(driver: Driver) -> No
     assert "In [1]" in listing and "In [2]" in listing
     driver.ex("%checkout 1")
     assert driver.names() == ["arr", "np", "ro"] and driver.value(ALIGNED) == expected
+
+
+# -- REST (through the pyrepl3.checkpoint comm) -------------------------------------------
+
+
+def test_rest_states_and_checkout(
+    pyrepl3_kernelspec: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    from test_rest_api import execute, running_server
+
+    with running_server("gateway", tmp_path_factory.mktemp("tt-gateway")) as server:
+        kernel = server.start_kernel()
+        base = f"/api/pyrepl3/kernels/{kernel}/states"
+        counts = []
+        for code in ("a = 1", "b = [a, 2]", "b.append(3)\nc = 'x'"):
+            state = execute(server, kernel, code).json()
+            assert state["status"] == "ok", state
+            counts.append(state["execution_count"])
+        r = server.api("GET", base)
+        assert r.status_code == 200, r.text
+        listing = r.json()
+        assert [s["cell_number"] for s in listing["states"]] == counts
+        assert listing["states"][2]["added"] == ["c"] and listing["states"][2]["changed"] == ["b"]
+        assert listing["current"] == listing["states"][-1]["seq"] and listing["disk_bytes"] > 0
+        r = server.api("POST", f"{base}/{counts[1]}/checkout")
+        assert r.status_code == 200, r.text
+        assert r.json()["cell_number"] == counts[1] and r.json()["removed"] == ["c"]
+        state = execute(server, kernel, "print(a, b, 'c' in globals())").json()
+        assert state["outputs"][0]["text"] == "1 [1, 2] False\n", state
+        # A checkout by request (not a cell) is saved as a state of its own.
+        states = server.api("GET", base).json()["states"]
+        assert states[-2]["at"] == listing["states"][1]["seq"], states
+        r = server.api("POST", f"{base}/0/checkout")
+        assert r.status_code == 404 and "not kept" in r.json()["message"], r.text
+        # Crash, then the history is still there and checks out.
+        assert execute(server, kernel, "import os\nos._exit(1)").json()["status"] == "error"
+        assert [s["cell_number"] for s in server.api("GET", base).json()["states"]][:3] == counts
+        assert server.api("POST", f"{base}/{counts[2]}/checkout").status_code == 200
+        state = execute(server, kernel, "print(b, c)").json()
+        assert state["outputs"][0]["text"] == "[1, 2, 3] x\n", state

@@ -207,7 +207,10 @@ class History:
         were made by requests between cells)."""
         states = [s for s in self.states() if "error" not in s]
         if not states:
-            raise CheckpointError("no states are kept yet (none is saved before a cell succeeds)")
+            raise CheckpointError(
+                f"the state after cell {cell} is not kept: no state is kept yet "
+                "(one is saved after each successful cell)"
+            )
         cells = [s["cell_number"] for s in states if isinstance(s["cell_number"], int)]
         oldest = min(cells) if cells else None
         if oldest is None or cell < oldest:
