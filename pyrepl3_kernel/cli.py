@@ -317,6 +317,20 @@ def _env_pair(text: str) -> tuple[str, str]:
         metavar="CODE",
         help="code warm workers run before they are leased, e.g. 'import pandas'",
     ),
+    # Remote hosts through gateway_provisioners (docs/cluster.md; cluster/kernelspecs.py).
+    arg(
+        "--provisioner",
+        choices=("ssh", "kubernetes", "docker"),
+        default=None,
+        help="a spec for gateway_provisioners: ssh (DistributedProvisioner over "
+        "--remote-hosts), kubernetes or docker (--image); name default: pyrepl3_<provisioner>",
+    ),
+    arg(
+        "--remote-hosts", metavar="HOST", nargs="+", default=[], help="hosts for --provisioner ssh"
+    ),
+    arg("--image", default=None, help="kernel image for --provisioner kubernetes/docker"),
+    arg("--state-url", default=None, help="fsspec URL of the state store (PYREPL3_STATE_URL)"),
+    arg("--python", default=None, help="the Python on the remote hosts (default: this one)"),
     arg(
         "--sandbox",
         nargs="?",
@@ -342,6 +356,10 @@ def cmd_install(args: argparse.Namespace) -> int:
     Jupyter directory, like `jupyter kernelspec install`. The kernel is started
     with the Python running this command.
     """
+    if args.provisioner:
+        from .cluster.kernelspecs import install_from_cli
+
+        return install_from_cli(args, DEFAULT_KERNEL_NAME, DEFAULT_DISPLAY_NAME)
     import logging
     import tempfile
 
@@ -602,6 +620,25 @@ def cmd_stop(args: argparse.Namespace) -> int:
             return 0
         time.sleep(0.05)
     return _error(f"the daemon (pid {pid}) did not exit within 15 s")
+
+
+@subcommand(
+    "move",
+    arg("kernel_id", help="the kernel's id (as jupyter_server lists it)"),
+    arg("--to", metavar="HOST", default=None, help="target host (default: the provisioner's next)"),
+    arg("--server", default="http://127.0.0.1:8888", help="the jupyter_server's URL"),
+    arg("--token", default=None, help="its token (default: $JUPYTER_TOKEN)"),
+)
+def cmd_move(args: argparse.Namespace) -> int:
+    """Move a remote kernel to another host, with its state.
+
+    For kernels started by gateway_provisioners with a state store
+    (PYREPL3_STATE_URL): the kernel saves its state, stops, and starts again
+    on the other host from the saved state (docs/cluster.md).
+    """
+    from .cluster.move import cli_move
+
+    return cli_move(args)
 
 
 # -- REST and WebSocket gateway ------------------------------------------------
