@@ -51,6 +51,28 @@ def test_the_image_runs_the_launcher_the_ssh_kernelspec_runs() -> None:
     assert "KERNEL_LANGUAGE=python" in text
 
 
+def test_install_writes_a_provisioner_kernelspec_that_validates(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    cli = [sys.executable, "-m", "pyrepl3_kernel.cli", "install", "--prefix", str(tmp_path)]
+    done = subprocess.run(
+        [*cli, "--provisioner", "ssh", "--remote-hosts", "h1", "h2", "--state-url", "s3://b/k"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    spec = json.loads((tmp_path / "share/jupyter/kernels/pyrepl3_ssh/kernel.json").read_text())
+    assert kernelspecs.validate(spec) == []
+    assert spec["metadata"]["kernel_provisioner"]["config"]["remote_hosts"] == ["h1", "h2"]
+    assert spec["env"]["PYREPL3_STATE_URL"] == "s3://b/k"
+    assert spec["argv"][1:3] == ["-m", "pyrepl3_kernel.cluster.launcher"]
+    bad = subprocess.run(
+        [*cli, "--provisioner", "ssh", "--image", "x"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "--image is for" in bad.stderr
+
+
 def test_state_mirror_round_trip_and_failure_note(tmp_path: Path) -> None:
     local = tmp_path / "autosave"
     (local / "objects").mkdir(parents=True)

@@ -110,7 +110,7 @@ def container_kernelspec(
         "config": {"image_name": image},
     }
     spec["argv"] = [
-        "python",
+        sys.executable,  # the server's: it runs gateway_provisioners' launcher
         script,
         "--kernel-id",
         "{kernel_id}",
@@ -209,3 +209,59 @@ def install(
         with open(os.path.join(tmp, "kernel.json"), "w") as f:
             json.dump(spec, f, indent=1)
         return str(KernelSpecManager().install_kernel_spec(tmp, name, user=user, prefix=prefix))
+
+
+def install_from_cli(args: Any, default_name: str, default_display: str) -> int:
+    """``pyrepl3-kernel install --provisioner ...`` (cli.py hands over here)."""
+    kind = args.provisioner
+    name = args.name if args.name != default_name else f"{default_name}_{kind}"
+    env = dict(args.env)
+    if args.state_url:
+        env["PYREPL3_STATE_URL"] = args.state_url
+    if kind == "ssh":
+        if args.image:
+            return _cli_error("--image is for --provisioner kubernetes or docker")
+        spec = distributed_kernelspec(
+            python=args.python, remote_hosts=args.remote_hosts or (), env=env
+        )
+    else:
+        if args.remote_hosts:
+            return _cli_error("--remote-hosts is for --provisioner ssh")
+        spec = container_kernelspec(kind, image=args.image or DEFAULT_IMAGE, env=env)
+    if args.display_name != default_display:
+        spec["display_name"] = args.display_name
+    if args.pool_size is not None or args.warmup_code is not None:
+        return _cli_error("--pool-size and --warmup-code are for local kernels (no --provisioner)")
+    problems = validate(spec)
+    if problems:
+        return _cli_error("the kernelspec would not start: " + "; ".join(problems))
+    import tempfile
+
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    prefix = sys.prefix if args.sys_prefix else args.prefix
+    with tempfile.TemporaryDirectory(prefix="pyrepl3-kernelspec-") as tmp:
+        os.chmod(tmp, 0o755)
+        with open(os.path.join(tmp, "kernel.json"), "w") as f:
+            json.dump(spec, f, indent=1)
+        try:
+            dest = KernelSpecManager().install_kernel_spec(
+                tmp, kernel_name=name, user=args.user, prefix=prefix
+            )
+        except (ValueError, OSError) as exc:
+            return _cli_error(str(exc))
+    print(
+        f"Installed kernel spec {name.lower()!r} ({spec['display_name']}, "
+        f"{PROVISIONERS[kind]}) in {dest}"
+    )
+    if "PYREPL3_STATE_URL" not in env:
+        print(
+            "pyrepl3-kernel: note: no --state-url: a kernel whose host is lost loses its state",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cli_error(text: str) -> int:
+    print(f"pyrepl3-kernel install: error: {text}", file=sys.stderr)
+    return 2

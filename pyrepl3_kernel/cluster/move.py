@@ -151,3 +151,22 @@ def request_move(
         raise MoveError(f"the server refused the move ({exc.code}): {reason}") from None
     except urllib.error.URLError as exc:
         raise MoveError(f"could not reach {server}: {exc.reason}") from None
+
+
+def cli_move(args: Any) -> int:
+    """``pyrepl3-kernel move`` (cli.py hands over here)."""
+    import os
+    import sys
+
+    token = args.token or os.environ.get("JUPYTER_TOKEN")
+    try:
+        result = request_move(args.server, token, args.kernel_id, args.to)
+    except MoveError as exc:
+        print(f"pyrepl3-kernel move: error: {exc}", file=sys.stderr)
+        return 1
+    print(
+        f"moved kernel {result['kernel_id']} from {result['from']} to {result['to']} "
+        f"in {result['seconds']:.1f} s (the old kernel saved and stopped in "
+        f"{result['stop_seconds']:.1f} s)"
+    )
+    return 0
