@@ -673,3 +673,148 @@ def test_a_warm_pool_of_sandboxed_workers(
     # The pool's workers' stores went with them; the module's sessions' remain.
     live = {os.path.basename(s.worker.sandbox_store or "") for s in sessions.values()}
     assert set(os.listdir(scratch.store_root)) == live - {""}
+
+
+# -- through Jupyter: the kernelspec (argv and pooled) and a launch's environment -------
+
+
+@pytest.fixture(scope="module")
+def sandbox_specs(
+    pyrepl3_kernelspec: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Path]:
+    """``sbx`` (pooled) and ``sbx-cold`` (argv) kernelspecs installed with
+    --sandbox, found before the conftest's."""
+    prefix = tmp_path_factory.mktemp("sandbox-specs")
+    for extra in ([], ["--no-pool"]):
+        name = "sbx-cold" if extra else "sbx"
+        subprocess.run(
+            [sys.executable, "-m", "pyrepl3_kernel.cli", "install", "--prefix", str(prefix)]
+            + ["--name", name, "--sandbox", '{"memory": "512M"}', *extra],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+    saved = os.environ["JUPYTER_PATH"]
+    os.environ["JUPYTER_PATH"] = os.pathsep.join([str(prefix / "share" / "jupyter"), saved])
+    try:
+        yield prefix
+    finally:
+        os.environ["JUPYTER_PATH"] = saved
+
+
+class JupyterKernel:
+    """A kernel started by jupyter_client's KernelManager in ``cwd``."""
+
+    def __init__(self, name: str, cwd: Path, env: dict[str, str] | None = None) -> None:
+        from jupyter_client.manager import KernelManager
+
+        self.km = KernelManager(kernel_name=name)
+        self.km.start_kernel(cwd=str(cwd), **({"env": env} if env is not None else {}))
+        self.kc = self.km.client()
+        try:
+            self.kc.start_channels()
+            self.kc.wait_for_ready(timeout=60)
+        except BaseException:
+            self.close()
+            raise
+
+    def run(self, code: str, on_busy: Any = None) -> tuple[str, str | None]:
+        """stdout and the error name (None if the cell succeeded)."""
+        out: list[str] = []
+        error: list[str] = []
+
+        def hook(msg: dict[str, Any]) -> None:
+            kind, content = msg["msg_type"], msg["content"]
+            if kind == "stream" and content["name"] == "stdout":
+                out.append(content["text"])
+                if on_busy is not None and "sleeping" in content["text"]:
+                    on_busy()
+            elif kind == "error":
+                error.append(content["ename"])
+
+        self.kc.execute_interactive(code, output_hook=hook, timeout=60)
+        return "".join(out), (error[0] if error else None)
+
+    def close(self) -> None:
+        try:
+            self.kc.stop_channels()
+        finally:
+            self.km.shutdown_kernel(now=True)
+
+
+def _jupyter_battery(kernel: JupyterKernel, workdir: Path) -> None:
+    """In a Jupyter kernel: sandboxed, in its working directory, and neither
+    the kernel's own ports nor the connection file nor the daemon's socket
+    can be reached."""
+    from pyrepl3_kernel.daemon.client import DaemonPaths
+
+    out, error = kernel.run(
+        "import os\nprint([os.readlink('/proc/self/ns/' + n) for n in ('pid', 'mnt')], os.getcwd())"
+    )
+    assert error is None, out
+    ns, cwd = out.rsplit(" ", 1)
+    assert eval(ns) != [HOST_NS["pid"], HOST_NS["mnt"]] and cwd.strip() == str(workdir)
+    info = kernel.km.get_connection_info()
+    ports = [info[k] for k in ("shell_port", "iopub_port", "control_port", "stdin_port", "hb_port")]
+    out, error = kernel.run(
+        GUARD
+        + f"""
+import socket
+out = []
+for port in {ports!r}:
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=2)
+        out.append('connected')
+    except OSError as e:
+        out.append(type(e).__name__)
+for path in ({kernel.km.connection_file!r}, {str(DaemonPaths.default().socket)!r}):
+    try:
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(path)
+        out.append('connected')
+    except OSError as e:
+        out.append(type(e).__name__)
+print(out)
+"""
+    )
+    assert error is None, out
+    assert eval(out) == ["PermissionError"] * 5 + ["FileNotFoundError"] * 2, out
+
+
+@pytest.mark.parametrize("spec", ["sbx-cold", "sbx"])
+def test_sandboxed_kernelspec(spec: str, sandbox_specs: Path, scratch: Scratch) -> None:
+    kernel = JupyterKernel(spec, scratch.workdir)
+    try:
+        if spec == "sbx":  # leased from the daemon's pool, not the cold fallback
+            assert getattr(kernel.km.provisioner, "lease_id", None)
+        _jupyter_battery(kernel, scratch.workdir)
+        # An interrupt reaches the sandboxed worker (not bubblewrap).
+        out, error = kernel.run(
+            "import time\nprint('sleeping', flush=True)\ntime.sleep(30)",
+            on_busy=kernel.km.interrupt_kernel,
+        )
+        assert error == "KeyboardInterrupt", out
+        out, error = kernel.run("print(1 + 1)")
+        assert (out.strip(), error) == ("2", None)
+    finally:
+        kernel.close()
+
+
+def test_a_launch_env_sandboxes_a_plain_kernelspec(
+    pyrepl3_kernelspec: Path, scratch: Scratch
+) -> None:
+    """What ``POST /api/kernels`` with ``env: {KERNEL_PYREPL3_SANDBOX: ...}``
+    does (jupyter_server passes KERNEL_* variables on): the plain pooled
+    kernelspec's kernel is sandboxed, from a pool of its own."""
+    env = {**os.environ, "KERNEL_PYREPL3_SANDBOX": '{"network": "loopback"}'}
+    kernel = JupyterKernel("pyrepl3", scratch.workdir, env=env)
+    try:
+        assert getattr(kernel.km.provisioner, "lease_id", None)
+        out, error = kernel.run(
+            GUARD
+            + f"import socket\ntry:\n    socket.create_connection(('127.0.0.1', {scratch.port}), timeout=2)\n"
+            "    print('connected')\nexcept OSError as e:\n    print(type(e).__name__)"
+        )
+        assert (out.strip(), error) == ("ConnectionRefusedError", None)
+    finally:
+        kernel.close()
