@@ -24,6 +24,7 @@ from ..protocol import (
     IsCompleteMessage,
     Message,
     MessageType,
+    ShellRequest,
     ends_request,
 )
 from ..session.supervised import Session
@@ -32,6 +33,8 @@ from ..session.workers import ColdWorkers, WorkerSource
 from ..tasks import BackgroundTasks
 from . import checkpoint_comm, fork_magic, translate
 from .channels import CHANNELS, KernelChannels
+from .subshells import FEATURE as SUBSHELLS_FEATURE
+from .subshells import GatewaySubshells, subshell_of
 from .debugger import DebugRelay
 
 log = logging.getLogger("pyrepl3.gateway")
@@ -102,6 +105,7 @@ class JupyterGateway:
         )
         self._closing = False
         self.closed = asyncio.Event()
+        self._subshells = GatewaySubshells(self)
         self._debugger = DebugRelay(self.session.request, self._publish)
         self.session.death_listeners.append(self._debugger.worker_died)
         #: Where ``%fork`` puts the new kernel (set by the kernel's host, the
@@ -129,6 +133,7 @@ class JupyterGateway:
             return
         self._closing = True
         await self._tasks.cancel()
+        await self._subshells.stop()
         await self.session.shutdown()
         self.channels.close()
         self.closed.set()
@@ -148,7 +153,9 @@ class JupyterGateway:
                 continue
             msg_type = msg["header"].get("msg_type", "")
             if channel == "shell":
-                if msg_type in IMMEDIATE_SHELL:
+                if self._subshells.submit(idents, msg):
+                    pass  # its subshell's queue (gateway/subshells.py)
+                elif msg_type in IMMEDIATE_SHELL:
                     self._tasks.spawn(self._handle_shell(idents, msg))
                 elif msg_type in COMM_MESSAGES and self.session.running is not None:
                     # No busy/idle: the running cell's status stands.
@@ -225,13 +232,9 @@ class JupyterGateway:
             # kernel_info only, then lost all output of its first cell.
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._iopub_subscribed.wait(), IOPUB_SUBSCRIBER_GRACE)
-        self._reply(
-            channel,
-            idents,
-            msg,
-            "kernel_info_reply",
-            translate.kernel_info_content(self.session.ready),
-        )
+        content = translate.kernel_info_content(self.session.ready)
+        content["supported_features"] = [*content["supported_features"], SUBSHELLS_FEATURE]
+        self._reply(channel, idents, msg, "kernel_info_reply", content)
 
     async def _execute(self, idents: list[bytes], msg: JupyterMsg) -> None:
         if fork_magic.is_fork_cell(msg["content"].get("code", "")):
@@ -241,6 +244,8 @@ class JupyterGateway:
         native = translate.execute_request(
             msg, msg_id if msg_id and msg_id not in self._parents else uuid.uuid4().hex
         )
+        native.subshell_id = subshell_of(msg)
+        asked: set[str] = set()  # its input requests
         stop_on_error = bool(msg["content"].get("stop_on_error", True))
         started = datetime.now(timezone.utc).isoformat()
         reply: Any = None
@@ -257,13 +262,17 @@ class JupyterGateway:
                 if out.type == MessageType.EXECUTE_REPLY:
                     reply = out
                 elif out.type == MessageType.INPUT:
+                    asked.add(out.id)
                     self._forward_input(idents, msg, out)
                 else:
                     self._publish_native(out, msg)
         finally:
             # An input() the cell left unanswered (interrupted, or the worker
-            # died) is void: the next input_reply is for the next input().
-            self._input_requests.clear()
+            # died) is void: the next input_reply is for the next input()
+            # (a cell on another subshell may still wait for its own).
+            for key, native_id in list(self._input_requests.items()):
+                if native_id in asked:
+                    del self._input_requests[key]
         metadata = {
             "started": started,
             "dependencies_met": True,
@@ -275,7 +284,8 @@ class JupyterGateway:
         self._reply("shell", idents, msg, "execute_reply", content, metadata=metadata)
         crashed = reply.status == "error" and reply.ename == WORKER_DIED
         if crashed or (reply.status == "error" and stop_on_error):
-            await self._abort_queued()
+            if not self._subshells.abort_queued(msg):  # a subshell's own queue
+                await self._abort_queued()
 
     async def _abort_queued(self) -> None:
         """Reply ``aborted`` to the execute requests already queued."""
@@ -312,6 +322,8 @@ class JupyterGateway:
         self, idents: list[bytes], msg: JupyterMsg, native: Message, reply_type: str
     ) -> None:
         """Send a request to the worker; reply with its answer's fields."""
+        if isinstance(native, ShellRequest):
+            native.subshell_id = subshell_of(msg)
         try:
             reply: Any = None
             async for out in self.session.stream(native):
@@ -437,6 +449,8 @@ class JupyterGateway:
 
     async def _dispatch_control(self, idents: list[bytes], msg: JupyterMsg) -> None:
         msg_type = msg["header"].get("msg_type", "")
+        if await self._subshells.control(idents, msg):
+            return  # create/list/delete_subshell, a subshell's interrupt
         if msg_type == "kernel_info_request":
             await self._kernel_info(idents, msg, channel="control")
         elif msg_type == "interrupt_request":
