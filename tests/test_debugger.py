@@ -9,6 +9,8 @@ detached and no thread stopped.
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -382,3 +384,99 @@ def test_bad_debug_requests_get_a_clear_error(kernel: Any) -> None:
     # Requests that need a started debugger say so, before initialize.
     reply = client.request("stackTrace", {"threadId": 1})
     assert reply["success"] is False and "not started" in reply["message"]
+
+
+FORK_CELL = """import os, time
+def probe():
+    x = 1
+    return x
+pid = os.fork()
+if pid == 0:
+    probe()
+    os._exit(0)
+for _ in range(200):
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+print('child finished' if done else 'child stuck')
+"""
+
+
+def test_a_process_forked_while_attached_never_stops_at_a_breakpoint(debug: Debug) -> None:
+    # The automatic checkpoint saves from a forked worker: a breakpoint in
+    # code it runs (a __getstate__) must not stop it, or talk to the adapter
+    # over the sockets it inherited. (ipykernel's forked child stops.)
+    debug.breakpoint_in(FORK_CELL, 3)
+    reply, iopub = debug.finish(debug.kc.execute(FORK_CELL))
+    assert reply["content"]["status"] == "ok"
+    out = "".join(m["content"]["text"] for m in iopub if m["msg_type"] == "stream")
+    assert out == "child finished\n"
+    debug.breakpoint_in(FORK_CELL)
+
+
+# -- isolation: the worker dies or is interrupted while stopped -----------------------------
+
+
+def test_crash_while_stopped_ends_the_debug_session_and_reattach_works(debug: Debug) -> None:
+    reply, _ = debug.finish(debug.kc.execute("kept = 41"))
+    assert reply["content"]["status"] == "ok"
+    debug.breakpoint_in(CELL, 2)
+    msg_id = debug.kc.execute(CELL)
+    thread = debug.event("stopped")["body"]["threadId"]
+    frame = debug.top_frame(thread)
+    pid = debug.request(
+        "evaluate",
+        {"expression": "__import__('os').getpid()", "frameId": frame["id"], "context": "repl"},
+    )["body"]["result"]
+    os.kill(int(pid), signal.SIGKILL)
+    # The frontend's debugger is told the session ended, so its panel resets.
+    assert debug.event("terminated")["event"] == "terminated"
+    assert debug.event("exited")["event"] == "exited"
+    reply, iopub = debug.finish(msg_id)
+    content = reply["content"]
+    assert content["status"] == "error" and content["ename"] == "WorkerDied"
+    assert "SIGKILL" in content["evalue"], content
+    stderr = "".join(
+        m["content"]["text"]
+        for m in iopub
+        if m["msg_type"] == "stream" and m["content"]["name"] == "stderr"
+    )
+    assert "restored" in stderr and "kept" in stderr, stderr
+    assert debug.fe.value("kept") == "41"
+    # The new worker has no debug session until the frontend attaches again.
+    assert debug.request("debugInfo")["body"]["isStarted"] is False
+    debug.attach()
+    debug.breakpoint_in(CELL, 2)
+    msg_id = debug.kc.execute(CELL)
+    thread = debug.event("stopped")["body"]["threadId"]
+    frame = debug.top_frame(thread)
+    assert values(debug.scope(frame["id"], "Locals")) == {"a": "2", "b": "3"}
+    new_pid = debug.request(
+        "evaluate",
+        {"expression": "__import__('os').getpid()", "frameId": frame["id"], "context": "repl"},
+    )["body"]["result"]
+    assert new_pid != pid
+    debug.request("continue", {"threadId": thread})
+    assert debug.finish(msg_id)[0]["content"]["status"] == "ok"
+    debug.breakpoint_in(CELL)
+
+
+def test_interrupt_while_stopped_ends_the_cell_as_in_ipykernel(debug: Debug) -> None:
+    debug.breakpoint_in(CELL, 2)
+    msg_id = debug.kc.execute(CELL)
+    debug.event("stopped")
+    debug.fe.km.interrupt_kernel()
+    # As ipykernel: debugpy resumes the thread and the cell ends with the
+    # KeyboardInterrupt.
+    assert debug.event("continued")["body"]["allThreadsContinued"] is True
+    reply, _ = debug.finish(msg_id)
+    assert reply["content"]["status"] == "error"
+    assert reply["content"]["ename"] == "KeyboardInterrupt"
+    assert debug.request("debugInfo")["body"]["stoppedThreads"] == []
+    reply, _ = debug.finish(debug.kc.execute("1 + 1"))
+    assert reply["content"]["status"] == "ok"
+    debug.breakpoint_in(CELL)
