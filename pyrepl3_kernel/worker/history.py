@@ -26,16 +26,18 @@ MAX_HOLD_S = 1.0
 class DeferredSaveFlag(threading.Event):
     """The history thread's ``save_flag``: a ``set()`` is remembered instead
     of waking the thread; :meth:`flush` passes it on. The wake-up that stops
-    the thread (at exit, perhaps from within a cell) always goes through."""
+    the thread (at exit, or before a fork) always goes through."""
 
-    def __init__(self, thread: threading.Thread) -> None:
+    def __init__(self, manager: Any) -> None:
         super().__init__()
-        self._thread = thread
+        self._manager = manager
+        #: The thread that waits on this flag now.
+        self.thread: threading.Thread | None = None
         #: When the first held wake-up came (monotonic), or None.
         self.held_since: float | None = None
 
     def set(self) -> None:
-        if getattr(self._thread, "_stop_now", False):
+        if getattr(self.thread, "_stop_now", False):
             super().set()
         elif self.held_since is None:
             self.held_since = time.monotonic()
@@ -43,6 +45,9 @@ class DeferredSaveFlag(threading.Event):
     def flush(self) -> None:
         if self.held_since is not None:
             self.held_since = None
+            # IPython stops the thread before a fork (the autosave forks
+            # after a cell) and starts it again only with the next cell.
+            self._manager._restart_thread_if_stopped()
             super().set()
 
     def overdue(self) -> bool:
@@ -50,14 +55,30 @@ class DeferredSaveFlag(threading.Event):
 
 
 def defer_writes(shell: Any) -> DeferredSaveFlag | None:
-    """Give ``shell``'s history thread a :class:`DeferredSaveFlag`; None when
-    history is off or written without a thread (``hist_file=:memory:``)."""
-    thread = getattr(shell.history_manager, "save_thread", None)
-    if thread is None:
+    """Give ``shell``'s history thread a :class:`DeferredSaveFlag`, also each
+    thread IPython starts anew after a fork (it stops the thread before every
+    fork, an autosave's included); None when history has no thread (off, or
+    ``hist_file=:memory:``)."""
+    manager = shell.history_manager
+    if not getattr(manager, "using_thread", False):
         return None
-    flag = DeferredSaveFlag(thread)
-    old, thread.save_flag = thread.save_flag, flag
-    # The thread reads its attribute anew before every wait: wake it from
-    # the old flag (it writes what is cached, then waits on the new one).
-    old.set()
+    flag = DeferredSaveFlag(manager)
+
+    def attach() -> None:
+        thread = manager.save_thread
+        if thread is not None and thread.save_flag is not flag:
+            old, thread.save_flag = thread.save_flag, flag
+            flag.thread = thread
+            # The thread reads its attribute anew before every wait: wake it
+            # from the old flag (it writes what is cached, then waits on ours).
+            old.set()
+
+    restart = manager._restart_thread_if_stopped
+
+    def restart_and_attach() -> None:
+        restart()
+        attach()
+
+    manager._restart_thread_if_stopped = restart_and_attach
+    attach()
     return flag
