@@ -126,6 +126,63 @@ def test_a_fork_has_the_whole_namespace_and_is_independent_afterwards() -> None:
     assert_no_leftovers(pids)
 
 
+TICKER = """\
+import asyncio
+ticks = 0
+
+async def tick():
+    global ticks
+    while True:
+        ticks += 1
+        await asyncio.sleep(0.005)
+
+ticker = asyncio.get_event_loop().create_task(tick())
+"""
+
+
+def test_asyncio_tasks_go_on_in_both_kernels() -> None:
+    """The cells' event loop carries over with its tasks, each kernel with
+    its own copy (and its own epoll and wake-up pipe: neither steals the
+    other's events)."""
+
+    async def main() -> list[int]:
+        parent = Session(autosave=False)
+        await parent.start()
+        assert parent.pid is not None
+        pids = [parent.pid]
+        try:
+            await ok(parent, TICKER)
+            await ok(parent, "await asyncio.sleep(0.05)")
+            child = await parent.fork()
+            assert child.pid is not None
+            pids.append(child.pid)
+            try:
+                for s in (child, parent, child):
+                    before = int(await value(s, "ticks"))
+                    await ok(s, "await asyncio.sleep(0.1)")
+                    assert int(await value(s, "ticks")) > before
+                # Each kernel's requests wake its own idle loop (a shared
+                # wake-up pipe would let one kernel eat the other's wake-ups).
+                await ok(
+                    parent, "ticker.cancel()\nnapper = asyncio.ensure_future(asyncio.sleep(3600))"
+                )
+                await ok(child, "napper = asyncio.ensure_future(asyncio.sleep(3600))")
+                for _ in range(20):
+                    for s in (child, parent):
+                        await asyncio.wait_for(value(s, "1"), 5)
+                await ok(child, "ticker.cancel(); ticks = -1000")
+                assert int(await value(parent, "ticks")) > 0
+                assert await value(child, "ticker.cancelled()") == "True"
+                assert await value(parent, "ticker.cancelled()") == "True"
+            finally:
+                await child.shutdown()
+        finally:
+            await parent.shutdown()
+        return pids
+
+    assert_no_leftovers(run(main()))
+
+
 def test_a_kernel_running_a_cell_refuses_to_fork() -> None:
     async def main() -> list[int]:
         parent = Session(autosave=False)

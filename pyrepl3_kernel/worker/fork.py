@@ -239,6 +239,7 @@ def _renew(worker: Worker, sock: socket.socket) -> None:
             stream._master_pid = os.getpid()
     reseed()
     new_history_session(worker.shell)
+    renew_event_loops()
     signal.signal(signal.SIGINT, worker._on_sigint)
     reader = threading.Thread(
         target=worker.channel.serve, args=(worker._dispatch,), daemon=True, name="pyrepl3-io"
@@ -274,6 +275,40 @@ def reseed() -> None:
     if numpy_random is not None:
         with contextlib.suppress(Exception):
             numpy_random.seed()
+
+
+def renew_event_loops() -> None:
+    """The cells' asyncio loop gets a selector and a wake-up socket pair of
+    its own: after a fork both processes would share one epoll instance and
+    one self-pipe, and each would take the other's events. Its tasks go on
+    in both kernels, each on its own copy."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return
+    helpers = sys.modules.get("IPython.core.async_helpers")
+    policy_local = getattr(asyncio.get_event_loop_policy(), "_local", None)
+    loops = {
+        id(loop): loop
+        for loop in (
+            getattr(helpers, "_asyncio_event_loop", None),
+            getattr(policy_local, "_loop", None),
+        )
+        if loop is not None
+    }
+    for loop in loops.values():
+        if loop.is_closed() or not isinstance(loop, asyncio.selector_events.BaseSelectorEventLoop):
+            continue
+        try:
+            old = loop._selector  # type: ignore[attr-defined]
+            new = type(old)()
+            for key in list(old.get_map().values()):
+                new.register(key.fileobj, key.events, key.data)
+            loop._selector = new  # type: ignore[attr-defined]
+            old.close()  # this process's descriptor only: the parent keeps its epoll
+            loop._close_self_pipe()  # type: ignore[attr-defined]
+            loop._make_self_pipe()  # type: ignore[attr-defined]
+        except Exception:
+            log.exception("the fork could not renew an event loop's selector")
 
 
 def new_history_session(shell: Any) -> None:
