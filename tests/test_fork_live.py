@@ -386,3 +386,34 @@ def test_rest_fork_of_a_standalone_kernel_is_409(server: Any) -> None:
         assert "not hosted by the pyrepl3 manager daemon" in r.json()["message"]
     finally:
         server.api("DELETE", f"/api/kernels/{parent}")
+
+
+def test_a_fork_that_cannot_reach_its_supervisor_leaves_nothing_behind() -> None:
+    """A fork that cannot connect (no listener at the path) exits; the
+    supervisor that waits for it hears of its death at once, not after the
+    connect timeout; the parent goes on."""
+
+    async def main() -> list[int]:
+        from pyrepl3_kernel.protocol import ForkMessage
+        from pyrepl3_kernel.session.fork import ForkError, _connection_of
+
+        parent = Session(autosave=False)
+        await parent.start()
+        assert parent.pid is not None
+        pids = [parent.pid]
+        try:
+            reply = await parent.worker.request(ForkMessage(path="/nonexistent/s", token="t"))
+            assert reply.ok and reply.pid not in (0, parent.pid), reply
+            pids.append(reply.pid)
+            never: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+            with pytest.raises(ForkError, match="exited before it connected"):
+                await _connection_of(never, reply.pid, timeout=300)
+            assert await value(parent, "1 + 1") == "2"
+            # A fork request without a place to connect to: an error reply.
+            bad = await parent.worker.request(ForkMessage())
+            assert not bad.ok and "needs the path of a Unix socket" in bad.evalue, bad
+        finally:
+            await parent.shutdown()
+        return pids
+
+    assert_no_leftovers(run(main()))

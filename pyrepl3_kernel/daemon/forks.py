@@ -10,6 +10,8 @@ last automatic checkpoint.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 import secrets
@@ -163,7 +165,23 @@ async def host_fork(leases: Leases, parent: Lease | None) -> dict[str, Any]:
         lease, report = await fork_lease(leases, parent)
     except DaemonError as exc:
         raise ForkError(str(exc)) from None
-    return describe_fork(lease, report)
+    fork = describe_fork(lease, report)
+    task = asyncio.ensure_future(_remove_when_closed(lease, fork["connection_file"]))
+    _cleanups.add(task)
+    task.add_done_callback(_cleanups.discard)
+    return fork
+
+
+#: Tasks that remove a %fork's connection file once its kernel is gone.
+_cleanups: set[asyncio.Task[None]] = set()
+
+
+async def _remove_when_closed(lease: Lease, path: str) -> None:
+    try:
+        await lease.gateway.closed.wait()
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
 def describe_fork(lease: Lease, report: dict[str, Any]) -> dict[str, Any]:

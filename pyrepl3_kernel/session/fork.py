@@ -39,7 +39,13 @@ from typing import Any
 from ..errors import Pyrepl3Error
 from ..protocol import ForkMessage, ForkReplyMessage
 from .supervised import Session
-from .worker import WorkerProcess, WorkerStartError, _ControlProtocol, _ProcessProtocol
+from .worker import (
+    WorkerProcess,
+    WorkerStartError,
+    _ControlProtocol,
+    _ProcessProtocol,
+    describe_exit,
+)
 from .workers import ColdWorkers
 
 log = logging.getLogger("pyrepl3.session")
@@ -288,14 +294,7 @@ async def fork_worker(
             if not reply.ok:
                 raise ForkError(f"the worker could not fork: {reply.ename}: {reply.evalue}")
             assert isinstance(reply, ForkReplyMessage)
-            try:
-                conn, stdout, stderr, pid = await asyncio.wait_for(accepted, timeout)
-            except asyncio.TimeoutError:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(reply.pid, signal.SIGKILL)  # it never got here
-                raise ForkError(
-                    f"the forked worker (pid {reply.pid}) did not connect within {timeout:g} s"
-                ) from None
+            conn, stdout, stderr, pid = await _connection_of(accepted, reply.pid, timeout)
         finally:
             accepted.cancel()
     finally:
@@ -308,6 +307,40 @@ async def fork_worker(
     worker = ForkedWorkerProcess(conn, stdout, stderr, pid, fork_report=reply.report, **options)
     await worker.start()
     return worker
+
+
+async def _connection_of(
+    accepted: asyncio.Future[tuple[socket.socket, int, int, int]], pid: int, timeout: float
+) -> tuple[socket.socket, int, int, int]:
+    """The fork's connection; a ForkError at once if the fork dies before
+    it connects, or after ``timeout`` (then it is killed)."""
+    loop = asyncio.get_running_loop()
+    gone: asyncio.Future[None] = loop.create_future()
+    pidfd: int | None = None
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:
+        gone.set_result(None)
+    else:
+        loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+    try:
+        done, _ = await asyncio.wait(
+            {accepted, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        gone.cancel()
+        if pidfd is not None:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+    if accepted in done:
+        return accepted.result()
+    if gone in done:
+        status = zombie_exit_status(pid)
+        how = f" ({describe_exit(status)})" if status is not None else ""
+        raise ForkError(f"the forked worker (pid {pid}) exited before it connected{how}")
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)  # it never got here
+    raise ForkError(f"the forked worker (pid {pid}) did not connect within {timeout:g} s")
 
 
 class ForkedSession(Session):
