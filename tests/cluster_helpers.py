@@ -275,6 +275,10 @@ class Cluster:
         self.install_kernelspecs()
         self.start_server()
 
+    def revive(self, host: SshHost) -> None:
+        """A lost host comes back (empty disk, same address and key)."""
+        host.start(self.root / "authorized_keys")
+
     def kernelspec(self, name: str, env: dict[str, str]) -> None:
         from pyrepl3_kernel.cluster.kernelspecs import distributed_kernelspec
 
@@ -293,6 +297,7 @@ class Cluster:
             {"PYREPL3_STATE_URL": state, "AWS_SECRET_ACCESS_KEY": "not-the-secret"},
         )
         self.kernelspec("pyrepl3_ssh_nobucket", {"PYREPL3_STATE_URL": "s3://no-such-bucket/k"})
+        self.kernelspec("pyrepl3_ssh_local", {})  # autosave on the host's disk only
 
     def start_server(self) -> None:
         env = dict(os.environ)
@@ -323,7 +328,7 @@ class Cluster:
                 "--ServerApp.allow_root=True",
                 f"--ServerApp.root_dir={self.root}",
                 "--KernelSpecManager.ensure_native_kernel=False",
-                "--KernelSpecManager.allowed_kernelspecs=pyrepl3_ssh,pyrepl3_ssh_badcred,pyrepl3_ssh_nobucket",
+                "--KernelSpecManager.allowed_kernelspecs=pyrepl3_ssh,pyrepl3_ssh_badcred,pyrepl3_ssh_nobucket,pyrepl3_ssh_local",
             ],
             env=env,
             stdout=log,

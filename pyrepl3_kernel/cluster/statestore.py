@@ -120,6 +120,7 @@ class StateMirror:
     """
 
     POLL = 0.05  # seconds between looks at the local directory
+    RETRY = 2.0  # seconds between attempts while the store fails
 
     def __init__(
         self,
@@ -291,13 +292,38 @@ class StateMirror:
         """Look at the local directory now (a cell just ended)."""
         self._wake.set()
 
+    def _signature(self) -> tuple[tuple[str, int], ...]:
+        """The mtimes of the directory and its subdirectories (one level):
+        a new manifest or file renamed into place changes one of them, and
+        looking costs a few stat calls, whatever the number of files."""
+        try:
+            entries = [(".", os.stat(self.local_dir).st_mtime_ns)]
+            with os.scandir(self.local_dir) as it:
+                for entry in it:
+                    if entry.is_dir(follow_symlinks=False) and not entry.name.startswith("."):
+                        entries.append((entry.name, entry.stat().st_mtime_ns))
+        except FileNotFoundError:
+            return ()
+        return tuple(sorted(entries))
+
     def _run(self) -> None:
+        seen: tuple[tuple[str, int], ...] = ()
+        retry_at = 0.0
         while not self._stop.is_set():
-            self._wake.wait(self.POLL)
+            woken = self._wake.wait(self.POLL)
             self._wake.clear()
             if self._stop.is_set():
                 return
-            self.sync()
+            now = time.monotonic()
+            if self.failure is not None and now < retry_at:
+                continue  # a failing store is asked again every RETRY seconds
+            sig = self._signature()
+            if sig == seen and not woken and self.failure is None:
+                continue
+            if self.sync():
+                seen = sig
+            else:
+                retry_at = now + self.RETRY
 
     def sync(self) -> bool:
         """Upload what changed in the local directory; False if that failed."""
