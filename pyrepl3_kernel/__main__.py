@@ -1,3 +1,3 @@
-from .gateway.standalone import main
+from .handoff import main
 
 main()

@@ -175,7 +175,9 @@ def kernel_spec_dict(
 
     With ``pool`` (the provisioner's config, possibly empty), kernels are
     leased warm from the manager daemon by the ``pyrepl3-pool`` provisioner;
-    clients that ignore provisioners still run ``argv`` (a cold kernel).
+    clients that ignore provisioners run ``argv``, which hands the kernel to
+    the daemon too (a forked worker, see handoff.py). Without it, every
+    launch is a standalone kernel (``PYREPL3_HANDOFF=0``).
     """
     spec: dict[str, Any] = {
         "argv": [
@@ -202,6 +204,8 @@ def kernel_spec_dict(
             "provisioner_name": PROVISIONER_NAME,
             "config": dict(pool),
         }
+    else:
+        env = {"PYREPL3_HANDOFF": "0", **(env or {})}
     if env:
         spec["env"] = dict(env)
     return spec
@@ -577,6 +581,13 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"{p['leased']} leased (min_idle {p['min_idle']}, max {p['max_sessions']})"
             + (f", warmup {warmup!r}" if warmup else "")
         )
+    for f in status.get("fork_servers", []):
+        print(
+            f"  fork server {f['state']}"
+            + (f" (pid {f['pid']})" if f["state"] == "ready" else "")
+            + f": {f['forked']} forked, {f['fallbacks']} started cold, {f['restarts']} restarts"
+            + (f"; {f['reason']}" if f.get("reason") else "")
+        )
     print(f"leases: {len(status['leases'])}")
     for lease in status["leases"]:
         print(
@@ -678,6 +689,13 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     config.ServerApp.jpserver_extensions = {"pyrepl3_kernel.server": True}
     config.MappingKernelManager.default_kernel_name = "pyrepl3"
     server_args = [a for a in args.server_args if a != "--"]
+    # The daemon and its fork server get ready while the server starts: the
+    # first kernel is forked, as fast as the hundredth.
+    import threading
+
+    from .handoff import prepare_daemon
+
+    threading.Thread(target=prepare_daemon, daemon=True, name="pyrepl3-prepare").start()
     # Command-line options given by the user win over these defaults.
     ServerApp.launch_instance(argv=server_args, config=config)
     return 0

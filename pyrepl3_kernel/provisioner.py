@@ -36,6 +36,7 @@ from traitlets import Bool, Float, Integer, Unicode
 from .curve import PUBLIC, CurveKeys, manager_keys
 from .daemon.client import (
     DAEMON_PROTOCOL_VERSION,
+    PREPARE_ENV,
     STARTER_ENV,
     DaemonClient,
     DaemonError,
@@ -172,7 +173,7 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 kwargs = await super().pre_launch(**kwargs)
                 kwargs["cmd"] = list(self.kernel_spec.argv)
                 return kwargs
-        return await self._use_fallback().pre_launch(**kwargs)  # type: ignore[no-any-return]
+        return await self._use_fallback().pre_launch(**_standalone(kwargs))  # type: ignore[no-any-return]
 
     async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> KernelConnectionInfo:
         if self._fallback is not None:
@@ -241,7 +242,7 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             except (DaemonError, DaemonUnavailable) as exc:
                 self._warn("the daemon could not lease a kernel (%s); starting it cold", exc)
                 fallback = self._use_fallback()
-                fallback_kwargs = await fallback.pre_launch(**kwargs)
+                fallback_kwargs = await fallback.pre_launch(**_standalone(kwargs))
                 return await self.launch_kernel(fallback_kwargs.pop("cmd"), **fallback_kwargs)
             self.lease_id = reply["lease_id"]
             self.warm = bool(reply.get("warm"))
@@ -427,6 +428,8 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 "server_info_file": self._server_info_file(),
             }
         )
+        # The fork server it prepares at start: the first kernel is forked too.
+        env[PREPARE_ENV] = json.dumps({"warmup_code": self.warmup_code})
         # Through a shell that exits at once: the daemon is reparented to init
         # and never becomes a zombie of this (possibly long-lived) process.
         launcher = 'nohup "$@" >>"$PYREPL3_DAEMON_LOG" 2>&1 </dev/null & echo $!'
@@ -444,6 +447,14 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             text=True,
         )
         return int(done.stdout.strip())
+
+
+def _standalone(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The cold fallback's launch: the kernelspec's argv as a standalone
+    kernel, not handed to the daemon that just failed (handoff.py)."""
+    env = dict(kwargs.get("env") or os.environ)
+    env["PYREPL3_HANDOFF"] = "0"
+    return {**kwargs, "env": env}
 
 
 async def _in_thread(func: Callable[[], _T]) -> _T:

@@ -27,7 +27,8 @@ def standalone_kernel(tmp_path: Path, parent_pid: int) -> Iterator[subprocess.Po
     with open(tmp_path / "kernel.log", "wb") as log:
         kernel = subprocess.Popen(
             [sys.executable, "-m", "pyrepl3_kernel", "-f", conn],
-            env={**os.environ, "JPY_PARENT_PID": str(parent_pid)},
+            # the standalone kernel itself, not handed to the daemon (handoff.py)
+            env={**os.environ, "JPY_PARENT_PID": str(parent_pid), "PYREPL3_HANDOFF": "0"},
             stdin=subprocess.DEVNULL,
             stderr=log,
         )

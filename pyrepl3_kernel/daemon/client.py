@@ -29,6 +29,9 @@ DAEMON_PROTOCOL_VERSION = 1
 #: ``{"pid", "started", "server_info_file"}`` of the process that started it
 #: (see docs/daemon.md, "Lifecycle": the daemon may exit once it is gone).
 STARTER_ENV = "PYREPL3_DAEMON_STARTER"
+#: Set by whoever starts a daemon: JSON ``{"warmup_code"}`` of the fork
+#: server the daemon prepares at start (see forkservers.py).
+PREPARE_ENV = "PYREPL3_DAEMON_PREPARE"
 MAX_FRAME = 16 * 1024 * 1024
 #: A frame's header: the payload's length, 4 bytes big-endian.
 HEADER = struct.Struct(">I")

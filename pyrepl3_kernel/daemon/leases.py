@@ -31,6 +31,7 @@ from ..session import PoolConfig, PoolExhausted, SessionPool, WorkerStartError
 from ..session.workers import ColdWorkers, PooledWorkers, WorkerSource
 from ..tasks import BackgroundTasks
 from .client import DaemonError
+from .forkservers import ForkServers
 
 log = logging.getLogger("pyrepl3.daemon")
 
@@ -79,6 +80,11 @@ class Lease:
     warm: bool
     created: float = field(default_factory=time.time)
     state: str = "running"  # running | awaiting_restart | ending
+    #: A kernel handed over by ``python -m pyrepl3_kernel`` (the argv path):
+    #: a restart there is a new process, so a shutdown always ends the lease.
+    handoff: bool = False
+    #: Set once the lease has ended (its worker gone, its ports closed).
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     def describe(self) -> dict[str, Any]:
         session = self.gateway.session
@@ -111,6 +117,8 @@ class Leases:
         self.pools: dict[tuple[Any, ...], SessionPool] = {}
         self._pool_info: dict[tuple[Any, ...], dict[str, Any]] = {}
         self._tasks = BackgroundTasks(log)
+        #: Where every pool's and cold launch's workers are forked from.
+        self.fork_servers = ForkServers()
         #: Leases handed out since the daemon started, and how many of them warm.
         self.served = 0
         self.served_warm = 0
@@ -138,6 +146,8 @@ class Leases:
         max_kernels: int,
         warmup_code: str,
         curve: CurveKeys | None = None,
+        connection_info: dict[str, Any] | None = None,
+        ipython_options: list[str] | None = None,
     ) -> tuple[Lease, Callable[[], Any] | None]:
         """A new lease with its kernel started (its sockets Curve servers
         with ``curve``, if given); and what to run once the client has its
@@ -159,7 +169,13 @@ class Leases:
                 pool, cwd=cwd, env=env, timeout=self.lease_timeout, defer_refill=True
             )
         else:
-            workers = ColdWorkers(python=python, cwd=cwd, env=launch_env)
+            workers = ColdWorkers(
+                python=python,
+                cwd=cwd,
+                env=launch_env,
+                ipython_options=ipython_options,
+                spawner=self.fork_servers.get(python, launch_env, ""),
+            )
         with worker_errors():
             session = await workers.acquire()
         warm = isinstance(workers, PooledWorkers) and workers.last_was_warm
@@ -172,6 +188,7 @@ class Leases:
             "key": secrets.token_hex(32),
             "signature_scheme": "hmac-sha256",
             **(curve.as_info() if curve is not None else {}),
+            **(connection_info or {}),  # the ports and key a launcher chose (argv path)
         }
         lease: Lease | None = None
 
@@ -202,6 +219,7 @@ class Leases:
             owner_started=started_at(owner_pid),
             pool_key=pool_key,
             warm=warm,
+            handoff=connection_info is not None,
         )
         self._leases[lease_id] = lease
         self.served += 1
@@ -233,6 +251,7 @@ class Leases:
             await lease.gateway.stop()
         finally:
             self._leases.pop(lease.id, None)
+            lease.ended.set()
             self._on_activity()
 
     async def reap(self) -> None:
@@ -247,13 +266,21 @@ class Leases:
         await asyncio.gather(*(self.end(lease) for lease in self))
         await asyncio.gather(*(pool.stop() for pool in self.pools.values()), return_exceptions=True)
         self.pools.clear()
+        await self.fork_servers.stop()
         await self._tasks.cancel()
 
     def describe_pools(self) -> list[dict[str, Any]]:
-        return [{**self._pool_info[key], **pool.stats} for key, pool in self.pools.items()]
+        return [
+            {
+                **self._pool_info[key],
+                **pool.stats,
+                "fork_server": self.fork_servers.describe(key[1], pool.config.env or {}, key[2]),
+            }
+            for key, pool in self.pools.items()
+        ]
 
     async def _on_kernel_shutdown(self, lease: Lease, restart: bool) -> None:
-        if restart:
+        if restart and not lease.handoff:
             # jupyter_client follows with a restart op; a client that restarts
             # by message alone gets a new worker on its next request.
             await self.let_worker_go(lease)
@@ -276,6 +303,11 @@ class Leases:
             # The latest launch's settings win for size and limit.
             pool.config.min_idle = min(size, pool.config.max_sessions)
             return pool
+        # Workers forked from a warm process when it can (see forkservers.py).
+        await self.fork_servers.prepare(python, env, warmup_code)
+        if key in self.pools:  # another launch made it meanwhile
+            return await self._pool(key, python, env, size, max_kernels, warmup_code)
+        factory, concurrent = self.fork_servers.worker_factory(python, env, warmup_code)
         config = PoolConfig(
             min_idle=min(size, max_kernels),
             max_sessions=max_kernels,
@@ -284,6 +316,8 @@ class Leases:
             env=env,
             acquire_timeout=self.lease_timeout,
             cwd=cwd,
+            session_factory=factory,
+            max_concurrent_starts=concurrent,
         )
         pool = SessionPool(config)
         await pool.start(wait=False)

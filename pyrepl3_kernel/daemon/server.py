@@ -42,6 +42,8 @@ from .client import (
     decode_payload,
     encode_frame,
 )
+from .forkservers import op_prepare
+from .handoff import op_handoff, op_watch
 from .leases import Leases
 from .lifetime import ExitPolicy, Starter, is_usual_runtime_dir
 
@@ -83,6 +85,7 @@ class ManagerDaemon:
         self.exit_policy.usual_runtime_dir = is_usual_runtime_dir(self.paths.lock.parent)
         try:
             await self._listen()
+            self.leases.fork_servers.prepare_own()  # the first kernel is forked too
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._stop.set)
@@ -384,6 +387,7 @@ class ManagerDaemon:
                 "warm_leases": self.leases.served_warm,
             },
             "pools": self.leases.describe_pools(),
+            "fork_servers": self.leases.fork_servers.describe_all(),
             "leases": [lease.describe() for lease in self.leases],
         }
 
@@ -404,6 +408,9 @@ class ManagerDaemon:
         "release": _op_release,
         "status": _op_status,
         "shutdown": _op_shutdown,
+        "handoff": op_handoff,
+        "watch": op_watch,
+        "prepare": op_prepare,
         "fork": _op_fork,
     }
 

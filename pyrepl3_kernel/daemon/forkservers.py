@@ -1,0 +1,134 @@
+"""The daemon's fork servers: one per interpreter, warm-up code and start-up
+environment (:func:`~.leases.startup_key`), shared by every pool and cold
+launch with that profile, so a burst of any size gets forked (warm) workers
+and the warm pool is only what is ready before anyone asks.
+
+A daemon prepares the fork server of its own interpreter and environment at
+start (with the warm-up code its starter asked for, in
+``PYREPL3_DAEMON_PREPARE``), so its first kernel is as fast as the
+hundredth; the ``prepare`` op prepares another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+from ..session.forkserver import ForkServer
+from ..session.worker import WorkerProcess
+from .client import PREPARE_ENV
+
+log = logging.getLogger("pyrepl3.daemon")
+
+#: Workers a pool forks at once (a fork costs milliseconds; building the
+#: shell in the child tens of them). New interpreters start two at a time.
+FORKED_CONCURRENT_STARTS = 8
+
+
+class ForkServers:
+    """Fork servers by profile, started on first use and stopped with the daemon."""
+
+    def __init__(self) -> None:
+        self._servers: dict[tuple[Any, ...], ForkServer] = {}
+        self._enabled = os.environ.get("PYREPL3_FORK_SERVER", "1") != "0"
+
+    def get(self, python: str, env: Mapping[str, str], warmup_code: str) -> ForkServer | None:
+        """The fork server of this profile (started in the background if it
+        is new); None if fork servers are disabled (``PYREPL3_FORK_SERVER=0``)."""
+        if not self._enabled:
+            return None
+        from .leases import startup_key
+
+        key = (python, warmup_code, startup_key(dict(env)))
+        server = self._servers.get(key)
+        if server is None:
+            server = ForkServer(python=python, env=env, warmup_code=warmup_code)
+            self._servers[key] = server
+            server.start_soon()
+        return server
+
+    async def prepare(
+        self, python: str, env: Mapping[str, str], warmup_code: str
+    ) -> ForkServer | None:
+        """The fork server of this profile, ready (or known not to be usable)."""
+        server = self.get(python, env, warmup_code)
+        if server is not None:
+            await server.start()
+        return server
+
+    def prepare_own(self) -> None:
+        """At daemon start: begin preparing the fork server of the daemon's
+        interpreter and environment, with the warm-up code its starter
+        named (``PYREPL3_DAEMON_PREPARE``)."""
+        raw = os.environ.pop(PREPARE_ENV, None)
+        warmup_code = ""
+        if raw:
+            try:
+                warmup_code = str(json.loads(raw).get("warmup_code") or "")
+            except (ValueError, AttributeError):
+                log.warning("ignoring %s: not a JSON object: %r", PREPARE_ENV, raw[:200])
+        self.get(sys.executable, dict(os.environ), warmup_code)
+
+    def worker_factory(
+        self,
+        python: str,
+        env: Mapping[str, str],
+        warmup_code: str,
+        startup_timeout: float = 60.0,
+    ) -> tuple[Any, int]:
+        """A pool's ``session_factory`` (workers forked when the server can)
+        and how many it may start at once."""
+        server = self.get(python, env, warmup_code)
+
+        def factory() -> WorkerProcess:
+            return WorkerProcess(
+                python=python, env=env, startup_timeout=startup_timeout, spawner=server
+            )
+
+        return factory, (FORKED_CONCURRENT_STARTS if server is not None else 2)
+
+    def describe(self, python: str, env: Mapping[str, str], warmup_code: str) -> dict[str, Any]:
+        from .leases import startup_key
+
+        server = self._servers.get((python, warmup_code, startup_key(dict(env))))
+        return server.describe() if server is not None else {"state": "none"}
+
+    def describe_all(self) -> list[dict[str, Any]]:
+        return [
+            {"python": key[0], "warmup_code": key[1], **server.describe()}
+            for key, server in self._servers.items()
+        ]
+
+    async def stop(self) -> None:
+        servers, self._servers = list(self._servers.values()), {}
+        await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
+
+
+async def op_prepare(daemon: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """The ``prepare`` op: have the fork server of ``python``, ``env`` and
+    ``warmup_code`` ready (``pyrepl3-kernel gateway`` asks at start, so its
+    first kernel is forked); its state."""
+    from .client import DaemonError
+
+    python = request.get("python") or sys.executable
+    env = request.get("env")
+    warmup_code = request.get("warmup_code") or ""
+    if not isinstance(python, str) or not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise DaemonError("bad_request", f"python {python!r} is not an executable file")
+    if env is not None and not (
+        isinstance(env, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    ):
+        raise DaemonError("bad_request", "env must map strings to strings")
+    if not isinstance(warmup_code, str):
+        raise DaemonError("bad_request", "warmup_code must be a string")
+    servers: ForkServers = daemon.leases.fork_servers
+    server = await servers.prepare(
+        python, env if env is not None else dict(os.environ), warmup_code
+    )
+    return {"fork_server": server.describe() if server is not None else {"state": "disabled"}}

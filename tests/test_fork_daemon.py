@@ -1,0 +1,382 @@
+"""The manager daemon's fork servers, end to end: bursts of kernels through
+AsyncKernelManager all forked, the argv path (a kernelspec without a
+provisioner) handed to the daemon, a fork server dying mid-burst, warm-up
+code that makes forking unsafe, and the daemon prepared at start.
+
+The module runs its own daemon (a runtime directory of its own), stopped at
+the end; tests that start processes check by pid that none is left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jupyter_client import AsyncKernelManager, KernelManager
+from jupyter_helpers import KERNEL_NAME, stop_daemon
+from session_helpers import assert_no_leftovers, pid_gone
+
+from pyrepl3_kernel.daemon.client import DaemonClient, DaemonPaths
+from pyrepl3_kernel.handoff import ensure_daemon
+
+ARGV_KERNEL = "pyrepl3-argv"
+TIMEOUT = 60.0
+
+
+@pytest.fixture(scope="module")
+def runtime(pyrepl3_kernelspec: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A runtime directory (so a daemon) of this module's own, and a
+    kernelspec that has only an argv (what VS Code runs)."""
+    prefix = tmp_path_factory.mktemp("argv-spec")
+    spec_dir = prefix / "share" / "jupyter" / "kernels" / ARGV_KERNEL
+    spec_dir.mkdir(parents=True)
+    spec = {
+        "argv": [sys.executable, "-m", "pyrepl3_kernel", "-f", "{connection_file}"],
+        "display_name": "argv only",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    runtime_dir = tmp_path_factory.mktemp("fork-runtime")
+    saved = {k: os.environ.get(k) for k in ("JUPYTER_PATH", "JUPYTER_RUNTIME_DIR")}
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(
+        [str(prefix / "share" / "jupyter"), os.environ["JUPYTER_PATH"]]
+    )
+    os.environ["JUPYTER_RUNTIME_DIR"] = str(runtime_dir)
+    try:
+        yield runtime_dir
+    finally:
+        stop_daemon(runtime_dir)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _daemon(runtime: Path) -> DaemonClient:
+    """A client of the module's daemon (started, as a launch would, if none runs)."""
+    client = DaemonClient(DaemonPaths.default(runtime), timeout=TIMEOUT)
+    ensure_daemon(client, starter=os.getpid())
+    return client
+
+
+def _status(runtime: Path) -> dict[str, Any]:
+    return _daemon(runtime).call("status")
+
+
+def _ready_fork_servers(runtime: Path) -> list[dict[str, Any]]:
+    return [f for f in _status(runtime)["fork_servers"] if f["state"] == "ready"]
+
+
+def _execute(km: KernelManager, code: str) -> dict[str, Any]:
+    """Run ``code``; its execute_reply content and its result's text."""
+    kc = km.client()
+    kc.start_channels()
+    try:
+        kc.wait_for_ready(timeout=TIMEOUT)
+        result: dict[str, Any] = {}
+
+        def output(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "execute_result":
+                result["text"] = msg["content"]["data"]["text/plain"]
+
+        reply = kc.execute_interactive(code, timeout=TIMEOUT, output_hook=output)
+        return {**reply["content"], "text": result.get("text")}
+    finally:
+        kc.stop_channels()
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+
+
+# -- the argv path --------------------------------------------------------------------
+
+
+def test_argv_kernelspec_without_provisioner_gets_a_forked_worker(runtime, tmp_path):
+    km = KernelManager(kernel_name=ARGV_KERNEL)
+    km.start_kernel(cwd=str(tmp_path))
+    worker = 0
+    try:
+        shim = km.provisioner.process
+        out = _execute(
+            km,
+            "import os; (os.getpid(), os.getppid(), os.environ.get('JPY_PARENT_PID'), os.getcwd())",
+        )
+        assert out["status"] == "ok", out
+        worker, parent, jpy_parent, cwd = eval(out["text"])
+        servers = _ready_fork_servers(runtime)
+        assert parent in [f["pid"] for f in servers], (parent, servers)
+        assert jpy_parent == str(os.getpid())
+        assert cwd == str(tmp_path)
+        # The process the client launched stays and hosts nothing itself.
+        assert shim.poll() is None and worker != shim.pid
+        leases = _status(runtime)["leases"]
+        assert [lease["owner_pid"] for lease in leases] == [shim.pid]
+    finally:
+        km.shutdown_kernel()
+    assert shim.wait(10) == 0
+    assert_no_leftovers([worker])
+
+
+def test_argv_interrupt_reaches_the_forked_worker(runtime):
+    km = KernelManager(kernel_name=ARGV_KERNEL)  # interrupt_mode signal: SIGINT to the launcher
+    km.start_kernel()
+    try:
+        kc = km.client()
+        kc.start_channels()
+        try:
+            kc.wait_for_ready(timeout=TIMEOUT)
+            msg_id = kc.execute("import time; time.sleep(60)")
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:  # until the cell runs
+                msg = kc.get_iopub_msg(timeout=TIMEOUT)
+                if msg["msg_type"] == "execute_input":
+                    break
+            time.sleep(0.2)
+            km.interrupt_kernel()
+            reply = kc.get_shell_msg(timeout=20)
+            assert reply["parent_header"]["msg_id"] == msg_id
+            assert reply["content"]["status"] == "error"
+            assert reply["content"]["ename"] == "KeyboardInterrupt"
+        finally:
+            kc.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
+
+
+def test_killing_the_argv_process_ends_its_forked_worker(runtime):
+    km = KernelManager(kernel_name=ARGV_KERNEL)
+    km.start_kernel()
+    worker = 0
+    try:
+        out = _execute(km, "import os; os.getpid()")
+        worker = int(out["text"])
+        shim = km.provisioner.process
+        shim.kill()
+        shim.wait(10)
+        deadline = time.monotonic() + 10
+        while not pid_gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pid_gone(worker), "the worker outlived the process the client launched"
+        while _status(runtime)["leases"] and time.monotonic() < deadline:
+            time.sleep(0.05)  # ending: its gateway's sockets are closing
+        assert not _status(runtime)["leases"]
+    finally:
+        km.shutdown_kernel(now=True)
+    assert_no_leftovers([worker])
+
+
+def test_argv_path_falls_back_to_standalone_when_the_daemon_cannot_be_used(runtime, tmp_path):
+    not_a_dir = tmp_path / "runtime-is-a-file"
+    not_a_dir.write_text("")
+    err = tmp_path / "kernel.err"
+    km = KernelManager(kernel_name=ARGV_KERNEL)
+    with open(err, "w") as stderr:
+        km.start_kernel(env={**os.environ, "JUPYTER_RUNTIME_DIR": str(not_a_dir)}, stderr=stderr)
+    worker = 0
+    try:
+        out = _execute(km, "import os; (os.getpid(), os.getppid())")
+        assert out["status"] == "ok", out
+        worker, parent = eval(out["text"])
+        assert parent == km.provisioner.process.pid, "not the standalone kernel's own worker"
+    finally:
+        km.shutdown_kernel()
+    text = err.read_text()
+    assert "cannot be used" in text and "starting the kernel standalone" in text, text
+    assert_no_leftovers([worker])
+
+
+# -- bursts ---------------------------------------------------------------------------
+
+
+async def _burst(n: int, kernel_name: str) -> list[tuple[int, int]]:
+    """``n`` kernels started at once through AsyncKernelManager; each
+    answers 1+1 and says its worker's (pid, ppid). All are shut down."""
+    kms = [AsyncKernelManager(kernel_name=kernel_name) for _ in range(n)]
+
+    async def one(km: AsyncKernelManager) -> tuple[int, int]:
+        await km.start_kernel()
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=120)
+            reply = await kc.execute_interactive("1+1", timeout=120)
+            assert reply["content"]["status"] == "ok", reply
+            ids: dict[str, Any] = {}
+            await kc.execute_interactive(
+                "import os; os.getpid(), os.getppid()",
+                timeout=120,
+                output_hook=lambda m: ids.update(m["content"].get("data", {})),
+            )
+            return eval(ids["text/plain"])  # type: ignore[no-any-return]
+        finally:
+            kc.stop_channels()
+
+    try:
+        return list(await asyncio.gather(*(one(km) for km in kms)))
+    finally:
+        await asyncio.gather(
+            *(km.shutdown_kernel(now=True) for km in kms if km.has_kernel),
+            return_exceptions=True,
+        )
+
+
+def _check_burst(runtime: Path, n: int) -> None:
+    ids = asyncio.run(asyncio.wait_for(_burst(n, KERNEL_NAME), 300))
+    pids = [pid for pid, _ in ids]
+    assert len(set(pids)) == n, "a worker was handed out twice"
+    servers = {f["pid"] for f in _ready_fork_servers(runtime)}
+    forked = [pid for pid, ppid in ids if ppid in servers]
+    assert len(forked) == n, f"{n - len(forked)} of {n} kernels were not forked"
+    assert_no_leftovers(pids)
+
+
+def test_twenty_kernels_at_once_all_answer_with_forked_workers(runtime):
+    _check_burst(runtime, 20)
+
+
+@pytest.mark.skipif(
+    os.environ.get("PYREPL3_BURST_TESTS") != "1",
+    reason="100 kernels at once take about a minute on 2 cores: set PYREPL3_BURST_TESTS=1",
+)
+def test_hundred_kernels_at_once_all_answer_with_forked_workers(runtime):
+    _check_burst(runtime, 100)
+
+
+def _lease_request(runtime: Path, warmup_code: str = "") -> dict[str, Any]:
+    return {
+        "kernel_name": KERNEL_NAME,
+        "python": sys.executable,
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "owner_pid": os.getpid(),
+        "pool": {"size": 1, "warmup_code": warmup_code},
+    }
+
+
+def test_fork_server_dying_mid_burst(runtime):
+    """Leases fall back to new interpreters, the server is restarted, no
+    worker is handed out twice, and `pyrepl3-kernel stop` leaves nothing."""
+    client = _daemon(runtime)
+    request = _lease_request(runtime, warmup_code="import json")
+    first = client.call("lease", **request)  # the profile's fork server, ready
+    server = next(p for p in client.call("status")["pools"] if p["warmup_code"] == "import json")
+    server_pid = server["fork_server"]["pid"]
+    assert server["fork_server"]["state"] == "ready"
+    replies: list[dict[str, Any]] = [first]
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        futures = [pool.submit(client.call, "lease", **request) for _ in range(12)]
+        time.sleep(0.05)
+        os.kill(server_pid, signal.SIGKILL)
+        replies += [f.result(timeout=TIMEOUT) for f in futures]
+    workers = [r["worker_pid"] for r in replies]
+    assert len(set(workers)) == len(workers), "a worker was handed out twice"
+    assert all(not pid_gone(pid) for pid in workers)
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        pools = client.call("status")["pools"]
+        fork = next(p for p in pools if p["warmup_code"] == "import json")["fork_server"]
+        if fork["state"] == "ready" and fork["restarts"] >= 1:
+            break
+        assert time.monotonic() < deadline, fork
+        time.sleep(0.1)
+    new_server = fork["pid"]
+    assert new_server != server_pid
+    stop_daemon(runtime)
+    assert_no_leftovers([*workers, server_pid, new_server])
+
+
+def test_warmup_that_starts_a_thread_is_reported_and_served_cold(runtime):
+    warmup = "import threading, time; threading.Thread(target=time.sleep, args=(600,), name='held', daemon=True).start()"
+    client = _daemon(runtime)
+    reply = client.call("lease", **_lease_request(runtime, warmup_code=warmup))
+    try:
+        pool = next(p for p in client.call("status")["pools"] if p["warmup_code"] == warmup)
+        assert pool["fork_server"]["state"] == "unsafe"
+        assert "held" in pool["fork_server"]["reason"]
+        assert _ppid(reply["worker_pid"]) == client.call("hello")["pid"]  # a new interpreter
+        shown = subprocess.run(
+            [sys.executable, "-m", "pyrepl3_kernel.cli", "status", "--runtime-dir", str(runtime)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+        assert "fork server unsafe" in shown and "thread" in shown, shown
+    finally:
+        client.call("release", lease_id=reply["lease_id"])
+
+
+# -- prepared at start ------------------------------------------------------------------
+
+
+def _wait_for_ready_fork_server(runtime: Path, proc: subprocess.Popen[Any]) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            status = DaemonClient(DaemonPaths.default(runtime), timeout=10).call("status")
+        except Exception:
+            status = None
+        if status is not None:
+            ready = [f for f in status["fork_servers"] if f["state"] == "ready"]
+            if ready:
+                assert not status["leases"] and status["daemon"]["leases_served"] == 0
+                return ready[0]
+        time.sleep(0.1)
+    raise AssertionError("no fork server became ready")
+
+
+def test_a_daemon_prepares_its_fork_server_at_start(tmp_path):
+    runtime = tmp_path / "runtime"
+    env = {**os.environ, "PYREPL3_DAEMON_PREPARE": json.dumps({"warmup_code": "import json"})}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyrepl3_kernel.cli", "serve", "--runtime-dir", str(runtime)],
+        env=env,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        server = _wait_for_ready_fork_server(runtime, proc)
+        assert server["warmup_code"] == "import json"
+    finally:
+        stop_daemon(runtime)
+        proc.kill()
+        proc.wait(10)
+    assert_no_leftovers([server["pid"]])
+
+
+def test_gateway_prepares_the_fork_server_before_the_first_kernel(runtime, tmp_path):
+    pytest.importorskip("jupyter_server")
+    own_runtime = tmp_path / "gw-runtime"
+    own_runtime.mkdir(mode=0o700)
+    env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(own_runtime)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyrepl3_kernel.cli", "gateway", "--port=0", "--no-browser"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path,
+    )
+    server: dict[str, Any] = {}
+    try:
+        server = _wait_for_ready_fork_server(own_runtime, proc)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        stop_daemon(own_runtime)
+    assert_no_leftovers([server["pid"]] if server else [])
