@@ -53,6 +53,9 @@ class WorkerComm(BaseComm):
             msg = CommCloseMessage(**fields)
         else:
             raise ValueError(f"unknown comm message type {msg_type!r}")
+        from .subshells import note_sender
+
+        note_sender(self, data)  # its answer goes to this thread's shell
         _outlet.emit(msg)
 
 

@@ -71,6 +71,43 @@ def _raise_in_thread(ident: int, exc: type[BaseException] | None) -> None:
     ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exc and ctypes.py_object(exc))
 
 
+# -- which shell a comm's answer goes to -------------------------------------------
+
+_replies_lock = threading.Lock()
+
+
+def _request_id(data: Any) -> str | None:
+    content = data.get("content") if isinstance(data, dict) else None
+    value = content.get("id") if isinstance(content, dict) else None
+    return value if isinstance(value, str) else None
+
+
+def note_sender(comm: Any, data: Any) -> None:
+    """A comm sends ``data`` from this thread: the frontend's answer goes
+    back to this thread's shell (as ipykernel's ``_reply_subshell_for``), so
+    that a cell awaiting it on the main shell gets it there, whatever
+    subshell the frontend sends it on."""
+    thread = threading.current_thread()
+    subshell_id = thread.subshell_id if isinstance(thread, SubshellThread) else None
+    request_id = _request_id(data)
+    with _replies_lock:
+        comm._pyrepl3_reply_shell = subshell_id
+        if request_id is not None:
+            comm.__dict__.setdefault("_pyrepl3_replies", {})[request_id] = subshell_id
+
+
+def reply_shell(comm: Any, data: Any, default: str | None) -> str | None:
+    """The shell (a subshell id, None: the main shell) that takes a message
+    for ``comm``: the one that sent the request it answers, else the last
+    one that sent on it, else ``default``."""
+    request_id = _request_id(data)
+    with _replies_lock:
+        replies = comm.__dict__.get("_pyrepl3_replies", {})
+        if request_id is not None and request_id in replies:
+            return replies.pop(request_id)  # type: ignore[no-any-return]
+        return getattr(comm, "_pyrepl3_reply_shell", default)
+
+
 class _InputSlot:
     __slots__ = ("event", "value", "interrupted")
 
@@ -359,6 +396,10 @@ class Subshells:
                 threads = list(self._threads.values())
             return any(thread.interrupt(msg.target) for thread in threads)
         subshell_id = getattr(msg, "subshell_id", None)
+        if msg.type in (MessageType.COMM_MSG, MessageType.COMM_CLOSE):
+            comm = self._worker.comm_manager.comms.get(getattr(msg, "comm_id", ""))
+            if comm is not None:
+                subshell_id = reply_shell(comm, getattr(msg, "data", None), subshell_id)
         if msg.type not in ORDERED_REQUESTS or not subshell_id:
             return False
         with self._lock:
@@ -373,6 +414,10 @@ class Subshells:
     def _control(self, msg: SubshellMessage) -> None:
         reply = SubshellReplyMessage(parent_id=msg.id, action=msg.action)
         if msg.action == "create":
+            # The main thread looks into sys.modules for asyncio (eventloop.py):
+            # a subshell must not be the one importing it meanwhile.
+            import asyncio  # noqa: F401
+
             subshell_id = msg.subshell_id or str(uuid.uuid4())
             with self._lock:
                 taken = subshell_id in self._threads
