@@ -216,8 +216,11 @@ def test_stop_at_breakpoint_inspect_and_continue(debug: Debug) -> None:
     assert stopped["body"]["reason"] == "breakpoint"
     thread = stopped["body"]["threadId"]
     assert thread in debug.request("debugInfo")["body"]["stoppedThreads"]
-    frame = debug.top_frame(thread)
+    frames = debug.request("stackTrace", {"threadId": thread})["body"]["stackFrames"]
+    frame = frames[0]
     assert frame["source"]["path"] == source and frame["line"] == 2
+    # The stack ends at the cell: the worker's own frames are not shown.
+    assert [f["name"] for f in frames] == ["f", "<module>"]
     assert values(debug.scope(frame["id"], "Locals")) == {"a": "2", "b": "3"}
     # evaluate in the stopped frame
     evaluated = debug.request(

@@ -331,7 +331,19 @@ class Debugger:
         return response(request, False, message="source unavailable", body={})
 
     def stackTrace(self, request: dict[str, Any]) -> dict[str, Any]:
-        return self._forward(request)
+        reply = self._forward(request)
+        body = reply.get("body") or {}
+        frames = body.get("stackFrames")
+        if isinstance(frames, list):
+            # The worker's own frames under the cell (its request loop) are
+            # not the user's: the call stack ends at the cell, as with an
+            # installed ipykernel, whose frames debugpy counts as library code.
+            shown = [f for f in frames if not _kernel_frame(f)]
+            body["totalFrames"] = max(
+                0, int(body.get("totalFrames", len(frames))) - (len(frames) - len(shown))
+            )
+            body["stackFrames"] = shown
+        return reply
 
     def variables(self, request: dict[str, Any]) -> dict[str, Any]:
         if not self.stopped_threads:
@@ -474,6 +486,14 @@ class _NamespaceFrame:
         self.f_locals = ns
         self.f_back = None
         self.f_lineno = 0
+
+
+_PACKAGE_DIR = str(Path(__file__).resolve().parent.parent) + os.sep
+
+
+def _kernel_frame(frame: Any) -> bool:
+    path = str(((frame or {}).get("source") or {}).get("path") or "")
+    return path.startswith(_PACKAGE_DIR)
 
 
 #: The interpreter's own (pydevd replaces sys.settrace with one that warns).
