@@ -348,3 +348,76 @@ def test_rest_states_and_checkout(
         assert server.api("POST", f"{base}/{counts[2]}/checkout").status_code == 200
         state = execute(server, kernel, "print(b, c)").json()
         assert state["outputs"][0]["text"] == "[1, 2, 3] x\n", state
+
+
+# -- saves proportional to the change: nothing is missed -------------------------------------
+
+#: (setup, the cell that changes something, what must hold in its state)
+DIRTY_CASES = {
+    "alias": ("a = [1]\nb = a", "b.append(2)", "a == [1, 2] and a is b"),
+    "container": ("x = [1]\nc = [x]", "c[0].append(2)", "x == [1, 2] and c[0] is x"),
+    "deep container": (
+        "inner = [1]\nholder = {'deep': ([inner],)}",
+        "inner.append(2)",
+        "holder['deep'][0][0] == [1, 2]",
+    ),
+    "instance attribute": (
+        "class Box:\n    pass\nbox = Box()\nitems = [1]\nbox.items = items",
+        "items.append(2)",
+        "box.items == [1, 2] and items == [1, 2]",
+    ),
+    "function mutating a global": (
+        "counter = {'n': 0}\ndef bump():\n    counter['n'] += 1",
+        "bump()",
+        "counter == {'n': 1}",
+    ),
+    "method mutating a global": (
+        "total = []\nclass K:\n    def inc(self):\n        total.append(1)\nk = K()",
+        "k.inc()",
+        "total == [1]",
+    ),
+    "exec of a code string": ("q = []\ncode = 'q.append(9)'", "exec(code)", "q == [9]"),
+    "globals()": (
+        "g = [0]",
+        "globals()['made'] = [5]\nglobals()['g'].append(1)",
+        "made == [5] and g == [0, 1]",
+    ),
+    "numpy view": (
+        "import numpy as np\nbase = np.zeros(10)\nview = base[2:5]",
+        "view[0] = 7",
+        "base[2] == 7 and view[0] == 7",
+    ),
+}
+
+
+def test_incremental_saves_never_miss_a_change(driver: Driver) -> None:
+    driver.ex("import numpy as np\nbig = np.arange(2_000_000.0)")  # never touched again
+    cells = {}
+    for case, (setup, change, _) in DIRTY_CASES.items():
+        driver.ex(setup)
+        out, err, reply = driver.cell(change)
+        assert reply.status == "ok", (case, err)
+        cells[case] = reply.execution_count
+    # A cell that fails still counts: its change is in the next state.
+    driver.ex("failing = {'a': 1}")
+    assert driver.cell("failing['a'] = 2\n1 / 0")[2].status == "error"
+    cells["failed cell"] = driver.cell("unrelated = 1")[2].execution_count
+    states = {s["cell_number"]: s for s in driver.states()}
+    manifests = {}
+    for path in state_files(driver.autosave):
+        manifest = json.loads(path.read_text())
+        manifests[manifest["cell_number"]] = manifest
+    # The saves were incremental (but for the cells using globals()/exec), and
+    # the untouched array kept its blob all along.
+    first = min(manifests)
+    for case, cell in cells.items():
+        incremental = manifests[cell]["incremental"]
+        assert incremental is (case not in ("globals()", "exec of a code string")), case
+        assert manifests[cell]["names"]["big"]["blob"] == manifests[first]["names"]["big"]["blob"]
+        assert "big" not in states[cell]["changed"]
+    # Every change is in its state: check each out (in place) and look.
+    checks = {**{c: v[2] for c, v in DIRTY_CASES.items()}, "failed cell": "failing == {'a': 2}"}
+    for case, cell in cells.items():
+        driver.ex("a = b = x = c = inner = holder = items = box = counter = total = q = g = 0")
+        driver.ex(f"%checkout {cell}")
+        assert driver.value(f"bool({checks[case]})") is True, case

@@ -23,6 +23,7 @@ import signal
 import time
 from typing import Any
 
+from . import dirty
 from .history import History, Retention
 
 log = logging.getLogger("pyrepl3.worker")
@@ -142,13 +143,37 @@ class Autosave:
         self._saved_bindings: frozenset[tuple[str, int]] | None = None
         #: A pidfd of the newest child: the next child waits for its exit.
         self._last_pidfd: int | None = None
+        #: What changed since the last save (see :mod:`.dirty`): names the
+        #: cells since reached, or everything; the bindings at the last save,
+        #: its seq (the base of the next, incremental save), saves since a full one.
+        self._touched: set[str] = set()
+        self._everything = True
+        self._fork_bindings: dict[str, int] = {}
+        self._base_seq: int | None = None
+        self._since_full = 0
         state.changed = self.mark_dirty
 
     def mark_dirty(self) -> None:
-        """The state changed outside a cell (a checkout request): save it."""
+        """The state changed outside a cell (a checkout or restore request):
+        save it, in full."""
+        self._everything = True
         if self.store is not None:
             self._saved_bindings = None
             self.dirty = True
+
+    def note_cell(self, result: Any) -> None:
+        """Remember what a cell (successful or not) may have changed."""
+        code = getattr(getattr(result, "info", None), "raw_cell", None)
+        touched = None
+        if isinstance(code, str):
+            try:
+                touched = dirty.touched_by(code, self.state.shell.user_ns)
+            except Exception:  # an odd namespace: save everything
+                touched = None
+        if touched is None:
+            self._everything = True
+        else:
+            self._touched |= touched
 
     def configure(self, store: str | None) -> None:
         # Not marked dirty: a worker just configured may be about to receive
@@ -156,11 +181,15 @@ class Autosave:
         # succeeds saves.
         self.store = store or None
         self.state.autosave_store = self.store
+        self._everything, self._base_seq = True, None
 
     def after_cell(self, result: Any) -> None:
         """IPython ``post_run_cell`` hook: mark the state for saving once the
         reply has gone out (the worker's request loop calls :meth:`poll`)."""
-        if self.store is None or not getattr(result, "success", False):
+        if self.store is None:
+            return
+        self.note_cell(result)
+        if not getattr(result, "success", False):
             return
         bindings = self._bindings()
         if bindings == self._saved_bindings and _inert(getattr(result.info, "raw_cell", None)):
@@ -208,6 +237,13 @@ class Autosave:
         pending = _lock(store, PENDING_NAME, fcntl.LOCK_SH | fcntl.LOCK_NB)
         at, self.state.position = self.state.position, None
         predecessor = self._last_pidfd
+        now = dirty.bindings(self.state.shell.user_ns)
+        moved = dirty.rebound(self._fork_bindings, now)
+        full = self._everything or self._base_seq is None or self._since_full >= dirty.full_every()
+        changed = None if full else self._touched | moved
+        base_seq = self._base_seq
+        self._touched, self._everything, self._fork_bindings = set(), False, now
+        self._base_seq, self._since_full = seq, 0 if full else self._since_full + 1
         pid = os.fork()
         if pid:
             if pending is not None:
@@ -238,11 +274,22 @@ class Autosave:
                 select.select([predecessor], [], [], self.PREDECESSOR_TIMEOUT)
             writing = _lock(store, LOCK_NAME, fcntl.LOCK_EX)
             if _saved_seq(store) < seq:
+                started = time.perf_counter()
                 engine = self.state.engine(store)
                 history = History(engine.store) if "://" not in store else None
+                base = None
+                if changed is not None:
+                    try:
+                        previous = engine.store.read_manifest(AUTO_NAME)
+                        if previous.get("autosave_seq") == base_seq:
+                            base = previous
+                    except Exception:  # none, or unreadable: a full save
+                        base = None
 
                 def record(manifest: dict[str, Any], report: Any) -> None:
                     if history is not None:
+                        manifest["save_seconds"] = round(time.perf_counter() - started, 6)
+                        manifest["incremental"] = base is not None
                         history.record(seq, manifest, report.bytes_written, at=at)
 
                 engine.save(
@@ -251,6 +298,9 @@ class Autosave:
                     extra={"autosave_seq": seq, **({"at": at} if at is not None else {})},
                     saved_by=self.state.owner(),
                     before_manifest=record,
+                    changed=changed if base is not None else None,
+                    moved=moved,
+                    base=base,
                 )
                 if history is not None:
                     history.enforce(Retention.of(store))

@@ -18,6 +18,7 @@ from ..pickling import (
     NotRestorable,
     holds_named_container,
 )
+from .dirty import close_over
 from .errors import CheckpointError
 from .format import FORMAT, FORMAT_VERSION, blob_digest, pack_blob
 from .namespace import user_names
@@ -44,13 +45,23 @@ class CheckpointEngine:
         extra: dict[str, Any] | None = None,
         saved_by: dict[str, Any] | None = None,
         before_manifest: Callable[[dict[str, Any], Report], None] | None = None,
+        changed: set[str] | None = None,
+        moved: set[str] | None = None,
+        base: dict[str, Any] | None = None,
     ) -> Report:
         """Save the namespace as checkpoint ``name``, replacing any checkpoint
         of that name (whose owner the caller checked). Objects whose pickled
         size exceeds ``max_object_bytes`` are skipped (and reported);
         ``saved_by`` is recorded in the manifest. ``before_manifest`` is
         called with the manifest and the report once the blobs are durable,
-        before the manifest is written (the state history records it)."""
+        before the manifest is written (the state history records it).
+
+        Incremental: given ``base`` (the manifest of the previous save of
+        this namespace) and ``changed`` (the names that may have changed
+        since, ``moved`` those among them bound to another object or
+        deleted), only those and what they reach are pickled
+        (:func:`.dirty.close_over`); every other name keeps its entry in
+        ``base``."""
         check_name(name)
         started = time.perf_counter()
         cell = current_cell(self.shell)
@@ -70,12 +81,41 @@ class CheckpointEngine:
             else:
                 canonical[id(obj)] = var
                 order.append(var)
+        reuse: dict[str, dict[str, Any]] = {}
+        base_sources: dict[str, str] = {}
+        if base is not None and changed is not None:
+            base_names = base.get("names", {})
+            names = [*order, *(v for v in entries)]
+            dirty = close_over(changed, moved or set(), ns, names, base_names)
+            for var in order:
+                previous = base_names.get(var)
+                if (
+                    var not in dirty
+                    and previous is not None
+                    and previous.get("status") not in ("skipped", "alias")
+                    and (previous.get("blob") or previous.get("status") == "source")
+                ):
+                    reuse[var] = previous
+            base_sources = base.get("sources", {})
         by_source: dict[str, str] = {}
-        pickled = self._pickle_all(order, ns, canonical, report, by_source)
+        pickled = self._pickle_all(
+            [v for v in order if v not in reuse], ns, canonical, report, by_source
+        )
+        if any(set(e.get("refs", ())) & report.skipped.keys() for e in reuse.values()):
+            # A name kept as it was refers to one that cannot be saved now.
+            return self.save(name, max_object_bytes, extra, saved_by, before_manifest)
         sources: dict[str, str] = {}
         modules: set[str] = set()
         for var in order:
             obj = ns[var]
+            if var in reuse:
+                entries[var] = dict(reuse[var])
+                report.reused += 1
+                cell_file = reuse[var].get("cell")
+                if cell_file and cell_file in base_sources:
+                    sources.setdefault(cell_file, base_sources[cell_file])
+                modules.update(_modules_of(obj))
+                continue
             if var in by_source:
                 entries[var] = {
                     "status": "source",
