@@ -398,6 +398,12 @@ class ManagerDaemon:
         """A new lease whose worker is a fork of ``lease_id``'s (docs/fork.md)."""
         return await forks.op_fork(self.leases, self._lease(request), request)
 
+    async def _op_forks(self, request: dict[str, Any]) -> dict[str, Any]:
+        return forks.op_forks(self.leases)
+
+    async def _op_adopt(self, request: dict[str, Any]) -> dict[str, Any]:
+        return forks.op_adopt(self._lease(request), request)
+
     _ops: dict[str, Any] = {
         "hello": _op_hello,
         "lease": _op_lease,
@@ -412,6 +418,8 @@ class ManagerDaemon:
         "watch": op_watch,
         "prepare": op_prepare,
         "fork": _op_fork,
+        "forks": _op_forks,
+        "adopt": _op_adopt,
     }
 
     def _lease(self, request: dict[str, Any], missing_ok: bool = False) -> Any:
