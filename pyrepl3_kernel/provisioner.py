@@ -50,6 +50,9 @@ _T = TypeVar("_T")
 #: In a launch's environment: start the kernel as a fork of the daemon's
 #: lease of this id, not from a pool (the REST fork, docs/fork.md).
 FORK_OF_ENV = "PYREPL3_FORK_OF"
+#: In a launch's environment: take over the running fork of this lease id
+#: (a Jupyter server registering a kernel ``%fork`` made, server/fork.py).
+ADOPT_ENV = "PYREPL3_ADOPT_LEASE"
 
 
 class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
@@ -204,6 +207,7 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             else:
                 self.warm = bool(reply.get("warm"))
         fork_of = env.pop(FORK_OF_ENV, None)
+        adopt = env.pop(ADOPT_ENV, None)
         if fork_of and self.lease_id is None and not self._forked:
             # A fork of a running kernel (docs/fork.md); no cold fallback: a
             # fork that fails fails the start.
@@ -214,6 +218,12 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             self.lease_id = reply["lease_id"]
             self.warm = False
             self.fork_report = reply.get("report") or {}
+        elif adopt and self.lease_id is None and not self._forked:
+            # A kernel %fork made: this manager takes it over, as it runs.
+            self._forked = True
+            reply = await self._call("adopt", lease_id=adopt, owner_pid=os.getpid())
+            self.lease_id = reply["lease_id"]
+            self.warm = False
         if self.lease_id is None:
             lease = {
                 "kernel_name": self._kernel_name(),
