@@ -17,7 +17,17 @@ from tornado import web
 
 class StartKernelHandler(MainKernelHandler):  # type: ignore[misc]
     """``POST /api/kernels`` that also honours ``env`` (``KERNEL_*`` variables,
-    ``KERNEL_WORKING_DIR``), as jupyter_server's GatewayClient sends them."""
+    ``KERNEL_WORKING_DIR``), as jupyter_server's GatewayClient sends them;
+    ``GET /api/kernels`` that lists the kernels ``%fork`` made from this
+    server's kernels too (server/fork.py)."""
+
+    @web.authenticated
+    @authorized
+    async def get(self) -> None:
+        from .fork import adopt_forks
+
+        await adopt_forks(self.kernel_manager)
+        await ensure_async(super().get())
 
     @web.authenticated
     @authorized
