@@ -417,3 +417,25 @@ def test_a_fork_that_cannot_reach_its_supervisor_leaves_nothing_behind() -> None
         return pids
 
     assert_no_leftovers(run(main()))
+
+
+def test_fork_magic_in_a_server_kernel_is_listed_by_the_server(server: Any) -> None:
+    """A kernel %fork made from a kernel of jupyter_server joins the server's
+    kernels: /api/kernels lists it, it answers, DELETE shuts it down."""
+    parent = server.start_kernel("pyrepl3")
+    try:
+        rest_value(server, parent, "import os\nx = 'from the parent'")
+        r = server.api("POST", f"/api/pyrepl3/kernels/{parent}/execute", {"code": "%fork"})
+        assert r.status_code == 200 and r.json()["status"] == "ok", r.text
+        text = "".join(o.get("text", "") for o in r.json()["outputs"])
+        found = re.search(r"new kernel ([0-9a-f-]{36})", text)
+        assert found, text
+        child = found.group(1)
+        assert child in kernel_ids(server)
+        assert rest_value(server, child, "x") == "'from the parent'"
+        child_pid = int(rest_value(server, child, "os.getpid()"))
+        assert server.api("DELETE", f"/api/kernels/{child}").status_code == 204
+        assert child not in kernel_ids(server)
+        assert_no_leftovers([child_pid], timeout=15)
+    finally:
+        server.api("DELETE", f"/api/kernels/{parent}")

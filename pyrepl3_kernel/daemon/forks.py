@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyrepl3.daemon")
 
+#: Lease id of each fork -> the kernel id it was forked from (for ``forks``).
+_forked_from: dict[str, str] = {}
+#: Lease id of each %fork -> the connection file written for it.
+_connection_files: dict[str, str] = {}
+
 
 async def fork_lease(
     leases: Leases,
@@ -113,6 +118,7 @@ async def fork_lease(
     )
     leases._leases[lease.id] = lease
     leases.served += 1
+    _forked_from[lease.id] = parent.kernel_id
     offer_forks(leases, lease)
     log.info("lease %s forked from %s (worker %s)", lease.id, parent.id, worker.pid)
     return lease, worker.fork_report
@@ -155,6 +161,53 @@ async def op_fork(leases: Leases, parent: Lease, request: dict[str, Any]) -> dic
     }
 
 
+def op_forks(leases: Leases) -> dict[str, Any]:
+    """The daemon's ``forks`` op: the running forks and whom they came from."""
+    forks = []
+    for lease_id, parent_kernel in list(_forked_from.items()):
+        lease = leases.get(lease_id)
+        if lease is None:
+            del _forked_from[lease_id]
+            continue
+        forks.append(
+            {
+                "lease_id": lease.id,
+                "kernel_id": lease.kernel_id,
+                "kernel_name": lease.kernel_name,
+                "forked_from": parent_kernel,
+                "owner_pid": lease.owner_pid,
+            }
+        )
+    return {"forks": forks}
+
+
+def op_adopt(lease: Lease, request: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's ``adopt`` op: ``owner_pid`` takes over a fork's lease
+    (a Jupyter server registering a ``%fork`` kernel with its kernel
+    manager); the reply is ``lease``'s."""
+    if lease.id not in _forked_from:
+        raise DaemonError("bad_request", f"lease {lease.id!r} is not a fork: it has its owner")
+    owner_pid = request.get("owner_pid")
+    if not isinstance(owner_pid, int) or isinstance(owner_pid, bool) or not alive(owner_pid):
+        raise DaemonError("bad_request", f"owner_pid {owner_pid!r} is not a running process")
+    lease.owner_pid = owner_pid
+    lease.owner_started = started_at(owner_pid)
+    # The new owner's KernelManager writes its own connection file, of the
+    # same name if it shares the runtime dir (one it finds would not be its own).
+    with contextlib.suppress(OSError, KeyError):
+        os.unlink(_connection_files.pop(lease.id))
+    info = dict(lease.gateway.connection_info)
+    info["key"] = info["key"].decode()
+    return {
+        "lease_id": lease.id,
+        "kernel_id": lease.kernel_id,
+        "connection_info": info,
+        "worker_pid": lease.gateway.session.pid,
+        "daemon_pid": os.getpid(),
+        "warm": False,
+    }
+
+
 async def host_fork(leases: Leases, parent: Lease | None) -> dict[str, Any]:
     """What ``%fork`` in a daemon-hosted kernel gets: the new kernel's id,
     connection info and connection file (written to Jupyter's runtime
@@ -166,6 +219,7 @@ async def host_fork(leases: Leases, parent: Lease | None) -> dict[str, Any]:
     except DaemonError as exc:
         raise ForkError(str(exc)) from None
     fork = describe_fork(lease, report)
+    _connection_files[lease.id] = fork["connection_file"]
     task = asyncio.ensure_future(_remove_when_closed(lease, fork["connection_file"]))
     _cleanups.add(task)
     task.add_done_callback(_cleanups.discard)
@@ -180,8 +234,9 @@ async def _remove_when_closed(lease: Lease, path: str) -> None:
     try:
         await lease.gateway.closed.wait()
     finally:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
+        if _connection_files.pop(lease.id, None) is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
 
 def describe_fork(lease: Lease, report: dict[str, Any]) -> dict[str, Any]:

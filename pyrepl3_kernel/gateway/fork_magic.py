@@ -46,6 +46,10 @@ def describe(fork: dict[str, Any]) -> str:
     ]
     if fork.get("connection_file"):
         lines.append(f"Connect: jupyter console --existing {fork['connection_file']}")
+    lines.append(
+        "A Jupyter server running this kernel lists the new one with its kernels "
+        "(GET /api/kernels; JupyterLab's running kernels) when it next lists them."
+    )
     report = fork.get("report") or {}
     for name, why in (report.get("lost") or {}).items():
         lines.append(f"  not carried over: {name}: {why}")

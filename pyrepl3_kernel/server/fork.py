@@ -11,6 +11,9 @@ a pooled launch that fell back) gets 409. See docs/fork.md and docs/rest.md.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
 import os
 from typing import Any
 
@@ -19,6 +22,8 @@ from tornado import web
 
 from .proxy import forwarded
 from .rest import Pyrepl3Handler
+
+log = logging.getLogger("pyrepl3.server")
 
 #: Daemon error codes and the HTTP status they become.
 _STATUS = {"busy": 409, "unknown_lease": 409, "bad_request": 400, "fork_failed": 500}
@@ -71,3 +76,48 @@ class ForkHandler(Pyrepl3Handler):
             },
             status=201,
         )
+
+
+_adopting = asyncio.Lock()
+
+
+async def adopt_forks(km: Any) -> list[str]:
+    """Register with ``km`` the kernels ``%fork`` made from its kernels (they
+    run in the manager daemon; the daemon's ``forks`` op names them): each
+    becomes a kernel of the server, listed under ``/api/kernels``, with its
+    id, started by adopting its lease. Returns the ids registered."""
+    from ..daemon.client import DaemonError, DaemonUnavailable
+    from ..provisioner import ADOPT_ENV, PoolProvisioner
+
+    clients = {}
+    for kernel_id in list(getattr(km, "list_kernel_ids", list)()):
+        with contextlib.suppress(Exception):
+            provisioner = km.get_kernel(kernel_id).provisioner
+            if isinstance(provisioner, PoolProvisioner) and provisioner.lease_id:
+                client = provisioner._client()
+                clients[os.fspath(client.paths.socket)] = (client, kernel_id)
+    adopted: list[str] = []
+    if not clients:
+        return adopted
+    async with _adopting:
+        ours = set(km.list_kernel_ids())
+        for client, _ in clients.values():
+            try:
+                reply = await asyncio.to_thread(client.call, "forks", 10.0)
+            except (DaemonError, DaemonUnavailable) as exc:
+                log.debug("pyrepl3: no forks from the daemon: %s", exc)
+                continue
+            for fork in reply.get("forks") or []:
+                if fork.get("forked_from") not in ours or fork.get("kernel_id") in ours:
+                    continue
+                env = {**os.environ, ADOPT_ENV: str(fork["lease_id"])}
+                try:
+                    await km.start_kernel(
+                        kernel_id=fork["kernel_id"], kernel_name=fork["kernel_name"], env=env
+                    )
+                except Exception as exc:
+                    log.warning("pyrepl3: could not register fork %s: %s", fork["kernel_id"], exc)
+                    continue
+                adopted.append(fork["kernel_id"])
+                ours.add(fork["kernel_id"])
+    return adopted

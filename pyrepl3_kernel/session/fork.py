@@ -315,18 +315,22 @@ async def _connection_of(
     """The fork's connection; a ForkError at once if the fork dies before
     it connects, or after ``timeout`` (then it is killed)."""
     loop = asyncio.get_running_loop()
-    gone: asyncio.Future[None] = loop.create_future()
+    gone: asyncio.Future[Any] = loop.create_future()
+
+    def exited() -> None:
+        if not gone.done():
+            gone.set_result(None)
+
     pidfd: int | None = None
     try:
         pidfd = os.pidfd_open(pid)
     except OSError:
-        gone.set_result(None)
+        exited()
     else:
-        loop.add_reader(pidfd, lambda: gone.done() or gone.set_result(None))
+        loop.add_reader(pidfd, exited)
+    waiting: set[asyncio.Future[Any]] = {accepted, gone}
     try:
-        done, _ = await asyncio.wait(
-            {accepted, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-        )
+        done, _ = await asyncio.wait(waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         gone.cancel()
         if pidfd is not None:
