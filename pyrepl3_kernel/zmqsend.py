@@ -22,6 +22,10 @@ from jupyter_client.session import Session
 
 log = logging.getLogger("pyrepl3.zmq")
 
+#: Frames at least this large are sent without a copy (jupyter_client's
+#: ``Session.copy_threshold``).
+COPY_THRESHOLD = 2**16
+
 
 def send(
     session: Session,
@@ -33,10 +37,21 @@ def send(
     """Sign ``msg`` with ``session`` and send it on ``sock`` (never blocks:
     a send the socket cannot take at once is queued by pyzmq)."""
     frames: list[Any] = session.serialize(msg, ident)
+    send_frames(sock, frames, buffers, session.copy_threshold)
+
+
+def send_frames(
+    sock: zmq.asyncio.Socket,
+    frames: list[Any],
+    buffers: list[Any] | None = None,
+    copy_threshold: int = COPY_THRESHOLD,
+) -> None:
+    """Send a message's signed ``frames`` and its ``buffers`` on ``sock``
+    (never blocks, as :func:`send`)."""
     if buffers:
-        frames.extend(buffers)
+        frames = [*frames, *buffers]
     # As Session.send: small messages are copied, large ones sent zero-copy.
-    copy = max(len(frame) for frame in frames) < session.copy_threshold
+    copy = max(len(frame) for frame in frames) < copy_threshold
     sent = asyncio.ensure_future(sock.send_multipart(frames, copy=copy))
     sent.add_done_callback(_log_failure)
 

@@ -11,11 +11,11 @@ from typing import Any
 
 import zmq
 import zmq.asyncio
-from jupyter_client.session import Session as JupyterSession
 
 from .. import zmqsend
 from ..curve import CurveKeys, serve_on
 from .heartbeat import Heartbeat
+from .wire import Wire
 
 JupyterMsg = dict[str, Any]
 CHANNELS = ("shell", "control", "stdin", "iopub")
@@ -44,9 +44,7 @@ class KernelChannels:
             info.update(self.curve.as_info())
         self.connection_info = info
         self.kernel_id = kernel_id
-        self.jsession = JupyterSession(
-            key=key, signature_scheme=info["signature_scheme"], username="kernel"
-        )
+        self.wire = Wire(key, info["signature_scheme"])
         self._ctx = zmq.asyncio.Context.instance()
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._heartbeat: Heartbeat | None = None
@@ -98,8 +96,7 @@ class KernelChannels:
     def parse(self, frames: list[bytes]) -> tuple[list[bytes], JupyterMsg]:
         """(routing identities, the message) of a received multipart
         message; raises on a bad signature or malformed frames."""
-        idents, msg_list = self.jsession.feed_identities(frames)
-        return idents, self.jsession.deserialize(msg_list)
+        return self.wire.parse(frames)
 
     def send(
         self,
@@ -113,10 +110,8 @@ class KernelChannels:
         buffers: list[Any] | None = None,
     ) -> JupyterMsg:
         """Sign and send one message (see :mod:`pyrepl3_kernel.zmqsend`)."""
-        msg: JupyterMsg = self.jsession.msg(
-            msg_type, content=content, parent=parent, metadata=metadata
-        )
-        zmqsend.send(self.jsession, self._sockets[channel], msg, ident, buffers)
+        msg = self.wire.new_message(msg_type, content, parent, metadata)
+        zmqsend.send_frames(self._sockets[channel], self.wire.frames(msg, ident), buffers)
         return msg
 
     def publish(
