@@ -134,8 +134,6 @@ def hand_off(connection_file: str, ipython_options: list[str]) -> int | None:
     """Serve the kernel of ``connection_file`` from the daemon; the exit
     status once it ended, or None if the daemon cannot be used (the caller
     starts the kernel standalone)."""
-    if os.environ.get(HANDOFF_ENV, "1") == "0":
-        return None
     try:
         with open(connection_file) as f:
             info = json.load(f)
@@ -242,8 +240,10 @@ def main(argv: list[str] | None = None) -> None:
     """``python -m pyrepl3_kernel``: hand the kernel to the daemon, or run it
     standalone (``gateway/standalone.py``) when that cannot be done."""
     args = sys.argv[1:] if argv is None else argv
+    # Read and dropped: a worker's environment is the launch's, as without it.
+    use_daemon = os.environ.pop(HANDOFF_ENV, "1") != "0"
     connection_file, extra = _connection_file(args)
-    if connection_file is not None:
+    if connection_file is not None and use_daemon:
         options: list[str] = []
         unknown: list[str] = []
         if extra:  # rare (VS Code passes none): not worth the import otherwise

@@ -73,7 +73,6 @@ _PRELOAD = (
     "glob",
     "unicodedata",
     "traitlets.config.loader",
-    "matplotlib_inline.backend_inline",
     "pyrepl3_kernel.worker.main",
     "pyrepl3_kernel.worker.shell",
     "pyrepl3_kernel.worker.comms",
@@ -146,7 +145,6 @@ class ForkServer:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.children: set[int] = set()
-        self._env_at_start = dict(os.environ)
         self._start_dir = os.getcwd()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -162,14 +160,17 @@ class ForkServer:
                 importlib.import_module(name)
             except Exception as exc:  # an optional dependency: the worker imports it later
                 log.debug("fork server: could not preload %s: %s", name, exc)
+        from . import launch
+
+        # As a worker sets it before its warm-up runs: matplotlib, if the
+        # warm-up imports it, picks its backend from it.
+        launch.set_default_mpl_backend()
         warmup_error = None
         if warmup_code.strip():
             warmup_error = _run_warmup(warmup_code)
         reason = unsafe_reason()
         if reason is not None:
             return {"op": "unsafe", "reason": reason}
-        # What the warm-up added to the environment stays, as in a pooled worker.
-        self._added_env = {k: v for k, v in os.environ.items() if k not in self._env_at_start}
         return {
             "op": "ready",
             "pid": os.getpid(),
@@ -296,6 +297,7 @@ class ForkServer:
         sys.argv = [worker_main.__file__, "--fd", str(sock_fd)]
         options = [str(o) for o in msg.get("ipython_options") or []]
         worker = worker_main.Worker(sock, ipython_options=options)
+        _as_if_imported_under(worker.shell)
         worker.run()
         os._exit(0)
 
@@ -305,9 +307,10 @@ class ForkServer:
         env = msg.get("env")
         if isinstance(env, dict):
             os.environ.clear()
+            # Not what the warm-up added in the server: a pool runs the
+            # warm-up again in the worker's shell (cheap: its imports are
+            # done), where it adds it as in any pooled worker.
             os.environ.update({str(k): str(v) for k, v in env.items()})
-            for key, value in getattr(self, "_added_env", {}).items():
-                os.environ.setdefault(key, value)
             time.tzset()
         cwd = msg.get("cwd")
         if cwd:
@@ -332,6 +335,26 @@ def _run_warmup(code: str) -> str | None:
     except BaseException as exc:
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def _as_if_imported_under(shell: Any) -> None:
+    """What modules the warm-up imported in the server (which has no shell)
+    do when imported under a shell: matplotlib takes the launch's backend,
+    and its inline backend hooks into the shell (figures show after a cell)."""
+    mpl = sys.modules.get("matplotlib")
+    if mpl is None:
+        return
+    wanted = os.environ.get("MPLBACKEND")
+    try:
+        if wanted and mpl.rcParams._get("backend") != wanted:
+            mpl.use(wanted)
+        inline = sys.modules.get("matplotlib_inline.backend_inline")
+        if inline is not None:
+            inline._enable_matplotlib_integration()
+    except Exception as exc:
+        logging.getLogger("pyrepl3.worker").warning(
+            "could not set up matplotlib for %s: %s", wanted, exc
+        )
 
 
 def _reseed() -> None:
