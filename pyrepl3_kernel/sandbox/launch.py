@@ -51,6 +51,10 @@ HIDDEN_SYSTEM_PATHS = (
     "/etc/ssh",
     "/etc/ssl/private",
 )
+#: Parts of /proc shown read-only (where the sandbox runs as root).
+PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/fs", "/proc/bus", "/proc/irq")
+#: Files of /proc that show kernel internals; replaced by an empty file.
+PROC_MASKED = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug")
 #: Marks a directory as a sandbox's store (only such directories are moved
 #: or removed by the functions here).
 STORE_MARK = ".pyrepl3-sandbox-store"
@@ -168,6 +172,15 @@ class SandboxLaunch:
             elif os.path.exists(path):
                 argv += ["--ro-bind", "/dev/null", path]
         argv += ["--proc", "/proc", "--dev", "/dev"]
+        # uid 0 without capabilities may still write /proc/sys (a DAC check
+        # only: core_pattern runs a program as root on the host) and
+        # /proc/sysrq-trigger: read-only, as container runtimes make them.
+        for path in PROC_READ_ONLY:
+            if os.path.exists(path):
+                argv += ["--ro-bind", path, path]
+        for path in PROC_MASKED:
+            if os.path.exists(path):
+                argv += ["--ro-bind", "/dev/null", path]
         argv += ["--perms", "1777", "--size", str(profile.tmp_size), "--tmpfs", "/tmp"]
         home = env.get("HOME")
         if home and os.path.isabs(home) and os.path.normpath(home) not in ("/", "/tmp"):
