@@ -25,8 +25,17 @@ from typing import Any
 log = logging.getLogger("pyrepl3.worker")
 
 
+def _imported(name: str) -> Any:
+    """The module ``name`` if it is imported, and not half-imported by
+    another thread right now (a subshell's cell, worker/subshells.py)."""
+    module = sys.modules.get(name)
+    if getattr(getattr(module, "__spec__", None), "_initializing", False):
+        return None
+    return module
+
+
 def _ipython_async_helpers() -> Any:
-    return sys.modules.get("IPython.core.async_helpers")
+    return _imported("IPython.core.async_helpers")
 
 
 def cells_loop() -> Any:
@@ -35,7 +44,7 @@ def cells_loop() -> Any:
     If a cell made the current loop (``asyncio.get_event_loop()``), IPython
     runs top-level ``await`` on that one too; otherwise IPython's loop becomes
     the current one."""
-    asyncio = sys.modules.get("asyncio")
+    asyncio = _imported("asyncio")
     helpers = _ipython_async_helpers()
     if asyncio is None or helpers is None:
         return None

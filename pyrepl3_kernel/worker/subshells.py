@@ -414,10 +414,6 @@ class Subshells:
     def _control(self, msg: SubshellMessage) -> None:
         reply = SubshellReplyMessage(parent_id=msg.id, action=msg.action)
         if msg.action == "create":
-            # The main thread looks into sys.modules for asyncio (eventloop.py):
-            # a subshell must not be the one importing it meanwhile.
-            import asyncio  # noqa: F401
-
             subshell_id = msg.subshell_id or str(uuid.uuid4())
             with self._lock:
                 taken = subshell_id in self._threads
