@@ -160,6 +160,20 @@ def test_undo_twice_and_the_native_api(driver: Driver) -> None:
     assert driver.names() == ["a", "b"]
 
 
+def test_checkout_leaves_unchanged_objects_in_place(driver: Driver) -> None:
+    driver.ex("import numpy as np\nbig = np.arange(100_000.0)\nsmall = [1]")  # In [1]
+    driver.ex("small.append(2)\nbig2 = big[:10].copy()")  # In [2]
+    ids = driver.value("[id(big), id(small)]")
+    out = driver.ex("%checkout 1")
+    assert "unchanged, left in place" in out
+    after = driver.value("[id(big), id(small), small, 'big2' in globals()]")
+    assert after[0] == ids[0] and after[1] != ids[1] and after[2:] == [[1], False]
+    # Changed in place since its state: read back, not kept.
+    driver.ex("big[0] = -1.0")
+    driver.ex("%checkout 1")
+    assert driver.value("float(big[0])") == 0.0
+
+
 def test_checkout_of_a_cell_that_saved_no_state_takes_the_one_before(driver: Driver) -> None:
     driver.ex("v = 1")  # In [1]
     assert driver.cell("v = 2\n1 / 0")[2].status == "error"  # In [2] failed: no state

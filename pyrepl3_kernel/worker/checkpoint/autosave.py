@@ -25,6 +25,7 @@ from typing import Any
 
 from . import dirty
 from .history import History, Retention
+from .namespace import user_names
 
 log = logging.getLogger("pyrepl3.worker")
 
@@ -152,11 +153,33 @@ class Autosave:
         self._base_seq: int | None = None
         self._since_full = 0
         state.changed = self.mark_dirty
+        state.autosave = self
 
     def mark_dirty(self) -> None:
         """The state changed outside a cell (a checkout or restore request):
         save it, in full."""
         self._everything = True
+        if self.store is not None:
+            self._saved_bindings = None
+            self.dirty = True
+
+    def unchanged(self, base_names: dict[str, dict[str, Any]]) -> tuple[int | None, set[str]]:
+        """The seq of the last save, and the names nothing has changed since
+        (``base_names``: that save's name table); (None, empty) if unknown."""
+        if self._everything or self._base_seq is None:
+            return None, set()
+        ns = self.state.shell.user_ns
+        moved = dirty.rebound(self._fork_bindings, dirty.bindings(ns))
+        names = user_names(self.state.shell)
+        changed = dirty.close_over(self._touched | moved, moved, ns, names, base_names)
+        return self._base_seq, set(names) - changed
+
+    def checked_out(self, seq: int) -> None:
+        """The namespace now is state ``seq``: the next save is incremental
+        against it (and records that it went back to it)."""
+        self._fork_bindings = dirty.bindings(self.state.shell.user_ns)
+        self._touched, self._everything, self._base_seq = set(), False, seq
+        self.state.position = seq
         if self.store is not None:
             self._saved_bindings = None
             self.dirty = True
@@ -278,12 +301,15 @@ class Autosave:
                 engine = self.state.engine(store)
                 history = History(engine.store) if "://" not in store else None
                 base = None
-                if changed is not None:
-                    try:
-                        previous = engine.store.read_manifest(AUTO_NAME)
-                        if previous.get("autosave_seq") == base_seq:
-                            base = previous
-                    except Exception:  # none, or unreadable: a full save
+                if changed is not None and base_seq is not None:
+                    try:  # the state saved (or checked out) last
+                        if history is not None:
+                            base = history.read(base_seq)
+                        else:
+                            previous = engine.store.read_manifest(AUTO_NAME)
+                            if previous.get("autosave_seq") == base_seq:
+                                base = previous
+                    except Exception:  # gone, or unreadable: a full save
                         base = None
 
                 def record(manifest: dict[str, Any], report: Any) -> None:

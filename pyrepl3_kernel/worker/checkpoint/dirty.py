@@ -35,7 +35,10 @@ from ..transactions.names import _code_names, _functions_of, referenced_names
 _DYNAMIC = frozenset({"globals", "vars", "locals", "exec", "eval", "__main__", "get_ipython"})
 _DYNAMIC_TEXT = re.compile(r"\b(globals|vars|locals|exec|eval|__main__|get_ipython|user_ns)\b")
 #: Magics that only time or list: the code they run is the cell's own text.
-_SAFE_MAGICS = frozenset({"time", "timeit", "capture", "states", "who", "whos", "pwd"})
+#: ``%checkout`` and ``%undo`` tell the autosave what they did themselves.
+_SAFE_MAGICS = frozenset(
+    {"time", "timeit", "capture", "states", "who", "whos", "pwd", "checkout", "undo"}
+)
 _MAGIC = re.compile(r"^\s*(%{1,2}|!)(\w*)", re.M)
 ENV_FULL_EVERY = "PYREPL3_STATES_FULL_EVERY"
 DEFAULT_FULL_EVERY = 20

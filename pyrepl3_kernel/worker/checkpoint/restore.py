@@ -124,6 +124,8 @@ def restore_manifest(
             report.saved[var] = {
                 k: v for k, v in entry.items() if k not in ("source", "blob", "reason")
             }
+            if var in keep:
+                report.saved[var]["unchanged"] = True
     for var, entry in entries.items():
         if entry.get("status") == "alias":
             if entry["of"] in loaded:

@@ -119,19 +119,48 @@ class TimeTravel:
         self, store: Store, seq: int, manifest: dict[str, Any], label: str, asked: Any
     ) -> dict[str, Any]:
         started = time.perf_counter()
+        keep = self._unchanged(store, manifest)
         try:
-            report = restore_manifest(self.checkpoints.shell, store, manifest, label, True, started)
+            report = restore_manifest(
+                self.checkpoints.shell, store, manifest, label, True, started, keep=keep
+            )
         except CheckpointError as exc:
             raise CheckpointError(
                 f"cannot check out the {label}: {exc}; the namespace was not changed"
             ) from None
-        self.checkpoints.position = seq
-        changed = getattr(self.checkpoints, "changed", None)
-        if changed is not None:
-            changed()
+        autosave = getattr(self.checkpoints, "autosave", None)
+        if autosave is not None:
+            autosave.checked_out(seq)
+        else:
+            self.checkpoints.position = seq
         result = report.as_dict()
         result.update(seq=seq, asked=asked, created=manifest.get("created"))
         return result
+
+    def _unchanged(self, store: Store, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Names whose object now is the one ``manifest`` saved (same blob in
+        the newest state, and nothing changed it since): left in place."""
+        autosave = getattr(self.checkpoints, "autosave", None)
+        latest = History(store).latest()
+        if autosave is None or latest is None:
+            return {}
+        seq, newest = latest
+        base_seq, clean = autosave.unchanged(newest["names"])
+        if base_seq != seq:
+            return {}
+        ns = self.checkpoints.shell.user_ns
+        keep = {}
+        for var, entry in manifest["names"].items():
+            now = newest["names"].get(var, {})
+            if (
+                var in clean
+                and entry.get("blob")
+                and entry.get("status") != "alias"
+                and now.get("blob") == entry["blob"]
+                and now.get("status") == entry.get("status")
+            ):
+                keep[var] = ns[var]
+        return keep
 
 
 def _content(manifest: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
@@ -209,6 +238,9 @@ def describe_checkout(result: dict[str, Any]) -> str:
         f" in {result['seconds'] * 1000:.0f} ms: "
         f"{len(result['saved'])} name{'' if len(result['saved']) == 1 else 's'} restored"
     )
+    unchanged = sum(1 for e in result["saved"].values() if e.get("unchanged"))
+    if unchanged:
+        head += f" ({unchanged} of them unchanged, left in place)"
     asked = result.get("asked")
     if isinstance(asked, int) and asked != result["cell_number"]:
         head += f" (cell {asked} saved no state of its own: it failed or changed nothing)"
