@@ -150,9 +150,13 @@ def wait_saved(cluster: Cluster, kid: str, marker: str, timeout: float = 300) ->
             files = []
         for path in files:
             if path.endswith(".json") and "/objects/" not in path:
-                with fs.open(path, "rb") as f:
-                    if marker.encode() in f.read():
-                        return
+                try:
+                    with fs.open(path, "rb") as f:
+                        if marker.encode() in f.read():
+                            return
+                except FileNotFoundError:  # replaced since the listing
+                    continue
+        fs.invalidate_cache()
         time.sleep(0.2)
     raise TimeoutError("the state never reached the store")
 

@@ -51,6 +51,33 @@ def test_the_image_runs_the_launcher_the_ssh_kernelspec_runs() -> None:
     assert "KERNEL_LANGUAGE=python" in text
 
 
+def test_the_image_command_speaks_the_protocol_to_gateway_provisioners() -> None:
+    """The Kubernetes/Docker path as far as this machine allows: the
+    Dockerfile's CMD, run with the environment a kernel pod gets, against
+    gateway_provisioners' own ResponseManager; a cell, an interrupt and a
+    shutdown through the comm port."""
+    import subprocess
+    import sys
+
+    from cluster_helpers import free_port
+
+    env = dict(GP_RESPONSE_IP="127.0.0.1", GP_RESPONSE_PORT=str(free_port("127.0.0.1")))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "tests" / "cluster_container_run.py")],
+        env={**__import__("os").environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["cmd"] == kernelspecs.launch_argv()[1:3]
+    assert {"comm_port", "pid", "pgid", "kernel_id", "key", "shell_port"} <= set(report["keys"])
+    assert report["cell"] == ["ok", "42"]
+    assert report["interrupt"] == "KeyboardInterrupt"
+    assert report["exit"] == 0
+
+
 def test_install_writes_a_provisioner_kernelspec_that_validates(tmp_path: Path) -> None:
     import subprocess
     import sys

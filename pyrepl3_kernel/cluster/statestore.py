@@ -37,6 +37,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import Pyrepl3Error
+
 log = logging.getLogger("pyrepl3.cluster")
 
 STATE_URL_ENV = "PYREPL3_STATE_URL"
@@ -48,8 +50,12 @@ RECORD_NAME = "kernel.json"
 RUNNING_MARK_AFTER = 1.0
 
 
-class StateStoreError(Exception):
+class StateStoreError(Pyrepl3Error):
     """The store cannot be used (bad URL, driver missing, refused)."""
+
+
+class _Replaced(Pyrepl3Error):
+    """A file listed in the store was gone when it was fetched."""
 
 
 def public_url(url: str) -> str:
@@ -231,8 +237,19 @@ class StateMirror:
         """Replace the local autosave directory with the store's copy for this
         kernel id; None when the store has none. Raises StateStoreError when
         the store cannot be read."""
+        for _attempt in range(3):
+            try:
+                return self._restore_into()
+            except _Replaced:
+                # A file went between the listing and its download (another
+                # kernel of this id still wrote): list again.
+                self.fs.invalidate_cache()
+        raise StateStoreError(f"the state at {self.public} kept changing while it was read")
+
+    def _restore_into(self) -> Resumed | None:
         start = time.monotonic()
         remote = f"{self.prefix}/autosave"
+        self.fs.invalidate_cache()
         try:
             listing = self.fs.find(remote)
             manifests = [p for p in listing if p.endswith(".json")]
@@ -249,8 +266,14 @@ class StateMirror:
                 rel = path[len(remote) :].lstrip("/")
                 dest = os.path.join(tmp, *rel.split("/"))
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
-                self.fs.get_file(path, dest)
+                try:
+                    self.fs.get_file(path, dest)
+                except FileNotFoundError:
+                    raise _Replaced from None
                 total += os.path.getsize(dest)
+        except _Replaced:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         except FileNotFoundError:
             return None
         except Exception as exc:
