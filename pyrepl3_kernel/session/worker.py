@@ -11,7 +11,6 @@ worker's messages.
 from __future__ import annotations
 
 import asyncio
-import codecs
 import contextlib
 import logging
 import os
@@ -32,7 +31,6 @@ from ..protocol import (
     InterruptMessage,
     Message,
     MessageType,
-    OutputMessage,
     ProtocolError,
     ProtocolErrorMessage,
     ReadyMessage,
@@ -46,19 +44,9 @@ from ..protocol import (
     negotiate,
 )
 from ..sandbox.profile import Profile, SandboxError
+from .output import PipeOutput
 
 log = logging.getLogger("pyrepl3.session")
-
-#: Stream output arriving within this many seconds of the previous send is
-#: batched into one OUTPUT message; a line completed after a pause is not held.
-OUTPUT_COALESCE_S = 0.002
-#: How long the start of a line waits for its end before it is sent anyway.
-#: The worker's print() writes a line in one piece; this is for code that
-#: writes a line in parts (``write(text)``, then ``write('\n')``), which a
-#: loaded machine can deschedule in between for a few milliseconds. Output
-#: that never ends a line (a progress counter) waits this long; ipykernel
-#: holds all output for up to 200 ms.
-PARTIAL_LINE_WAIT_S = 0.01
 
 
 class WorkerStartError(Pyrepl3Error, RuntimeError):
@@ -210,11 +198,8 @@ class WorkerProcess:
         self._ready_future: asyncio.Future[ReadyMessage] | None = None
         self._streams: dict[str, asyncio.Queue[Message]] = {}
         self._conversation = Conversation()
-        self._decoders: dict[int, codecs.IncrementalDecoder] = {}
         self._startup_stderr = bytearray()
-        self._pending_output: list[tuple[int, str, str | None]] = []
-        self._flush_handle: asyncio.TimerHandle | None = None
-        self._last_flush = 0.0
+        self._output = PipeOutput(self._route)
         self._gone_task: asyncio.Task[None] | None = None
         self._dead = asyncio.Event()
         self._generation = 0
@@ -470,8 +455,8 @@ class WorkerProcess:
         self._route(ProtocolErrorMessage(code=item.code, detail=f"from worker: {item.detail}"))
 
     def _on_message(self, msg: Message) -> None:
-        if self._pending_output:
-            self._flush_output()
+        if self._output:
+            self._output.flush()
         if msg.type == MessageType.READY:
             assert isinstance(msg, ReadyMessage)
             if self._ready_future is not None and not self._ready_future.done():
@@ -485,54 +470,7 @@ class WorkerProcess:
             if fd == 2:
                 self._startup_stderr += data[-65536:]
             return
-        decoder = self._decoders.get(fd)
-        if decoder is None:
-            decoder = self._decoders[fd] = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        text = decoder.decode(data)
-        if not text:
-            return
-        parent = self._conversation.output_owner
-        self._pending_output.append((fd, text, parent))
-        # A completed line goes out at once, unless output is streaming fast
-        # (then it joins the batch due OUTPUT_COALESCE_S after the last send).
-        # A partial line waits PARTIAL_LINE_WAIT_S for the rest of the line.
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        due = self._last_flush + OUTPUT_COALESCE_S
-        if text.endswith("\n"):
-            if now >= due:
-                self._flush_output()
-                return
-            when = due
-        else:
-            when = max(due, now + PARTIAL_LINE_WAIT_S)
-        handle = self._flush_handle
-        if handle is None or handle.when() > when:
-            # A line ended: what waited for its end goes with the batch.
-            if handle is not None:
-                handle.cancel()
-            self._flush_handle = loop.call_at(when, self._flush_output)
-
-    def _flush_output(self) -> None:
-        """Route pending stream output; called before any worker message is
-        routed, so output always precedes what the worker sent after it."""
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
-        self._last_flush = asyncio.get_running_loop().time()
-        pending, self._pending_output = self._pending_output, []
-        i = 0
-        while i < len(pending):
-            fd, text, parent = pending[i]
-            j = i + 1
-            while j < len(pending) and pending[j][0] == fd and pending[j][2] == parent:
-                j += 1
-            if j > i + 1:
-                text = "".join(chunk for _, chunk, _ in pending[i:j])
-            self._route(
-                OutputMessage(stream="stdout" if fd == 1 else "stderr", data=text, parent_id=parent)
-            )
-            i = j
+        self._output.feed(fd, data, self._conversation.output_owner)
 
     def _route(self, msg: Message, final: bool = False) -> None:
         parent = msg.parent_id or ""
@@ -566,8 +504,8 @@ class WorkerProcess:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(asyncio.shield(proto.pipes_closed), 0.25)
         await self._kill()
-        if self._pending_output:
-            self._flush_output()
+        if self._output:
+            self._output.flush()
         cause = self._sandbox_cause or describe_exit(self.returncode)
         self.death_cause = cause
         self._dead.set()
@@ -586,8 +524,8 @@ class WorkerProcess:
         """End every open request stream with what the worker's death makes of
         it (docs/protocol.md 12.2): the running cell an ERROR and an error
         reply, queued cells ``aborted``, other requests a protocol error."""
-        if self._pending_output:
-            self._flush_output()  # output the worker wrote comes before the replies
+        if self._output:
+            self._output.flush()  # output the worker wrote comes before the replies
         for msg in self._conversation.worker_died(cause):
             # A request nobody listens to any more (its stream was abandoned)
             # needs no ending.
@@ -626,12 +564,8 @@ class WorkerProcess:
         self._control = None
         self._streams.clear()
         self._conversation.clear()
-        self._decoders.clear()
         self._startup_stderr.clear()
-        self._pending_output = []
-        if self._flush_handle is not None:
-            self._flush_handle.cancel()
-            self._flush_handle = None
+        self._output.clear()
         self._gone_task = None
         self._dead = asyncio.Event()
         self._launch = None
