@@ -224,6 +224,9 @@ class Leases:
         self._leases[lease_id] = lease
         self.served += 1
         self.served_warm += int(warm)
+        from .forks import offer_forks  # %fork in this kernel makes a new lease (docs/fork.md)
+
+        offer_forks(self, lease)
         return lease, (pool.refill if pool is not None else None)
 
     async def restart(self, lease: Lease) -> None:
