@@ -314,7 +314,6 @@ class ManagerDaemon:
             curve=curve,
         )
         gateway = lease.gateway
-        forks.offer_forks(self.leases, lease)  # %fork makes a new lease here
         connection_info = dict(gateway.connection_info)
         connection_info["key"] = connection_info["key"].decode()
         reply = {
