@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -439,3 +440,71 @@ def test_fork_magic_in_a_server_kernel_is_listed_by_the_server(server: Any) -> N
         assert_no_leftovers([child_pid], timeout=15)
     finally:
         server.api("DELETE", f"/api/kernels/{parent}")
+
+
+def test_fork_magic_on_the_argv_path_outlives_the_parent_process(
+    pyrepl3_kernelspec: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that runs the kernelspec's argv itself (no provisioner: the
+    kernel is handed to the daemon) can %fork too; killing the parent
+    kernel's process does not end the fork."""
+    import json
+
+    from jupyter_client.manager import KernelManager
+
+    from pyrepl3_kernel.daemon.client import DaemonClient, DaemonPaths
+
+    spec = json.loads((pyrepl3_kernelspec / "kernel.json").read_text())
+    spec.get("metadata", {}).pop("kernel_provisioner", None)
+    spec_dir = tmp_path / "share" / "jupyter" / "kernels" / "pyrepl3-argv"
+    spec_dir.mkdir(parents=True)
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    monkeypatch.setenv(
+        "JUPYTER_PATH",
+        os.pathsep.join([str(tmp_path / "share" / "jupyter"), os.environ["JUPYTER_PATH"]]),
+    )
+    km = KernelManager(kernel_name="pyrepl3-argv")
+    km.start_kernel()
+    fork_pid = None
+    try:
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        kc.execute_interactive("x = 'argv parent'", timeout=30, output_hook=lambda m: None)
+        texts: list[str] = []
+
+        def keep(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "stream":
+                texts.append(msg["content"]["text"])
+
+        reply = kc.execute_interactive("%fork", timeout=60, output_hook=keep)
+        assert reply["content"]["status"] == "ok", reply
+        found = re.search(r"jupyter console --existing (\S+)", "".join(texts))
+        assert found, texts
+        kc.stop_channels()
+        fork = connected(found.group(1))
+        try:
+            fork_pid = int(evaluate(fork, "__import__('os').getpid()"))
+            # The parent kernel's process is killed: its lease ends with it,
+            # and the daemon's reaper (every 2 s) leaves the fork alone.
+            parent_id = km.kernel_id
+            km.shutdown_kernel(now=True)
+            client = DaemonClient(DaemonPaths.default(os.environ["JUPYTER_RUNTIME_DIR"]))
+
+            def leases() -> set[str]:
+                return {lease["kernel_id"] for lease in client.call("status")["leases"]}
+
+            deadline = time.monotonic() + 30
+            while parent_id in leases() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert parent_id not in leases()
+            time.sleep(2.5)  # a reap pass has run since
+            assert evaluate(fork, "x") == "'argv parent'"
+        finally:
+            fork.shutdown()
+            fork.stop_channels()
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+    assert fork_pid is not None
+    assert_no_leftovers([fork_pid], timeout=15)

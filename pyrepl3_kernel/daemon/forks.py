@@ -215,7 +215,7 @@ async def host_fork(leases: Leases, parent: Lease | None) -> dict[str, Any]:
     if parent is None:
         raise ForkError("this kernel is not hosted by the daemon any more")
     try:
-        lease, report = await fork_lease(leases, parent)
+        lease, report = await fork_lease(leases, parent, owner_pid=_fork_owner(parent))
     except DaemonError as exc:
         raise ForkError(str(exc)) from None
     fork = describe_fork(lease, report)
@@ -237,6 +237,22 @@ async def _remove_when_closed(lease: Lease, path: str) -> None:
         if _connection_files.pop(lease.id, None) is not None:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+
+
+def _fork_owner(parent: Lease) -> int:
+    """Who owns a ``%fork`` kernel: the client that started the parent
+    kernel (``JPY_PARENT_PID``, as jupyter_client's launcher and the
+    provisioner set it), else the parent's owner. Not the parent kernel's own
+    process (the argv path's ``python -m pyrepl3_kernel``): the fork outlives
+    the parent kernel."""
+    env = parent.gateway.session.env or {}
+    try:
+        client = int(env.get("JPY_PARENT_PID", ""))
+    except ValueError:
+        client = 0
+    if client > 0 and client != os.getpid() and alive(client):
+        return client
+    return parent.owner_pid
 
 
 def describe_fork(lease: Lease, report: dict[str, Any]) -> dict[str, Any]:
