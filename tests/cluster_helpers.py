@@ -291,7 +291,10 @@ class Cluster:
 
     def install_kernelspecs(self) -> None:
         state = f"s3://{BUCKET}/kernels"
-        self.kernelspec("pyrepl3_ssh", {"PYREPL3_STATE_URL": state})
+        self.kernelspec(
+            "pyrepl3_ssh",
+            {"PYREPL3_STATE_URL": state, "PYREPL3_CHECKPOINT_DIR": f"s3://{BUCKET}/checkpoints"},
+        )
         self.kernelspec(
             "pyrepl3_ssh_badcred",
             {"PYREPL3_STATE_URL": state, "AWS_SECRET_ACCESS_KEY": "not-the-secret"},
@@ -368,6 +371,12 @@ class Cluster:
 
     def server_log(self) -> str:
         return (self.root / "server.log").read_text(errors="replace")
+
+    def all_logs(self) -> str:
+        """The server's, the kernels' and the hosts' logs, as one text."""
+        paths = [self.root / "server.log", *sorted((self.root / "kernel-logs").glob("*"))]
+        paths += [h.root / "sshd.log" for h in self.hosts]
+        return "".join(p.read_text(errors="replace") for p in paths if p.exists())
 
     def close(self) -> None:
         if self.server is not None and self.server.poll() is None:

@@ -180,6 +180,15 @@ def test_remote_kernel_runs_cells_on_its_host_and_saves_to_the_store(cluster: Cl
         reply, out = ks.execute("x + 1")
         assert text_of(out).strip() == "42"
         wait_for(lambda: saved_manifest(cluster, kid), 30, "the state in the store")
+        # Named checkpoints go to the store directly (PYREPL3_CHECKPOINT_DIR).
+        reply, out = ks.execute("%checkpoint save first")
+        assert reply["status"] == "ok", text_of(out)
+        assert any(
+            p.endswith("first.json") for p in cluster.moto.fs().find(f"{BUCKET}/checkpoints")
+        )
+        ks.execute("x = 0")
+        reply, out = ks.execute("%checkpoint restore first\nprint(x)")
+        assert reply["status"] == "ok" and text_of(out).strip().endswith("41"), text_of(out)
     finally:
         ks.close()
         cluster.api("DELETE", f"/api/kernels/{kid}")
@@ -237,6 +246,8 @@ def test_store_refusing_writes_never_blocks_a_cell_and_says_so(cluster: Cluster)
         finally:
             ks.close()
             cluster.api("DELETE", f"/api/kernels/{kid}")
+    logs = cluster.all_logs()
+    assert "not-the-secret" not in logs and cluster.moto.secret_key not in logs
 
 
 @cluster_mark
@@ -259,6 +270,26 @@ def test_explicit_move_keeps_the_state(cluster: Cluster) -> None:
         assert "moved 499500" in text, text
         with pytest.raises(Exception, match="409"):
             cluster.api("POST", f"/api/pyrepl3/kernels/{kid}/move", {"host": dst})
+        # And back, with the CLI.
+        import subprocess
+        import sys
+
+        done = subprocess.run(
+            [sys.executable, "-m", "pyrepl3_kernel.cli", "move", kid, "--to", src,
+             "--server", cluster.url, "--token", cluster.token],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert f"from {dst} to {src}" in done.stdout
+        ks.connect()
+        reply, out = ks.execute("s")
+        assert reply["status"] == "ok" and "moved" in text_of(out)
+        bad = subprocess.run(
+            [sys.executable, "-m", "pyrepl3_kernel.cli", "move", kid, "--to", "10.9.9.9",
+             "--server", cluster.url, "--token", cluster.token],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert bad.returncode == 1 and "not one of the provisioner's remote_hosts" in bad.stderr
     finally:
         ks.close()
         cluster.api("DELETE", f"/api/kernels/{kid}")

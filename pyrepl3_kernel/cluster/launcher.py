@@ -198,6 +198,8 @@ class RemoteKernel:
             # before the gateway removes the local directory.
             await gateway.session.release_worker()
             mirror.stop()
+            if not await loop.run_in_executor(None, mirror.wait_for_writers, 120.0):
+                log.error("the last save into %s did not finish in 120 s", mirror.local_dir)
             ok = await loop.run_in_executor(None, mirror.flush, 60.0)
             if ok:
                 await loop.run_in_executor(None, mirror.mark_stopped)

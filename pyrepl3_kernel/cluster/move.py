@@ -53,6 +53,9 @@ async def move_kernel(
     old = prov.assigned_host
     if host and host == old:
         raise MoveError(f"kernel {kernel_id} already runs on {host}")
+    hosts = list(getattr(prov, "remote_hosts", None) or [])
+    if host and hosts and host not in hosts:
+        raise MoveError(f"{host} is not one of the provisioner's remote_hosts ({', '.join(hosts)})")
     started = time.monotonic()
     km.stop_restarter()  # the old kernel's exit is not a death to recover from
     try:
@@ -71,6 +74,12 @@ async def move_kernel(
             env["KERNEL_REMOTE_HOST"] = host
         try:
             await mkm.restart_kernel(kernel_id, now=True)
+        except Exception as exc:
+            raise MoveError(
+                f"kernel {kernel_id} stopped on {old} with its state saved, but could not be "
+                f"started on {host or 'the next host'}: {exc}; the restarter starts it again "
+                "on another host, from the saved state"
+            ) from None
         finally:
             if previous is None:
                 env.pop("KERNEL_REMOTE_HOST", None)

@@ -26,6 +26,7 @@ name the URL only, without any user:password part.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -43,6 +44,8 @@ log = logging.getLogger("pyrepl3.cluster")
 
 STATE_URL_ENV = "PYREPL3_STATE_URL"
 STATE_OPTIONS_ENV = "PYREPL3_STATE_OPTIONS"
+#: Held (shared) by every child that is saving into the autosave directory.
+PENDING_LOCK = ".autosave.pending"
 #: What the kernel that holds a kernel id writes next to its state.
 RECORD_NAME = "kernel.json"
 #: A cell still running after this many seconds is named in the record, so
@@ -409,6 +412,31 @@ class StateMirror:
         self.failure = reason
         if self.failed_since is None:
             self.failed_since = time.time()
+
+    def wait_for_writers(self, timeout: float = 120.0) -> bool:
+        """Wait until no save into the local directory is under way (a large
+        state takes a while to write); False if one still was at the timeout.
+
+        The checkpoint package's contract (worker/checkpoint/autosave.py):
+        every saving child holds a shared flock on PENDING_LOCK until it
+        exits, dead worker or not."""
+        path = os.path.join(self.local_dir, PENDING_LOCK)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return True  # nothing was ever saved here
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    return True
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.02)
+        finally:
+            os.close(fd)
 
     def flush(self, timeout: float = 120.0) -> bool:
         """Upload everything saved so far, now; False if it could not be."""
