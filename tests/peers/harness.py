@@ -68,7 +68,12 @@ SUITES: dict[str, Suite] = {
     "ipykernel": Suite(
         "ipykernel",
         "ipykernel",
-        ("tests/test_kernel.py", "tests/test_message_spec.py", "tests/test_debugger.py"),
+        (
+            "tests/test_kernel.py",
+            "tests/test_message_spec.py",
+            "tests/test_subshells.py",
+            "tests/test_debugger.py",
+        ),
         drop=("ipykernel", "ipykernel_launcher.py"),
         test_timeout=30,  # ipykernel's own setting
         bound=300,
