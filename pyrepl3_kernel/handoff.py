@@ -215,11 +215,24 @@ def prepare_daemon(kernel_name: str = "pyrepl3") -> None:
 
         spec = KernelSpecManager().get_kernel_spec(kernel_name)
         provisioner = spec.metadata.get("kernel_provisioner") or {}
-        warmup_code = str((provisioner.get("config") or {}).get("warmup_code") or "")
+        config = provisioner.get("config") or {}
+        warmup_code = str(config.get("warmup_code") or "")
         python = spec.argv[0] if spec.argv and os.path.isabs(spec.argv[0]) else sys.executable
         client = DaemonClient(_daemon_paths(), timeout=130.0)
         ensure_daemon(client, starter=os.getpid())
-        reply = client.call("prepare", python=python, env=dict(os.environ), warmup_code=warmup_code)
+        fields: dict[str, Any] = {
+            "python": python,
+            "env": dict(os.environ),
+            "warmup_code": warmup_code,
+        }
+        if provisioner:  # the kernelspec's pool too: its first kernel takes a waiting worker
+            fields["kernel_name"] = kernel_name
+            fields["pool"] = {
+                "size": int(config.get("pool_size", 1)),
+                "max_kernels": int(config.get("max_kernels", 256)),
+            }
+        reply = client.call("prepare", **fields)
+        from . import provisioner as _loaded  # noqa: F401  (the server's first launch loads it)
     except Exception as exc:
         _warn(f"could not prepare the manager daemon's fork server: {exc}")
         return

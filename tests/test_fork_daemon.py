@@ -362,7 +362,15 @@ def test_gateway_prepares_the_fork_server_before_the_first_kernel(runtime, tmp_p
     own_runtime.mkdir(mode=0o700)
     env = {**os.environ, "JUPYTER_RUNTIME_DIR": str(own_runtime)}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pyrepl3_kernel.cli", "gateway", "--port=0", "--no-browser"],
+        [
+            sys.executable,
+            "-m",
+            "pyrepl3_kernel.cli",
+            "gateway",
+            "--port=0",
+            "--no-browser",
+            *(["--allow-root"] if os.geteuid() == 0 else []),
+        ],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -371,6 +379,18 @@ def test_gateway_prepares_the_fork_server_before_the_first_kernel(runtime, tmp_p
     server: dict[str, Any] = {}
     try:
         server = _wait_for_ready_fork_server(own_runtime, proc)
+        # and the kernelspec's pool, its first worker forked and waiting
+        client = DaemonClient(DaemonPaths.default(own_runtime), timeout=10)
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            status = client.call("status")
+            pools = [p for p in status["pools"] if p["kernel_name"] == KERNEL_NAME]
+            if pools and pools[0]["idle"] >= 1:
+                break
+            assert time.monotonic() < deadline, status["pools"]
+            time.sleep(0.1)
+        assert status["daemon"]["leases_served"] == 0
+        assert pools[0]["fork_server"]["forked"] >= 1
     finally:
         proc.terminate()
         try:

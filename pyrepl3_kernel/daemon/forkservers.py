@@ -127,8 +127,28 @@ async def op_prepare(daemon: Any, request: dict[str, Any]) -> dict[str, Any]:
         raise DaemonError("bad_request", "env must map strings to strings")
     if not isinstance(warmup_code, str):
         raise DaemonError("bad_request", "warmup_code must be a string")
+    env = env if env is not None else dict(os.environ)
     servers: ForkServers = daemon.leases.fork_servers
-    server = await servers.prepare(
-        python, env if env is not None else dict(os.environ), warmup_code
-    )
-    return {"fork_server": server.describe() if server is not None else {"state": "disabled"}}
+    server = await servers.prepare(python, env, warmup_code)
+    reply: dict[str, Any] = {
+        "fork_server": server.describe() if server is not None else {"state": "disabled"}
+    }
+    kernel_name = request.get("kernel_name")
+    if kernel_name is not None:  # and the kernelspec's pool, warming
+        pool_cfg = request.get("pool") or {}
+        size, max_kernels = pool_cfg.get("size", 1), pool_cfg.get("max_kernels", 256)
+        if not isinstance(kernel_name, str) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 4096
+            for v in (size, max_kernels)
+        ):
+            raise DaemonError("bad_request", "kernel_name must be a string, pool sizes integers")
+        pool = await daemon.leases.prepare(
+            kernel_name=kernel_name,
+            python=python,
+            env=env,
+            pool_size=min(size, 64),
+            max_kernels=max(1, max_kernels),
+            warmup_code=warmup_code,
+        )
+        reply["pool"] = pool.stats
+    return reply

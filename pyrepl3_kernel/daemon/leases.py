@@ -229,6 +229,21 @@ class Leases:
         offer_forks(self, lease)
         return lease, (pool.refill if pool is not None else None)
 
+    async def prepare(
+        self,
+        *,
+        kernel_name: str,
+        python: str,
+        env: dict[str, str],
+        pool_size: int,
+        max_kernels: int,
+        warmup_code: str,
+    ) -> SessionPool:
+        """The pool a lease of this launch would take its worker from,
+        warming now, before any lease (the first kernel is as fast as the next)."""
+        key = (kernel_name, python, warmup_code, startup_key(env))
+        return await self._pool(key, python, env, pool_size, max_kernels, warmup_code)
+
     async def restart(self, lease: Lease) -> None:
         """Give the lease's kernel a new worker (warm if its pool has one)."""
         with worker_errors():
