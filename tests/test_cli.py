@@ -260,7 +260,7 @@ def test_uninstall_missing(jupyter_env: dict[str, str]) -> None:
 
 def test_reference_kernelspec_is_current() -> None:
     """kernelspec/ holds what install writes (with "python" as argv[0]) and the same logos."""
-    from pyrepl3_kernel.cli import kernel_spec_dict
+    from pyrepl3_kernel.kernelspec import kernel_spec_dict
 
     ref = REPO / "kernelspec"
     assert json.loads((ref / "kernel.json").read_text()) == kernel_spec_dict("python", pool={})
