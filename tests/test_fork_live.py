@@ -508,3 +508,41 @@ def test_fork_magic_on_the_argv_path_outlives_the_parent_process(
             km.shutdown_kernel(now=True)
     assert fork_pid is not None
     assert_no_leftovers([fork_pid], timeout=15)
+
+
+def test_a_fork_recovers_from_a_crash_with_its_own_state_and_can_fork_again() -> None:
+    """The fork saves automatically to a store of its own: after its worker
+    dies, the new worker has the fork's state, not the parent's. A fork
+    forks again."""
+
+    async def main() -> list[int]:
+        parent = Session()
+        await parent.start()
+        assert parent.pid is not None and parent.autosave_dir is not None
+        pids = [parent.pid]
+        try:
+            await ok(parent, "x = 'parent'")
+            child = await parent.fork()
+            assert child.pid is not None
+            pids.append(child.pid)
+            try:
+                assert child.autosave_dir not in (None, parent.autosave_dir)
+                await ok(child, "x = 'fork'")
+                grandchild = await child.fork()
+                assert grandchild.pid is not None
+                pids.append(grandchild.pid)
+                assert await value(grandchild, "x") == "'fork'"
+                await grandchild.shutdown()
+                msgs = await collect(child, "import os\nos._exit(3)")
+                assert reply_of(msgs).ename == "WorkerDied"
+                assert child.pid not in pids and child.pid is not None
+                pids.append(child.pid)
+                assert await value(child, "x") == "'fork'"
+                assert await value(parent, "x") == "'parent'"
+            finally:
+                await child.shutdown()
+        finally:
+            await parent.shutdown()
+        return pids
+
+    assert_no_leftovers(run(main()))
