@@ -579,8 +579,9 @@ print([len(children), refused])
     assert cell.ename is None, cell
     forked, refused = eval(cell.out)
     assert refused == "BlockingIOError" and forked < 48, cell
-    report = sessions["boxed"].worker.describe_sandbox()
+    report = sessions["boxed"].usage()["pyrepl3"]["sandbox"]
     assert report is not None and report["forks_refused"] >= 1, report
+    assert report["processes"] == 48 and report["processes_now"] < 48, report
     assert report["enforcement"].startswith("cgroup"), report
     _alive(loop, sessions, "plain")
     _alive(loop, sessions)
@@ -635,6 +636,11 @@ def test_input_interrupt_and_checkpoints_work_sandboxed(
     assert cell.ename is None and cell.out.strip().endswith("1"), cell
     store = boxed.worker.sandbox_store
     assert store and os.listdir(os.path.join(store, "checkpoints"))
+    # A fork would share the sandbox: refused at once, with the reason.
+    from pyrepl3_kernel.session.fork import ForkError
+
+    with pytest.raises(ForkError, match="sandboxed kernel cannot be forked"):
+        loop.run(boxed.fork())
 
 
 def test_crash_recovery_restores_into_a_new_sandbox(
@@ -829,3 +835,42 @@ def test_a_launch_env_sandboxes_a_plain_kernelspec(
         assert (out.strip(), error) == ("ConnectionRefusedError", None)
     finally:
         kernel.close()
+
+
+def test_a_rest_created_kernel_is_sandboxed(
+    pyrepl3_kernelspec: Path, scratch: Scratch, tmp_path: Path
+) -> None:
+    """``POST /api/kernels`` with ``env: {KERNEL_PYREPL3_SANDBOX: ...}``
+    through a real jupyter_server (``pyrepl3-kernel gateway``)."""
+    pytest.importorskip("jupyter_server")
+    from test_rest_api import execute, running_server
+
+    with running_server("gateway", tmp_path / "server") as server:
+        r = server.api(
+            "POST",
+            "/api/kernels",
+            {
+                "name": "pyrepl3",
+                "env": {
+                    "KERNEL_PYREPL3_SANDBOX": '{"memory": "512M"}',
+                    "KERNEL_WORKING_DIR": str(scratch.workdir),
+                },
+            },
+        )
+        assert r.status_code == 201, r.text
+        kernel = r.json()["id"]
+        r = execute(
+            server,
+            kernel,
+            GUARD
+            + "import os\n"
+            + f"print(os.readlink('/proc/self/ns/mnt'), os.getcwd(), os.path.exists({str(scratch.secret)!r}))",
+        )
+        state = r.json()
+        assert state["status"] == "ok", (state["error"], state["outputs"])
+        mnt, cwd, sees_secret = state["outputs"][0]["text"].split()
+        assert (mnt != HOST_NS["mnt"], cwd, sees_secret) == (True, str(scratch.workdir), "False")
+        # A kernel started without it is not sandboxed.
+        plain = server.start_kernel("pyrepl3")
+        state = execute(server, plain, "import os\nprint(os.readlink('/proc/self/ns/mnt'))").json()
+        assert state["outputs"][0]["text"].strip() == HOST_NS["mnt"], state

@@ -295,8 +295,13 @@ class Session:
         ``fork_report`` says what did not carry over. Raises ``ForkBusyError``
         while a cell runs. ``options``: ``session_id``, ``autosave``,
         ``on_unrouted`` of the new session."""
-        from .fork import fork_session
+        from .fork import ForkError, fork_session
 
+        if self.worker.sandbox is not None:  # its fork would share its sandbox
+            raise ForkError(
+                "a sandboxed kernel cannot be forked (the fork would share its sandbox); "
+                "save a checkpoint and restore it in a new sandboxed session instead"
+            )
         return await fork_session(self, **options)
 
     async def __aenter__(self) -> Session:
@@ -682,6 +687,8 @@ class Session:
             "halted": self.halted,
             "peak_rss": self.monitor.peak_rss,
             "limits": self.limits.describe(),
+            # profile, how its limits are kept, processes now, forks refused
+            "sandbox": self.worker.describe_sandbox(),
             "states_disk_bytes": timetravel.disk_usage(self.autosave_dir),
         }
         return content
