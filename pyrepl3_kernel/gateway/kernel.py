@@ -33,9 +33,9 @@ from ..session.workers import ColdWorkers, WorkerSource
 from ..tasks import BackgroundTasks
 from . import checkpoint_comm, fork_magic, translate
 from .channels import CHANNELS, KernelChannels
+from .debugger import DebugRelay
 from .subshells import FEATURE as SUBSHELLS_FEATURE
 from .subshells import GatewaySubshells, subshell_of
-from .debugger import DebugRelay
 
 log = logging.getLogger("pyrepl3.gateway")
 
@@ -106,11 +106,11 @@ class JupyterGateway:
         self._closing = False
         self.closed = asyncio.Event()
         self._subshells = GatewaySubshells(self)
-        self._debugger = DebugRelay(self.session.request, self._publish)
-        self.session.death_listeners.append(self._debugger.worker_died)
         #: Where ``%fork`` puts the new kernel (set by the kernel's host, the
         #: daemon); None: ``%fork`` is refused (gateway/fork_magic.py).
         self.fork_host: fork_magic.ForkHost | None = None
+        self._debugger = DebugRelay(self.session.request, self._publish)
+        self.session.death_listeners.append(self._debugger.worker_died)
 
     # -- lifecycle --------------------------------------------------------------
 
