@@ -8,6 +8,8 @@ timings. The crash test is last: it replaces the worker.
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -205,6 +207,51 @@ def test_delete_while_running_ends_the_cell(kernel: Frontend) -> None:
     assert kernel.iopub_of(running)[-1]["content"]["execution_state"] == "idle"
     assert doomed not in listed(kernel)
     assert kernel.execute("threading.active_count()").status == "ok"
+
+
+# -- the native API -----------------------------------------------------------------------
+
+
+def test_native_session_subshells(pyrepl3_kernelspec: Path) -> None:
+    """The same subshells without Jupyter: ``session.subshells``."""
+    from pyrepl3_kernel import ExecuteMessage, Session
+    from pyrepl3_kernel.session.subshells import UnknownSubshellError
+
+    async def replies_of(session: Session, message: ExecuteMessage) -> list[Any]:
+        return [m async for m in session.execute(message)]
+
+    async def main() -> None:
+        async with Session(autosave=False) as session:
+            subshell_id = await session.subshells.create()
+            assert session.subshells.ids() == [subshell_id]
+            order: list[str] = []
+
+            async def run(code: str, on: str | None, name: str) -> Any:
+                msgs = await replies_of(session, ExecuteMessage(code=code, subshell_id=on))
+                order.append(name)
+                return msgs[-1]
+
+            await run("import threading, time; gate = threading.Event()", None, "setup")
+            # The main cell can only end if the subshell's cell runs meanwhile.
+            main_cell = asyncio.ensure_future(run("assert gate.wait(60)", None, "main"))
+            sub_reply = await run("gate.set()", subshell_id, "subshell")
+            assert (await main_cell).status == sub_reply.status == "ok"
+            assert order[0] == "setup"
+
+            looping = ExecuteMessage(code="while True: time.sleep(0.01)", subshell_id=subshell_id)
+            loop_task = asyncio.ensure_future(replies_of(session, looping))
+            while not await session.subshells.interrupt(subshell_id):
+                await asyncio.sleep(0.01)  # until the loop has started
+            assert (await loop_task)[-1].ename == "KeyboardInterrupt"
+
+            unknown = await replies_of(session, ExecuteMessage(code="1", subshell_id="nope"))
+            assert (unknown[-1].status, unknown[-1].ename) == ("error", "UnknownSubshellError")
+            with pytest.raises(UnknownSubshellError, match="Unknown subshell_id 'nope'"):
+                await session.subshells.delete("nope")
+            await session.subshells.delete(subshell_id)
+            assert session.subshells.ids() == []
+
+    asyncio.run(main())
 
 
 # -- a crash (last: it replaces the worker) ------------------------------------------------
