@@ -546,3 +546,48 @@ def test_a_fork_recovers_from_a_crash_with_its_own_state_and_can_fork_again() ->
         return pids
 
     assert_no_leftovers(run(main()))
+
+
+def test_the_fork_of_an_encrypted_kernel_is_encrypted(pyrepl3_kernelspec: Path) -> None:
+    """With CurveZMQ (transport_encryption=required), %fork's kernel serves
+    with the parent's keys: its connection file has them, a client with them
+    works."""
+    import json
+
+    import zmq
+    from jupyter_client.manager import KernelManager
+
+    if not zmq.has("curve"):
+        pytest.skip("this libzmq has no CurveZMQ support")
+    km = KernelManager(kernel_name="pyrepl3", transport_encryption="required")
+    km.start_kernel()
+    fork_pid = None
+    try:
+        kc = km.client()
+        kc.start_channels()
+        kc.wait_for_ready(timeout=60)
+        texts: list[str] = []
+
+        def keep(msg: dict[str, Any]) -> None:
+            if msg["msg_type"] == "stream":
+                texts.append(msg["content"]["text"])
+
+        kc.execute_interactive("x = 'secret'", timeout=30, output_hook=lambda m: None)
+        reply = kc.execute_interactive("%fork", timeout=60, output_hook=keep)
+        kc.stop_channels()
+        assert reply["content"]["status"] == "ok", reply
+        found = re.search(r"jupyter console --existing (\S+)", "".join(texts))
+        assert found, texts
+        info = json.loads(Path(found.group(1)).read_text())
+        assert info["curve_publickey"] == km.get_connection_info()["curve_publickey"]
+        fork = connected(found.group(1))
+        try:
+            fork_pid = int(evaluate(fork, "__import__('os').getpid()"))
+            assert evaluate(fork, "x") == "'secret'"
+        finally:
+            fork.shutdown()
+            fork.stop_channels()
+    finally:
+        km.shutdown_kernel(now=True)
+    assert fork_pid is not None
+    assert_no_leftovers([fork_pid], timeout=15)

@@ -19,7 +19,7 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-from ..curve import CurveKeys
+from ..curve import PUBLIC, SECRET, CurveKeys
 from ..gateway.kernel import JupyterGateway
 from ..processes import alive, started_at
 from ..session.fork import ForkBusyError, ForkError, fork_worker
@@ -133,7 +133,7 @@ async def op_fork(leases: Leases, parent: Lease, request: dict[str, Any]) -> dic
     """The daemon's ``fork`` op: ``lease_id`` (the parent), ``kernel_id``
     and ``owner_pid`` of the new kernel, CurveZMQ keys as ``lease`` takes
     them; the reply is ``lease``'s plus the fork's ``report``."""
-    from ..curve import PUBLIC, SECRET, CurveKeyError
+    from ..curve import CurveKeyError
 
     owner_pid = request.get("owner_pid")
     if not isinstance(owner_pid, int) or isinstance(owner_pid, bool):
@@ -215,7 +215,11 @@ async def host_fork(leases: Leases, parent: Lease | None) -> dict[str, Any]:
     if parent is None:
         raise ForkError("this kernel is not hosted by the daemon any more")
     try:
-        lease, report = await fork_lease(leases, parent, owner_pid=_fork_owner(parent))
+        # An encrypted kernel's fork is encrypted too, with the same keys.
+        curve = CurveKeys.of(
+            {name: parent.gateway.connection_info.get(name) for name in (PUBLIC, SECRET)}
+        )
+        lease, report = await fork_lease(leases, parent, owner_pid=_fork_owner(parent), curve=curve)
     except DaemonError as exc:
         raise ForkError(str(exc)) from None
     fork = describe_fork(lease, report)
