@@ -171,6 +171,13 @@ class ForkServer:
         reason = unsafe_reason()
         if reason is not None:
             return {"op": "unsafe", "reason": reason}
+        # What is here now is shared by every fork: kept out of the garbage
+        # collector's way, whose bookkeeping would write to (so copy) the
+        # pages of every object it visits in each worker.
+        import gc
+
+        gc.collect()
+        gc.freeze()
         return {
             "op": "ready",
             "pid": os.getpid(),
