@@ -246,7 +246,7 @@ class History:
         if at is not None:
             state["at"] = at
         os.makedirs(self.dir, exist_ok=True)
-        self.store._write(self.path(seq), [json.dumps(state, indent=1).encode()])
+        self.store._write(self.path(seq), [json.dumps(state, separators=(",", ":")).encode()])
         return state
 
     def enforce(self, retention: Retention) -> list[int]:

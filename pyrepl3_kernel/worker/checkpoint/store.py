@@ -23,6 +23,10 @@ class Store:
 
     def __init__(self, root: str) -> None:
         self.root = root.rstrip("/")
+        #: fsync every file and directory as it is written (the automatic
+        #: saves turn this off and flush the file system once, see
+        #: :meth:`sync`).
+        self.fsync = True
         self._fs: Any = None
         if "://" in root and not root.startswith("file://"):
             try:
@@ -47,7 +51,7 @@ class Store:
 
     def sync_blobs(self) -> None:
         """Make the directory entries of blobs written so far durable."""
-        if not self._fs:
+        if not self._fs and self.fsync:
             _fsync_dir(self._join("objects"))
 
     def read_blob(self, digest: str) -> bytearray:
@@ -98,7 +102,9 @@ class Store:
         return memoryview(pickled), buffers
 
     def write_manifest(self, name: str, manifest: dict[str, Any]) -> None:
-        self._write(self._join(f"{name}.json"), [json.dumps(manifest, indent=1).encode()])
+        self._write(
+            self._join(f"{name}.json"), [json.dumps(manifest, separators=(",", ":")).encode()]
+        )
 
     def read_manifest(self, name: str) -> dict[str, Any]:
         path = self._join(f"{name}.json")
@@ -192,7 +198,8 @@ class Store:
                 for part in parts:
                     f.write(part)
                 f.flush()
-                os.fsync(f.fileno())
+                if self.fsync:
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -200,8 +207,27 @@ class Store:
             except OSError:
                 pass
             raise
-        if sync_dir:
+        if sync_dir and self.fsync:
             _fsync_dir(directory)
+
+    def sync(self) -> None:
+        """Flush the file system holding the store to disk, in one call
+        (``syncfs``; ``sync`` where that is missing)."""
+        if self._fs:
+            return
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(self._path, os.O_RDONLY)
+            try:
+                if libc.syncfs(fd) == 0:
+                    return
+            finally:
+                os.close(fd)
+        except (OSError, AttributeError):
+            pass
+        os.sync()
 
 
 def _fsync_dir(directory: str) -> None:

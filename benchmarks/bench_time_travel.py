@@ -1,0 +1,272 @@
+"""Time-travel benchmark: checkouts, incremental automatic saves, store growth.
+
+One supervised ``Session`` per part, each with its own autosave directory,
+on the checkpoint issue's 12-object workload (benchmarks/workloads.py):
+
+* **checkout, small change**: the workload (In [1]), ``d['k1'] = ...``
+  (In [2]), then ``checkout(1)`` and ``checkout(2)`` alternately: the report's
+  ``seconds`` (in the worker) and the native call's round trip.
+* **checkout 10 cells back**: ten small cells (each changes ``d`` and binds a
+  name), then a checkout of the state ten cells back.
+* **incremental automatic save** after ``d['k1'] = ...``: the work in the
+  forked child (``save_seconds`` in the state's manifest: pickling what
+  changed, hashing, writing, the manifest), and the bytes added; side by side
+  with the same save done in full (``PYREPL3_STATES_FULL_EVERY=1``: every
+  name pickled again, as before this change), measured in the same run.
+* **untouched 1 GB array**: ``big = np.ones(125_000_000)`` in the workload,
+  then a small cell: the child's work for that state.
+* **store growth** over 100 small cells (``d['k1'] = i``, ``s = i``): bytes
+  per cell on disk (blobs, manifests, states).
+* **Kishu** (``--kishu-python PY``, see bench_checkpoint.py): its checkout and
+  commits from bench_checkpoint's harness, when a Python with kishu is given.
+
+Writes ``benchmarks/results/time_travel.json`` and prints a table.
+
+    .venv/bin/python benchmarks/bench_time_travel.py [--runs 5] [--big-gb 1.0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_checkpoint import bench_kishu, run_cell
+from workloads import CHECKPOINT as WORKLOAD
+
+from pyrepl3_kernel import __version__
+from pyrepl3_kernel.session import Session
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+GOALS = {
+    "checkout_small_ms": 50.0,
+    "incremental_save_ms": 5.0,
+    "untouched_big_save_ms": 20.0,
+}
+
+
+def ms(values: list[float]) -> dict[str, float]:
+    out = [v * 1000 for v in values]
+    return {"median_ms": round(statistics.median(out), 2), "min_ms": round(min(out), 2)}
+
+
+def du(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def newest_state(autosave: Path) -> dict[str, Any]:
+    path = sorted((autosave / "states").glob("*.json"))[-1]
+    return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+
+async def workload_session(tmp: Path, name: str, env: dict[str, str] | None = None) -> Session:
+    data_file = tmp / "data.txt"
+    data_file.write_text("line1\nline2\nline3\n")
+    session = Session(autosave=str(tmp / name), env=env)
+    await session.start()
+    await run_cell(session, f"DATA_FILE = {str(data_file)!r}\n{WORKLOAD}\ndel DATA_FILE")
+    await session.states()  # the first (full) save lands
+    return session
+
+
+async def incremental_saves(session: Session, autosave: Path, runs: int) -> dict[str, Any]:
+    seconds, cpu, added, incremental = [], [], [], []
+    for i in range(runs):
+        await run_cell(session, f"d['k1'] = ({i}, {i} / 7, 'changed {i}')")
+        await session.states()
+        state = newest_state(autosave)
+        seconds.append(state["save_seconds"])
+        cpu.append(state["save_cpu_seconds"])
+        added.append(state["bytes_added"])
+        incremental.append(state["incremental"])
+    return {
+        "child_work": ms(seconds),
+        "child_cpu": ms(cpu),
+        "bytes_added": int(statistics.median(added)),
+        "incremental": all(incremental),
+    }
+
+
+async def bench(runs: int, big_gb: float, tmp: Path, kishu_python: str | None) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    env = dict(os.environ)
+
+    session = await workload_session(tmp, "main")
+    try:
+        autosave = tmp / "main"
+        results["first_save"] = {
+            "child_work_ms": round(newest_state(autosave)["save_seconds"] * 1000, 2)
+        }
+        results["incremental_save"] = await incremental_saves(session, autosave, runs)
+        # Checkout of a small change, back and forth.
+        first = (await session.states())["states"][0]["cell_number"]
+        await run_cell(session, "d['k1'] = ('a', 'small', 'change')")
+        changed = (await session.states())["states"][-1]["cell_number"]
+        worker, trip, unchanged = [], [], []
+        for i in range(runs):
+            target = first if i % 2 == 0 else changed
+            start = time.perf_counter()
+            report = await session.checkout(target)
+            trip.append(time.perf_counter() - start)
+            worker.append(report["seconds"])
+            unchanged.append(sum(1 for e in report["saved"].values() if e.get("unchanged")))
+            await session.states()  # its own state lands before the next one
+        results["checkout_small_change"] = {
+            "in_worker": ms(worker),
+            "round_trip": ms(trip),
+            "names_left_in_place": int(statistics.median(unchanged)),
+        }
+        # 10 cells back.
+        for i in range(10):
+            await run_cell(session, f"d['k{i}'] = {i}\nv{i} = [{i}] * 100")
+        states = (await session.states())["states"]
+        back = states[-11]["cell_number"]
+        start = time.perf_counter()
+        report = await session.checkout(back)
+        results["checkout_10_cells_back"] = {
+            "in_worker_ms": round(report["seconds"] * 1000, 2),
+            "round_trip_ms": round((time.perf_counter() - start) * 1000, 2),
+            "removed": len(report["removed"]),
+        }
+        # Store growth over 100 small cells.
+        await session.states()
+        before = du(autosave)
+        for i in range(100):
+            await run_cell(session, f"d['k1'] = {i}\ns = {i}")
+        await session.states()
+        grown = du(autosave) - before
+        results["store_growth_100_cells"] = {"bytes": grown, "bytes_per_cell": grown // 100}
+    finally:
+        await session.shutdown()
+
+    # The same incremental save, done in full (every name pickled again).
+    full_env = {**env, "PYREPL3_STATES_FULL_EVERY": "1"}
+    session = await workload_session(tmp, "full", env=full_env)
+    try:
+        results["full_resave"] = await incremental_saves(session, tmp / "full", runs)
+    finally:
+        await session.shutdown()
+
+    # A big array that the cells do not touch.
+    session = await workload_session(tmp, "big")
+    try:
+        n = int(big_gb * 1e9) // 8
+        start = time.perf_counter()
+        await run_cell(session, f"big = np.ones({n})")
+        await session.states()
+        first_big = newest_state(tmp / "big")
+        seconds, cpu = [], []
+        for i in range(runs):
+            await run_cell(session, f"small_{i} = {i}")
+            await session.states()
+            seconds.append(newest_state(tmp / "big")["save_seconds"])
+            cpu.append(newest_state(tmp / "big")["save_cpu_seconds"])
+        results["untouched_big_array"] = {
+            "gb": big_gb,
+            "first_save_child_work_ms": round(first_big["save_seconds"] * 1000, 1),
+            "first_save_wall_ms": round((time.perf_counter() - start) * 1000, 1),
+            "skipped": first_big["names"]["big"]["status"] == "skipped",
+            "small_cell_child_work": ms(seconds),
+            "small_cell_child_cpu": ms(cpu),
+        }
+    finally:
+        await session.shutdown()
+
+    if kishu_python:
+        results["kishu"] = bench_kishu(kishu_python, runs, tmp)
+    else:
+        results["kishu"] = {"available": False, "note": "not measured: pass --kishu-python"}
+    return results
+
+
+def table(results: dict[str, Any]) -> str:
+    inc, full = results["incremental_save"], results["full_resave"]
+    co, back = results["checkout_small_change"], results["checkout_10_cells_back"]
+    big = results["untouched_big_array"]
+    kishu = results["kishu"]
+    rows = [
+        (
+            "checkout, small change (worker)",
+            f"{co['in_worker']['median_ms']} ms",
+            f"< {GOALS['checkout_small_ms']:.0f} ms",
+        ),
+        ("checkout, small change (round trip)", f"{co['round_trip']['median_ms']} ms", ""),
+        ("checkout 10 cells back (worker)", f"{back['in_worker_ms']} ms", ""),
+        (
+            "incremental save after d['k1']=... (child)",
+            f"{inc['child_work']['median_ms']} ms",
+            f"< {GOALS['incremental_save_ms']:.0f} ms",
+        ),
+        ("  its CPU time", f"{inc['child_cpu']['median_ms']} ms", ""),
+        (
+            "same save in full (child)",
+            f"{full['child_work']['median_ms']} ms",
+            f"ratio {full['child_work']['median_ms'] / max(inc['child_work']['median_ms'], 1e-6):.1f}x",
+        ),
+        (
+            "  its CPU time",
+            f"{full['child_cpu']['median_ms']} ms",
+            f"ratio {full['child_cpu']['median_ms'] / max(inc['child_cpu']['median_ms'], 1e-6):.1f}x",
+        ),
+        ("bytes added by that save", f"{inc['bytes_added']}", ""),
+        (
+            f"small cell, untouched {big['gb']} GB array (child)",
+            f"{big['small_cell_child_work']['median_ms']} ms",
+            f"< {GOALS['untouched_big_save_ms']:.0f} ms",
+        ),
+        ("  its CPU time", f"{big['small_cell_child_cpu']['median_ms']} ms", ""),
+        (
+            "store growth, 100 small cells",
+            f"{results['store_growth_100_cells']['bytes_per_cell']} B/cell",
+            "",
+        ),
+    ]
+    if kishu.get("available"):
+        rows.append(
+            (
+                "Kishu checkout (same process)",
+                f"{kishu['checkout_same_process']['median_ms']} ms",
+                "",
+            )
+        )
+        rows.append(
+            ("Kishu commit after d['k1']=...", f"{kishu['commit_incremental']['median_ms']} ms", "")
+        )
+    width = max(len(r[0]) for r in rows)
+    return "\n".join(f"{a:<{width}}  {b:>14}  {c}" for a, b, c in rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--big-gb", type=float, default=1.0)
+    parser.add_argument("--kishu-python", default=None)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-tt-") as tmp:
+        results = asyncio.run(bench(args.runs, args.big_gb, Path(tmp), args.kishu_python))
+    results["meta"] = {
+        "pyrepl3": __version__,
+        "python": sys.version.split()[0],
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "runs": args.runs,
+        "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "time_travel.json").write_text(json.dumps(results, indent=1))
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
