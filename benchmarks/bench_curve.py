@@ -22,7 +22,7 @@ shared machine's noise falls on all of them alike; the ratios are the result:
 
 The kernelspecs are installed into a temporary prefix, the runtime dir (so
 the daemon) is temporary and stopped at the end, and every kernel is shut
-down in a ``finally``. Writes ``results/curve.json`` next to this file and
+down and the temporary directory removed in a ``finally``. Writes ``results/curve.json`` next to this file and
 prints a table.
 """
 
@@ -32,6 +32,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
             capture_output=True,
             timeout=60,
         )
+        shutil.rmtree(base, ignore_errors=True)
     rat = ratios(results)
     meta = {
         "config": cfg,
