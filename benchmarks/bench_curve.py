@@ -22,8 +22,8 @@ shared machine's noise falls on all of them alike; the ratios are the result:
 
 The kernelspecs are installed into a temporary prefix, the runtime dir (so
 the daemon) is temporary and stopped at the end, and every kernel is shut
-down and the temporary directory removed in a ``finally``. Writes ``results/curve.json`` next to this file and
-prints a table.
+down and the temporary directory removed in a ``finally``. Writes
+``results/curve.json`` next to this file and prints a table.
 """
 
 from __future__ import annotations
