@@ -179,8 +179,12 @@ class RemoteKernel:
         try:
             await self.done.wait()
         finally:
-            listener.close()
-            await self._stop()
+            # The listener answers the provisioner's polls until the state is
+            # uploaded: a move starts the next kernel only once this one is gone.
+            try:
+                await self._stop()
+            finally:
+                listener.close()
 
     def _on_shutdown_request(self, restart: bool) -> None:
         # A shutdown or restart the user asked for: the state goes with it.

@@ -174,7 +174,7 @@ class StateMirror:
         self.first_note: str | None = None
         self._last_report = 0.0
         self._running: dict[str, Any] | None = None
-        self._running_timer: threading.Timer | None = None
+        self._running_since = 0.0
         self._record: dict[str, Any] = {
             "kernel_id": kernel_id,
             "host": self.host,
@@ -308,8 +308,6 @@ class StateMirror:
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
-        if self._running_timer is not None:
-            self._running_timer.cancel()
         if self._thread is not None:
             self._thread.join(timeout=30)
             self._thread = None
@@ -343,6 +341,7 @@ class StateMirror:
             now = time.monotonic()
             if self.failure is not None and now < retry_at:
                 continue  # a failing store is asked again every RETRY seconds
+            self._mark_running()
             sig = self._signature()
             if sig == seen and not woken and self.failure is None:
                 continue
@@ -478,30 +477,24 @@ class StateMirror:
 
     def cell_started(self, cell_id: str, code: str) -> None:
         """A cell starts: if it still runs after RUNNING_MARK_AFTER seconds,
-        the record names it (in a timer thread: never on the cell's path)."""
+        the mirror's thread names it in the record (never on the cell's path)."""
         self._running = {"id": cell_id, "code": code[:2000], "started": _now()}
+        self._running_since = time.monotonic()
+
+    def _mark_running(self) -> None:
+        """In the mirror's thread: name a long cell in the record, or clear
+        the name once it has ended."""
         running = self._running
-
-        def mark() -> None:
-            if self._running is running and self.failure is None:
+        marked = self._record.get("running")
+        if running is not None and marked is not running:
+            if time.monotonic() - self._running_since >= RUNNING_MARK_AFTER:
                 self._write_record(running=running)
-
-        timer = threading.Timer(RUNNING_MARK_AFTER, mark)
-        timer.daemon = True
-        self._running_timer = timer
-        timer.start()
+        elif running is None and marked is not None:
+            self._write_record(running=None)
 
     def cell_finished(self) -> str | None:
         """A cell ended: the note for its output about the store, if any."""
-        if self._running_timer is not None:
-            self._running_timer.cancel()
-            self._running_timer = None
-        marked = self._record.get("running") is not None
         self._running = None
-        if marked:
-            threading.Thread(
-                target=self._write_record, kwargs={"running": None}, daemon=True
-            ).start()
         self.wake()
         return self.note()
 
