@@ -27,6 +27,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -39,6 +40,11 @@ log = logging.getLogger("pyrepl3.forkserver")
 MAX_START_FAILURES = 3
 _MAX_MESSAGE = 1 << 20
 _FORK_FDS = 3
+
+
+#: A server that dies more often than this within the window is given up.
+MAX_RESTARTS_IN_WINDOW = 5
+RESTART_WINDOW_S = 60.0
 
 
 class ForkServerError(Pyrepl3Error, RuntimeError):
@@ -180,6 +186,7 @@ class ForkServer:
         self._next_id = 0
         self._failures = 0
         self._stopping = False
+        self._deaths: list[float] = []
 
     # -- lifecycle --------------------------------------------------------------
 
@@ -194,14 +201,20 @@ class ForkServer:
             return True
         if self.state in ("unsafe", "failed") and self._starting is None:
             self._failures = 0  # asked again: try again
+        return await asyncio.shield(self.start_soon())
+
+    def start_soon(self) -> asyncio.Future[bool]:
+        """Begin starting the server (unless it is starting); its outcome."""
         if self._starting is None:
-            self._starting = asyncio.ensure_future(self._start())
-        starting = self._starting
-        try:
-            return await asyncio.shield(starting)
-        finally:
-            if starting.done() and self._starting is starting:
-                self._starting = None
+            task = asyncio.ensure_future(self._start())
+            self._starting = task
+
+            def done(t: asyncio.Future[bool]) -> None:
+                if self._starting is t:
+                    self._starting = None
+
+            task.add_done_callback(done)
+        return self._starting
 
     async def stop(self) -> None:
         """Stop the server. Workers it forked are not stopped: each belongs
@@ -321,6 +334,7 @@ class ForkServer:
 
     async def _start(self) -> bool:
         self._stopping = False
+        await self._kill_server()  # a dead one's remains
         while self._failures < MAX_START_FAILURES:
             self.state = "starting"
             try:
@@ -495,17 +509,19 @@ class ForkServer:
             self.reason = "the fork server died; restarting it"
         # Its workers' exits are no longer reported: their pidfds tell.
         if was_ready and not self._stopping:
-            log.warning("fork server %s died; restarting it", self.pid)
             self.restarts += 1
-            if self._starting is None:
-                self._starting = asyncio.ensure_future(self._restart())
-
-    async def _restart(self) -> bool:
-        try:
-            await self._kill_server()
-            return await self._start()
-        finally:
-            self._starting = None
+            now = time.monotonic()
+            self._deaths = [t for t in self._deaths if now - t < RESTART_WINDOW_S] + [now]
+            if len(self._deaths) > MAX_RESTARTS_IN_WINDOW:
+                self.state = "failed"
+                self.reason = (
+                    f"the fork server died {len(self._deaths)} times within "
+                    f"{RESTART_WINDOW_S:.0f} s; workers start as new interpreters"
+                )
+                log.error("%s", self.reason)
+                return
+            log.warning("fork server %s died; restarting it", self.pid)
+            self.start_soon()
 
     async def _wait_server(self, process: asyncio.subprocess.Process) -> None:
         await process.wait()
