@@ -167,7 +167,7 @@ def test_output_goes_to_the_right_parent(kernel: Frontend, subshell: str) -> Non
 
 def test_interrupt_one_subshell(kernel: Frontend) -> None:
     looping, other = create(kernel), create(kernel)
-    kernel.execute("import time; main_go_on = True; sub_started = threading.Event()")
+    kernel.execute("import threading, time; main_go_on = True; sub_started = threading.Event()")
     main = send(kernel, "while main_go_on: time.sleep(0.01)", None)
     loop = send(kernel, "sub_started.set()\nwhile True: time.sleep(0.01)", looping)
     started = send(kernel, "sub_started.wait(30)", other)  # the main shell is busy
@@ -198,7 +198,7 @@ def test_input_on_a_subshell(kernel: Frontend, subshell: str) -> None:
 
 def test_delete_while_running_ends_the_cell(kernel: Frontend) -> None:
     doomed = create(kernel)
-    kernel.execute("doomed_started = threading.Event()")
+    kernel.execute("import threading, time; doomed_started = threading.Event()")
     running = send(kernel, "doomed_started.set()\nwhile True: time.sleep(0.01)", doomed)
     kernel.execute("doomed_started.wait(30)")
     assert delete(kernel, doomed)["content"]["status"] == "ok"
@@ -258,7 +258,9 @@ def test_native_session_subshells(pyrepl3_kernelspec: Path) -> None:
 
 
 def test_crash_during_concurrent_cells_ends_both(kernel: Frontend, subshell: str) -> None:
-    kernel.execute("survivor = 'kept'; crash_ready = threading.Event()")
+    kernel.execute("import threading, time; survivor = 'kept'; crash_ready = threading.Event()")
+    # Set on the subshell while the main shell is idle: saved all the same.
+    assert kernel.reply_to(send(kernel, "sub_survivor = 'kept too'", subshell))
     main = send(kernel, "crash_ready.set(); time.sleep(60)", None)
     sub = send(kernel, "crash_ready.wait(30); import os; os._exit(7)", subshell)
     got = {r["parent_header"]["msg_id"]: r["content"] for r in replies(kernel, [main, sub])}
@@ -272,8 +274,8 @@ def test_crash_during_concurrent_cells_ends_both(kernel: Frontend, subshell: str
         assert "a new worker is running" in stream_text(runs[msg_id])
     # The same recovery for both: the state came back, the subshell is still there.
     assert subshell in listed(kernel)
-    again = send(kernel, "survivor", subshell)
+    again = send(kernel, "survivor, sub_survivor", subshell)
     assert kernel.reply_to(again)["content"]["status"] == "ok"
     result = [m for m in kernel.iopub_of(again) if m["msg_type"] == "execute_result"]
-    assert result[0]["content"]["data"]["text/plain"] == "'kept'"
+    assert result[0]["content"]["data"]["text/plain"] == "('kept', 'kept too')"
     assert kernel.execute("1 + 1").status == "ok"

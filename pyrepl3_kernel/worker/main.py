@@ -219,6 +219,9 @@ class Worker:
                 continue
             if req is None:
                 break
+            if req is self.subshells.wake:  # a subshell's cell changed the state
+                self.autosave.poll()
+                continue
             if req.type == MessageType.SHUTDOWN:
                 self._shutdown(req)
                 break

@@ -43,6 +43,7 @@ from ..protocol import (
     InterruptMessage,
     Message,
     MessageType,
+    PingMessage,
     SubshellMessage,
     SubshellReplyMessage,
     failure_reply,
@@ -262,6 +263,9 @@ class SubshellThread(threading.Thread):
         reply.payload = self.worker._jsonable(payload_manager.read_payload())
         payload_manager.clear_payload()
         self.worker.emit(reply)
+        if self.worker.autosave.dirty:
+            self.worker._requests.put(self.subshells.wake)
+            self.worker._idle_loop.notify()
 
     def _run_cell(self, req: ExecuteMessage) -> Any:
         """IPython's ``run_cell``, with top-level ``await`` on this thread's
@@ -361,6 +365,10 @@ class Subshells:
         self._worker = worker
         self._threads: dict[str, SubshellThread] = {}
         self._lock = threading.Lock()
+        #: Queued to the main thread after a subshell's cell that leaves an
+        #: automatic checkpoint due: the main thread starts it (as after its
+        #: own cells), also while it has nothing else to do.
+        self.wake = PingMessage()
 
     def ids(self) -> list[str]:
         with self._lock:
