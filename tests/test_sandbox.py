@@ -290,6 +290,26 @@ def test_missing_bubblewrap_is_an_error_not_an_unsandboxed_start(
     assert worker.pid is None
 
 
+def test_a_sandbox_that_cannot_start_says_why_and_leaves_nothing(
+    loop: LoopThread, tmp_path: Path
+) -> None:
+    stores = tmp_path / "stores"
+    worker = WorkerProcess(
+        cwd=str(tmp_path / "missing"), sandbox={"store_root": str(stores)}, startup_timeout=20
+    )
+    with pytest.raises(WorkerStartError, match="working directory .* does not exist"):
+        loop.run(worker.start())
+    worker = WorkerProcess(
+        python=str(tmp_path / "no-python"),
+        cwd=str(tmp_path),
+        sandbox={"store_root": str(stores)},
+        startup_timeout=20,
+    )
+    with pytest.raises(WorkerStartError, match="no-python"):
+        loop.run(worker.start())
+    assert not stores.exists() or os.listdir(stores) == []
+
+
 def test_seccomp_numbers_match_libseccomp() -> None:
     import ctypes.util
 

@@ -100,7 +100,7 @@ class Cgroups:
                     groups._make_v2(os.path.join(parent, name), memory, processes, cpus, delegated)
                     return groups, ""
                 except OSError as exc:
-                    groups._remove_now()
+                    groups.remove_now()
                     reasons.append(f"cgroup v2: {exc.strerror or exc}")
             elif delegated or not reasons:
                 reasons.append("cgroup v2: memory and pids are not delegated to this process")
@@ -110,7 +110,7 @@ class Cgroups:
                 groups._make_v1(mounts, own, name, memory, processes, cpus)
                 return groups, ""
             except OSError as exc:
-                groups._remove_now()
+                groups.remove_now()
                 reasons.append(f"cgroup v1: {exc.strerror or exc} ({exc.filename})")
         else:
             reasons.append("cgroup v1: no memory and pids hierarchies mounted")
@@ -190,12 +190,12 @@ class Cgroups:
         """Remove the groups once their processes are gone (a killed
         sandbox's last processes take a moment to be reaped)."""
         for _ in range(max(1, int(timeout / 0.02))):
-            self._remove_now()
+            self.remove_now()
             if not self.dirs:
                 return
             await asyncio.sleep(0.02)
 
-    def _remove_now(self) -> None:
+    def remove_now(self) -> None:
         left = []
         for path in reversed(self.dirs):
             try:

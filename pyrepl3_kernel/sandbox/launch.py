@@ -137,6 +137,15 @@ class SandboxLaunch:
         self, cmd: list[str], env: Mapping[str, str]
     ) -> tuple[list[str], dict[str, str], tuple[int, ...]]:
         """The command, environment and extra fds that start ``cmd`` sandboxed."""
+        try:
+            return self._wrap(cmd, env)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _wrap(
+        self, cmd: list[str], env: Mapping[str, str]
+    ) -> tuple[list[str], dict[str, str], tuple[int, ...]]:
         profile = self.profile
         os.makedirs(os.path.dirname(self.store), mode=0o700, exist_ok=True)
         os.mkdir(self.store, 0o700)
@@ -230,6 +239,13 @@ class SandboxLaunch:
             procs = []
             rlimits = [str(self.profile.memory // 1024), str(self.profile.processes)]
         return ["/bin/sh", "-c", _SHELL, "sh", str(len(procs)), *procs, *rlimits, *argv]
+
+    def abandon(self) -> None:
+        """The worker did not start: nothing of the launch is left."""
+        self.spawned()
+        if self.cgroups is not None:
+            self.cgroups.remove_now()
+        shutil.rmtree(self.store, ignore_errors=True)
 
     def spawned(self) -> None:
         """The sandbox started: the fds it inherited are not ours to keep."""

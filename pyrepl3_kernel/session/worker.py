@@ -289,6 +289,7 @@ class WorkerProcess:
             except (SandboxError, OSError) as exc:
                 parent_sock.close()
                 child_sock.close()
+                self._launch = None
                 raise WorkerStartError(f"could not start the sandbox: {exc}") from exc
         try:
             transport, protocol = await loop.subprocess_exec(
@@ -304,6 +305,9 @@ class WorkerProcess:
             )
         except OSError as exc:
             parent_sock.close()
+            if self._launch is not None:
+                self._launch.abandon()
+                self._launch = None
             raise WorkerStartError(f"could not start the worker ({self.python}): {exc}") from exc
         finally:
             child_sock.close()
