@@ -9,6 +9,7 @@ detached and no thread stopped.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import time
@@ -419,6 +420,36 @@ def test_a_process_forked_while_attached_never_stops_at_a_breakpoint(debug: Debu
     out = "".join(m["content"]["text"] for m in iopub if m["msg_type"] == "stream")
     assert out == "child finished\n"
     debug.breakpoint_in(FORK_CELL)
+
+
+CHILD_DEBUGGER_CELL = """import gc, json, os
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    dbg = next(o for o in gc.get_objects()
+               if type(o).__module__ == "pyrepl3_kernel.worker.debugger"
+               and type(o).__name__ == "Debugger")
+    reply = dbg.handle({"type": "request", "seq": 1, "command": "initialize"})
+    os.write(w, json.dumps([dbg.is_started, reply["success"], reply.get("message")]).encode())
+    os._exit(0)
+os.close(w)
+seen = os.read(r, 65536).decode()
+os.waitpid(pid, 0)
+print(seen)
+"""
+
+
+def test_a_forked_worker_does_not_inherit_the_debug_session(debug: Debug) -> None:
+    # A kernel forked from this one (%fork) must not talk to this one's
+    # adapter: its debugger starts from nothing and says why it cannot start.
+    reply, iopub = debug.finish(debug.kc.execute(CHILD_DEBUGGER_CELL))
+    assert reply["content"]["status"] == "ok"
+    out = "".join(m["content"]["text"] for m in iopub if m["msg_type"] == "stream")
+    started, success, message = json.loads(out)
+    assert started is False and success is False
+    assert "forked" in message and "restart the kernel" in message
+    # This kernel's session goes on.
+    assert debug.request("debugInfo")["body"]["isStarted"] is True
 
 
 # -- isolation: the worker dies or is interrupted while stopped -----------------------------

@@ -144,6 +144,13 @@ class DapClient:
         response["request_seq"] = msg.get("seq", response.get("request_seq"))
         return response
 
+    def abandon(self) -> None:
+        """In a forked child: let go of the parent's connection without
+        touching it (no shutdown, no lock: its threads are not here)."""
+        self._closed = True
+        self._pending = {}
+        self._sock.close()
+
     def close(self) -> None:
         with self._lock:
             if self._closed:

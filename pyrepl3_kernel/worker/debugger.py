@@ -100,6 +100,31 @@ class Debugger:
         self.available = available()
         if self.available:
             cellnames.install(shell)
+        #: Why the debugger cannot start in this process (see _after_fork).
+        self._unavailable: str | None = None
+        os.register_at_fork(after_in_child=self._after_fork)
+
+    def _after_fork(self) -> None:
+        """In a process forked from the worker (a forked kernel, the automatic
+        checkpoint): the debugger's threads did not come along and its
+        connection is the parent's; start from nothing. debugpy runs once per
+        process, so where the parent had started it, this process cannot."""
+        self._queue = queue.SimpleQueue()
+        self._thread = None
+        self._initialized = threading.Event()
+        client, self._client = self._client, None
+        if client is not None:
+            client.abandon()
+        self.is_started = False
+        self.breakpoints = {}
+        self.stopped_threads = set()
+        self._explorer = None
+        self._restore_transforms()
+        if self._address is not None:
+            self._unavailable = (
+                "the debugger cannot start in a kernel forked from one where it ran "
+                "(debugpy runs once per process); restart the kernel to debug"
+            )
 
     @property
     def capabilities(self) -> list[str]:
@@ -142,6 +167,8 @@ class Debugger:
             return response(
                 request, False, message="debugpy is not installed in the kernel's environment"
             )
+        if command == "initialize" and self._unavailable is not None:
+            return response(request, False, message=self._unavailable)
         if command == "initialize" and not self.is_started:
             try:
                 self.start()
@@ -214,12 +241,15 @@ class Debugger:
         client, self._client = self._client, None
         if client is not None:
             client.close()
-        transforms = self.shell.input_transformer_manager.cleanup_transforms
-        for index in sorted(self._removed_cleanup):
-            transforms.insert(index, self._removed_cleanup.pop(index))
+        self._restore_transforms()
         self.breakpoints = {}
         self.stopped_threads = set()
         self.is_started = False
+
+    def _restore_transforms(self) -> None:
+        transforms = self.shell.input_transformer_manager.cleanup_transforms
+        for index in sorted(self._removed_cleanup):
+            transforms.insert(index, self._removed_cleanup.pop(index))
 
     # -- events (on the DAP reader thread) ---------------------------------------------------
 
