@@ -253,12 +253,17 @@ def test_retention_by_bytes_keeps_the_newest_state(
             d.ex("import os\nb = os.urandom(1_000_000)")
         cells = [s["cell_number"] for s in d.states()]
         assert cells == [3, 4], cells  # 2 MB fit, a third would not
-        # A state bigger than the whole budget is still kept (the newest always is).
+        # An object the budget cannot hold is left out of the state, and said so.
         d.ex("big = os.urandom(3_000_000)")
-        assert [s["cell_number"] for s in d.states()] == [5]
+        states = d.states()
+        assert [s["cell_number"] for s in states] == [3, 4, 5]
+        assert states[-1]["skipped"] == ["big"]
+        assert "not saved: big" in d.ex("%states")
+        report = d.run(d.session.checkout(5))
+        assert "disk budget" in report["skipped"]["big"] and "big" in report["removed"]
         assert {p.name for p in (d.autosave / "objects").iterdir()} == _referenced(d.autosave)
         used = d.run(d.session.states())["disk_bytes"]
-        assert 4_000_000 < used < 4_200_000  # the 4 MB of state 5, nothing else
+        assert 2_000_000 < used < 2_200_000  # two 1 MB values, nothing else
         assert d.session.usage()["pyrepl3"]["states_disk_bytes"] == used
     finally:
         d.close()
@@ -435,3 +440,63 @@ def test_incremental_saves_never_miss_a_change(driver: Driver) -> None:
         driver.ex("a = b = x = c = inner = holder = items = box = counter = total = q = g = 0")
         driver.ex(f"%checkout {cell}")
         assert driver.value(f"bool({checks[case]})") is True, case
+
+
+# -- large buffers by the chunk -------------------------------------------------------------
+
+
+def test_large_arrays_are_saved_by_the_chunk(
+    loop: asyncio.AbstractEventLoop, tmp_path: Path
+) -> None:
+    d = Driver(loop, tmp_path / "auto", keep_states=5)
+    try:
+        d.ex("import numpy as np\nbig = np.random.default_rng(7).random(5_000_000)")  # 40 MB
+        first = d.states()[-1]
+        assert first["bytes_added"] > 40_000_000
+        manifest = json.loads(state_files(d.autosave)[-1].read_text())
+        chunks = manifest["names"]["big"]["chunks"]["0"]
+        assert len(chunks) == 10  # 4 MiB chunks
+        original = d.value("big.sum().hex()")
+        # 1% changed, in one place: one chunk written, not the array.
+        d.ex("big[:50_000] += 1.0")
+        changed = d.states()[-1]
+        assert 4_000_000 < changed["bytes_added"] < 5_000_000, changed
+        # Untouched: nothing of it written.
+        d.ex("other = 1")
+        assert d.states()[-1]["bytes_added"] < 10_000
+        # Back before the change: bit for bit, aligned.
+        d.ex(f"%checkout {first['cell_number']}")
+        assert d.value("[big.sum().hex(), bool(big.flags.aligned), big.ctypes.data % 64]") == [
+            original,
+            True,
+            0,
+        ]
+        # A crash brings it back aligned too (crash recovery reads the chunks).
+        assert d.cell("import os\nos._exit(1)")[2].status == "error"
+        assert d.value("[big.sum().hex(), big.ctypes.data % 64, bool(big.flags.writeable)]") == [
+            original,
+            0,
+            True,
+        ]
+        # Retention dropped the first states; every chunk a kept state names is there,
+        # and nothing else.
+        on_disk = {p.name for p in (d.autosave / "objects").iterdir()}
+        needed: set[str] = set()
+        for path in [*state_files(d.autosave), d.autosave / "auto.json"]:
+            for entry in json.loads(path.read_text())["names"].values():
+                needed |= {entry["blob"]} if entry.get("blob") else set()
+                for digests in (entry.get("chunks") or {}).values():
+                    needed |= set(digests)
+        assert on_disk == needed
+        # A corrupt chunk: the checkout is refused, the namespace untouched.
+        latest = json.loads(state_files(d.autosave)[-1].read_text())
+        victim = d.autosave / "objects" / latest["names"]["big"]["chunks"]["0"][3]
+        data = bytearray(victim.read_bytes())
+        data[100] ^= 0xFF
+        victim.write_bytes(bytes(data))
+        d.ex("big[0] = 123.0")
+        message = d.usage_error(f"%checkout {latest['cell_number']}")
+        assert "corrupt" in message and "namespace was not changed" in message
+        assert d.value("float(big[0])") == 123.0
+    finally:
+        d.close()

@@ -65,16 +65,14 @@ def _saved_seq(store: str) -> int:
         return 0
 
 
-DEFAULT_MAX_OBJECT = 1 << 30
-
-
-def max_object_bytes() -> int:
-    """Objects larger than this are left out of automatic checkpoints
-    (``PYREPL3_AUTOSAVE_MAX_OBJECT``, e.g. ``512M``; default 1 GiB): writing
-    them after every cell would cost more than it saves."""
+def max_object_bytes() -> int | None:
+    """``PYREPL3_AUTOSAVE_MAX_OBJECT`` (e.g. ``512M``), if set: objects
+    larger than this are left out of automatic checkpoints. Unset (the
+    default), only the kernel's disk budget (``PYREPL3_STATES_BUDGET``)
+    bounds them; large buffers are saved by the chunk."""
     from ...units import size_from_env
 
-    return size_from_env(os.environ, "PYREPL3_AUTOSAVE_MAX_OBJECT", DEFAULT_MAX_OBJECT, log)
+    return size_from_env(os.environ, "PYREPL3_AUTOSAVE_MAX_OBJECT", None, log)
 
 
 #: Characters without which a cell can neither bind, call, import, run a
@@ -331,6 +329,7 @@ class Autosave:
                     changed=changed if base is not None else None,
                     moved=moved,
                     base=base,
+                    budget=Retention.of(store).budget,
                 )
                 if history is not None:
                     history.enforce(Retention.of(store))

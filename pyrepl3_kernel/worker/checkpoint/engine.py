@@ -18,6 +18,7 @@ from ..pickling import (
     NotRestorable,
     holds_named_container,
 )
+from . import chunks
 from .dirty import close_over
 from .errors import CheckpointError
 from .format import FORMAT, FORMAT_VERSION, blob_digest, pack_blob
@@ -48,11 +49,15 @@ class CheckpointEngine:
         changed: set[str] | None = None,
         moved: set[str] | None = None,
         base: dict[str, Any] | None = None,
+        budget: int | None = None,
     ) -> Report:
         """Save the namespace as checkpoint ``name``, replacing any checkpoint
         of that name (whose owner the caller checked). Objects whose pickled
         size exceeds ``max_object_bytes`` are skipped (and reported);
-        ``saved_by`` is recorded in the manifest. ``before_manifest`` is
+        ``saved_by`` is recorded in the manifest. Objects that would make
+        the state larger than ``budget`` bytes are skipped (and reported).
+        Out-of-band buffers of 16 MiB and more are saved by the chunk
+        (:mod:`.chunks`). ``before_manifest`` is
         called with the manifest and the report once the blobs are durable,
         before the manifest is written (the state history records it).
 
@@ -98,18 +103,22 @@ class CheckpointEngine:
                     reuse[var] = previous
             base_sources = base.get("sources", {})
         by_source: dict[str, str] = {}
+        state_bytes = 0
         pickled = self._pickle_all(
             [v for v in order if v not in reuse], ns, canonical, report, by_source
         )
         if any(set(e.get("refs", ())) & report.skipped.keys() for e in reuse.values()):
             # A name kept as it was refers to one that cannot be saved now.
-            return self.save(name, max_object_bytes, extra, saved_by, before_manifest)
+            return self.save(
+                name, max_object_bytes, extra, saved_by, before_manifest, budget=budget
+            )
         sources: dict[str, str] = {}
         modules: set[str] = set()
         for var in order:
             obj = ns[var]
             if var in reuse:
                 entries[var] = dict(reuse[var])
+                state_bytes += int(reuse[var].get("size", 0))
                 report.reused += 1
                 cell_file = reuse[var].get("cell")
                 if cell_file and cell_file in base_sources:
@@ -141,20 +150,44 @@ class CheckpointEngine:
                 entries[var] = {"status": "skipped", "type": _type_name(obj), "reason": reason}
                 report.skipped[var] = reason
                 continue
-            digest = blob_digest([inband, *buffers])
+            if budget is not None and state_bytes + size > budget:
+                reason = (
+                    f"left out: the state would not fit in the kernel's disk budget "
+                    f"({format_size(state_bytes + size)} > {format_size(budget)}; "
+                    "raise PYREPL3_STATES_BUDGET, or save it with %checkpoint save NAME)"
+                )
+                entries[var] = {"status": "skipped", "type": _type_name(obj), "reason": reason}
+                report.skipped[var] = reason
+                continue
+            state_bytes += size
+            big = chunks.chunked_indexes(buffers)
+            chunk_map: dict[int, list[str]] = {}
+            for i in big:
+                digests, written = chunks.write(self.store, buffers[i])
+                chunk_map[i] = digests
+                report.bytes_written += written
+            if chunk_map:
+                digest = chunks.entry_digest(inband, buffers, chunk_map)
+                stored = [memoryview(b"") if i in chunk_map else b for i, b in enumerate(buffers)]
+            else:
+                digest = blob_digest([inband, *buffers])
+                stored = buffers
             if self.store.has_blob(digest):
                 report.reused += 1
             else:
-                blob = pack_blob(inband, buffers)
+                blob = pack_blob(inband, stored)
                 self.store.write_blob(digest, blob)
                 report.bytes_written += sum(len(part) for part in blob)
-            size = len(inband) + sum(b.nbytes for b in buffers)
             entry: dict[str, Any] = {
                 "status": _status_of(obj),
                 "type": _type_name(obj),
                 "size": size,
                 "blob": digest,
             }
+            if chunk_map:
+                entry["chunks"] = {str(i): d for i, d in chunk_map.items()}
+                entry["chunk_size"] = chunks.CHUNK_SIZE
+                entry["buffer_sizes"] = {str(i): buffers[i].nbytes for i in chunk_map}
             if refs:
                 entry["refs"] = sorted(refs)
             readonly = [i for i, b in enumerate(buffers) if b.readonly]

@@ -10,7 +10,9 @@ from typing import Any
 from .errors import CheckpointError
 
 FORMAT = "pyrepl3-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: Versions this kernel reads (2 added chunked buffers).
+READABLE_VERSIONS = (1, 2)
 _BLOB_MAGIC = b"P3CK"
 
 
@@ -76,3 +78,14 @@ def unpack_blob(data: bytes | bytearray) -> tuple[memoryview, list[memoryview]]:
         buffers.append(view[pos : pos + n])
         pos += n
     return inband, buffers
+
+
+def objects_of(manifest: dict[str, Any]) -> set[str]:
+    """Every file of ``objects/`` a manifest needs: its blobs and chunks."""
+    used: set[str] = set()
+    for entry in manifest.get("names", {}).values():
+        if entry.get("blob"):
+            used.add(entry["blob"])
+        for digests in (entry.get("chunks") or {}).values():
+            used.update(digests)
+    return used

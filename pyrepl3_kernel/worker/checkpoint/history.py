@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...units import parse_size, size_from_env
+from .chunks import chunk_sizes
 from .errors import CheckpointError
-from .format import FORMAT, FORMAT_VERSION
+from .format import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, objects_of
 from .report import cell_number_of
 from .store import Store
 
@@ -182,7 +183,7 @@ class History:
             or not isinstance(manifest.get("names"), dict)
         ):
             raise CheckpointError(f"the saved state {seq} is corrupt (not a state manifest)")
-        if manifest.get("version") != FORMAT_VERSION:
+        if manifest.get("version") not in READABLE_VERSIONS:
             raise CheckpointError(
                 f"the saved state {seq} has format version {manifest.get('version')}; "
                 f"this kernel reads version {FORMAT_VERSION}"
@@ -270,11 +271,15 @@ class History:
         total = 0
         fitting: list[int] = []
         for seq in reversed(kept):  # newest first: the newest is always kept
-            new = {
-                e["blob"]: int(e.get("size", 0))
-                for e in manifests[seq]["names"].values()
-                if e.get("blob") and e["blob"] not in sizes
-            }
+            new: dict[str, int] = {}
+            for e in manifests[seq]["names"].values():
+                if not e.get("blob"):
+                    continue
+                pieces = chunk_sizes(e)
+                inline = int(e.get("size", 0)) - sum(pieces.values())
+                for digest, size in [(e["blob"], max(0, inline)), *pieces.items()]:
+                    if digest not in sizes:
+                        new[digest] = size
             if fitting and total + sum(new.values()) > retention.budget:
                 break
             sizes.update(new)
@@ -301,7 +306,7 @@ class History:
             log.warning("no garbage collection while a manifest is unreadable: %s", exc)
             return 0
         for manifest in manifests:
-            used.update(e["blob"] for e in manifest["names"].values() if e.get("blob"))
+            used.update(objects_of(manifest))
         objects = os.path.join(self.store._path, "objects")
         removed = 0
         for blob in os.listdir(objects):

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..pickling import load
+from . import chunks
 from .buffers import as_saved
 from .errors import CheckpointError
 from .format import blob_digest
@@ -55,7 +56,19 @@ def restore_manifest(
         digest = entry.get("blob")
         if digest and digest not in blobs and var not in keep:
             inband, buffers = store.read_blob_parts(digest)
-            if blob_digest([inband, *buffers]) != digest:
+            chunk_map = {int(k): v for k, v in (entry.get("chunks") or {}).items()}
+            for i, digests in chunk_map.items():
+                if i >= len(buffers):
+                    raise CheckpointError(
+                        f"checkpoint {name!r} is corrupt: {var!r} names a buffer it lacks"
+                    )
+                buffers[i] = chunks.read(store, digests, int(entry["buffer_sizes"][str(i)]))
+            check = (
+                chunks.entry_digest(inband, buffers, chunk_map)
+                if chunk_map
+                else blob_digest([inband, *buffers])
+            )
+            if check != digest:
                 raise CheckpointError(
                     f"checkpoint {name!r} is corrupt: the data of {var!r} does not match its digest"
                 )

@@ -11,7 +11,15 @@ from typing import Any
 
 from .buffers import aligned, copy_aligned
 from .errors import CheckpointError
-from .format import FORMAT, FORMAT_VERSION, blob_header, blob_lengths, unpack_blob
+from .format import (
+    FORMAT,
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    blob_header,
+    blob_lengths,
+    objects_of,
+    unpack_blob,
+)
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,128}$")
 
@@ -123,7 +131,7 @@ class Store:
             raise CheckpointError(f"checkpoint {name!r} is corrupt (manifest: {exc})") from None
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise CheckpointError(f"checkpoint {name!r} is corrupt (not a {FORMAT} manifest)")
-        if manifest.get("version") != FORMAT_VERSION:
+        if manifest.get("version") not in READABLE_VERSIONS:
             raise CheckpointError(
                 f"checkpoint {name!r} has format version {manifest.get('version')}; "
                 f"this kernel reads version {FORMAT_VERSION}"
@@ -163,7 +171,15 @@ class Store:
                 manifest = self.read_manifest(name)
             except CheckpointError:
                 return 0  # never drop blobs while a manifest is unreadable
-            used.update(e["blob"] for e in manifest["names"].values() if e.get("blob"))
+            used.update(objects_of(manifest))
+        if not self._fs:  # the states of a kernel's history (see .history)
+            states = os.path.join(self._path, "states")
+            for entry in os.listdir(states) if os.path.isdir(states) else []:
+                try:
+                    with open(os.path.join(states, entry), "rb") as f:
+                        used.update(objects_of(json.load(f)))
+                except (OSError, ValueError, AttributeError):
+                    return 0
         objects = self._join("objects")
         if self._fs:
             blobs = (
