@@ -23,7 +23,12 @@ Where each part lives:
   version, a blob's framing and digest), ``report``, ``namespace`` (which
   names are the user's), ``owners`` (who saved a checkpoint), ``errors``;
 - ``autosave``: the automatic checkpoint after each cell, in a forked child;
-- ``magics``: ``%checkpoint``.
+  ``dirty``: which names it must pickle again (saves proportional to the
+  change); ``history``: the kernel's kept states, retention and garbage
+  collection; ``travel``: ``states``, ``checkout`` and ``undo``;
+- ``buffers`` (restored out-of-band buffers in aligned memory), ``chunks``
+  (large buffers saved by the chunk);
+- ``magics``: ``%checkpoint``, ``%states``, ``%checkout``, ``%undo``.
 
 How objects are pickled is in :mod:`pyrepl3_kernel.worker.pickling` (its
 path is part of the format).
