@@ -422,6 +422,24 @@ def test_a_process_forked_while_attached_never_stops_at_a_breakpoint(debug: Debu
     debug.breakpoint_in(FORK_CELL)
 
 
+def test_checkpoints_and_transactions_while_attached(debug: Debug) -> None:
+    def run(code: str) -> dict[str, Any]:
+        return debug.finish(debug.kc.execute(code))[0]["content"]  # type: ignore[no-any-return]
+
+    # A breakpoint in a function the cells below do not call: nothing stops.
+    debug.breakpoint_in("def untouched():\n    return 1\n", 2)
+    assert run("ck_value = [1, 2]")["status"] == "ok"
+    assert run("%checkpoint save dbg_ck --force")["status"] == "ok"
+    assert run("ck_value = 'changed'")["status"] == "ok"
+    assert run("%checkpoint restore dbg_ck")["status"] == "ok"
+    assert debug.fe.value("ck_value") == "[1, 2]"
+    failed = run("%%transaction bindings\ntx_value = 1\nraise ValueError('no')")
+    assert failed["status"] == "error" and failed["ename"] == "ValueError"
+    assert debug.fe.value("'tx_value' in globals()") == "False"
+    assert run("%checkpoint delete dbg_ck")["status"] == "ok"
+    debug.breakpoint_in("def untouched():\n    return 1\n")
+
+
 CHILD_DEBUGGER_CELL = """import gc, json, os
 r, w = os.pipe()
 pid = os.fork()
