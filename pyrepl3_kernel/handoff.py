@@ -130,6 +130,45 @@ def ensure_daemon(client: DaemonClient, starter: int | None = None) -> None:
         )
 
 
+def confinement_difference(pid: int) -> str | None:
+    """How this process is confined unlike process ``pid`` (the daemon), or
+    None. A launcher that wraps the argv in a cgroup, namespace, resource
+    limit, nice level or CPU set means it for the kernel: a worker forked
+    in the daemon would escape it."""
+    import resource
+
+    for name in ("cgroup",):
+        try:
+            with open("/proc/self/" + name) as a, open(f"/proc/{pid}/{name}") as b:
+                if a.read() != b.read():
+                    return name
+        except OSError:
+            pass
+    for ns in ("mnt", "net", "pid", "user", "ipc", "uts"):
+        try:
+            if os.readlink(f"/proc/self/ns/{ns}") != os.readlink(f"/proc/{pid}/ns/{ns}"):
+                return f"{ns} namespace"
+        except OSError:
+            pass
+    for limit in ("RLIMIT_AS", "RLIMIT_DATA", "RLIMIT_CPU", "RLIMIT_NOFILE", "RLIMIT_NPROC"):
+        res = getattr(resource, limit, None)
+        if res is None:
+            continue
+        try:
+            if resource.getrlimit(res) != resource.prlimit(pid, res):
+                return limit
+        except (OSError, ValueError):
+            pass
+    try:
+        if os.getpriority(os.PRIO_PROCESS, 0) != os.getpriority(os.PRIO_PROCESS, pid):
+            return "nice level"
+        if os.sched_getaffinity(0) != os.sched_getaffinity(pid):
+            return "CPU affinity"
+    except OSError:
+        pass
+    return None
+
+
 def hand_off(connection_file: str, ipython_options: list[str]) -> int | None:
     """Serve the kernel of ``connection_file`` from the daemon; the exit
     status once it ended, or None if the daemon cannot be used (the caller
@@ -141,9 +180,24 @@ def hand_off(connection_file: str, ipython_options: list[str]) -> int | None:
         return None  # the standalone kernel reports it
     if not isinstance(info, dict) or info.get("transport", "tcp") != "tcp":
         return None
+    # A launcher that confined this process (a cgroup, a namespace, limits)
+    # means it for the kernel: a worker of the daemon would escape it, and a
+    # daemon started from here would serve every later kernel confined so.
+    different = confinement_difference(_parent_pid() or os.getppid())
+    if different is not None:
+        _warn(f"the kernel is confined by its launcher ({different}); starting it standalone")
+        return None
     try:
         client = DaemonClient(_daemon_paths(), timeout=130.0)
         ensure_daemon(client)
+        daemon_pid = int(client.call("hello", timeout=10.0)["pid"])
+        different = confinement_difference(daemon_pid)
+        if different is not None:
+            _warn(
+                f"the kernel runs confined unlike the manager daemon ({different}); "
+                "starting it standalone"
+            )
+            return None
         reply = client.call(
             "handoff",
             connection_info=info,

@@ -198,6 +198,41 @@ def test_argv_path_falls_back_to_standalone_when_the_daemon_cannot_be_used(runti
     assert_no_leftovers([worker])
 
 
+def test_argv_path_confined_by_its_launcher_starts_standalone(runtime, tmp_path):
+    """A launcher that lowers a resource limit means it for the kernel: the
+    kernel is not handed to the daemon, whose workers would escape it."""
+    spec_dir = tmp_path / "kernels" / "pyrepl3-limited"
+    spec_dir.mkdir(parents=True)
+    launcher = f'ulimit -n 500 && exec {sys.executable} -m pyrepl3_kernel -f "$1"'
+    spec = {
+        "argv": ["/bin/sh", "-c", launcher, "sh", "{connection_file}"],
+        "display_name": "limited",
+        "language": "python",
+    }
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    km = KernelManager(
+        kernel_name="pyrepl3-limited",
+        kernel_spec_manager=KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")]),
+    )
+    err = tmp_path / "kernel.err"
+    with open(err, "w") as stderr:
+        km.start_kernel(stderr=stderr)
+    worker = 0
+    try:
+        out = _execute(
+            km,
+            "import os, resource; (os.getpid(), os.getppid(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])",
+        )
+        worker, parent, nofile = eval(out["text"])
+        assert parent == km.provisioner.process.pid and nofile == 500
+    finally:
+        km.shutdown_kernel()
+    assert "confined by its launcher (RLIMIT_NOFILE)" in err.read_text()
+    assert_no_leftovers([worker])
+
+
 # -- bursts ---------------------------------------------------------------------------
 
 
