@@ -128,16 +128,21 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             await self._lease_op("signal", signum=int(signum))
 
     async def kill(self, restart: bool = False) -> None:
+        """Kill the kernel's worker; the lease (its gateway, ports and key)
+        ends in :meth:`cleanup`. jupyter_client kills without ``restart``
+        also on the way to a restart (``restart_kernel(now=True)``, the
+        restarter after a death), and the restart reuses the lease, so that
+        the clients made before it keep working."""
         if self._fallback is not None:
             await self._fallback.kill(restart=restart)
         elif self.lease_id is not None:
-            await self._lease_op("kill", restart=restart)
+            await self._lease_op("kill", restart=True)
 
     async def terminate(self, restart: bool = False) -> None:
         if self._fallback is not None:
             await self._fallback.terminate(restart=restart)
         elif self.lease_id is not None:
-            await self._lease_op("kill", restart=restart)
+            await self._lease_op("kill", restart=True)
 
     async def _lease_op(self, op: str, **fields: Any) -> None:
         """``op`` on the lease. If the daemon is gone, so is the kernel (the

@@ -311,7 +311,10 @@ def test_jupyter_console_gets_a_warm_kernel(pool: PoolSetup, workdir: Path) -> N
     assert pool.status()["leases"] == []
 
 
-def test_restart_in_place(pool: PoolSetup, workdir: Path) -> None:
+@pytest.mark.parametrize("now", [False, True], ids=["polite", "now"])
+def test_restart_in_place(pool: PoolSetup, workdir: Path, now: bool) -> None:
+    """jupyter_server restarts politely; its restarter (after a death) and
+    ``restart_kernel(now=True)`` kill first: the lease and its ports stay."""
     pool.wait_idle(2)
     km = KernelManager(kernel_name=NAME)
     km.start_kernel(cwd=str(workdir))
@@ -324,7 +327,7 @@ def test_restart_in_place(pool: PoolSetup, workdir: Path) -> None:
         kc.wait_for_ready(timeout=60)
         first = probe_result(run_cell(kc, PROBE + "\nx = 41"))
         pool.wait_idle(1)
-        km.restart_kernel()
+        km.restart_kernel(now=now)
         assert km.provisioner.warm is True, "the new worker did not come from the pool"
         assert km.provisioner.lease_id == lease_id
         after = km.get_connection_info()
