@@ -391,6 +391,33 @@ def test_a_daemon_prepares_its_fork_server_at_start(tmp_path):
     assert_no_leftovers([server["pid"]])
 
 
+def test_killing_the_daemon_ends_its_fork_server_and_forked_workers(tmp_path):
+    runtime = tmp_path / "runtime"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyrepl3_kernel.cli", "serve", "--runtime-dir", str(runtime)],
+        stderr=subprocess.DEVNULL,
+    )
+    pids: list[int] = []
+    try:
+        server = _wait_for_ready_fork_server(runtime, proc)
+        pids.append(server["pid"])
+        client = DaemonClient(DaemonPaths.default(runtime), timeout=TIMEOUT)
+        request = {**_lease_request(runtime), "pool": {"enabled": False}}
+        worker = client.call("lease", **request)["worker_pid"]
+        pids.append(worker)
+        assert _ppid(worker) == server["pid"]
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 10
+        while not all(pid_gone(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait(10)
+        stop_daemon(runtime)
+    assert_no_leftovers(pids, timeout=1)
+
+
 def test_gateway_prepares_the_fork_server_before_the_first_kernel(runtime, tmp_path):
     pytest.importorskip("jupyter_server")
     own_runtime = tmp_path / "gw-runtime"
