@@ -275,21 +275,22 @@ def test_every_request_is_wrapped_in_busy_and_idle(kernel: Frontend, name: str) 
     assert all(m["parent_header"]["msg_type"] == msg_type for m in iopub)
 
 
-def test_kernel_info_advertises_subshells_and_no_debugger(kernel: Frontend) -> None:
+def test_kernel_info_advertises_subshells_and_the_debugger(kernel: Frontend) -> None:
     reply = kernel.kc.kernel_info(reply=True, timeout=TIMEOUT)
     content = reply["content"]
     assert content["status"] == "ok"
     assert content["protocol_version"].startswith("5.")
-    assert content["debugger"] is False
+    # debugpy comes with ipykernel: the debugger is on (tests/test_debugger.py)
+    assert content["debugger"] is True
     features = content.get("supported_features", [])
-    assert "debugger" not in features
+    assert "debugger" in features
     assert "kernel subshells" in features  # tests/test_subshells.py
     # The control channel answers kernel_info too.
     msg = kernel.kc.session.msg("kernel_info_request", {})
     kernel.kc.control_channel.send(msg)
     control = kernel.kc.get_control_msg(timeout=TIMEOUT)
     assert control["msg_type"] == "kernel_info_reply"
-    assert control["content"]["debugger"] is False
+    assert control["content"]["debugger"] is True
 
 
 # -- comms and widgets -----------------------------------------------------------------
