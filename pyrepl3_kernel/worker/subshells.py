@@ -262,10 +262,11 @@ class SubshellThread(threading.Thread):
         payload_manager = shell.payload_manager
         reply.payload = self.worker._jsonable(payload_manager.read_payload())
         payload_manager.clear_payload()
-        self.worker.emit(reply)
         if self.worker.autosave.dirty:
+            # Before the reply: ahead of any request sent after it.
             self.worker._requests.put(self.subshells.wake)
             self.worker._idle_loop.notify()
+        self.worker.emit(reply)
 
     def _run_cell(self, req: ExecuteMessage) -> Any:
         """IPython's ``run_cell``, with top-level ``await`` on this thread's
