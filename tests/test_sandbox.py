@@ -385,6 +385,55 @@ def test_home_and_ssh_keys_are_invisible(inside: Any, scratch: Scratch) -> None:
         assert set(eval(cell.out)) & set(os.listdir(home)) <= allowed, cell
 
 
+def test_a_kernel_working_in_the_home_does_not_see_its_secrets(
+    loop: LoopThread, scratch: Scratch
+) -> None:
+    """The working directory is the home itself (a notebook at the top of
+    the home): keys, Jupyter's runtime directory (connection files, the
+    daemon's socket) and other sessions' stores in it stay hidden; the
+    worker's own store works."""
+    home = scratch.root / "home-as-cwd"
+    runtime = home / ".local" / "share" / "jupyter" / "runtime"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("SCRATCH-PRIVATE-KEY\n")
+    (runtime / "other-session-store").mkdir(parents=True)
+    (runtime / "other-session-store" / "auto.json").write_text("{}")
+    (runtime / "kernel-1.json").write_text('{"key": "SCRATCH"}')
+    (home / "analysis.csv").write_text("a,b\n")
+    env = {**scratch.env(), "HOME": str(home), "JUPYTER_RUNTIME_DIR": str(runtime)}
+
+    async def scenario() -> tuple[Cell, Cell]:
+        async with Session(
+            cwd=str(home),
+            env=env,
+            sandbox=_profile(scratch, store_root=str(runtime / "pyrepl3-sandbox")),
+        ) as session:
+            probe = await _execute(
+                session,
+                f"""
+import os
+out = {{}}
+for path in ('.ssh/id_ed25519', {str(runtime / "kernel-1.json")!r},
+             {str(runtime / "other-session-store" / "auto.json")!r}, 'analysis.csv'):
+    try:
+        out[path] = open(path).read()
+    except OSError as e:
+        out[path] = type(e).__name__
+print(out)
+""",
+            )
+            await _execute(session, "kept_in_home = 1")
+            saved = await _execute(session, "%checkpoint save home")
+            return probe, saved
+
+    probe, saved = loop.run(scenario())
+    out = eval(probe.out)
+    assert out.pop("analysis.csv") == "a,b\n"  # the working directory itself shows
+    assert set(out.values()) == {"FileNotFoundError"}, out
+    assert saved.ename is None, saved
+    assert (runtime / "kernel-1.json").read_text() == '{"key": "SCRATCH"}'
+
+
 def test_writes_outside_the_working_dir_do_not_reach_the_host(
     inside: Any, scratch: Scratch
 ) -> None:

@@ -83,6 +83,66 @@ def default_store_root() -> str:
     return os.path.join(jupyter_runtime_dir(), "pyrepl3-sandbox")
 
 
+#: What of a home is hidden even when a shown directory holds it (a kernel
+#: working in the home): keys, credentials, and Jupyter's and IPython's own
+#: directories (connection files, the daemon's socket, other sessions'
+#: stores and histories).
+HOME_SECRETS = (
+    ".ssh",
+    ".gnupg",
+    ".aws",
+    ".azure",
+    ".kube",
+    ".docker",
+    ".config",
+    ".local/share/jupyter",
+    ".jupyter",
+    ".ipython",
+    ".netrc",
+    ".git-credentials",
+    ".pypirc",
+    ".bash_history",
+    ".python_history",
+)
+#: Environment variables naming directories of the user's Jupyter, IPython
+#: and session runtime, hidden likewise.
+PRIVATE_DIR_VARS = (
+    "JUPYTER_RUNTIME_DIR",
+    "JUPYTER_DATA_DIR",
+    "JUPYTER_CONFIG_DIR",
+    "IPYTHONDIR",
+    "PYREPL3_CHECKPOINT_DIR",
+    "XDG_RUNTIME_DIR",
+)
+
+
+def hidden_within(shown: list[str], env: Mapping[str, str], own_store: str) -> list[str]:
+    """The private paths (:data:`HOME_SECRETS` of the home, the directories of
+    :data:`PRIVATE_DIR_VARS`, Jupyter's runtime and data directories, the
+    stores' root) that exist inside one of the ``shown`` paths without being
+    one of them: what a sandbox must cover."""
+    from jupyter_core.paths import jupyter_data_dir, jupyter_runtime_dir
+
+    candidates = [os.path.dirname(own_store), jupyter_runtime_dir(), jupyter_data_dir()]
+    candidates += [os.environ.get(v, "") for v in PRIVATE_DIR_VARS]
+    candidates += [env.get(v, "") for v in PRIVATE_DIR_VARS]
+    for home in {env.get("HOME", ""), os.path.expanduser("~")}:
+        if home and os.path.isabs(home):
+            candidates += [os.path.join(home, entry) for entry in HOME_SECRETS]
+    roots = [os.path.realpath(p) for p in shown]
+    out: list[str] = []
+    for path in candidates:
+        if not path or not os.path.isabs(path) or not os.path.lexists(path):
+            continue
+        real = os.path.realpath(path)
+        if real in roots or any(real == o or real.startswith(o + "/") for o in out):
+            continue  # shown on purpose, or hidden already with what holds it
+        if any(real.startswith(root.rstrip("/") + "/") for root in roots):
+            out = [o for o in out if not o.startswith(real + "/")]
+            out.append(real)
+    return sorted(out)
+
+
 def bwrap_path(profile: Profile) -> str:
     """The bubblewrap program; SandboxError if it is not installed."""
     found = shutil.which(profile.bwrap)
@@ -150,7 +210,7 @@ class SandboxLaunch:
         os.makedirs(os.path.dirname(self.store), mode=0o700, exist_ok=True)
         os.mkdir(self.store, 0o700)
         open(os.path.join(self.store, STORE_MARK), "w").close()
-        env = dict(env)
+        launch_env, env = env, dict(env)
         checkpoints = profile.checkpoints or os.path.join(self.store, "checkpoints")
         env["PYREPL3_CHECKPOINT_DIR"] = checkpoints
         env["TMPDIR"] = "/tmp"
@@ -206,6 +266,17 @@ class SandboxLaunch:
         # A parent before what lies inside it, so a nested bind stays visible.
         for option, path in sorted(binds, key=lambda b: b[1].rstrip("/").count("/")):
             argv += [option, path, path]
+        # Secrets and other sessions' files inside a shown directory (a kernel
+        # working in the home) are hidden; the worker's own store shows again.
+        masked = hidden_within([p for _, p in binds], launch_env, self.store)
+        for path in masked:
+            if os.path.isdir(path):  # an empty private tmpfs (nothing reaches the host)
+                argv += ["--size", str(16 * 1024**2), "--tmpfs", path]
+            else:
+                argv += ["--ro-bind", "/dev/null", path]
+        for option, path in sorted(binds, key=lambda b: b[1].rstrip("/").count("/")):
+            if any(os.path.realpath(path).startswith(m + "/") for m in masked):
+                argv += [option, path, path]  # listed, or its own store: shown again
         argv += ["--chdir", self.cwd]
         if profile.seccomp:
             fd = filter_fd(build_filter(network=profile.network))
