@@ -282,10 +282,6 @@ def test_twenty_kernels_at_once_all_answer_with_forked_workers(runtime):
     _check_burst(runtime, 20)
 
 
-@pytest.mark.skipif(
-    os.environ.get("PYREPL3_BURST_TESTS") != "1",
-    reason="100 kernels at once take about a minute on 2 cores: set PYREPL3_BURST_TESTS=1",
-)
 def test_hundred_kernels_at_once_all_answer_with_forked_workers(runtime):
     _check_burst(runtime, 100)
 
