@@ -17,6 +17,10 @@ on the checkpoint issue's 12-object workload (benchmarks/workloads.py):
   then a small cell: the child's work for that state.
 * **store growth** over 100 small cells (``d['k1'] = i``, ``s = i``): bytes
   per cell on disk (blobs, manifests, states).
+* **a huge array** (``--huge-gb``, default 2): first save, a save after
+  changing 1% of it (one slice), a save with it untouched, and crash to
+  answered with it restored, against reading its chunks from the store's
+  files (as the page cache has them).
 * **Kishu** (``--kishu-python PY``, see bench_checkpoint.py): its checkout and
   commits from bench_checkpoint's harness, when a Python with kishu is given.
 
@@ -43,6 +47,7 @@ from bench_checkpoint import bench_kishu, run_cell
 from workloads import CHECKPOINT as WORKLOAD
 
 from pyrepl3_kernel import __version__
+from pyrepl3_kernel.protocol import ExecuteMessage
 from pyrepl3_kernel.session import Session
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -96,9 +101,70 @@ async def incremental_saves(session: Session, autosave: Path, runs: int) -> dict
     }
 
 
-async def bench(runs: int, big_gb: float, tmp: Path, kishu_python: str | None) -> dict[str, Any]:
+async def huge_array(tmp: Path, gb: float) -> dict[str, Any]:
+    """A ``gb`` GB array: first save, a save after changing 1% of it (one
+    contiguous slice), a save with it untouched, and crash to answered with
+    it restored, against reading its chunks from the file system."""
+    autosave = tmp / "huge"
+    session = Session(autosave=str(autosave))
+    await session.start()
+    out: dict[str, Any] = {"gb": gb}
+    try:
+        n = int(gb * 1e9) // 8
+        # Random data: chunks of equal bytes (np.ones) would be stored once.
+        await run_cell(session, f"import numpy as np\nhuge = np.random.default_rng(5).random({n})")
+        await session.states()
+        state = newest_state(autosave)
+        out["first_save"] = {
+            "child_work_s": round(state["save_seconds"], 2),
+            "bytes_added": state["bytes_added"],
+        }
+        await run_cell(session, f"huge[:{n // 100}] += 1.0")
+        await session.states()
+        state = newest_state(autosave)
+        out["save_after_1pct_change"] = {
+            "child_work_s": round(state["save_seconds"], 3),
+            "bytes_added": state["bytes_added"],
+            "fraction_written": round(state["bytes_added"] / (n * 8), 4),
+        }
+        await run_cell(session, "small = 1")
+        await session.states()
+        state = newest_state(autosave)
+        out["save_untouched"] = {
+            "child_work_ms": round(state["save_seconds"] * 1000, 2),
+            "bytes_added": state["bytes_added"],
+        }
+        expected = await run_cell(session, "print(float(huge.sum()))")
+        await session.states()  # the save after that cell lands before the crash
+        start = time.perf_counter()
+        async for _msg in session.execute(ExecuteMessage(code="import os\nos._exit(1)")):
+            pass
+        answer = await run_cell(session, "print(float(huge.sum()))")
+        crash_to_answered = time.perf_counter() - start
+        out["crash_to_answered_s"] = round(crash_to_answered, 2)
+        out["restored_equal"] = answer == expected
+        # The same bytes read from the store's files (page cache as it is).
+        manifest = json.loads((autosave / "auto.json").read_text())
+        digests = manifest["names"]["huge"]["chunks"]["0"]
+        buf = bytearray(4 << 20)
+        start = time.perf_counter()
+        for digest in digests:
+            with open(autosave / "objects" / digest, "rb") as f:
+                f.readinto(buf)
+        out["read_chunks_s"] = round(time.perf_counter() - start, 2)
+        out["ratio_to_read"] = round(crash_to_answered / max(out["read_chunks_s"], 1e-6), 2)
+    finally:
+        await session.shutdown()
+    return out
+
+
+async def bench(
+    runs: int, big_gb: float, tmp: Path, kishu_python: str | None, huge_gb: float = 0.0
+) -> dict[str, Any]:
     results: dict[str, Any] = {}
     env = dict(os.environ)
+    if runs == 0:  # the huge array alone
+        return {"huge_array": await huge_array(tmp, huge_gb)}
 
     session = await workload_session(tmp, "main")
     try:
@@ -181,6 +247,9 @@ async def bench(runs: int, big_gb: float, tmp: Path, kishu_python: str | None) -
     finally:
         await session.shutdown()
 
+    if huge_gb > 0:
+        results["huge_array"] = await huge_array(tmp, huge_gb)
+
     if kishu_python:
         results["kishu"] = bench_kishu(kishu_python, runs, tmp)
     else:
@@ -189,6 +258,8 @@ async def bench(runs: int, big_gb: float, tmp: Path, kishu_python: str | None) -
 
 
 def table(results: dict[str, Any]) -> str:
+    if "incremental_save" not in results:
+        return json.dumps(results, indent=1)
     inc, full = results["incremental_save"], results["full_resave"]
     co, back = results["checkout_small_change"], results["checkout_10_cells_back"]
     big = results["untouched_big_array"]
@@ -241,19 +312,43 @@ def table(results: dict[str, Any]) -> str:
         rows.append(
             ("Kishu commit after d['k1']=...", f"{kishu['commit_incremental']['median_ms']} ms", "")
         )
+    huge = results.get("huge_array")
+    if huge:
+        g = huge["gb"]
+        rows += [
+            (f"{g} GB array: first save (child)", f"{huge['first_save']['child_work_s']} s", ""),
+            (
+                f"{g} GB array: save after 1% change",
+                f"{huge['save_after_1pct_change']['fraction_written'] * 100:.2f}% written",
+                "< 5%",
+            ),
+            (
+                f"{g} GB array: save untouched",
+                f"{huge['save_untouched']['bytes_added']} B",
+                "nothing",
+            ),
+            (
+                f"{g} GB array: crash to answered",
+                f"{huge['crash_to_answered_s']} s",
+                f"{huge['ratio_to_read']}x reading its chunks ({huge['read_chunks_s']} s); goal 2x",
+            ),
+        ]
     width = max(len(r[0]) for r in rows)
     return "\n".join(f"{a:<{width}}  {b:>14}  {c}" for a, b, c in rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=5, help="0: the huge array alone")
     parser.add_argument("--big-gb", type=float, default=1.0)
+    parser.add_argument("--huge-gb", type=float, default=2.0, help="0: skip the huge array")
     parser.add_argument("--kishu-python", default=None)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-tt-") as tmp:
-        results = asyncio.run(bench(args.runs, args.big_gb, Path(tmp), args.kishu_python))
+        results = asyncio.run(
+            bench(args.runs, args.big_gb, Path(tmp), args.kishu_python, args.huge_gb)
+        )
     results["meta"] = {
         "pyrepl3": __version__,
         "python": sys.version.split()[0],
