@@ -389,9 +389,10 @@ def test_a_kernel_working_in_the_home_does_not_see_its_secrets(
     loop: LoopThread, scratch: Scratch
 ) -> None:
     """The working directory is the home itself (a notebook at the top of
-    the home): keys, Jupyter's runtime directory (connection files, the
-    daemon's socket) and other sessions' stores in it stay hidden; the
-    worker's own store works."""
+    the home): refused unless the profile lists it; where listed, keys,
+    Jupyter's runtime directory (connection files, the daemon's socket) and
+    other sessions' stores in it stay hidden, and the worker's own store
+    works."""
     home = scratch.root / "home-as-cwd"
     runtime = home / ".local" / "share" / "jupyter" / "runtime"
     (home / ".ssh").mkdir(parents=True)
@@ -401,12 +402,18 @@ def test_a_kernel_working_in_the_home_does_not_see_its_secrets(
     (runtime / "kernel-1.json").write_text('{"key": "SCRATCH"}')
     (home / "analysis.csv").write_text("a,b\n")
     env = {**scratch.env(), "HOME": str(home), "JUPYTER_RUNTIME_DIR": str(runtime)}
+    stores = str(runtime / "pyrepl3-sandbox")
+    # Refused unless the profile lists the home as writable: the code could
+    # rewrite the home's start-up files.
+    refused = WorkerProcess(cwd=str(home), env=env, sandbox=_profile(scratch, store_root=stores))
+    with pytest.raises(WorkerStartError, match="may not work in .* home directory"):
+        loop.run(refused.start())
 
     async def scenario() -> tuple[Cell, Cell]:
         async with Session(
             cwd=str(home),
             env=env,
-            sandbox=_profile(scratch, store_root=str(runtime / "pyrepl3-sandbox")),
+            sandbox=_profile(scratch, store_root=stores, writable=[str(home)]),
         ) as session:
             probe = await _execute(
                 session,

@@ -207,6 +207,7 @@ class SandboxLaunch:
         self, cmd: list[str], env: Mapping[str, str]
     ) -> tuple[list[str], dict[str, str], tuple[int, ...]]:
         profile = self.profile
+        self._check_not_home(env)
         os.makedirs(os.path.dirname(self.store), mode=0o700, exist_ok=True)
         os.mkdir(self.store, 0o700)
         open(os.path.join(self.store, STORE_MARK), "w").close()
@@ -284,6 +285,25 @@ class SandboxLaunch:
             argv += ["--seccomp", str(fd)]
         argv += ["--", *cmd]
         return self._shell(argv), env, tuple(self._fds)
+
+    def _check_not_home(self, env: Mapping[str, str]) -> None:
+        """A working directory that is a home (or holds one) would let the
+        code rewrite the home's start-up files (``.bashrc``, ``.profile``,
+        ``.local/bin``, the user site-packages): refused unless the profile
+        lists it as writable."""
+        cwd = os.path.realpath(self.cwd)
+        listed = {os.path.realpath(p) for p in self.profile.writable}
+        for home in {env.get("HOME", ""), os.path.expanduser("~")}:
+            if not home or not os.path.isabs(home):
+                continue
+            home = os.path.realpath(home)
+            if (home == cwd or home.startswith(cwd.rstrip("/") + "/")) and cwd not in listed:
+                raise SandboxError(
+                    f"a sandboxed kernel may not work in {self.cwd!r}, which is or holds the "
+                    f"home directory {home!r} (its code could change the home's start-up files: "
+                    ".bashrc, .profile, .local/bin): start it in a directory inside the home, or "
+                    f"list {self.cwd!r} in the profile's writable paths to allow it"
+                )
 
     def _shell(self, argv: list[str]) -> list[str]:
         profile = self.profile
