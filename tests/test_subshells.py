@@ -209,6 +209,21 @@ def test_delete_while_running_ends_the_cell(kernel: Frontend) -> None:
     assert kernel.execute("threading.active_count()").status == "ok"
 
 
+def test_delete_answers_while_the_cell_is_stuck(kernel: Frontend) -> None:
+    """A cell in a call that an interrupt cannot stop (a wait without a
+    timeout) does not hold the delete up for long: the reply comes, the
+    subshell is gone, and the cell ends when the call returns."""
+    stuck = create(kernel)
+    kernel.execute("import threading; release = threading.Event(); entered = threading.Event()")
+    running = send(kernel, "entered.set(); release.wait()", stuck)
+    kernel.execute("entered.wait(30)")
+    assert delete(kernel, stuck)["content"]["status"] == "ok"  # within the grace
+    assert stuck not in listed(kernel)
+    kernel.execute("release.set()")
+    reply = kernel.reply_to(running)["content"]
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+
+
 # -- the native API -----------------------------------------------------------------------
 
 

@@ -59,6 +59,9 @@ log = logging.getLogger("pyrepl3.worker")
 UNKNOWN_SUBSHELL = "UnknownSubshellError"
 #: ``ename`` of a request a deleted subshell never ran.
 SUBSHELL_DELETED = "SubshellDeleted"
+#: Longest wait for a deleted subshell's thread to end before the delete is
+#: answered anyway (code stuck in a blocking call ends when the call returns).
+DELETE_GRACE_S = 2.0
 
 
 def unknown_subshell_text(subshell_id: str) -> str:
@@ -135,6 +138,7 @@ class SubshellThread(threading.Thread):
         self._lock = threading.Lock()
         self._input: _InputSlot | None = None
         self._deleting: SubshellMessage | None = None
+        self._deleted_told = False
         self._loop: Any = None
 
     # -- called on the I/O thread ------------------------------------------------
@@ -160,6 +164,26 @@ class SubshellThread(threading.Thread):
         self._deleting = request
         self.requests.put(None)
         self.interrupt(None)
+        self.join(0.05)  # an idle subshell ends at once
+        if self.is_alive():
+            timer = threading.Timer(DELETE_GRACE_S, self._tell_deleted)
+            timer.daemon = True
+            timer.start()
+
+    def _tell_deleted(self) -> None:
+        """Answer the delete, once: when the thread ends, or after the grace."""
+        with self._lock:
+            if self._deleted_told or self._deleting is None:
+                return
+            self._deleted_told = True
+        self.worker.channel.send(
+            SubshellReplyMessage(
+                parent_id=self._deleting.id,
+                action="delete",
+                subshell_id=self.subshell_id,
+                subshell_ids=self.subshells.ids(),
+            )
+        )
 
     # -- the thread ----------------------------------------------------------------
 
@@ -181,16 +205,7 @@ class SubshellThread(threading.Thread):
         finally:
             if self._loop is not None:
                 self._loop.close()
-            deleting = self._deleting
-            if deleting is not None:
-                self.worker.channel.send(
-                    SubshellReplyMessage(
-                        parent_id=deleting.id,
-                        action="delete",
-                        subshell_id=self.subshell_id,
-                        subshell_ids=self.subshells.ids(),
-                    )
-                )
+            self._tell_deleted()
 
     def _handle(self, req: Message) -> None:
         token = output.cell_parent.set(req.id)
