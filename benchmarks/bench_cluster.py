@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -255,6 +256,7 @@ def main() -> int:
         results["move"] = {size: bench_move(cluster, size) for size in sizes}
     finally:
         cluster.close()
+        shutil.rmtree(root, ignore_errors=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "cluster.json").write_text(json.dumps(results, indent=1))

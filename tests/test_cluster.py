@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,12 +133,11 @@ cluster_mark = pytest.mark.cluster
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[Cluster]:
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     reason = missing_tools()
     if reason:
         pytest.skip(reason)
-    root = Path(tempfile.mkdtemp(prefix="pyrepl3-cluster-"))
-    c = Cluster(root)
+    c = Cluster(tmp_path_factory.mktemp("cluster"))
     try:
         c.start()
         yield c

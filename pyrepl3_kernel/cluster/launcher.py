@@ -92,17 +92,17 @@ class RemoteKernel:
         self.gateway: Any = None
 
     def _ports(self) -> dict[str, Any]:
+        """The kernel's ports, chosen before the gateway binds them: the
+        server gets them at once, and the kernel fetches its state while the
+        server connects (ZMQ retries until the ports are bound)."""
         from .handshake import bind_in_range
 
         low, high = self.port_range
         info: dict[str, Any] = {"ip": self.ip, "transport": "tcp", "key": uuid.uuid4().hex}
         for channel in ("shell", "iopub", "stdin", "control", "hb"):
-            if high:
-                sock = bind_in_range(self.ip, low, high)
-                info[f"{channel}_port"] = sock.getsockname()[1]
-                sock.close()
-            else:
-                info[f"{channel}_port"] = 0  # the gateway binds a random port: no race
+            sock = bind_in_range(self.ip, low, high)
+            info[f"{channel}_port"] = sock.getsockname()[1]
+            sock.close()
         return info
 
     def _resume(self, local_dir: str) -> str | None:
@@ -130,33 +130,27 @@ class RemoteKernel:
         from ..gateway.kernel import JupyterGateway
         from ..session.supervised import default_autosave_dir
 
+        loop = asyncio.get_running_loop()
         local_dir = default_autosave_dir(self.kernel_id)
-        resume_note: str | None = None
+        observer: Any = None
         if local_dir is not None:
             try:
-                self.mirror = StateMirror.from_env(self.kernel_id, local_dir, host=self.here)
+                self.mirror = observer = StateMirror.from_env(
+                    self.kernel_id, local_dir, host=self.here
+                )
             except StateStoreError as exc:
                 log.error("state store: %s", exc)
-                resume_note = f"pyrepl3: the state is NOT being saved: {exc}\n"
-            if self.mirror is not None:
-                loop = asyncio.get_running_loop()
-                resume_note = await loop.run_in_executor(None, self._resume, local_dir)
-                await loop.run_in_executor(None, self.mirror.check)
+                observer = _OnceNote(f"pyrepl3: the state is NOT being saved: {exc}\n")
         self.gateway = gateway = JupyterGateway(
             self._ports(),
             kernel_id=self.kernel_id,
             autosave_dir=local_dir or "",
             on_shutdown=self._on_shutdown_request,
         )
-        if resume_note is not None:
-            gateway.session.resume = resume_note
-        if self.mirror is not None:
-            gateway.session.cell_observer = self.mirror
-        loop = asyncio.get_running_loop()
+        gateway.session.cell_observer = observer
         loop.add_signal_handler(signal.SIGINT, lambda: asyncio.ensure_future(gateway.interrupt()))
         loop.add_signal_handler(signal.SIGTERM, self.done.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # the SSH session ending
-        await gateway.start()
         listener = Listener(
             self.ip if self.ip != "0.0.0.0" else "",  # noqa: S104
             self.port_range,
@@ -171,18 +165,30 @@ class RemoteKernel:
             kernel_id=self.kernel_id,
         )
         listener.start()
-        await loop.run_in_executor(
-            None, send_connection_info, response_address, encrypt_payload(info, public_key)
-        )
-        if self.mirror is not None:
-            self.mirror.start()
+        started = False
         try:
+            # The connection info goes out first: fetching a large state must
+            # not run into the provisioner's launch timeout.
+            await loop.run_in_executor(
+                None, send_connection_info, response_address, encrypt_payload(info, public_key)
+            )
+            if self.mirror is not None and local_dir is not None:
+                resume_note = await loop.run_in_executor(None, self._resume, local_dir)
+                if resume_note is not None:
+                    gateway.session.resume = resume_note
+                await loop.run_in_executor(None, self.mirror.check)
+            if not self.done.is_set():
+                await gateway.start()
+                started = True
+                if self.mirror is not None:
+                    self.mirror.start()
             await self.done.wait()
         finally:
             # The listener answers the provisioner's polls until the state is
             # uploaded: a move starts the next kernel only once this one is gone.
             try:
-                await self._stop()
+                if started:
+                    await self._stop()
             finally:
                 listener.close()
 
@@ -215,6 +221,20 @@ class RemoteKernel:
         else:
             await loop.run_in_executor(None, mirror.clear)
             await gateway.stop()
+
+
+class _OnceNote:
+    """A cell observer that says one thing, in the first cell's output."""
+
+    def __init__(self, text: str) -> None:
+        self.text: str | None = text
+
+    def cell_started(self, cell_id: str, code: str) -> None:
+        pass
+
+    def cell_finished(self) -> str | None:
+        text, self.text = self.text, None
+        return text
 
 
 def main(argv: list[str] | None = None) -> None:
