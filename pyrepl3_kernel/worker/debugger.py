@@ -177,6 +177,8 @@ class Debugger:
                 return response(request, False, message=f"could not start debugpy: {exc}")
         if command in STATIC_COMMANDS:
             reply = getattr(self, command)(request)
+        elif command == "disconnect" and not self.is_started:
+            return response(request)  # nothing to end: as good as done
         elif not self.is_started:
             return response(request, False, message="the debugger is not started")
         elif command == "disconnect":
