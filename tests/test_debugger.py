@@ -210,6 +210,9 @@ def test_debug_info_before_attach_gives_the_cell_file_names(kernel: Any) -> None
 
 def test_stop_at_breakpoint_inspect_and_continue(debug: Debug) -> None:
     source = debug.breakpoint_in(CELL, 2)
+    assert debug.request("source", {"source": {"path": source}})["body"]["content"] == CELL
+    modules = debug.request("modules", {"startModule": 0, "moduleCount": 50})["body"]
+    assert modules["modules"] and modules["totalModules"] >= len(modules["modules"])
     info = debug.request("debugInfo")
     assert {"source": source, "breakpoints": [{"line": 2}]} in info["body"]["breakpoints"]
     msg_id = debug.kc.execute(CELL)
