@@ -7,8 +7,8 @@ from typing import Any
 
 from jupyter_server.extension.application import ExtensionApp
 
-from .fork import ForkHandler
 from ..cluster import move
+from .fork import ForkHandler
 from .overrides import NoDelayKernelWebsocketHandler, StartKernelHandler
 from .rest import (
     CheckoutHandler,
