@@ -25,7 +25,9 @@ WebSocket, as a notebook is. Everything started is stopped at the end.
     worker die at once, the host's disk is removed), and the clock runs from
     the kill until a cell that reads the state is answered on the other
     host: jupyter_server's restarter noticing (it polls every 3 s: its
-    default), the launch over SSH, the download of the state, the restore.
+    default), the launch over SSH, the download of the state, the restore,
+    and the notebook's WebSocket reconnecting when jupyter_server says
+    "restarting" (as JupyterLab does).
     The killed host is revived for the next run. ipykernel has no peer
     figure here: its state is gone with its host.
 (c) explicit move (``POST /api/pyrepl3/kernels/{id}/move``), small and
@@ -170,6 +172,20 @@ CHECK = {"small": "len(data['k'])", "200MB": "float(big.sum())"}
 EXPECT = {"small": "1000", "200MB": "25000000.0"}
 
 
+def wait_restarting(ks: KernelSocket, deadline: float) -> None:
+    """Until jupyter_server tells the notebook's WebSocket that the kernel
+    is restarting (its restarter noticed the loss)."""
+    while True:
+        msg = ks.recv(max(0.1, deadline - time.monotonic()))
+        if msg.get("msg_type") == "status" and msg["content"].get("execution_state") in (
+            "restarting",
+            "dead",
+        ):
+            if msg["content"]["execution_state"] == "dead":
+                raise RuntimeError("jupyter_server gave the kernel up (dead)")
+            return
+
+
 def answered_with_state(ks: KernelSocket, size: str, deadline: float) -> str:
     """Reconnect (as JupyterLab does on 'restarting') and run the check
     cell until it answers; its output."""
@@ -197,6 +213,7 @@ def bench_host_loss(cluster: Cluster, size: str) -> dict[str, Any]:
         assert lost is not None
         start = time.monotonic()
         cluster.host(lost).kill()
+        wait_restarting(ks, start + 120)
         text = answered_with_state(ks, size, start + 300)
         elapsed = time.monotonic() - start
         now = cluster.kernel_host(kid)
