@@ -489,6 +489,8 @@ def test_crash_while_stopped_ends_the_debug_session_and_reattach_works(debug: De
         "evaluate",
         {"expression": "__import__('os').getpid()", "frameId": frame["id"], "context": "repl"},
     )["body"]["result"]
+    cell_dir = Path(debug.request("debugInfo")["body"]["tmpFilePrefix"])
+    assert cell_dir.is_dir()
     os.kill(int(pid), signal.SIGKILL)
     # The frontend's debugger is told the session ended, so its panel resets.
     assert debug.event("terminated")["event"] == "terminated"
@@ -507,6 +509,8 @@ def test_crash_while_stopped_ends_the_debug_session_and_reattach_works(debug: De
     # The new worker has no debug session until the frontend attaches again.
     assert debug.request("debugInfo")["body"]["isStarted"] is False
     debug.attach()
+    # The dead worker's cell files are cleaned up when a debugger starts.
+    assert not cell_dir.exists()
     debug.breakpoint_in(CELL, 2)
     msg_id = debug.kc.execute(CELL)
     thread = debug.event("stopped")["body"]["threadId"]

@@ -64,6 +64,38 @@ def cell_directory(pid: int | None = None) -> str:
     return os.path.join(tempfile.gettempdir(), f"pyrepl3_{pid or os.getpid()}")
 
 
+def reap_stale_directories() -> list[str]:
+    """Remove the cell directories of worker processes that are gone (a
+    worker that crashed, or was killed, leaves its directory behind); only
+    this user's. Returns the directories removed."""
+    import re
+    import shutil
+
+    base = tempfile.gettempdir()
+    removed = []
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return removed
+    for name in names:
+        match = re.fullmatch(r"pyrepl3_(\d+)", name)
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        path = os.path.join(base, name)
+        try:
+            if os.lstat(path).st_uid != os.getuid():
+                continue
+            os.kill(int(match.group(1)), 0)
+            continue  # its worker (or a process with its pid) still runs
+        except ProcessLookupError:
+            pass
+        except OSError:
+            continue  # not ours to judge (another user's pid, or it is gone)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
 def prefix() -> str:
     """``debugInfo.tmpFilePrefix``."""
     return cell_directory() + os.sep

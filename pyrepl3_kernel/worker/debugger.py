@@ -216,6 +216,7 @@ class Debugger:
     def start(self) -> None:
         """Start debugpy (once per process) and connect to its adapter."""
         if self._address is None:
+            cellnames.reap_stale_directories()
             Path(cellnames.cell_directory()).mkdir(mode=0o700, parents=True, exist_ok=True)
             import debugpy
 
