@@ -72,7 +72,7 @@ def reap_stale_directories() -> list[str]:
     import shutil
 
     base = tempfile.gettempdir()
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(base)
     except OSError:
