@@ -528,7 +528,8 @@ class CheckpointMessage(Message):
     ``store`` is a directory or fsspec URL (default: the worker's store);
     ``clear`` (restore): remove variables the checkpoint does not have;
     ``force`` (save): replace a checkpoint of that name even if another
-    notebook or kernel saved it."""
+    notebook or kernel saved it. The kernel's state history: ``states``,
+    ``checkout`` (``name``: the cell number) and ``undo`` (docs/checkpoints.md)."""
 
     type: ClassVar[MessageType] = MessageType.CHECKPOINT
     action: str = "save"
