@@ -206,6 +206,15 @@ def test_debug_info_before_attach_gives_the_cell_file_names(kernel: Any) -> None
     reply, iopub = client.finish(kernel.kc.execute(code))
     result = next(m for m in iopub if m["msg_type"] == "execute_result")
     assert result["content"]["data"]["text/plain"] == repr(expected)
+    # As ipykernel: IPYKERNEL_CELL_NAME names the cells instead (VS Code).
+    named = "import os\nos.environ['IPYKERNEL_CELL_NAME'] = '/tmp/vscode-cell.py'"
+    assert client.finish(kernel.kc.execute(named))[0]["content"]["status"] == "ok"
+    try:
+        _, iopub = client.finish(kernel.kc.execute("sys._getframe().f_code.co_filename"))
+        result = next(m for m in iopub if m["msg_type"] == "execute_result")
+        assert result["content"]["data"]["text/plain"] == "'/tmp/vscode-cell.py'"
+    finally:
+        kernel.execute("del os.environ['IPYKERNEL_CELL_NAME']")
 
 
 def test_stop_at_breakpoint_inspect_and_continue(debug: Debug) -> None:

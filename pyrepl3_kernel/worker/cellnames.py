@@ -102,7 +102,12 @@ def prefix() -> str:
 
 
 def cell_file_name(code: str) -> str:
-    """The file name of a cell whose code is ``code``."""
+    """The file name of a cell whose code is ``code``; as ipykernel,
+    ``IPYKERNEL_CELL_NAME`` in the environment names it instead (VS Code's
+    Jupyter extension sets it before a cell it debugs)."""
+    named = os.environ.get("IPYKERNEL_CELL_NAME")
+    if named is not None:
+        return named
     return f"{prefix()}{murmur2(code)}{SUFFIX}"
 
 
