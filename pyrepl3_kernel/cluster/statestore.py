@@ -130,6 +130,8 @@ class StateMirror:
 
     POLL = 0.05  # seconds between looks at the local directory
     RETRY = 2.0  # seconds between attempts while the store fails
+    BUSY_FOR = 10.0  # seconds after a cell during which POLL applies
+    IDLE_POLL = 1.0
 
     def __init__(
         self,
@@ -333,9 +335,15 @@ class StateMirror:
     def _run(self) -> None:
         seen: tuple[tuple[str, int], ...] = ()
         retry_at = 0.0
+        last_cell = time.monotonic()
         while not self._stop.is_set():
-            woken = self._wake.wait(self.POLL)
+            # Saves follow cells: look often for a while after one, seldom
+            # when the kernel is idle (the thread then costs next to nothing).
+            busy = time.monotonic() - last_cell < self.BUSY_FOR or self._running is not None
+            woken = self._wake.wait(self.POLL if busy else self.IDLE_POLL)
             self._wake.clear()
+            if woken:
+                last_cell = time.monotonic()
             if self._stop.is_set():
                 return
             now = time.monotonic()
