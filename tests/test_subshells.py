@@ -165,6 +165,35 @@ def test_output_goes_to_the_right_parent(kernel: Frontend, subshell: str) -> Non
     assert "display_data" not in [m["msg_type"] for m in runs[main]]
 
 
+def test_a_cell_awaiting_on_a_subshell_gets_its_comm_message(
+    kernel: Frontend, subshell: str
+) -> None:
+    """A widget's answer sent on the subshell whose cell awaits it is
+    delivered during the await (else the cell would wait for ever)."""
+    setup = send(kernel, "import comm; widget = comm.create_comm(target_name='t')", subshell)
+    assert kernel.reply_to(setup)["content"]["status"] == "ok"
+    code = (
+        "import asyncio\n"
+        "answer = asyncio.get_running_loop().create_future()\n"
+        "widget.on_msg(lambda m: answer.set_result(m['content']['data']['value']))\n"
+        "widget.send({'question': 1})\n"
+        "await asyncio.wait_for(answer, 20)"
+    )
+    cell = send(kernel, code, subshell)
+    while True:  # the widget's question, from the cell
+        msg = kernel.kc.get_iopub_msg(timeout=TIMEOUT)
+        if msg["msg_type"] == "comm_msg" and msg["parent_header"].get("msg_id") == cell:
+            break
+    answer = kernel.kc.session.msg(
+        "comm_msg", {"comm_id": msg["content"]["comm_id"], "data": {"value": 42}}
+    )
+    answer["header"]["subshell_id"] = subshell
+    kernel.kc.shell_channel.send(answer)
+    assert kernel.reply_to(cell)["content"]["status"] == "ok"
+    result = [m for m in kernel.iopub_of(cell) if m["msg_type"] == "execute_result"]
+    assert result[0]["content"]["data"]["text/plain"] == "42"
+
+
 def test_interrupt_one_subshell(kernel: Frontend) -> None:
     looping, other = create(kernel), create(kernel)
     kernel.execute("import threading, time; main_go_on = True; sub_started = threading.Event()")

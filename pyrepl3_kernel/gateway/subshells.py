@@ -31,6 +31,8 @@ JupyterMsg = dict[str, Any]
 
 #: Answered by the gateway at once whatever the header says.
 AT_ONCE = frozenset({"is_complete_request"})
+#: Delivered at once to a subshell that runs a cell (it may await one).
+COMM_MESSAGES = frozenset({"comm_open", "comm_msg", "comm_close"})
 #: The feature kernel_info_reply announces (as ipykernel 7).
 FEATURE = "kernel subshells"
 
@@ -68,6 +70,11 @@ class GatewaySubshells:
             return False
         if subshell_id not in self._subshells:
             self._unknown(idents, msg, subshell_id)
+            return True
+        msg_type = msg["header"].get("msg_type")
+        if msg_type in COMM_MESSAGES and self._subshells.running_in(subshell_id) is not None:
+            # As on the main shell: no busy/idle, the running cell's status stands.
+            self._tasks.spawn(self._gateway._comm(idents, msg, concurrent=True))
             return True
         queue = self._queues.get(subshell_id)
         if queue is None:

@@ -81,6 +81,10 @@ class SessionSubshells:
     def __contains__(self, subshell_id: object) -> bool:
         return subshell_id in self._ids
 
+    def running_in(self, subshell_id: str) -> str | None:
+        """Id of the cell the subshell runs now, if any."""
+        return self._running.get(subshell_id)
+
     @property
     def running(self) -> bool:
         """Whether a subshell runs a cell now."""

@@ -35,6 +35,7 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import (
+    DURING_AWAIT_REQUESTS,
     ORDERED_REQUESTS,
     AckMessage,
     ExecuteMessage,
@@ -169,6 +170,19 @@ class SubshellThread(threading.Thread):
             timer = threading.Timer(DELETE_GRACE_S, self._tell_deleted)
             timer.daemon = True
             timer.start()
+
+    def deliver_during_await(self, msg: Message) -> bool:
+        """Hand a comm message to the running cell's event loop if the cell
+        is in a top-level ``await`` (it may wait for exactly this message, a
+        widget's answer), as on the main shell; False if it is not."""
+        loop = self._loop
+        if self.running is None or loop is None or not loop.is_running():
+            return False
+        try:
+            loop.call_soon_threadsafe(self._comm_during_cell, msg)
+        except RuntimeError:  # the loop closed meanwhile
+            return False
+        return True
 
     def _tell_deleted(self) -> None:
         """Answer the delete, once: when the thread ends, or after the grace."""
@@ -337,6 +351,17 @@ class SubshellThread(threading.Thread):
             self._user_code(None)
         self.worker.emit(AckMessage(parent_id=req.id))
 
+    def _comm_during_cell(self, req: Any) -> None:
+        from .comms import as_jupyter_msg
+
+        reply = AckMessage(parent_id=req.id)
+        try:
+            getattr(self.worker.comm_manager, req.type.value)(None, None, as_jupyter_msg(req))
+        except Exception as exc:
+            log.exception("error handling %s on subshell %s", req.type, self.subshell_id)
+            reply.status, reply.ename, reply.evalue = "error", type(exc).__name__, str(exc)
+        self.worker.emit(reply)
+
     def request_input(self, prompt: str, password: bool) -> str:
         """``input()`` on this subshell: asked with its request as parent."""
         if not self.allow_stdin or self.parent is None:
@@ -431,7 +456,7 @@ class Subshells:
         if thread is None:
             evalue = unknown_subshell_text(subshell_id)
             self._worker.channel.send(failure_reply(msg, UNKNOWN_SUBSHELL, evalue))
-        else:
+        elif msg.type not in DURING_AWAIT_REQUESTS or not thread.deliver_during_await(msg):
             thread.requests.put(msg)
         return True
 
