@@ -376,8 +376,8 @@ class StateMirror:
         """Upload what changed; whether anything was written."""
         if not os.path.isdir(self.local_dir):
             return False
-        local = self._local_files()
-        changed = [rel for rel, sig in local.items() if self._uploaded.get(rel) != sig]
+        first = self._local_files()
+        changed = [rel for rel, sig in first.items() if self._uploaded.get(rel) != sig]
         if not changed:
             return False
         # Manifests are read into memory first: the files they name exist
@@ -398,7 +398,9 @@ class StateMirror:
         for rel, data in manifests.items():
             with self.fs.open(self._remote(rel), "wb") as f:
                 f.write(data)
-            self._uploaded[rel] = local.get(rel, (len(data), 0))
+            # As it was when read: a manifest replaced since then differs
+            # from this and goes up on the next look.
+            self._uploaded[rel] = first[rel]
         # Files the writer removed (unreferenced blobs) go from the store
         # too, once the manifests that replaced them are up.
         for rel in [r for r in self._uploaded if r not in local]:
