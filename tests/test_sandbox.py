@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import json
 import os
 import shutil
@@ -308,6 +309,46 @@ def test_a_sandbox_that_cannot_start_says_why_and_leaves_nothing(
     with pytest.raises(WorkerStartError, match="no-python"):
         loop.run(worker.start())
     assert not stores.exists() or os.listdir(stores) == []
+
+
+def test_what_a_killed_gateway_left_is_swept_at_the_next_start(
+    loop: LoopThread, tmp_path: Path
+) -> None:
+    """A gateway killed outright (``shutdown_kernel(now=True)`` kills a
+    standalone kernel) leaves its sandbox's store and empty cgroups: the next
+    sandboxed start removes those whose owner is gone (stores) or that have
+    been empty for a minute (cgroups)."""
+    import time
+
+    from pyrepl3_kernel.sandbox.cgroups import _mounts, _own_cgroups
+    from pyrepl3_kernel.sandbox.launch import STORE_MARK
+
+    stores = tmp_path / "stores"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = stores / "left-by-a-killed-gateway"
+    left.mkdir(parents=True)
+    (left / STORE_MARK).write_text(f"{dead.pid} 1.0\n")
+    mine = stores / "of-a-live-gateway"
+    mine.mkdir()
+    (mine / STORE_MARK).write_text(f"{os.getpid()} None\n")
+    stale = None
+    pids = _mounts().get("pids")
+    if pids is not None:
+        stale = Path(
+            pids, _own_cgroups().get("pids", "/").lstrip("/"), "pyrepl3-sandbox-stale0test"
+        )
+        with contextlib.suppress(OSError):
+            stale.mkdir()
+            os.utime(stale, (time.time() - 3600, time.time() - 3600))
+    worker = WorkerProcess(cwd=str(tmp_path), sandbox={"store_root": str(stores)})
+    try:
+        loop.run(worker.start())
+    finally:
+        loop.run(worker.shutdown())
+    assert not left.exists() and mine.exists()
+    if stale is not None:
+        assert not stale.exists()
 
 
 def test_seccomp_numbers_match_libseccomp() -> None:

@@ -50,6 +50,31 @@ def _mounts() -> dict[str, str]:
     return out
 
 
+#: A sandbox's group left empty for this long is stale (its gateway was
+#: killed before it could remove it); younger empty groups may be a launch
+#: whose first process has not entered yet.
+STALE_AFTER_S = 60.0
+
+
+def sweep(parent: str) -> None:
+    """Remove stale sandbox groups under ``parent``: empty (rmdir refuses a
+    group with processes) and older than :data:`STALE_AFTER_S`."""
+    import time
+
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return
+    now = time.time()
+    for entry in entries:
+        if not entry.startswith("pyrepl3-sandbox-"):
+            continue
+        path = os.path.join(parent, entry)
+        with contextlib.suppress(OSError):
+            if now - os.stat(path).st_mtime > STALE_AFTER_S:
+                os.rmdir(path)
+
+
 def _write(path: str, value: str) -> None:
     with open(path, "w") as f:
         f.write(value)
@@ -119,6 +144,7 @@ class Cgroups:
     def _make_v2(
         self, path: str, memory: int, processes: int, cpus: float, delegated: list[str]
     ) -> None:
+        sweep(os.path.dirname(path))
         os.mkdir(path, 0o755)
         self.dirs.append(path)
         _write(os.path.join(path, "memory.max"), str(memory))
@@ -141,6 +167,7 @@ class Cgroups:
     ) -> None:
         def make(controller: str) -> str:
             path = os.path.join(mounts[controller], own.get(controller, "/").lstrip("/"), name)
+            sweep(os.path.dirname(path))
             os.mkdir(path, 0o755)
             self.dirs.append(path)
             self.procs_files.append(os.path.join(path, "cgroup.procs"))

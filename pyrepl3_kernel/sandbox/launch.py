@@ -31,6 +31,7 @@ import sys
 import uuid
 from collections.abc import Mapping
 
+from ..processes import alive, started_at
 from .cgroups import Cgroups
 from .profile import Profile, SandboxError
 from .seccomp import build_filter, filter_fd
@@ -209,8 +210,10 @@ class SandboxLaunch:
         profile = self.profile
         self._check_not_home(env)
         os.makedirs(os.path.dirname(self.store), mode=0o700, exist_ok=True)
+        sweep_stores(os.path.dirname(self.store))
         os.mkdir(self.store, 0o700)
-        open(os.path.join(self.store, STORE_MARK), "w").close()
+        with open(os.path.join(self.store, STORE_MARK), "w") as f:
+            f.write(f"{os.getpid()} {started_at(os.getpid())}\n")  # whose store it is
         launch_env, env = env, dict(env)
         checkpoints = profile.checkpoints or os.path.join(self.store, "checkpoints")
         env["PYREPL3_CHECKPOINT_DIR"] = checkpoints
@@ -387,6 +390,27 @@ class SandboxLaunch:
             await self.cgroups.remove()
         if not _holds_state(self.store):
             shutil.rmtree(self.store, ignore_errors=True)
+
+
+def sweep_stores(root: str) -> None:
+    """Remove the stores under ``root`` whose owner (the gateway or daemon
+    process that made them, named in the store's mark) is gone: it was killed
+    before it could remove them."""
+    try:
+        entries = os.listdir(root)
+    except OSError:
+        return
+    for entry in entries:
+        store = os.path.join(root, entry)
+        try:
+            with open(os.path.join(store, STORE_MARK)) as f:
+                pid_text, _, started_text = f.read().strip().partition(" ")
+            pid = int(pid_text)
+            started = None if started_text in ("", "None") else float(started_text)
+        except (OSError, ValueError):
+            continue  # not a store, or one being made
+        if not alive(pid, started):
+            shutil.rmtree(store, ignore_errors=True)
 
 
 def _holds_state(store: str) -> bool:
