@@ -478,6 +478,11 @@ def test_large_arrays_are_saved_by_the_chunk(
             0,
             True,
         ]
+        # The first save after the recovery is incremental: the array is not hashed again.
+        d.ex("after_crash = 1")
+        d.states()
+        newest = json.loads(state_files(d.autosave)[-1].read_text())
+        assert newest["incremental"] is True and newest["bytes_added"] < 10_000
         # Retention dropped the first states; every chunk a kept state names is there,
         # and nothing else.
         on_disk = {p.name for p in (d.autosave / "objects").iterdir()}

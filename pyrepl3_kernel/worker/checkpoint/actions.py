@@ -38,6 +38,7 @@ class Checkpoints:
         #: automatic save to record; and the autosave's "save now" hook.
         self.position: int | None = None
         self.changed: Any = None
+        self.autosave: Any = None  # set by Autosave
         self.travel = TimeTravel(self)
         sources.install(shell)
         shell.register_magics(CheckpointMagics(shell, manager=self))
@@ -88,7 +89,20 @@ class Checkpoints:
             # An automatic checkpoint may still be on its way (the worker that
             # wrote it may even have crashed meanwhile): let it land first.
             wait_for_autosave(engine.store.root)
-            return engine.restore(name, clear=clear).as_dict()
+            restored = engine.restore(name, clear=clear)
+            autosave = getattr(self, "autosave", None)
+            if (
+                autosave is not None
+                and name == "auto"
+                and clear
+                and engine.store.root == (self.autosave_store or "").rstrip("/")
+            ):
+                # Crash recovery: the namespace is the newest state, and the
+                # next automatic save is incremental against it.
+                seq = engine.store.read_manifest(name).get("autosave_seq")
+                if isinstance(seq, int):
+                    autosave.restored(seq)
+            return restored.as_dict()
         if action == "list":
             listed = engine.list()
             for summary in listed:

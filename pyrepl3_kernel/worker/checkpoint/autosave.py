@@ -183,6 +183,12 @@ class Autosave:
             self._saved_bindings = None
             self.dirty = True
 
+    def restored(self, seq: int) -> None:
+        """Crash recovery loaded state ``seq``: the next save is incremental
+        against it (a 2 GB array is not hashed again)."""
+        self._fork_bindings = dirty.bindings(self.state.shell.user_ns)
+        self._touched, self._everything, self._base_seq = set(), False, seq
+
     def note_cell(self, result: Any) -> None:
         """Remember what a cell (successful or not) may have changed."""
         code = getattr(getattr(result, "info", None), "raw_cell", None)
