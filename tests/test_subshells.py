@@ -225,6 +225,19 @@ def test_input_on_a_subshell(kernel: Frontend, subshell: str) -> None:
     assert stream_text(kernel.iopub_of(msg_id)) == "got subshell user\n"
 
 
+def test_a_main_shell_interrupt_leaves_a_subshell_input_pending(
+    kernel: Frontend, subshell: str
+) -> None:
+    asking = send(kernel, "print('got', input('sub? '))", subshell, allow_stdin=True)
+    assert kernel.kc.get_stdin_msg(timeout=TIMEOUT)["parent_header"]["msg_id"] == asking
+    main = kernel.start_cell("import time; time.sleep(60)")
+    kernel.km.interrupt_kernel()
+    assert kernel.reply_to(main)["content"]["ename"] == "KeyboardInterrupt"
+    kernel.kc.input("still here")  # the subshell's input() still gets it
+    assert kernel.reply_to(asking)["content"]["status"] == "ok"
+    assert stream_text(kernel.iopub_of(asking)) == "got still here\n"
+
+
 def test_delete_while_running_ends_the_cell(kernel: Frontend) -> None:
     doomed = create(kernel)
     kernel.execute("import threading, time; doomed_started = threading.Event()")

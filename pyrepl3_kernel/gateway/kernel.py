@@ -106,6 +106,7 @@ class JupyterGateway:
         self._closing = False
         self.closed = asyncio.Event()
         self._subshells = GatewaySubshells(self)
+        self._main_asked: set[str] = set()  # input requests of the main shell's cell
         #: Where ``%fork`` puts the new kernel (set by the kernel's host, the
         #: daemon); None: ``%fork`` is refused (gateway/fork_magic.py).
         self.fork_host: fork_magic.ForkHost | None = None
@@ -246,6 +247,8 @@ class JupyterGateway:
         )
         native.subshell_id = subshell_of(msg)
         asked: set[str] = set()  # its input requests
+        if native.subshell_id is None:
+            self._main_asked = asked
         stop_on_error = bool(msg["content"].get("stop_on_error", True))
         started = datetime.now(timezone.utc).isoformat()
         reply: Any = None
@@ -485,8 +488,11 @@ class JupyterGateway:
         """Interrupt the running cell (see :meth:`Session.interrupt`)."""
         if await self.session.interrupt():
             # The interrupt ends the pending input(): the next input_reply is
-            # for the input() that the cell may ask for after catching it.
-            self._input_requests.clear()
+            # for the input() that the cell may ask for after catching it (a
+            # subshell's cell may still wait for its own).
+            for key, native_id in list(self._input_requests.items()):
+                if native_id in self._main_asked:
+                    del self._input_requests[key]
 
     async def _shutdown(self, channel: str, idents: list[bytes], msg: JupyterMsg) -> None:
         restart = bool(msg["content"].get("restart", False))
