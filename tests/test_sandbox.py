@@ -910,7 +910,7 @@ class JupyterKernel:
         try:
             self.kc.stop_channels()
         finally:
-            self.km.shutdown_kernel(now=True)
+            self.km.shutdown_kernel(now=False)  # the kernel removes its sandbox itself
 
 
 def _jupyter_battery(kernel: JupyterKernel, workdir: Path) -> None:
