@@ -124,6 +124,22 @@ def test_state_mirror_round_trip_and_failure_note(tmp_path: Path) -> None:
     assert "NOT being saved" in (bad.note() or "")
     assert bad.note() is None  # said once, not on every cell
     assert StateMirror.from_env("k", str(local), env={}) is None
+
+
+def test_a_kernel_taken_for_lost_never_overwrites_its_successor(tmp_path: Path) -> None:
+    local = tmp_path / "a"
+    (local / "objects").mkdir(parents=True)
+    (local / "auto.json").write_text('{"v": 1}')
+    store = str(tmp_path / "store")
+    old = StateMirror(store, "k", str(local), host="hostA")
+    assert old.check() and old.sync()
+    new = StateMirror(store, "k", str(tmp_path / "b"), host="hostB")
+    assert new.restore_into() is not None and new.check()
+    (local / "auto.json").write_text('{"v": 2, "from": "the old host, back from the dead"}')
+    assert not old.sync()
+    assert "replaced by the one started on hostB" in (old.note() or "")
+    assert "the old host" not in (tmp_path / "store/k/autosave/auto.json").read_text()
+    assert json.loads((tmp_path / "store/k/kernel.json").read_text())["host"] == "hostB"
     assert public_url("s3://user:pw@bucket/x") == "s3://bucket/x"
 
 

@@ -57,6 +57,11 @@ class StateStoreError(Pyrepl3Error):
     """The store cannot be used (bad URL, driver missing, refused)."""
 
 
+class Superseded(StateStoreError):
+    """Another kernel of this kernel id has started since (this one's host
+    was taken for lost): this one must not overwrite that one's state."""
+
+
 class _Replaced(Pyrepl3Error):
     """A file listed in the store was gone when it was fetched."""
 
@@ -177,6 +182,8 @@ class StateMirror:
         self._last_report = 0.0
         self._running: dict[str, Any] | None = None
         self._running_since = 0.0
+        self._record_written = False
+        self._superseded: str | None = None
         self._record: dict[str, Any] = {
             "kernel_id": kernel_id,
             "host": self.host,
@@ -380,6 +387,7 @@ class StateMirror:
         changed = [rel for rel, sig in first.items() if self._uploaded.get(rel) != sig]
         if not changed:
             return False
+        self._fence()
         # Manifests are read into memory first: the files they name exist
         # now (the writer renames a manifest into place after its files).
         manifests: dict[str, bytes] = {}
@@ -469,15 +477,43 @@ class StateMirror:
 
     # -- the record: where this kernel id runs, and its running cell ---------------------------------
 
+    def _fence(self) -> None:
+        """Raise Superseded if the record in the store is another kernel's
+        (one started for this kernel id after this one, elsewhere): a host
+        taken for lost that comes back must not overwrite the state of the
+        kernel that replaced it. Checked before each write (the window
+        between the check and the write remains)."""
+        if self._superseded is not None:
+            raise Superseded(self._superseded)
+        if not self._record_written:
+            return  # nothing of ours there yet: check() writes it first
+        try:
+            with self.fs.open(f"{self.prefix}/{RECORD_NAME}", "rb") as f:
+                record = json.loads(f.read())
+        except FileNotFoundError:
+            return
+        except ValueError:
+            return
+        ours = {k: self._record[k] for k in ("host", "pid", "started")}
+        if isinstance(record, dict) and {k: record.get(k) for k in ours} != ours:
+            self._superseded = (
+                f"this kernel was replaced by the one started on {record.get('host')} at "
+                f"{record.get('started')}; it no longer saves its state"
+            )
+            log.error("%s", self._superseded)
+            raise Superseded(self._superseded)
+
     def _write_record(self, **changes: Any) -> bool:
         self._record.update(changes)
         self._record["updated"] = _now()
         try:
+            self._fence()
             with self.fs.open(f"{self.prefix}/{RECORD_NAME}", "wb") as f:
                 f.write(json.dumps(self._record).encode())
         except Exception as exc:
             self._failed(exc)
             return False
+        self._record_written = True
         return True
 
     def mark_stopped(self) -> None:
