@@ -967,6 +967,12 @@ def test_sandboxed_kernelspec(spec: str, sandbox_specs: Path, scratch: Scratch) 
         assert error == "KeyboardInterrupt", out
         out, error = kernel.run("print(1 + 1)")
         assert (out.strip(), error) == ("2", None)
+        # A restart gives a new worker in a new sandbox.
+        kernel.km.restart_kernel()
+        kernel.kc.wait_for_ready(timeout=60)
+        out, error = kernel.run("import os\nprint(os.readlink('/proc/self/ns/mnt'), os.getcwd())")
+        mnt, cwd = out.split()
+        assert (mnt != HOST_NS["mnt"], cwd, error) == (True, str(scratch.workdir), None)
     finally:
         kernel.close()
 
