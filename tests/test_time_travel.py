@@ -181,6 +181,7 @@ def test_checkout_of_a_cell_that_saved_no_state_takes_the_one_before(driver: Dri
     out = driver.ex("%checkout 2")
     assert "state after cell 1" in out and "cell 2 saved no state of its own" in out
     assert driver.names() == ["v"] and driver.value("v") == 1
+    assert "has not run yet" in driver.usage_error("%checkout 99")
     assert "usage: %checkout N" in driver.usage_error("%checkout")
     assert "cell number" in driver.usage_error("%checkout soon")
 

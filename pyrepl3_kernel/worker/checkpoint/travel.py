@@ -20,6 +20,7 @@ from ...units import format_size
 from .autosave import wait_for_autosave
 from .errors import CheckpointError
 from .history import History, Retention
+from .report import current_cell
 from .restore import restore_manifest
 from .store import Store
 
@@ -72,6 +73,15 @@ class TimeTravel:
     def checkout(self, cell: int) -> dict[str, Any]:
         store = self._store()
         history = History(store)
+        latest = history.latest()
+        newest = latest[1].get("cell_number") if latest else None
+        # (A worker that replaced a crashed one learns the count with its first cell.)
+        now = max(current_cell(self.checkpoints.shell), newest if isinstance(newest, int) else 0)
+        if cell > now:
+            raise CheckpointError(
+                f"the state after cell {cell} is not kept: cell {cell} has not run yet "
+                f"(the last cell is {now})"
+            )
         seq, manifest = history.find(cell)
         return self._go(store, seq, manifest, f"state after cell {cell}", cell)
 
