@@ -10,12 +10,14 @@ store copies it back before its first worker starts. Nothing here runs on a
 cell's path: a slow or failing store delays only the copy, and the next cell
 says when the state could not be saved.
 
-The copy knows nothing of the checkpoint format beyond two facts that any
-format the checkpoint package writes keeps: files are replaced atomically
-(temp file, rename) and a file whose name starts with a dot is private to
-the writer (locks, temp files). Files other than the ``*.json`` manifests
-are copied first, then the manifests, so a manifest in the store never
-names a file the store does not have yet.
+The copy knows nothing of the checkpoint format beyond three facts that
+the checkpoint package keeps: files are replaced atomically (temp file,
+rename), a file whose name starts with a dot is private to the writer
+(locks, temp files), and every saving child holds a shared flock on
+``.autosave.pending`` until it exits. Files other than the ``*.json``
+manifests are copied first, then the manifests, so a manifest in the store
+never names a file the store does not have yet. Next to the state, the
+kernel keeps its record (:mod:`.record`).
 
 Credentials come from where fsspec's driver finds them (for ``s3://``: the
 AWS environment variables, ``~/.aws``, the instance role);
@@ -35,10 +37,10 @@ import socket
 import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import Pyrepl3Error
+from .record import KernelRecord, Resumed
 
 log = logging.getLogger("pyrepl3.cluster")
 
@@ -46,20 +48,10 @@ STATE_URL_ENV = "PYREPL3_STATE_URL"
 STATE_OPTIONS_ENV = "PYREPL3_STATE_OPTIONS"
 #: Held (shared) by every child that is saving into the autosave directory.
 PENDING_LOCK = ".autosave.pending"
-#: What the kernel that holds a kernel id writes next to its state.
-RECORD_NAME = "kernel.json"
-#: A cell still running after this many seconds is named in the record, so
-#: that a kernel resumed after the loss of this one can say which cell died.
-RUNNING_MARK_AFTER = 1.0
 
 
 class StateStoreError(Pyrepl3Error):
     """The store cannot be used (bad URL, driver missing, refused)."""
-
-
-class Superseded(StateStoreError):
-    """Another kernel of this kernel id has started since (this one's host
-    was taken for lost): this one must not overwrite that one's state."""
 
 
 class _Replaced(Pyrepl3Error):
@@ -83,43 +75,6 @@ def describe_error(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
     name = type(exc).__name__
     return f"{name}: {text}"[:300] if text else name
-
-
-@dataclass
-class Resumed:
-    """What a kernel found in the store for its kernel id."""
-
-    files: int
-    bytes: int
-    seconds: float
-    #: The record the previous kernel of this id left: its host, and the cell
-    #: it was running if it died in one.
-    record: dict[str, Any] = field(default_factory=dict)
-
-    def lost_note(self, here: str) -> str:
-        """What the first cell after the resume says about the kernel before."""
-        prev = self.record
-        host = prev.get("host") or "another host"
-        if prev.get("stopped"):
-            how = (
-                f"this kernel moved here from {host} (its state was saved there and restored here)"
-            )
-        else:
-            how = (
-                f"this kernel's previous host ({host}) or its kernel process was lost; "
-                f"the kernel was started again on {here}"
-            )
-        running = prev.get("running")
-        lines = [f"pyrepl3: {how}"]
-        if running and not prev.get("stopped"):
-            head = str(running.get("code", "")).strip().splitlines()[:1]
-            lines.append(
-                f"pyrepl3: the cell that was running there did not finish "
-                f"(started {running.get('started', '?')}"
-                + (f": {head[0][:80]!r}" if head else "")
-                + "); it was not re-run"
-            )
-        return "\n".join(lines) + "\n"
 
 
 class StateMirror:
@@ -180,16 +135,7 @@ class StateMirror:
         #: Said once, in the first cell's output (a resume that failed).
         self.first_note: str | None = None
         self._last_report = 0.0
-        self._running: dict[str, Any] | None = None
-        self._running_since = 0.0
-        self._record_written = False
-        self._superseded: str | None = None
-        self._record: dict[str, Any] = {
-            "kernel_id": kernel_id,
-            "host": self.host,
-            "pid": os.getpid(),
-            "started": _now(),
-        }
+        self.record = KernelRecord(self.fs, self.prefix, self.host, self._failed)
 
     @classmethod
     def from_env(
@@ -237,14 +183,6 @@ class StateMirror:
 
     # -- back from the store ---------------------------------------------------------------------
 
-    def previous_record(self) -> dict[str, Any]:
-        try:
-            with self.fs.open(f"{self.prefix}/{RECORD_NAME}", "rb") as f:
-                record = json.loads(f.read())
-            return record if isinstance(record, dict) else {}
-        except FileNotFoundError:
-            return {}
-
     def restore_into(self) -> Resumed | None:
         """Replace the local autosave directory with the store's copy for this
         kernel id; None when the store has none. Raises StateStoreError when
@@ -267,7 +205,7 @@ class StateMirror:
             manifests = [p for p in listing if p.endswith(".json")]
             if not manifests:
                 return None
-            record = self.previous_record()
+            record = self.record.previous()
             tmp = f"{self.local_dir}.resume-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
             total = 0
@@ -304,7 +242,7 @@ class StateMirror:
     def check(self) -> bool:
         """Write this kernel's record to the store (and so find out early
         whether it takes writes); sets :attr:`failure` if not."""
-        return self._write_record()
+        return self.record.write()
 
     def start(self) -> None:
         """Start the background upload thread."""
@@ -346,7 +284,7 @@ class StateMirror:
         while not self._stop.is_set():
             # Saves follow cells: look often for a while after one, seldom
             # when the kernel is idle (the thread then costs next to nothing).
-            busy = time.monotonic() - last_cell < self.BUSY_FOR or self._running is not None
+            busy = time.monotonic() - last_cell < self.BUSY_FOR or self.record.running is not None
             woken = self._wake.wait(self.POLL if busy else self.IDLE_POLL)
             self._wake.clear()
             if woken:
@@ -356,7 +294,7 @@ class StateMirror:
             now = time.monotonic()
             if self.failure is not None and now < retry_at:
                 continue  # a failing store is asked again every RETRY seconds
-            self._mark_running()
+            self.record.mark_running()
             sig = self._signature()
             if sig == seen and not woken and self.failure is None:
                 continue
@@ -387,7 +325,7 @@ class StateMirror:
         changed = [rel for rel, sig in first.items() if self._uploaded.get(rel) != sig]
         if not changed:
             return False
-        self._fence()
+        self.record.fence()
         # Manifests are read into memory first: the files they name exist
         # now (the writer renames a manifest into place after its files).
         manifests: dict[str, bytes] = {}
@@ -477,70 +415,19 @@ class StateMirror:
 
     # -- the record: where this kernel id runs, and its running cell ---------------------------------
 
-    def _fence(self) -> None:
-        """Raise Superseded if the record in the store is another kernel's
-        (one started for this kernel id after this one, elsewhere): a host
-        taken for lost that comes back must not overwrite the state of the
-        kernel that replaced it. Checked before each write (the window
-        between the check and the write remains)."""
-        if self._superseded is not None:
-            raise Superseded(self._superseded)
-        if not self._record_written:
-            return  # nothing of ours there yet: check() writes it first
-        try:
-            with self.fs.open(f"{self.prefix}/{RECORD_NAME}", "rb") as f:
-                record = json.loads(f.read())
-        except FileNotFoundError:
-            return
-        except ValueError:
-            return
-        ours = {k: self._record[k] for k in ("host", "pid", "started")}
-        if isinstance(record, dict) and {k: record.get(k) for k in ours} != ours:
-            self._superseded = (
-                f"this kernel was replaced by the one started on {record.get('host')} at "
-                f"{record.get('started')}; it no longer saves its state"
-            )
-            log.error("%s", self._superseded)
-            raise Superseded(self._superseded)
-
-    def _write_record(self, **changes: Any) -> bool:
-        self._record.update(changes)
-        self._record["updated"] = _now()
-        try:
-            self._fence()
-            with self.fs.open(f"{self.prefix}/{RECORD_NAME}", "wb") as f:
-                f.write(json.dumps(self._record).encode())
-        except Exception as exc:
-            self._failed(exc)
-            return False
-        self._record_written = True
-        return True
-
     def mark_stopped(self) -> None:
         """Say in the record that this kernel stopped on purpose (a move):
         the next kernel of this id does not report a lost host."""
-        self._write_record(stopped=True, running=None)
+        self.record.write(stopped=True, running=None)
 
     def cell_started(self, cell_id: str, code: str) -> None:
-        """A cell starts: if it still runs after RUNNING_MARK_AFTER seconds,
-        the mirror's thread names it in the record (never on the cell's path)."""
-        self._running = {"id": cell_id, "code": code[:2000], "started": _now()}
-        self._running_since = time.monotonic()
-
-    def _mark_running(self) -> None:
-        """In the mirror's thread: name a long cell in the record, or clear
-        the name once it has ended."""
-        running = self._running
-        marked = self._record.get("running")
-        if running is not None and marked is not running:
-            if time.monotonic() - self._running_since >= RUNNING_MARK_AFTER:
-                self._write_record(running=running)
-        elif running is None and marked is not None:
-            self._write_record(running=None)
+        """A cell starts: if it still runs after a second, the mirror's
+        thread names it in the record (never on the cell's path)."""
+        self.record.cell_started(cell_id, code)
 
     def cell_finished(self) -> str | None:
         """A cell ended: the note for its output about the store, if any."""
-        self._running = None
+        self.record.cell_finished()
         self.wake()
         return self.note()
 
@@ -566,7 +453,3 @@ class StateMirror:
             f"pyrepl3: the state is NOT being saved to {self.public} ({self.failure}); "
             "cells still run, but if this kernel's host is lost its state is lost too\n"
         )
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
