@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
 
 from .launch import SandboxLaunch, adopt_store, discard_store
 from .profile import ENV_VAR, LAUNCH_ENV_VAR, Profile, SandboxError
@@ -56,11 +55,6 @@ def check_configure(
 
 def _within(path: str, root: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
-
-
-def describe(worker: Any) -> dict[str, Any] | None:
-    """A worker's sandbox as health reports show it (None: not sandboxed)."""
-    return worker.describe_sandbox() if hasattr(worker, "describe_sandbox") else None
 
 
 def cli_profile_env(spec: str | None, options: list[str]) -> tuple[str, str]:
