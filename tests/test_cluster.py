@@ -77,6 +77,38 @@ def test_the_image_command_speaks_the_protocol_to_gateway_provisioners() -> None
     assert report["exit"] == 0
 
 
+def test_listener_survives_bad_requests() -> None:
+    import socket as socketlib
+
+    from pyrepl3_kernel.cluster.handshake import Listener
+
+    got: list[int] = []
+    listener = Listener("127.0.0.1", on_signal=got.append)
+    listener.start()
+    try:
+        for raw in (
+            b"not json",
+            b"[1]",
+            b'{"signum": "x"}',
+            b'{"signum": 9999}',
+            b'{"signum": 10}',
+        ):
+            with socketlib.create_connection(("127.0.0.1", listener.port), timeout=5) as s:
+                s.sendall(raw)
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert got == [10]  # only the valid signal, and the listener still answers
+        with socketlib.create_connection(("127.0.0.1", listener.port), timeout=5) as s:
+            s.sendall(b'{"shutdown": 1}')
+        deadline = time.monotonic() + 10
+        while not listener._closed.is_set() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert listener._closed.is_set()
+    finally:
+        listener.close()
+
+
 def test_install_writes_a_provisioner_kernelspec_that_validates(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -134,7 +134,9 @@ class Listener:
             try:
                 conn, _ = self.sock.accept()
             except OSError:
-                return  # closed
+                if self._closed.is_set():
+                    return
+                continue  # a connection reset before it was accepted
             with conn:
                 conn.settimeout(5)
                 data = b""
@@ -146,7 +148,10 @@ class Listener:
                         data += chunk
                 except OSError:
                     pass
-            self.handle(data)
+            try:
+                self.handle(data)
+            except Exception:  # the listener must outlive any bad request
+                log.exception("listener: request %r", data[:200])
 
     def handle(self, data: bytes) -> None:
         if not data:
@@ -166,8 +171,16 @@ class Listener:
                 log.warning("listener: bad signal number %r", signum)
                 return
             if signum > 0:
-                log.info("listener: signal %s from the server", signal.Signals(signum).name)
-                self.on_signal(signum)
+                try:
+                    name = signal.Signals(signum).name
+                except ValueError:
+                    log.warning("listener: ignored unknown signal number %s", signum)
+                    return
+                log.info("listener: signal %s from the server", name)
+                try:
+                    self.on_signal(signum)
+                except OSError as exc:
+                    log.warning("listener: signal %s: %s", name, exc)
         if request.get("shutdown"):
             log.info("listener: shutdown from the server")
             self.close()
