@@ -69,9 +69,9 @@ def kernel_ip(explicit: str | None = None) -> str:
 
 
 def _working_dir() -> None:
-    """``PYREPL3_WORKING_DIR`` (the host's), else ``KERNEL_WORKING_DIR`` when
-    it exists on this host."""
-    for name in ("PYREPL3_WORKING_DIR", "KERNEL_WORKING_DIR"):
+    """``KERNEL_WORKING_DIR`` (the notebook's directory, which pods get) when
+    it exists on this host, else ``PYREPL3_WORKING_DIR`` (the host's)."""
+    for name in ("KERNEL_WORKING_DIR", "PYREPL3_WORKING_DIR"):
         path = os.environ.get(name)
         if path and os.path.isdir(path):
             os.chdir(path)
