@@ -51,6 +51,9 @@ log = logging.getLogger("pyrepl3.forkserver")
 
 #: Largest control message (a launch's environment travels in one).
 MAX_MESSAGE = 1 << 20
+#: Set to ``0`` to build each worker's shell after the fork instead of once
+#: in the server (slower, more memory per worker).
+PREBUILT_ENV = "PYREPL3_FORK_PREBUILT"
 #: Descriptors a fork request carries: protocol socket, stdout, stderr.
 FORK_FDS = 3
 
@@ -145,6 +148,9 @@ class ForkServer:
     def __init__(self, control: socket.socket) -> None:
         self.control = control
         self.children: set[int] = set()
+        #: The worker built here once (see _prebuild), or None.
+        self.worker: Any = None
+        self._dummy: socket.socket | None = None
         self._start_dir = os.getcwd()
         self._wake_r, self._wake_w = os.pipe()
         os.set_blocking(self._wake_w, False)
@@ -166,7 +172,9 @@ class ForkServer:
         # warm-up imports it, picks its backend from it.
         launch.set_default_mpl_backend()
         warmup_error = None
-        if warmup_code.strip():
+        if os.environ.get(PREBUILT_ENV, "1") != "0":
+            warmup_error = self._prebuild(warmup_code)
+        elif warmup_code.strip():
             warmup_error = _run_warmup(warmup_code)
         reason = unsafe_reason()
         if reason is not None:
@@ -185,6 +193,29 @@ class ForkServer:
             "native_threads": native_threads(),
             "warmup_error": warmup_error,
         }
+
+    def _prebuild(self, warmup_code: str) -> str | None:
+        """Build the worker (its IPython shell) here, once, and run the
+        warm-up code in it as a pool does: every fork then shares the shell's
+        objects and only takes on its launch (see _become_prebuilt). The
+        error of the warm-up, if it failed."""
+        from IPython.core.history import HistoryManager
+
+        from . import main as worker_main
+
+        self._dummy, theirs = socket.socketpair()
+        # Nothing reads what the shell would send: dropped, never blocking.
+        theirs.setblocking(False)
+        self.worker = worker_main.Worker(theirs)
+        error = None
+        if warmup_code.strip():
+            result = self.worker.shell.run_cell(warmup_code, silent=True, store_history=False)
+            exc = result.error_before_exec or result.error_in_exec
+            if exc is not None:
+                error = f"{type(exc).__name__}: {exc}"
+        # Its history saving thread: each fork starts its own session.
+        HistoryManager._stop_thread()
+        return error
 
     def serve(self) -> None:
         signal.set_wakeup_fd(self._wake_w)
@@ -223,6 +254,8 @@ class ForkServer:
             )
             return
         reason = unsafe_reason()
+        if reason is None and self.worker is not None and msg.get("ipython_options"):
+            reason = "IPython options shape a shell as it is built; this one was built before"
         if reason is not None:
             for fd in fds:
                 os.close(fd)
@@ -285,7 +318,10 @@ class ForkServer:
         for fd in (devnull, out_fd, err_fd):
             os.close(fd)
         logging.getLogger().handlers.clear()  # the server's log is not the worker's
-        self._take_launch(msg)
+        options = [str(o) for o in msg.get("ipython_options") or []]
+        prebuilt = self.worker is not None
+        if not prebuilt:
+            self._take_launch(msg)
         _reseed()
         from . import main as worker_main
 
@@ -302,11 +338,58 @@ class ForkServer:
         faulthandler.enable(file=2, all_threads=False)
         sock = socket.socket(fileno=sock_fd)
         sys.argv = [worker_main.__file__, "--fd", str(sock_fd)]
-        options = [str(o) for o in msg.get("ipython_options") or []]
-        worker = worker_main.Worker(sock, ipython_options=options)
-        _as_if_imported_under(worker.shell)
+        if prebuilt:
+            worker = self._become_prebuilt(sock, msg)
+        else:
+            worker = worker_main.Worker(sock, ipython_options=options)
+            _as_if_imported_under(worker.shell)
         worker.run()
         os._exit(0)
+
+    def _become_prebuilt(self, sock: socket.socket, msg: dict[str, Any]) -> Any:
+        """The server's worker, as this launch's: its own protocol socket,
+        queues, history session and event loop; the launch's environment
+        and working directory through the configure path (as a pooled
+        worker takes them)."""
+        import queue
+
+        from . import launch, output
+        from .channel import Channel
+        from .eventloop import IdleLoop
+        from .fork import new_history_session, renew_event_loops
+
+        worker = self.worker
+        assert worker is not None
+        if self._dummy is not None:
+            self._dummy.close()
+        worker.channel.sock.close()
+        worker.channel = Channel(sock, (1, 2))
+        worker._requests = queue.SimpleQueue()
+        worker._idle_loop = IdleLoop(worker._requests)
+        worker._inputs.clear()
+        worker.started = time.monotonic()
+        worker.autosave.private_fds = [sock.fileno(), *worker.channel.private_fds]
+        worker.autosave.dirty = False
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, output.CellStream):
+                stream._master_pid = os.getpid()
+        env = msg.get("env")
+        if isinstance(env, dict):
+            env = {str(k): str(v) for k, v in env.items()}
+            by_warmup = {k for k in os.environ if k not in worker._env_baseline}
+            baseline = launch.take_environment(worker.shell, env, worker._env_baseline)
+            # What the warm-up added stays "added since" for a later
+            # configure, as in a worker that ran it after it started.
+            for key in by_warmup - set(env):
+                baseline.pop(key, None)
+            worker._env_baseline = baseline
+        cwd = msg.get("cwd")
+        if cwd:
+            launch.move_to(worker.shell, cwd)
+        worker._set_session_name()
+        new_history_session(worker.shell)
+        renew_event_loops()
+        return worker
 
     def _take_launch(self, msg: dict[str, Any]) -> None:
         """The launch's environment and working directory, as if the worker
