@@ -5,8 +5,7 @@ process (the server; see that module for the wire and what makes a fork
 safe) for one interpreter, warm-up code and start-up environment, and hands
 :class:`~.worker.WorkerProcess` a forked worker through its ``spawner``
 hook: a fresh protocol socket and fresh stdout/stderr pipes per worker, the
-launch's working directory and environment applied in the child before its
-shell is built.
+launch's working directory and environment taken on in the child.
 
 When the server cannot be used (it is starting and fails, the warm-up code
 left threads running, it died and could not be restarted), :meth:`spawn`

@@ -1,12 +1,15 @@
 """The fork server: one process, already warm, that forks new workers.
 
 ``python -m pyrepl3_kernel.worker.forkserver --fd N`` imports IPython and the
-worker's modules, runs the warm-up code once (so its imports are done), and
-then forks a worker for every request that arrives on its control socket
-(``SOCK_SEQPACKET``, one JSON message per packet, descriptors passed with
-``SCM_RIGHTS``). A forked worker builds its shell after the fork, so it gets a
-fresh IPython (its own history session, execution count 1) and behaves like a
-worker started by ``python -m pyrepl3_kernel.worker``.
+worker's modules, builds the worker (its IPython shell) once and runs the
+warm-up code in it silently, as a pool does, and then forks a worker for
+every request that arrives on its control socket (``SOCK_SEQPACKET``, one
+JSON message per packet, descriptors passed with ``SCM_RIGHTS``). A fork
+takes on its launch (environment and working directory through the
+configure path, a new history session, its own socket, queues and event
+loop: see :meth:`ForkServer._become_prebuilt`) and behaves like a pooled
+worker started by ``python -m pyrepl3_kernel.worker``. With
+``PYREPL3_FORK_PREBUILT=0`` each fork builds its shell after the fork.
 
 Wire (the supervisor's side is ``pyrepl3_kernel/session/forkserver.py``):
 
