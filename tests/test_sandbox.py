@@ -321,7 +321,7 @@ def test_what_a_killed_gateway_left_is_swept_at_the_next_start(
     import time
 
     from pyrepl3_kernel.sandbox.cgroups import _mounts, _own_cgroups
-    from pyrepl3_kernel.sandbox.launch import STORE_MARK
+    from pyrepl3_kernel.sandbox.stores import STORE_MARK
 
     stores = tmp_path / "stores"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

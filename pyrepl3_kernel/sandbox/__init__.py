@@ -8,8 +8,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from .launch import SandboxLaunch, adopt_store, discard_store
+from .launch import SandboxLaunch
 from .profile import ENV_VAR, LAUNCH_ENV_VAR, Profile, SandboxError
+from .stores import adopt_store, discard_store
 
 __all__ = [
     "ENV_VAR",

@@ -12,7 +12,7 @@ What the worker sees (each host path at the same path inside):
 - its **store**, a fresh directory of its own under the profile's
   ``store_root``: automatic and named checkpoints are written there and
   nowhere else. The session outside hands a dead worker's saved state on to
-  its successor's store (:func:`adopt_store`);
+  its successor's store (stores.py);
 - nothing else: not the home, not the runtime directory with the daemon's
   socket and the kernels' connection files, not another store.
 
@@ -31,10 +31,11 @@ import sys
 import uuid
 from collections.abc import Mapping
 
-from ..processes import alive, started_at
+from ..processes import started_at
 from .cgroups import Cgroups
 from .profile import Profile, SandboxError
 from .seccomp import build_filter, filter_fd
+from .stores import STORE_MARK, default_store_root, holds_state, sweep_stores
 
 log = logging.getLogger("pyrepl3.sandbox")
 
@@ -56,9 +57,6 @@ HIDDEN_SYSTEM_PATHS = (
 PROC_READ_ONLY = ("/proc/sys", "/proc/sysrq-trigger", "/proc/fs", "/proc/bus", "/proc/irq")
 #: Files of /proc that show kernel internals; replaced by an empty file.
 PROC_MASKED = ("/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug")
-#: Marks a directory as a sandbox's store (only such directories are moved
-#: or removed by the functions here).
-STORE_MARK = ".pyrepl3-sandbox-store"
 #: Exit status the start-up shell gives when it cannot enter the cgroups.
 _CGROUP_FAILED = 125
 
@@ -76,12 +74,6 @@ if [ "$1" != - ]; then ulimit -u "$1" 2>/dev/null || ulimit -p "$1" 2>/dev/null;
 trap '' INT
 exec "$@"
 """
-
-
-def default_store_root() -> str:
-    from jupyter_core.paths import jupyter_runtime_dir
-
-    return os.path.join(jupyter_runtime_dir(), "pyrepl3-sandbox")
 
 
 #: What of a home is hidden even when a shown directory holds it (a kernel
@@ -388,82 +380,5 @@ class SandboxLaunch:
         self.spawned()
         if self.cgroups is not None:
             await self.cgroups.remove()
-        if not _holds_state(self.store):
+        if not holds_state(self.store):
             shutil.rmtree(self.store, ignore_errors=True)
-
-
-def sweep_stores(root: str) -> None:
-    """Remove the stores under ``root`` whose owner (the gateway or daemon
-    process that made them, named in the store's mark) is gone: it was killed
-    before it could remove them."""
-    try:
-        entries = os.listdir(root)
-    except OSError:
-        return
-    for entry in entries:
-        store = os.path.join(root, entry)
-        try:
-            with open(os.path.join(store, STORE_MARK)) as f:
-                pid_text, _, started_text = f.read().strip().partition(" ")
-            pid = int(pid_text)
-            started = None if started_text in ("", "None") else float(started_text)
-        except (OSError, ValueError):
-            continue  # not a store, or one being made
-        if not alive(pid, started):
-            shutil.rmtree(store, ignore_errors=True)
-
-
-def _holds_state(store: str) -> bool:
-    for sub in ("autosave", "checkpoints"):
-        path = os.path.join(store, sub)
-        if os.path.isdir(path) and os.listdir(path):
-            return True
-    return False
-
-
-def _store_of(path: str) -> str | None:
-    """The sandbox store ``path`` lies in, if it lies in one."""
-    current = os.path.abspath(path)
-    for _ in range(4):
-        if os.path.exists(os.path.join(current, STORE_MARK)):
-            return current
-        parent = os.path.dirname(current)
-        if parent == current:
-            break
-        current = parent
-    return None
-
-
-def adopt_store(store: str, autosave_dir: str | None) -> str | None:
-    """The autosave directory a worker whose store is ``store`` writes:
-    ``<store>/autosave/<name>``, where the state of ``autosave_dir`` (the
-    dead predecessor's, in its store, or a directory outside any store) is
-    moved first; a predecessor's store is removed after its contents
-    (autosave and named checkpoints) moved."""
-    if autosave_dir is None:
-        return None
-    name = os.path.basename(os.path.normpath(autosave_dir))
-    target = os.path.join(store, "autosave", name)
-    if os.path.abspath(autosave_dir) == os.path.abspath(target):
-        return target
-    os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
-    previous = _store_of(autosave_dir)
-    if os.path.isdir(autosave_dir) and not os.path.exists(target):
-        shutil.move(autosave_dir, target)
-    if previous is not None and previous != store:
-        old_checkpoints = os.path.join(previous, "checkpoints")
-        new_checkpoints = os.path.join(store, "checkpoints")
-        if os.path.isdir(old_checkpoints) and not os.path.exists(new_checkpoints):
-            shutil.move(old_checkpoints, new_checkpoints)
-        shutil.rmtree(previous, ignore_errors=True)
-    return target
-
-
-def discard_store(autosave_dir: str | None) -> None:
-    """Remove the sandbox store ``autosave_dir`` lies in (the session ends or
-    starts afresh); nothing if it lies in none."""
-    if autosave_dir is None:
-        return
-    store = _store_of(autosave_dir)
-    if store is not None:
-        shutil.rmtree(store, ignore_errors=True)
