@@ -134,11 +134,26 @@ def test_subshell_answers_while_the_main_shell_sleeps(kernel: Frontend, subshell
     kernel.execute("shared_value = 41")
     main = send(kernel, "import time; time.sleep(5); 'main'", None)
     sub = send(kernel, "shared_value + 1", subshell)
-    first, second = replies(kernel, [main, sub])
-    assert first["parent_header"]["msg_id"] == sub  # the subshell did not wait
-    assert second["parent_header"]["msg_id"] == main
-    assert first["content"]["status"] == second["content"]["status"] == "ok"
+    others = []  # other shell requests on the subshell do not wait either
+    for msg_type, content in [
+        ("complete_request", {"code": "shared_va", "cursor_pos": 9}),
+        ("inspect_request", {"code": "shared_value", "cursor_pos": 3, "detail_level": 0}),
+        ("comm_info_request", {}),
+    ]:
+        msg = kernel.kc.session.msg(msg_type, content)
+        msg["header"]["subshell_id"] = subshell
+        kernel.kc.shell_channel.send(msg)
+        others.append(msg["header"]["msg_id"])
+    got = replies(kernel, [main, sub, *others])
+    assert got[-1]["parent_header"]["msg_id"] == main  # the subshell did not wait
+    first = next(r for r in got if r["parent_header"]["msg_id"] == sub)
+    assert first["content"]["status"] == got[-1]["content"]["status"] == "ok"
     assert first["parent_header"]["subshell_id"] == subshell
+    assert all(r["content"]["status"] == "ok" for r in got)
+    assert (
+        "shared_value"
+        in got[[r["msg_type"] for r in got].index("complete_reply")]["content"]["matches"]
+    )
     runs = kernel.iopub_of_all([main, sub])
     result = [m for m in runs[sub] if m["msg_type"] == "execute_result"]
     assert result[0]["content"]["data"]["text/plain"] == "42"  # the same namespace

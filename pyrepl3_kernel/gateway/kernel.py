@@ -392,7 +392,8 @@ class JupyterGateway:
     async def _comm_info(self, idents: list[bytes], msg: JupyterMsg) -> None:
         target = msg["content"].get("target_name")
         try:
-            reply: Any = await self.session.request(CommInfoMessage(target_name=target))
+            native = CommInfoMessage(target_name=target, subshell_id=subshell_of(msg))
+            reply: Any = await self.session.request(native)
         except WorkerDeadError as exc:
             self._reply(
                 "shell",
