@@ -23,6 +23,8 @@ from typing import Any
 
 from jupyter_client.session import json_packer
 
+from ..errors import Pyrepl3Error
+
 JupyterMsg = dict[str, Any]
 
 DELIMITER = b"<IDS|MSG>"
@@ -35,7 +37,7 @@ DIGEST_HISTORY_SIZE = 2**16
 PARENT_CACHE_SIZE = 64
 
 
-class WireError(ValueError):
+class WireError(Pyrepl3Error, ValueError):
     """A received message that is malformed, unsigned, wrongly signed or
     replayed."""
 
