@@ -18,7 +18,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, Any
 
-from ..session.subshells import UnknownSubshellError, unknown_subshell_text
+from ..session.subshells import SessionSubshells, UnknownSubshellError, unknown_subshell_text
 from ..session.worker import WorkerDeadError
 from ..tasks import BackgroundTasks
 
@@ -54,7 +54,7 @@ class GatewaySubshells:
         self._tasks = BackgroundTasks(log)
 
     @property
-    def _subshells(self) -> Any:
+    def _subshells(self) -> SessionSubshells:
         return self._gateway.session.subshells
 
     async def stop(self) -> None:
@@ -167,8 +167,9 @@ class GatewaySubshells:
     async def control(self, idents: list[bytes], msg: JupyterMsg) -> bool:
         """Answer a subshell control request; False for any other."""
         msg_type = msg["header"].get("msg_type", "")
-        if msg_type == "interrupt_request" and subshell_of(msg) is not None:
-            await self._subshells.interrupt(subshell_of(msg))
+        target = subshell_of(msg)
+        if msg_type == "interrupt_request" and target is not None:
+            await self._subshells.interrupt(target)
             self._gateway._reply("control", idents, msg, "interrupt_reply", {"status": "ok"})
             return True
         if msg_type == "create_subshell_request":
