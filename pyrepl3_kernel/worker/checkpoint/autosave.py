@@ -270,9 +270,24 @@ class Autosave:
         full = self._everything or self._base_seq is None or self._since_full >= dirty.full_every()
         changed = None if full else self._touched | moved
         base_seq = self._base_seq
+        before = (self._touched, self._everything, self._fork_bindings, self._since_full)
         self._touched, self._everything, self._fork_bindings = set(), False, now
         self._base_seq, self._since_full = seq, 0 if full else self._since_full + 1
-        pid = os.fork()
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            # No process to save with (a process limit is full): the state
+            # stays dirty, as it was, and the next poll tries again.
+            if pending is not None:
+                os.close(pending)
+            self.state.position = at
+            self._touched, self._everything, self._fork_bindings, self._since_full = before
+            self._base_seq = base_seq
+            self.dirty = True
+            self.failures += 1
+            if self.failures == 1 or self.failures % 100 == 0:
+                log.warning("automatic checkpoint postponed: cannot fork (%s)", exc)
+            return
         if pid:
             if pending is not None:
                 os.close(pending)  # the child holds it until it exits
