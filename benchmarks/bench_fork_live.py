@@ -22,7 +22,7 @@ Measured, alternately, turn by turn:
 Each fork is shut down (untimed) before the next. Ratios: each fork time
 over ipykernel's start (below 1: the fork is faster than starting even an
 empty ipykernel). The kernelspecs go to a temporary prefix, the runtime dir
-(so the daemon) is temporary and stopped at the end. Writes
+(so the daemon) is temporary, stopped and removed at the end. Writes
 ``results/fork_live.json`` and prints a table.
 """
 
@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -186,6 +187,7 @@ def main(argv: list[str] | None = None) -> int:
             capture_output=True,
             timeout=60,
         )
+        shutil.rmtree(base, ignore_errors=True)
     results: dict[str, Any] = {k: {**summary(v), "samples": v} for k, v in samples.items()}
     peer = results["ipykernel start"]["p50"]
     ratios = {f"{k} / ipykernel start": r["p50"] / peer for k, r in results.items() if "fork" in k}
