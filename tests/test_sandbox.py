@@ -704,12 +704,6 @@ print([len(children), refused])
     _alive(loop, sessions)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker/checkpoint/autosave.py Autosave._fork calls os.fork() unguarded: at the "
-    "sandbox's process limit the automatic checkpoint's fork raises BlockingIOError out of "
-    "the worker's main loop and the worker dies (exit code 1), losing the state",
-)
 def test_a_cell_that_leaves_the_process_limit_full_does_not_kill_the_worker(
     loop: LoopThread, scratch: Scratch
 ) -> None:

@@ -13,9 +13,12 @@ trade); the cells themselves are in the notebook and in autosave.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from typing import Any
+
+log = logging.getLogger("pyrepl3.worker")
 
 #: Idle time after which held history is written.
 IDLE_WRITE_S = 0.02
@@ -76,7 +79,13 @@ def defer_writes(shell: Any) -> DeferredSaveFlag | None:
     restart = manager._restart_thread_if_stopped
 
     def restart_and_attach() -> None:
-        restart()
+        try:
+            restart()
+        except RuntimeError as exc:  # "can't start new thread": a process limit is full
+            # The rows stay in IPython's cache; the next flush tries again.
+            manager.save_thread = None
+            log.warning("history not written yet: %s", exc)
+            return
         attach()
 
     manager._restart_thread_if_stopped = restart_and_attach
