@@ -323,6 +323,10 @@ def test_native_session_subshells(pyrepl3_kernelspec: Path) -> None:
             await session.subshells.delete(subshell_id)
             assert session.subshells.ids() == []
 
+            await session.subshells.create()
+            await session.restart()  # as a new process: no subshells
+            assert session.subshells.ids() == []
+
     asyncio.run(main())
 
 

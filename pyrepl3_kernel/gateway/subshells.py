@@ -69,6 +69,7 @@ class GatewaySubshells:
         if subshell_id is None or msg["header"].get("msg_type") in AT_ONCE:
             return False
         if subshell_id not in self._subshells:
+            self._close(subshell_id)  # one a restart of the kernel forgot
             self._unknown(idents, msg, subshell_id)
             return True
         msg_type = msg["header"].get("msg_type")
@@ -199,15 +200,20 @@ class GatewaySubshells:
             await self._subshells.delete(subshell_id)
         except UnknownSubshellError as exc:
             return _error(type(exc).__name__, str(exc))
-        # What is still queued for it is answered as for an unknown subshell.
+        self._close(subshell_id)
+        return {"status": "ok"}
+
+    def _close(self, subshell_id: str) -> None:
+        """The queue of a subshell that is gone: what still waits in it is
+        answered as for an unknown subshell; its task ends after what it
+        handles now."""
         queue = self._queues.pop(subshell_id, None)
         if queue is not None:
             while not queue.empty():
                 item = queue.get_nowait()
                 if item is not None:
                     self._unknown(*item, subshell_id)
-            queue.put_nowait(None)  # its task ends after what it handles now
-        return {"status": "ok"}
+            queue.put_nowait(None)
 
 
 def _error(ename: str, evalue: str) -> dict[str, Any]:
