@@ -62,16 +62,7 @@ async def fork_lease(
         raise DaemonError("bad_request", f"owner_pid {owner_pid} is not a running process")
     try:
         await session.ensure_worker()
-        old = session.worker
-        worker: ForkedWorkerProcess = await fork_worker(
-            old,
-            python=old.python,
-            cwd=old.cwd,
-            env=old.env,
-            startup_timeout=old.startup_timeout,
-            worker_log_level=old.worker_log_level,
-            ipython_options=old.ipython_options,
-        )
+        worker: ForkedWorkerProcess = await fork_worker(session.worker)
     except (ForkError, WorkerStartError, WorkerDeadError) as exc:
         raise DaemonError("fork_failed", str(exc)) from None
     kernel_id = kernel_id or str(uuid.uuid4())
@@ -148,17 +139,7 @@ async def op_fork(leases: Leases, parent: Lease, request: dict[str, Any]) -> dic
     lease, report = await fork_lease(
         leases, parent, kernel_id=kernel_id, owner_pid=owner_pid, curve=curve
     )
-    info = dict(lease.gateway.connection_info)
-    info["key"] = info["key"].decode()
-    return {
-        "lease_id": lease.id,
-        "kernel_id": lease.kernel_id,
-        "connection_info": info,
-        "worker_pid": lease.gateway.session.pid,
-        "daemon_pid": os.getpid(),
-        "warm": False,
-        "report": report,
-    }
+    return {**_lease_reply(lease), "report": report}
 
 
 def op_forks(leases: Leases) -> dict[str, Any]:
@@ -196,6 +177,11 @@ def op_adopt(lease: Lease, request: dict[str, Any]) -> dict[str, Any]:
     # same name if it shares the runtime dir (one it finds would not be its own).
     with contextlib.suppress(OSError, KeyError):
         os.unlink(_connection_files.pop(lease.id))
+    return _lease_reply(lease)
+
+
+def _lease_reply(lease: Lease) -> dict[str, Any]:
+    """A fork's lease as the daemon's ``lease`` op answers one (never warm)."""
     info = dict(lease.gateway.connection_info)
     info["key"] = info["key"].decode()
     return {

@@ -282,10 +282,11 @@ class ForkedWorkerProcess(WorkerProcess):
 
 
 async def fork_worker(
-    parent: WorkerProcess, *, timeout: float = CONNECT_TIMEOUT_S, **options: Any
+    parent: WorkerProcess, *, timeout: float = CONNECT_TIMEOUT_S
 ) -> ForkedWorkerProcess:
-    """Fork ``parent`` (a ready worker, idle) and adopt the fork; ``options``
-    are :class:`WorkerProcess`'s keyword arguments for it."""
+    """Fork ``parent`` (a ready worker, idle) and adopt the fork, a worker
+    with ``parent``'s settings (interpreter, directory, environment, start-up
+    timeout, log level, IPython options)."""
     listener = ForkListener()
     try:
         accepted = asyncio.ensure_future(listener.accept())
@@ -304,7 +305,19 @@ async def fork_worker(
         os.close(stdout)
         os.close(stderr)
         raise ForkError(f"the fork's connection came from pid {pid}, not the fork ({reply.pid})")
-    worker = ForkedWorkerProcess(conn, stdout, stderr, pid, fork_report=reply.report, **options)
+    worker = ForkedWorkerProcess(
+        conn,
+        stdout,
+        stderr,
+        pid,
+        fork_report=reply.report,
+        python=parent.python,
+        cwd=parent.cwd,
+        env=parent.env,
+        startup_timeout=parent.startup_timeout,
+        worker_log_level=parent.worker_log_level,
+        ipython_options=parent.ipython_options,
+    )
     await worker.start()
     return worker
 
@@ -374,16 +387,7 @@ async def fork_session(
     await parent.ensure_worker()
     if autosave is None:
         autosave = parent.autosave_dir is not None
-    old = parent.worker
-    worker = await fork_worker(
-        old,
-        python=old.python,
-        cwd=old.cwd,
-        env=old.env,
-        startup_timeout=old.startup_timeout,
-        worker_log_level=old.worker_log_level,
-        ipython_options=old.ipython_options,
-    )
+    worker = await fork_worker(parent.worker)
     child = ForkedSession(
         python=parent.python,
         cwd=parent.cwd,
