@@ -102,6 +102,16 @@ def state_files(autosave: Path) -> list[Path]:
 # -- the magics ----------------------------------------------------------------------------
 
 
+def test_the_store_is_its_owners_alone(driver: Driver, tmp_path: Path) -> None:
+    """Saved state is the user's data: no other user may list or read it."""
+    driver.ex("secret = [1]")
+    driver.ex("secret.append(2)")
+    driver.run(driver.session.states())
+    dirs = [tmp_path / "autosave", *(p for p in (tmp_path / "autosave").rglob("*") if p.is_dir())]
+    assert len(dirs) >= 3, dirs  # the store, its objects and its states
+    assert {oct(d.stat().st_mode & 0o777) for d in dirs} == {"0o700"}, dirs
+
+
 def test_states_checkout_forwards_and_backwards(driver: Driver) -> None:
     driver.ex("x = 1")  # In [1]
     driver.ex("y = [1, 2]")  # In [2]

@@ -43,7 +43,7 @@ def write_settings(autosave_dir: str | None, keep: int | None, budget: int | Non
     """Record the session's retention in its autosave directory (atomically)."""
     if not autosave_dir or (keep is None and budget is None) or "://" in autosave_dir:
         return
-    os.makedirs(autosave_dir, exist_ok=True)
+    os.makedirs(autosave_dir, mode=0o700, exist_ok=True)
     settings: dict[str, int] = {}
     if keep is not None:
         settings["keep_states"] = keep

@@ -40,7 +40,7 @@ def _lock(store: str, name: str, how: int) -> int | None:
     if "://" in store:
         return None
     try:
-        os.makedirs(store, exist_ok=True)
+        os.makedirs(store, mode=0o700, exist_ok=True)
         fd = os.open(os.path.join(store, name), os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         log.warning("autosave lock %s: %s", name, exc)

@@ -246,7 +246,7 @@ class History:
         state["seq"] = seq
         if at is not None:
             state["at"] = at
-        os.makedirs(self.dir, exist_ok=True)
+        os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.store._write(self.path(seq), [json.dumps(state, separators=(",", ":")).encode()])
         return state
 

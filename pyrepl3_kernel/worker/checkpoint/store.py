@@ -44,7 +44,7 @@ class Store:
             self._fs, self._path = fsspec.core.url_to_fs(root)
         else:
             self._path = root[len("file://") :] if root.startswith("file://") else root
-            os.makedirs(os.path.join(self._path, "objects"), exist_ok=True)
+            os.makedirs(os.path.join(self._path, "objects"), mode=0o700, exist_ok=True)
 
     def _join(self, *parts: str) -> str:
         return "/".join([self._path.rstrip("/"), *parts])
