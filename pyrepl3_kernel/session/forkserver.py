@@ -31,6 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import Pyrepl3Error
+from .forked import ForkedWorker, PipeReader
 
 log = logging.getLogger("pyrepl3.forkserver")
 
@@ -48,94 +49,6 @@ RESTART_WINDOW_S = 60.0
 
 class ForkServerError(Pyrepl3Error, RuntimeError):
     """The fork server could not fork a worker (the caller starts one cold)."""
-
-
-class ForkedWorker(asyncio.SubprocessTransport):
-    """A forked worker as :class:`~.worker.WorkerProcess` sees a started one:
-    the subprocess transport's ``get_pid``, ``get_returncode`` and ``close``;
-    its stdout and stderr reach the protocol's ``pipe_data_received``."""
-
-    def __init__(self, pid: int, protocol: asyncio.SubprocessProtocol) -> None:
-        super().__init__()
-        self._pid = pid
-        self._protocol = protocol
-        self._returncode: int | None = None
-        self._exited = False
-        self._pipes: list[asyncio.BaseTransport] = []
-        self._pidfd: int | None = None
-        self._closed = False
-
-    def get_pid(self) -> int:
-        return self._pid
-
-    def get_returncode(self) -> int | None:
-        return self._returncode
-
-    def is_closing(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for pipe in self._pipes:
-            pipe.close()
-        self._stop_watch()
-        if not self._exited:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self._pid, 9)
-
-    def get_pipe_transport(self, fd: int) -> Any:
-        return None
-
-    def send_signal(self, signal: int) -> None:
-        os.kill(self._pid, signal)
-
-    def terminate(self) -> None:
-        self.send_signal(15)
-
-    def kill(self) -> None:
-        self.send_signal(9)
-
-    def exited(self, returncode: int | None) -> None:
-        """The worker ended (``returncode`` None: nobody can tell how)."""
-        if self._exited:
-            return
-        self._exited = True
-        self._returncode = returncode
-        self._stop_watch()
-        self._protocol.process_exited()
-
-    def watch(self, on_gone: Callable[[ForkedWorker], None]) -> None:
-        """Call ``on_gone`` when the process ends (a pidfd: the worker is not
-        our child, so no SIGCHLD reaches us)."""
-        try:
-            self._pidfd = os.pidfd_open(self._pid)
-        except (OSError, AttributeError):
-            return
-        asyncio.get_running_loop().add_reader(self._pidfd, on_gone, self)
-
-    def _stop_watch(self) -> None:
-        if self._pidfd is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
-
-
-class _PipeReader(asyncio.Protocol):
-    def __init__(self, protocol: asyncio.SubprocessProtocol, fd: int) -> None:
-        self.protocol = protocol
-        self.fd = fd
-
-    def data_received(self, data: bytes) -> None:
-        self.protocol.pipe_data_received(self.fd, data)
-
-    def eof_received(self) -> bool:
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.protocol.pipe_connection_lost(self.fd, exc)
 
 
 class ForkServer:
@@ -321,7 +234,7 @@ class ForkServer:
             transport.exited(self._early_exits.pop(pid))
         for fd, read_end in ((1, out_r), (2, err_r)):
             pipe, _ = await loop.connect_read_pipe(
-                lambda fd=fd: _PipeReader(protocol, fd),  # type: ignore[misc]
+                lambda fd=fd: PipeReader(protocol, fd),  # type: ignore[misc]
                 os.fdopen(read_end, "rb", buffering=0),
             )
             transport._pipes.append(pipe)
