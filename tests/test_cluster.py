@@ -77,6 +77,24 @@ def test_the_image_command_speaks_the_protocol_to_gateway_provisioners() -> None
     assert report["exit"] == 0
 
 
+def test_a_kernel_that_could_not_get_its_state_back_never_overwrites_it(tmp_path: Path) -> None:
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "auto.json").write_text('{"v": "the state to keep"}')
+    store = str(tmp_path / "store")
+    assert StateMirror(store, "k", str(saved)).sync()
+    local = tmp_path / "local"
+    late = StateMirror(store, "k", str(local))
+    late.abandon_restore()  # the kernel gave up waiting for the download
+    assert late.restore_into() is None and not local.exists()
+    late.hold("the saved state could not be fetched within 1 s, and is left as it is")
+    local.mkdir()
+    (local / "auto.json").write_text('{"v": "a new, empty kernel"}')
+    assert not late.sync()
+    assert "left as it is" in (late.note() or "")
+    assert "to keep" in (tmp_path / "store/k/autosave/auto.json").read_text()
+
+
 def test_listener_survives_bad_requests() -> None:
     import socket as socketlib
 

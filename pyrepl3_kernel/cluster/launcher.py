@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -43,6 +44,20 @@ from .handshake import Listener, encrypt_payload, parse_port_range, send_connect
 from .statestore import StateMirror, StateStoreError, describe_error
 
 log = logging.getLogger("pyrepl3.cluster")
+
+
+def _seconds(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name, default))
+    except ValueError:
+        log.warning("%s is not a number of seconds; using %g", name, default)
+        return default
+    return value if value > 0 else default
+
+
+#: How long a kernel waits for its state from the store before it starts
+#: without it (a store that does not answer must not keep it from starting).
+RESUME_TIMEOUT = _seconds("PYREPL3_STATE_RESUME_TIMEOUT", 600.0)
 
 
 def _env(*names: str) -> str | None:
@@ -113,6 +128,9 @@ class RemoteKernel:
             resumed = self.mirror.restore_into()
         except StateStoreError as exc:
             log.error("%s", exc)
+            # What the store holds may be a state this kernel could not read:
+            # it must not be overwritten by this kernel's new one.
+            self.mirror.hold(f"the saved state could not be read, and is left as it is: {exc}")
             self.mirror.first_note = f"pyrepl3: {exc}; this kernel started without it\n"
             return None
         if resumed is None:
@@ -173,10 +191,24 @@ class RemoteKernel:
                 None, send_connection_info, response_address, encrypt_payload(info, public_key)
             )
             if self.mirror is not None and local_dir is not None:
-                resume_note = await loop.run_in_executor(None, self._resume, local_dir)
+                try:
+                    resume_note = await asyncio.wait_for(
+                        loop.run_in_executor(None, self._resume, local_dir), RESUME_TIMEOUT
+                    )
+                except asyncio.TimeoutError:
+                    resume_note = None
+                    self.mirror.abandon_restore()
+                    why = f"the saved state could not be fetched within {RESUME_TIMEOUT:g} s"
+                    log.error("%s from %s", why, self.mirror.public)
+                    self.mirror.hold(f"{why}, and is left as it is")
+                    self.mirror.first_note = (
+                        f"pyrepl3: {why} from {self.mirror.public}; this kernel started "
+                        "without it (PYREPL3_STATE_RESUME_TIMEOUT)\n"
+                    )
                 if resume_note is not None:
                     gateway.session.resume = resume_note
-                await loop.run_in_executor(None, self.mirror.check)
+                with contextlib.suppress(asyncio.TimeoutError):  # said by the next look
+                    await asyncio.wait_for(loop.run_in_executor(None, self.mirror.check), 30)
             if not self.done.is_set():
                 await gateway.start()
                 started = True

@@ -40,7 +40,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import Pyrepl3Error
-from .record import KernelRecord, Resumed
+from .record import KernelRecord, Resumed, Superseded
 
 log = logging.getLogger("pyrepl3.cluster")
 
@@ -73,6 +73,8 @@ def describe_error(exc: BaseException) -> str:
     """A short reason for a failed store operation (no credentials: botocore
     messages name the operation and the error code only)."""
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, Superseded):
+        return text
     name = type(exc).__name__
     return f"{name}: {text}"[:300] if text else name
 
@@ -135,6 +137,7 @@ class StateMirror:
         #: Said once, in the first cell's output (a resume that failed).
         self.first_note: str | None = None
         self._last_report = 0.0
+        self._abandoned = False
         self.record = KernelRecord(self.fs, self.prefix, self.host, self._failed)
 
     @classmethod
@@ -183,6 +186,15 @@ class StateMirror:
 
     # -- back from the store ---------------------------------------------------------------------
 
+    def abandon_restore(self) -> None:
+        """A restore still under way must leave the local directory alone."""
+        self._abandoned = True
+
+    def hold(self, reason: str) -> None:
+        """Never write to the store again (it holds a state this kernel did
+        not get back); cells say ``reason``."""
+        self.record.superseded = reason
+
     def restore_into(self) -> Resumed | None:
         """Replace the local autosave directory with the store's copy for this
         kernel id; None when the store has none. Raises StateStoreError when
@@ -230,6 +242,9 @@ class StateMirror:
             raise StateStoreError(
                 f"could not read the saved state from {self.public}: {describe_error(exc)}"
             ) from None
+        if self._abandoned:  # the kernel gave up waiting and started without it
+            shutil.rmtree(tmp, ignore_errors=True)
+            return None
         shutil.rmtree(self.local_dir, ignore_errors=True)
         os.makedirs(os.path.dirname(self.local_dir) or ".", exist_ok=True)
         os.replace(tmp, self.local_dir)
