@@ -11,6 +11,7 @@ import os
 import re
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -242,12 +243,34 @@ def test_a_fork_outlives_its_parent_and_keeps_its_own_limits() -> None:
 # -- %fork through Jupyter (both kernelspecs) -----------------------------------------------
 
 
-def connected(connection_file: str) -> BlockingKernelClient:
+@contextmanager
+def connected(connection_file: str) -> Iterator[BlockingKernelClient]:
+    """A client of the kernel of ``connection_file``; that kernel is shut
+    down at the end."""
     kc = BlockingKernelClient(connection_file=connection_file)
     kc.load_connection_file()
     kc.start_channels()
     kc.wait_for_ready(timeout=30)
-    return kc
+    try:
+        yield kc
+    finally:
+        kc.shutdown()
+        kc.stop_channels()
+
+
+def fork_magic(kc: BlockingKernelClient) -> str:
+    """``%fork`` run through ``kc``: the new kernel's connection file."""
+    texts: list[str] = []
+
+    def keep(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            texts.append(msg["content"]["text"])
+
+    reply = kc.execute_interactive("%fork", timeout=60, output_hook=keep)
+    assert reply["content"]["status"] == "ok", reply
+    found = re.search(r"jupyter console --existing (\S+)", "".join(texts))
+    assert found, texts
+    return found.group(1)
 
 
 def evaluate(kc: BlockingKernelClient, expression: str) -> str:
@@ -275,8 +298,7 @@ def test_fork_magic_makes_a_kernel_one_can_connect_to(kernel: Any) -> None:
     assert kernel_id and found, text
     connection_file = found.group(1)
     assert kernel_id.group(1) in connection_file
-    fork = connected(connection_file)
-    try:
+    with connected(connection_file) as fork:
         assert evaluate(fork, "x") == "'parent'"
         assert evaluate(fork, "next(items)") == "1"
         fork.execute_interactive("x = 'fork'", timeout=30, output_hook=lambda m: None)
@@ -285,9 +307,6 @@ def test_fork_magic_makes_a_kernel_one_can_connect_to(kernel: Any) -> None:
         assert kernel.value("next(items)") == "1"
         fork_pid = int(evaluate(fork, "__import__('os').getpid()"))
         assert fork_pid != int(kernel.value("__import__('os').getpid()"))
-    finally:
-        fork.shutdown()
-        fork.stop_channels()
     assert_no_leftovers([fork_pid], timeout=15)
     # The parent goes on as before.
     assert kernel.value("x") == "'parent'"
@@ -471,19 +490,9 @@ def test_fork_magic_on_the_argv_path_outlives_the_parent_process(
         kc.start_channels()
         kc.wait_for_ready(timeout=60)
         kc.execute_interactive("x = 'argv parent'", timeout=30, output_hook=lambda m: None)
-        texts: list[str] = []
-
-        def keep(msg: dict[str, Any]) -> None:
-            if msg["msg_type"] == "stream":
-                texts.append(msg["content"]["text"])
-
-        reply = kc.execute_interactive("%fork", timeout=60, output_hook=keep)
-        assert reply["content"]["status"] == "ok", reply
-        found = re.search(r"jupyter console --existing (\S+)", "".join(texts))
-        assert found, texts
+        connection_file = fork_magic(kc)
         kc.stop_channels()
-        fork = connected(found.group(1))
-        try:
+        with connected(connection_file) as fork:
             fork_pid = int(evaluate(fork, "__import__('os').getpid()"))
             # The parent kernel's process is killed: its lease ends with it,
             # and the daemon's reaper (every 2 s) leaves the fork alone.
@@ -500,9 +509,6 @@ def test_fork_magic_on_the_argv_path_outlives_the_parent_process(
             assert parent_id not in leases()
             time.sleep(2.5)  # a reap pass has run since
             assert evaluate(fork, "x") == "'argv parent'"
-        finally:
-            fork.shutdown()
-            fork.stop_channels()
     finally:
         if km.has_kernel:
             km.shutdown_kernel(now=True)
@@ -566,27 +572,16 @@ def test_the_fork_of_an_encrypted_kernel_is_encrypted(pyrepl3_kernelspec: Path) 
         kc = km.client()
         kc.start_channels()
         kc.wait_for_ready(timeout=60)
-        texts: list[str] = []
-
-        def keep(msg: dict[str, Any]) -> None:
-            if msg["msg_type"] == "stream":
-                texts.append(msg["content"]["text"])
-
         kc.execute_interactive("x = 'secret'", timeout=30, output_hook=lambda m: None)
-        reply = kc.execute_interactive("%fork", timeout=60, output_hook=keep)
-        kc.stop_channels()
-        assert reply["content"]["status"] == "ok", reply
-        found = re.search(r"jupyter console --existing (\S+)", "".join(texts))
-        assert found, texts
-        info = json.loads(Path(found.group(1)).read_text())
-        assert info["curve_publickey"] == km.get_connection_info()["curve_publickey"]
-        fork = connected(found.group(1))
         try:
+            connection_file = fork_magic(kc)
+        finally:
+            kc.stop_channels()
+        info = json.loads(Path(connection_file).read_text())
+        assert info["curve_publickey"] == km.get_connection_info()["curve_publickey"]
+        with connected(connection_file) as fork:
             fork_pid = int(evaluate(fork, "__import__('os').getpid()"))
             assert evaluate(fork, "x") == "'secret'"
-        finally:
-            fork.shutdown()
-            fork.stop_channels()
     finally:
         km.shutdown_kernel(now=True)
     assert fork_pid is not None
