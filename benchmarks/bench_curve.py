@@ -30,21 +30,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import bench_jupyter
 import zmq
-from bench_jupyter import Client, stop, summary
-from jupyter_client import KernelManager
+from bench_jupyter import Client, rotations, run_meta, summary, temporary_daemon
 
 KERNELS = {"pyrepl3": "pyrepl3", "pyrepl3-cold": "pyrepl3-cold", "ipykernel": "python3"}
 POLICIES = {"curve": "required", "plain": "disabled"}
@@ -52,50 +47,12 @@ FULL = {"warmup": 30, "runs": 300}
 QUICK = {"warmup": 10, "runs": 60}
 
 
-def install_kernelspecs(prefix: Path) -> None:
-    """``pyrepl3`` and ``pyrepl3-cold`` into ``prefix``, first on JUPYTER_PATH."""
-    for extra in ([], ["--name", "pyrepl3-cold", "--no-pool"]):
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pyrepl3_kernel.cli",
-                "install",
-                "--prefix",
-                str(prefix),
-                *extra,
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-    path = str(prefix / "share" / "jupyter")
-    os.environ["JUPYTER_PATH"] = os.pathsep.join(
-        filter(None, [path, os.environ.get("JUPYTER_PATH")])
-    )
-
-
 @contextmanager
 def started(kernel_name: str, policy: str) -> Iterator[Client]:
-    km = KernelManager(kernel_name=kernel_name, transport_encryption=policy)
-    client: Client | None = None
-    try:
-        km.start_kernel()
+    with bench_jupyter.started(kernel_name, transport_encryption=policy) as (km, client):
         if (km.curve_publickey is not None) != (policy == "required"):
             raise RuntimeError(f"{kernel_name}: transport_encryption={policy} not applied")
-        client = Client(km)
-        client.wait_iopub_ready()
         yield client
-    finally:
-        if client is not None:
-            client.close()
-        stop(km)
-
-
-def rotations(names: list[str], n: int) -> Iterator[list[str]]:
-    for i in range(n):
-        k = i % len(names)
-        yield names[k:] + names[:k]
 
 
 def measure(cfg: dict[str, int]) -> dict[str, Any]:
@@ -132,31 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         print("this libzmq has no CurveZMQ support", file=sys.stderr)
         return 2
     cfg = QUICK if args.quick else FULL
-    base = Path(tempfile.mkdtemp(prefix="pyrepl3-bench-curve-"))
-    install_kernelspecs(base / "prefix")
-    runtime = base / "runtime"
-    runtime.mkdir()
-    os.environ["JUPYTER_RUNTIME_DIR"] = str(runtime)
-    os.environ["IPYTHONDIR"] = str(base / "ipython")
-    t0 = time.perf_counter()
-    try:
+    with temporary_daemon("pyrepl3-bench-curve-"):
+        t0 = time.perf_counter()
         results = measure(cfg)
-    finally:
-        subprocess.run(
-            [sys.executable, "-m", "pyrepl3_kernel.cli", "stop", "--runtime-dir", str(runtime)],
-            capture_output=True,
-            timeout=60,
-        )
-        shutil.rmtree(base, ignore_errors=True)
     rat = ratios(results)
-    meta = {
-        "config": cfg,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "python": platform.python_version(),
-        "zmq": zmq.zmq_version(),
-        "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
+    meta = {**run_meta(cfg, t0), "zmq": zmq.zmq_version()}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "curve.json").write_text(
         json.dumps({"meta": meta, "ratios": rat, "execute_1plus1_ms": results}, indent=1)

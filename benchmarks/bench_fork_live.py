@@ -31,19 +31,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench_curve import install_kernelspecs
-from bench_jupyter import Client, stop, summary
+from bench_jupyter import rotations, run_meta, started, stop, summary, temporary_daemon
 from jupyter_client import KernelManager
 from jupyter_client.blocking.client import BlockingKernelClient
 
@@ -126,18 +120,9 @@ def magic_fork(kc: BlockingKernelClient) -> float:
 def ipykernel_start() -> float:
     """``start_kernel()`` of python3 to its first 1+1 result, in ms."""
     t0 = time.perf_counter()
-    km = KernelManager(kernel_name="python3")
-    client: Client | None = None
-    try:
-        km.start_kernel()
-        client = Client(km)
-        client.wait_iopub_ready()
+    with started("python3") as (_, client):
         client.exec_round_trip()
         return (time.perf_counter() - t0) * 1000
-    finally:
-        if client is not None:
-            client.close()
-        stop(km)
 
 
 def jupyter_forks(runs: int) -> dict[str, list[float]]:
@@ -151,9 +136,8 @@ def jupyter_forks(runs: int) -> dict[str, list[float]]:
         kc.wait_for_ready(timeout=60)
         kc.execute_interactive(STATE, timeout=120, output_hook=lambda m: None)
         ipykernel_start()  # untimed: page cache, .pyc files
-        for turn in range(runs):
-            order = ["%fork 1 GiB", "ipykernel start"]
-            for name in order if turn % 2 == 0 else order[::-1]:
+        for order in rotations(["%fork 1 GiB", "ipykernel start"], runs):
+            for name in order:
                 samples[name].append(magic_fork(kc) if name[0] == "%" else ipykernel_start())
     finally:
         if kc is not None:
@@ -168,36 +152,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
-    base = Path(tempfile.mkdtemp(prefix="pyrepl3-bench-fork-"))
-    install_kernelspecs(base / "prefix")
-    runtime = base / "runtime"
-    runtime.mkdir()
-    os.environ["JUPYTER_RUNTIME_DIR"] = str(runtime)
-    os.environ["IPYTHONDIR"] = str(base / "ipython")
-    t0 = time.perf_counter()
-    try:
+    with temporary_daemon("pyrepl3-bench-fork-"):
+        t0 = time.perf_counter()
         samples = {
             "session.fork() empty": asyncio.run(native_forks(cfg["runs"], "")),
             "session.fork() 1 GiB": asyncio.run(native_forks(cfg["runs"], STATE)),
             **jupyter_forks(cfg["runs"]),
         }
-    finally:
-        subprocess.run(
-            [sys.executable, "-m", "pyrepl3_kernel.cli", "stop", "--runtime-dir", str(runtime)],
-            capture_output=True,
-            timeout=60,
-        )
-        shutil.rmtree(base, ignore_errors=True)
     results: dict[str, Any] = {k: {**summary(v), "samples": v} for k, v in samples.items()}
     peer = results["ipykernel start"]["p50"]
     ratios = {f"{k} / ipykernel start": r["p50"] / peer for k, r in results.items() if "fork" in k}
-    meta = {
-        "config": cfg,
-        "seconds": round(time.perf_counter() - t0, 1),
-        "python": platform.python_version(),
-        "cpus": os.cpu_count(),
-        "date": time.strftime("%Y-%m-%d %H:%M"),
-    }
+    meta = run_meta(cfg, t0)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "fork_live.json").write_text(
         json.dumps({"meta": meta, "ratios": ratios, "ms": results}, indent=1)

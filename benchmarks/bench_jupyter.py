@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -42,28 +43,74 @@ from jupyter_client.blocking import BlockingKernelClient
 KERNELS = {"pyrepl3": "pyrepl3-cold", "ipykernel": "python3"}
 
 
-def install_cold_kernelspec(prefix: Path) -> None:
-    """Install ``pyrepl3-cold`` (no pool provisioner) and put it on JUPYTER_PATH."""
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyrepl3_kernel.cli",
-            "install",
-            "--prefix",
-            str(prefix),
-            "--name",
-            "pyrepl3-cold",
-            "--no-pool",
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
+#: ``pyrepl3-kernel install``'s arguments for ``pyrepl3-cold`` (no pool provisioner).
+COLD_KERNELSPEC = ["--name", "pyrepl3-cold", "--no-pool"]
+
+
+def install_kernelspecs(prefix: Path, *variants: list[str]) -> None:
+    """Install a kernelspec into ``prefix`` for each of ``variants`` (the
+    extra arguments of ``pyrepl3-kernel install``: ``[]`` is ``pyrepl3``)
+    and put the prefix first on JUPYTER_PATH."""
+    for extra in variants:
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pyrepl3_kernel.cli",
+                "install",
+                "--prefix",
+                str(prefix),
+                *extra,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     path = str(prefix / "share" / "jupyter")
     os.environ["JUPYTER_PATH"] = os.pathsep.join(
         filter(None, [path, os.environ.get("JUPYTER_PATH")])
     )
+
+
+def install_cold_kernelspec(prefix: Path) -> None:
+    """Install ``pyrepl3-cold`` (no pool provisioner) and put it on JUPYTER_PATH."""
+    install_kernelspecs(prefix, COLD_KERNELSPEC)
+
+
+@contextmanager
+def temporary_daemon(prefix: str) -> Iterator[None]:
+    """Kernels of a temporary home: ``pyrepl3`` and ``pyrepl3-cold``
+    installed into a temporary prefix (first on JUPYTER_PATH), a temporary
+    runtime dir (so a daemon of its own) and IPython dir; at the end the
+    daemon is stopped and the directory removed."""
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        install_kernelspecs(base / "prefix", [], COLD_KERNELSPEC)
+        runtime = base / "runtime"
+        runtime.mkdir()
+        os.environ["JUPYTER_RUNTIME_DIR"] = str(runtime)
+        os.environ["IPYTHONDIR"] = str(base / "ipython")
+        try:
+            yield
+        finally:
+            subprocess.run(
+                [sys.executable, "-m", "pyrepl3_kernel.cli", "stop", "--runtime-dir", str(runtime)],
+                capture_output=True,
+                timeout=60,
+            )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def run_meta(cfg: dict[str, Any], t0: float) -> dict[str, Any]:
+    """A run's configuration, duration since ``t0`` and machine, for its JSON."""
+    return {
+        "config": cfg,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+    }
 
 
 NAMES = list(KERNELS)
@@ -128,10 +175,17 @@ def summary(samples: list[float]) -> dict[str, float]:
     }
 
 
+def rotations(names: list[str], n: int) -> Iterator[list[str]]:
+    """The order for each of ``n`` turns: all of ``names``, rotated by one
+    each turn (two names: the first one swapped each turn)."""
+    for i in range(n):
+        k = i % len(names)
+        yield names[k:] + names[:k]
+
+
 def alternate(n: int) -> Iterator[list[str]]:
     """Kernel order for turn i: both kernels, the first one swapped each turn."""
-    for i in range(n):
-        yield NAMES if i % 2 == 0 else NAMES[::-1]
+    return rotations(NAMES, n)
 
 
 # -- a client that waits on shell and iopub at once -----------------------------
@@ -326,8 +380,10 @@ class Client:
 
 
 @contextmanager
-def started(kernel_name: str) -> Iterator[tuple[KernelManager, Client]]:
-    km = KernelManager(kernel_name=kernel_name)
+def started(kernel_name: str, **options: Any) -> Iterator[tuple[KernelManager, Client]]:
+    """A kernel (``options``: the KernelManager's) and a client whose iopub
+    is live; both ended at the end."""
+    km = KernelManager(kernel_name=kernel_name, **options)
     client: Client | None = None
     try:
         km.start_kernel()
