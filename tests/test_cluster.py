@@ -9,6 +9,7 @@ kills a host."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import time
@@ -23,9 +24,15 @@ from pyrepl3_kernel.cluster.statestore import StateMirror, public_url
 
 ROOT = Path(__file__).resolve().parent.parent
 
+needs_provisioners = pytest.mark.skipif(
+    importlib.util.find_spec("gateway_provisioners") is None,
+    reason="gateway_provisioners is not installed (pip install -e '.[dev]')",
+)
+
 # -- without a cluster ------------------------------------------------------------------
 
 
+@needs_provisioners
 def test_kernelspecs_validate_against_the_provisioners_settings() -> None:
     ssh = kernelspecs.distributed_kernelspec(remote_hosts=["10.0.0.1", "10.0.0.2"])
     assert kernelspecs.validate(ssh) == []
@@ -50,6 +57,7 @@ def test_the_image_runs_the_launcher_the_ssh_kernelspec_runs() -> None:
     assert "KERNEL_LANGUAGE=python" in text
 
 
+@needs_provisioners
 def test_the_image_command_speaks_the_protocol_to_gateway_provisioners() -> None:
     """The Kubernetes/Docker path as far as this machine allows: the
     Dockerfile's CMD, run with the environment a kernel pod gets, against
@@ -127,6 +135,7 @@ def test_listener_survives_bad_requests() -> None:
         listener.close()
 
 
+@needs_provisioners
 def test_install_writes_a_provisioner_kernelspec_that_validates(tmp_path: Path) -> None:
     import subprocess
     import sys
