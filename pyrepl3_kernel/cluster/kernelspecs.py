@@ -232,6 +232,8 @@ def install_from_cli(args: Any, default_name: str, default_display: str) -> int:
         spec["display_name"] = args.display_name
     if args.pool_size is not None or args.warmup_code is not None:
         return _cli_error("--pool-size and --warmup-code are for local kernels (no --provisioner)")
+    if getattr(args, "sandbox", None) or getattr(args, "sandbox_option", None):
+        return _cli_error("--sandbox is for local kernels (no --provisioner)")
     problems = validate(spec)
     if problems:
         return _cli_error("the kernelspec would not start: " + "; ".join(problems))
