@@ -166,6 +166,27 @@ def debug(kernel: Any) -> Iterator[Debug]:
         kernel.flush()
 
 
+@pytest.fixture
+def pooled(kernel: Any) -> Any:
+    """The module's kernel, for what the worker does alike whichever way it
+    was started: run on the pooled kernelspec only (keeps the module short)."""
+    if not kernel.pooled:
+        pytest.skip("the same worker code on both kernelspecs: checked on the pooled one")
+    return kernel
+
+
+@pytest.fixture
+def debug_pooled(pooled: Any) -> Iterator[Debug]:
+    """:func:`debug` on the pooled kernelspec only (see :func:`pooled`)."""
+    client = Debug(pooled)
+    client.attach()
+    try:
+        yield client
+    finally:
+        client.detach()
+        pooled.flush()
+
+
 def values(variables: list[dict[str, Any]]) -> dict[str, str]:
     return {v["name"]: v["value"] for v in variables}
 
@@ -301,7 +322,8 @@ def test_breakpoint_in_a_function_of_an_earlier_cell_and_stepping(debug: Debug) 
     debug.breakpoint_in(earlier)
 
 
-def test_inspect_variables_and_rich_inspect_while_running_freely(debug: Debug) -> None:
+def test_inspect_variables_and_rich_inspect_while_running_freely(debug_pooled: Debug) -> None:
+    debug = debug_pooled
     reply, _ = debug.finish(debug.kc.execute("text = 'Hello the world'\nnumber = 42"))
     assert reply["content"]["status"] == "ok"
     variables = values(debug.request("inspectVariables")["body"]["variables"])
@@ -359,7 +381,8 @@ def test_exception_breakpoint_and_exception_info(debug: Debug) -> None:
         debug.request("setExceptionBreakpoints", {"filters": []})
 
 
-def test_debug_requests_are_answered_one_at_a_time(debug: Debug) -> None:
+def test_debug_requests_are_answered_one_at_a_time(debug_pooled: Debug) -> None:
+    debug = debug_pooled
     debug.breakpoint_in(CELL, 2)
     msg_id = debug.kc.execute(CELL)
     thread = debug.event("stopped")["body"]["threadId"]
@@ -390,7 +413,8 @@ def test_debug_requests_are_answered_one_at_a_time(debug: Debug) -> None:
     assert debug.finish(msg_id)[0]["content"]["status"] == "ok"
 
 
-def test_bad_debug_requests_get_a_clear_error(kernel: Any) -> None:
+def test_bad_debug_requests_get_a_clear_error(pooled: Any) -> None:
+    kernel = pooled
     client = Debug(kernel)
     msg = kernel.kc.session.msg("debug_request", {"type": "request", "seq": 1})
     kernel.kc.control_channel.send(msg)
@@ -410,8 +434,10 @@ def probe():
     return x
 pid = os.fork()
 if pid == 0:
-    probe()
-    os._exit(0)
+    try:
+        probe()
+    finally:
+        os._exit(0)
 for _ in range(200):
     done, status = os.waitpid(pid, os.WNOHANG)
     if done:
@@ -424,7 +450,8 @@ print('child finished' if done else 'child stuck')
 """
 
 
-def test_a_process_forked_while_attached_never_stops_at_a_breakpoint(debug: Debug) -> None:
+def test_a_process_forked_while_attached_never_stops_at_a_breakpoint(debug_pooled: Debug) -> None:
+    debug = debug_pooled
     # The automatic checkpoint saves from a forked worker: a breakpoint in
     # code it runs (a __getstate__) must not stop it, or talk to the adapter
     # over the sockets it inherited. (ipykernel's forked child stops.)
@@ -436,7 +463,9 @@ def test_a_process_forked_while_attached_never_stops_at_a_breakpoint(debug: Debu
     debug.breakpoint_in(FORK_CELL)
 
 
-def test_checkpoints_and_transactions_while_attached(debug: Debug) -> None:
+def test_checkpoints_and_transactions_while_attached(debug_pooled: Debug) -> None:
+    debug = debug_pooled
+
     def run(code: str) -> dict[str, Any]:
         return debug.finish(debug.kc.execute(code))[0]["content"]  # type: ignore[no-any-return]
 
@@ -454,16 +483,16 @@ def test_checkpoints_and_transactions_while_attached(debug: Debug) -> None:
     debug.breakpoint_in("def untouched():\n    return 1\n")
 
 
-CHILD_DEBUGGER_CELL = """import gc, json, os
+CHILD_DEBUGGER_CELL = """import json, os
 r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
-    dbg = next(o for o in gc.get_objects()
-               if type(o).__module__ == "pyrepl3_kernel.worker.debugger"
-               and type(o).__name__ == "Debugger")
-    reply = dbg.handle({"type": "request", "seq": 1, "command": "initialize"})
-    os.write(w, json.dumps([dbg.is_started, reply["success"], reply.get("message")]).encode())
-    os._exit(0)
+    try:
+        dbg = get_ipython().kernel._outlet.debugger  # the worker's
+        reply = dbg.handle({"type": "request", "seq": 1, "command": "initialize"})
+        os.write(w, json.dumps([dbg.is_started, reply["success"], reply.get("message")]).encode())
+    finally:
+        os._exit(0)
 os.close(w)
 seen = os.read(r, 65536).decode()
 os.waitpid(pid, 0)
@@ -471,11 +500,12 @@ print(seen)
 """
 
 
-def test_a_forked_worker_does_not_inherit_the_debug_session(debug: Debug) -> None:
+def test_a_forked_worker_does_not_inherit_the_debug_session(debug_pooled: Debug) -> None:
+    debug = debug_pooled
     # A kernel forked from this one (%fork) must not talk to this one's
     # adapter: its debugger starts from nothing and says why it cannot start.
     reply, iopub = debug.finish(debug.kc.execute(CHILD_DEBUGGER_CELL))
-    assert reply["content"]["status"] == "ok"
+    assert reply["content"]["status"] == "ok", reply["content"]
     out = "".join(m["content"]["text"] for m in iopub if m["msg_type"] == "stream")
     started, success, message = json.loads(out)
     assert started is False and success is False
@@ -533,6 +563,17 @@ def test_crash_while_stopped_ends_the_debug_session_and_reattach_works(debug: De
     debug.request("continue", {"threadId": thread})
     assert debug.finish(msg_id)[0]["content"]["status"] == "ok"
     debug.breakpoint_in(CELL)
+
+
+def test_a_death_while_idle_with_the_debugger_on_resets_the_frontend(debug_pooled: Debug) -> None:
+    debug = debug_pooled
+    code = "import os, threading\nthreading.Timer(0.3, os._exit, (3,)).start()"
+    reply, _ = debug.finish(debug.kc.execute(code))
+    assert reply["content"]["status"] == "ok"
+    assert debug.event("terminated")["event"] == "terminated"
+    assert debug.event("exited")["event"] == "exited"
+    assert debug.request("debugInfo")["body"]["isStarted"] is False
+    debug.attach()  # the fixture detaches
 
 
 def test_interrupt_while_stopped_ends_the_cell_as_in_ipykernel(debug: Debug) -> None:

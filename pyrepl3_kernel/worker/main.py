@@ -108,7 +108,9 @@ class Worker:
         }
         self.shell = self._make_shell()
         #: JupyterLab's debugger (debugpy), where debugpy is installed.
-        self.debugger = Debugger(self.shell, self.channel.send)
+        # Through self.channel at each send: the fork server gives each
+        # worker it forks a channel of its own (worker/forkserver.py).
+        self.debugger = Debugger(self.shell, lambda msg: self.channel.send(msg))
         self._history_writes = history.defer_writes(self.shell)
         self._act_as_ipykernel()
         self._idle_loop = IdleLoop(self._requests)
