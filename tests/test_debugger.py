@@ -227,6 +227,10 @@ def test_debug_info_before_attach_gives_the_cell_file_names(kernel: Any) -> None
     reply, iopub = client.finish(kernel.kc.execute(code))
     result = next(m for m in iopub if m["msg_type"] == "execute_result")
     assert result["content"]["data"]["text/plain"] == repr(expected)
+    # The variables panel before the debugger starts (debugpy not imported yet).
+    reply, _ = client.finish(kernel.kc.execute("early = 'before any attach'"))
+    variables = values(client.request("inspectVariables")["body"]["variables"])
+    assert variables["early"] == "'before any attach'"
     # As ipykernel: IPYKERNEL_CELL_NAME names the cells instead (VS Code).
     named = "import os\nos.environ['IPYKERNEL_CELL_NAME'] = '/tmp/vscode-cell.py'"
     assert client.finish(kernel.kc.execute(named))[0]["content"]["status"] == "ok"

@@ -29,6 +29,7 @@ from typing import Any
 from ..protocol import DebugEventMessage, DebugReplyMessage, DebugRequestMessage, Message
 from . import cellnames
 from .dap import DapClient, DapError, hide_from_debugger
+from .variables import VariableExplorer
 
 log = logging.getLogger("pyrepl3.worker")
 
@@ -475,50 +476,6 @@ class Debugger:
             if origin and origin.endswith(".py"):
                 found.append({"id": i, "name": module.__name__, "path": origin})
         return response(request, body={"modules": found, "totalModules": len(modules)})
-
-
-class VariableExplorer:
-    """The namespace as pydevd presents variables (for the variables panel
-    while no thread is stopped), as ipykernel's explorer."""
-
-    def __init__(self, shell: Any) -> None:
-        from _pydevd_bundle import pydevd_frame_utils
-        from _pydevd_bundle.pydevd_api import PyDevdAPI
-        from _pydevd_bundle.pydevd_suspended_frames import SuspendedFramesManager, _FramesTracker
-        from debugpy.server import api  # noqa: F401  (sets up pydevd's imports)
-
-        class _PyDB:
-            variable_presentation = PyDevdAPI.VariablePresentation()
-
-        self.manager = SuspendedFramesManager()
-        self.tracker = _FramesTracker(self.manager, _PyDB())
-        ns = shell.user_ns
-        self.frame = _NamespaceFrame(ns, cellnames.cell_file_name("sys._getframe()"))
-        self.tracker.track("thread1", pydevd_frame_utils.create_frames_list_from_frame(self.frame))
-
-    def untrack_all(self) -> None:
-        self.tracker.untrack_all()
-
-    def children(self, reference: Any) -> list[dict[str, Any]]:
-        variables = self.manager.get_variable(reference or id(self.frame))
-        return [v.get_var_data() for v in variables.get_children_variables()]
-
-
-class _NamespaceCode:
-    def __init__(self, filename: str) -> None:
-        self.co_filename = filename
-        self.co_name = "<module>"
-
-
-class _NamespaceFrame:
-    """A frame-shaped view of the namespace, for pydevd's tracker."""
-
-    def __init__(self, ns: dict[str, Any], filename: str) -> None:
-        self.f_code = _NamespaceCode(filename)
-        self.f_globals = ns
-        self.f_locals = ns
-        self.f_back = None
-        self.f_lineno = 0
 
 
 _PACKAGE_DIR = str(Path(__file__).resolve().parent.parent) + os.sep
