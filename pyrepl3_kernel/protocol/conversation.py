@@ -119,6 +119,8 @@ TERMINAL_TYPES: frozenset[MessageType] = frozenset(REPLY_TYPES.values()) | {
 #: ``ename`` of the ERROR and EXECUTE_REPLY a client synthesizes for the cell
 #: that was running when the worker died.
 WORKER_DIED = "WorkerDied"
+#: The ``ename`` of a request for a subshell that does not exist (as ipykernel).
+UNKNOWN_SUBSHELL = "UnknownSubshellError"
 
 
 def ends_request(msg: Message, request: Message) -> bool:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import Pyrepl3Error
 from ..protocol import (
+    UNKNOWN_SUBSHELL,
     WORKER_DIED,
     ErrorMessage,
     ExecuteMessage,
@@ -37,9 +38,6 @@ from .worker import WorkerDeadError, WorkerProcess
 
 if TYPE_CHECKING:
     from .supervised import Session
-
-#: ``ename`` of a request for a subshell that does not exist (as ipykernel).
-UNKNOWN_SUBSHELL = "UnknownSubshellError"
 
 
 def unknown_subshell_text(subshell_id: str) -> str:

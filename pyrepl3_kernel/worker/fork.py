@@ -39,6 +39,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from ..protocol import SUPPORTED_VERSIONS, ForkMessage, ForkReplyMessage, ReadyMessage
+from .eventloop import _imported
 
 if TYPE_CHECKING:
     from .main import Worker
@@ -282,7 +283,7 @@ def renew_event_loops() -> None:
     its own: after a fork both processes would share one epoll instance and
     one self-pipe, and each would take the other's events. Its tasks go on
     in both kernels, each on its own copy."""
-    asyncio = sys.modules.get("asyncio")
+    asyncio = _imported("asyncio")  # not one a subshell is importing right now
     if asyncio is None:
         return
     helpers = sys.modules.get("IPython.core.async_helpers")

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from ..protocol import (
     DURING_AWAIT_REQUESTS,
     ORDERED_REQUESTS,
+    UNKNOWN_SUBSHELL,
     AckMessage,
     ExecuteMessage,
     ExecuteReplyMessage,
@@ -56,8 +57,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pyrepl3.worker")
 
-#: ``ename`` of a request for a subshell that does not exist (as ipykernel).
-UNKNOWN_SUBSHELL = "UnknownSubshellError"
 #: ``ename`` of a request a deleted subshell never ran.
 SUBSHELL_DELETED = "SubshellDeleted"
 #: Longest wait for a deleted subshell's thread to end before the delete is

@@ -76,7 +76,8 @@ def touched_by(code: str, ns: dict[str, Any]) -> set[str] | None:
 
 def bindings(ns: dict[str, Any]) -> dict[str, int]:
     """``name -> id(object)`` of the namespace's non-private names."""
-    return {k: id(v) for k, v in ns.items() if not k.startswith("_")}
+    # A copy of the items first: a subshell thread may bind names meanwhile.
+    return {k: id(v) for k, v in list(ns.items()) if not k.startswith("_")}
 
 
 def rebound(before: dict[str, int], after: dict[str, int]) -> set[str]:
