@@ -18,10 +18,12 @@ class Frontend:
     """A KernelManager and a blocking client, with helpers that pair every
     request with its reply and its iopub messages."""
 
-    def __init__(self, kernel_name: str) -> None:
+    def __init__(self, kernel_name: str, **options: Any) -> None:
+        """Starts the kernel (``options``: the KernelManager's) and waits
+        until it is ready."""
         self.kernel_name = kernel_name
         self.pooled = kernel_name == KERNEL_NAME
-        self.km = KernelManager(kernel_name=kernel_name)
+        self.km = KernelManager(kernel_name=kernel_name, **options)
         self.km.start_kernel()
         self.kc: BlockingKernelClient = self.km.client()
         #: The pooled kernel's lease, or the standalone kernel's process.

@@ -29,6 +29,7 @@ from typing import Any
 
 import pytest
 import zmq
+from frontend import Frontend
 from jupyter_client.blocking.client import BlockingKernelClient
 from jupyter_client.manager import KernelManager
 from jupyter_helpers import COLD_KERNEL_NAME, KERNEL_NAME, KERNEL_NAMES, TIMEOUT
@@ -43,21 +44,12 @@ pytestmark = pytest.mark.skipif(not zmq.has("curve"), reason="libzmq without Cur
 REFUSED_WAIT = 2.0
 
 
-class CurveKernel:
+class CurveKernel(Frontend):
     """A kernel started with ``transport_encryption="required"`` and a
     client that has its key."""
 
     def __init__(self, kernel_name: str) -> None:
-        self.kernel_name = kernel_name
-        self.km = KernelManager(kernel_name=kernel_name, transport_encryption="required")
-        self.km.start_kernel()
-        self.kc: BlockingKernelClient = self.km.client()
-        try:
-            self.kc.start_channels()
-            self.kc.wait_for_ready(timeout=60)
-        except BaseException:
-            self.close()
-            raise
+        super().__init__(kernel_name, transport_encryption="required")
 
     def run(self, code: str, client: BlockingKernelClient | None = None) -> tuple[str, str]:
         """(status, stdout) of ``code``."""
@@ -69,12 +61,6 @@ class CurveKernel:
 
         reply = (client or self.kc).execute_interactive(code, timeout=TIMEOUT, output_hook=output)
         return str(reply["content"]["status"]), "".join(out)
-
-    def close(self) -> None:
-        try:
-            self.kc.stop_channels()
-        finally:
-            self.km.shutdown_kernel(now=True)
 
 
 @pytest.fixture(scope="module", params=KERNEL_NAMES)
