@@ -10,8 +10,8 @@ import asyncio
 import os
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,33 @@ def runtime_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     runtime = tmp_path / "runtime"
     monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(runtime))
     return runtime
+
+
+@asynccontextmanager
+async def started(pids: list[int], **options: Any) -> AsyncIterator[Session]:
+    """A started :class:`Session` (``options``: its arguments), its worker's
+    pid added to ``pids``; shut down at the end."""
+    session = Session(**options)
+    try:
+        await session.start()
+        assert session.pid is not None
+        pids.append(session.pid)
+        yield session
+    finally:
+        await session.shutdown()
+
+
+@asynccontextmanager
+async def forked(parent: Session, pids: list[int]) -> AsyncIterator[ForkedSession]:
+    """A fork of ``parent``, its worker's pid added to ``pids``; shut down
+    at the end."""
+    child = await parent.fork()
+    try:
+        assert child.pid is not None
+        pids.append(child.pid)
+        yield child
+    finally:
+        await child.shutdown()
 
 
 async def value(s: Session, expr: str) -> str:
@@ -70,18 +97,11 @@ sleeper.start()
 
 def test_a_fork_has_the_whole_namespace_and_is_independent_afterwards() -> None:
     async def main() -> list[int]:
-        parent = Session(autosave=False)
         pids: list[int] = []
-        await parent.start()
-        try:
-            assert parent.pid is not None
-            pids.append(parent.pid)
+        async with started(pids, autosave=False) as parent:
             await ok(parent, STATE)
-            child = await parent.fork()
-            assert isinstance(child, ForkedSession)
-            assert child.pid is not None
-            pids.append(child.pid)
-            try:
+            async with forked(parent, pids) as child:
+                assert isinstance(child, ForkedSession)
                 assert child.forked_from == parent.id and child.id != parent.id
                 # What a checkpoint cannot pickle came along: a generator
                 # where it stood, a connected socket pair, hashlib's C state.
@@ -118,10 +138,6 @@ def test_a_fork_has_the_whole_namespace_and_is_independent_afterwards() -> None:
                 assert child.execution_count >= parent.execution_count - 3
                 sessions = "get_ipython().history_manager.session_number"
                 assert await value(child, sessions) != await value(parent, sessions)
-            finally:
-                await child.shutdown()
-        finally:
-            await parent.shutdown()
         return pids
 
     pids = run(main())
@@ -148,17 +164,11 @@ def test_asyncio_tasks_go_on_in_both_kernels() -> None:
     other's events)."""
 
     async def main() -> list[int]:
-        parent = Session(autosave=False)
-        await parent.start()
-        assert parent.pid is not None
-        pids = [parent.pid]
-        try:
+        pids: list[int] = []
+        async with started(pids, autosave=False) as parent:
             await ok(parent, TICKER)
             await ok(parent, "await asyncio.sleep(0.05)")
-            child = await parent.fork()
-            assert child.pid is not None
-            pids.append(child.pid)
-            try:
+            async with forked(parent, pids) as child:
                 for s in (child, parent, child):
                     before = int(await value(s, "ticks"))
                     await ok(s, "await asyncio.sleep(0.1)")
@@ -176,10 +186,6 @@ def test_asyncio_tasks_go_on_in_both_kernels() -> None:
                 assert int(await value(parent, "ticks")) > 0
                 assert await value(child, "ticker.cancelled()") == "True"
                 assert await value(parent, "ticker.cancelled()") == "True"
-            finally:
-                await child.shutdown()
-        finally:
-            await parent.shutdown()
         return pids
 
     assert_no_leftovers(run(main()))
@@ -187,11 +193,8 @@ def test_asyncio_tasks_go_on_in_both_kernels() -> None:
 
 def test_a_kernel_running_a_cell_refuses_to_fork() -> None:
     async def main() -> list[int]:
-        parent = Session(autosave=False)
-        await parent.start()
-        assert parent.pid is not None
-        pids = [parent.pid]
-        try:
+        pids: list[int] = []
+        async with started(pids, autosave=False) as parent:
             cell = asyncio.ensure_future(collect(parent, "import time\ntime.sleep(30)"))
             await wait_until(lambda: parent.running is not None, what="the cell to start")
             with pytest.raises(ForkBusyError, match="running a cell"):
@@ -200,13 +203,8 @@ def test_a_kernel_running_a_cell_refuses_to_fork() -> None:
             msgs = await cell
             assert reply_of(msgs).status == "error"
             # Idle again: the fork is taken.
-            child = await parent.fork()
-            assert child.pid is not None
-            pids.append(child.pid)
-            assert await value(child, "1 + 1") == "2"
-            await child.shutdown()
-        finally:
-            await parent.shutdown()
+            async with forked(parent, pids) as child:
+                assert await value(child, "1 + 1") == "2"
         return pids
 
     assert_no_leftovers(run(main()))
@@ -214,27 +212,20 @@ def test_a_kernel_running_a_cell_refuses_to_fork() -> None:
 
 def test_a_fork_outlives_its_parent_and_keeps_its_own_limits() -> None:
     async def main() -> list[int]:
-        parent = Session(autosave=False, memory_limit="400M", max_restarts=0)
-        await parent.start()
-        assert parent.pid is not None
-        pids = [parent.pid]
-        await ok(parent, "import numpy as np\nblock = np.ones(20_000_000)")  # 160 MB
-        child = await parent.fork()
-        assert child.pid is not None
-        pids.append(child.pid)
-        try:
-            assert child.limits.memory_limit == parent.limits.memory_limit
-            # The parent's worker dies (killed outright): the fork goes on.
-            os.kill(parent.pid, 9)
-            await wait_until(lambda: not parent.is_alive, what="the parent's worker to die")
-            assert await value(child, "float(block.sum())") == "20000000.0"
-            # The fork's memory limit holds: the fork is stopped, named why.
-            msgs = await collect(child, "more = np.ones(60_000_000)")  # + 480 MB
-            (error,) = of_type(msgs, MessageType.ERROR)
-            assert "memory limit" in error.evalue, error.evalue
-        finally:
-            await child.shutdown()
-            await parent.shutdown()
+        pids: list[int] = []
+        async with started(pids, autosave=False, memory_limit="400M", max_restarts=0) as parent:
+            await ok(parent, "import numpy as np\nblock = np.ones(20_000_000)")  # 160 MB
+            async with forked(parent, pids) as child:
+                assert child.limits.memory_limit == parent.limits.memory_limit
+                # The parent's worker dies (killed outright): the fork goes on.
+                assert parent.pid is not None
+                os.kill(parent.pid, 9)
+                await wait_until(lambda: not parent.is_alive, what="the parent's worker to die")
+                assert await value(child, "float(block.sum())") == "20000000.0"
+                # The fork's memory limit holds: the fork is stopped, named why.
+                msgs = await collect(child, "more = np.ones(60_000_000)")  # + 480 MB
+                (error,) = of_type(msgs, MessageType.ERROR)
+                assert "memory limit" in error.evalue, error.evalue
         return pids
 
     assert_no_leftovers(run(main()))
@@ -417,11 +408,8 @@ def test_a_fork_that_cannot_reach_its_supervisor_leaves_nothing_behind() -> None
         from pyrepl3_kernel.protocol import ForkMessage
         from pyrepl3_kernel.session.fork import ForkError, _connection_of
 
-        parent = Session(autosave=False)
-        await parent.start()
-        assert parent.pid is not None
-        pids = [parent.pid]
-        try:
+        pids: list[int] = []
+        async with started(pids, autosave=False) as parent:
             reply = await parent.worker.request(ForkMessage(path="/nonexistent/s", token="t"))
             assert reply.ok and reply.pid not in (0, parent.pid), reply
             pids.append(reply.pid)
@@ -432,8 +420,6 @@ def test_a_fork_that_cannot_reach_its_supervisor_leaves_nothing_behind() -> None
             # A fork request without a place to connect to: an error reply.
             bad = await parent.worker.request(ForkMessage())
             assert not bad.ok and "needs the path of a Unix socket" in bad.evalue, bad
-        finally:
-            await parent.shutdown()
         return pids
 
     assert_no_leftovers(run(main()))
@@ -522,33 +508,21 @@ def test_a_fork_recovers_from_a_crash_with_its_own_state_and_can_fork_again() ->
     forks again."""
 
     async def main() -> list[int]:
-        parent = Session()
-        await parent.start()
-        assert parent.pid is not None and parent.autosave_dir is not None
-        pids = [parent.pid]
-        try:
+        pids: list[int] = []
+        async with started(pids) as parent:
+            assert parent.autosave_dir is not None
             await ok(parent, "x = 'parent'")
-            child = await parent.fork()
-            assert child.pid is not None
-            pids.append(child.pid)
-            try:
+            async with forked(parent, pids) as child:
                 assert child.autosave_dir not in (None, parent.autosave_dir)
                 await ok(child, "x = 'fork'")
-                grandchild = await child.fork()
-                assert grandchild.pid is not None
-                pids.append(grandchild.pid)
-                assert await value(grandchild, "x") == "'fork'"
-                await grandchild.shutdown()
+                async with forked(child, pids) as grandchild:
+                    assert await value(grandchild, "x") == "'fork'"
                 msgs = await collect(child, "import os\nos._exit(3)")
                 assert reply_of(msgs).ename == "WorkerDied"
                 assert child.pid not in pids and child.pid is not None
                 pids.append(child.pid)
                 assert await value(child, "x") == "'fork'"
                 assert await value(parent, "x") == "'parent'"
-            finally:
-                await child.shutdown()
-        finally:
-            await parent.shutdown()
         return pids
 
     assert_no_leftovers(run(main()))
