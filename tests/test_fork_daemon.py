@@ -349,6 +349,35 @@ def test_warmup_that_starts_a_thread_is_reported_and_served_cold(runtime):
         client.call("release", lease_id=reply["lease_id"])
 
 
+def test_least_recently_used_fork_servers_are_stopped(runtime):
+    """At most MAX_FORK_SERVERS profiles keep a fork server; a profile
+    whose server was stopped gets a new one (and its workers are forked)."""
+    from pyrepl3_kernel.daemon.forkservers import MAX_FORK_SERVERS
+
+    client = _daemon(runtime)
+    codes = [f"x_{i} = {i}" for i in range(MAX_FORK_SERVERS + 1)]
+    request = {**_lease_request(runtime), "pool": {"enabled": False}}
+    leases = []
+    try:
+        for code in codes:  # a profile per warm-up code (pools of size 0)
+            reply = client.call("lease", **{**request, "pool": {"size": 0, "warmup_code": code}})
+            leases.append(reply["lease_id"])
+        servers = client.call("status")["fork_servers"]
+        assert len(servers) <= MAX_FORK_SERVERS, servers
+        assert codes[0] not in [f["warmup_code"] for f in servers]
+        reply = client.call("lease", **{**request, "pool": {"size": 0, "warmup_code": codes[0]}})
+        leases.append(reply["lease_id"])
+        ready = {
+            f["warmup_code"]: f["pid"]
+            for f in client.call("status")["fork_servers"]
+            if f["state"] == "ready"
+        }
+        assert _ppid(reply["worker_pid"]) == ready[codes[0]]
+    finally:
+        for lease_id in leases:
+            client.call("release", lease_id=lease_id)
+
+
 # -- prepared at start ------------------------------------------------------------------
 
 

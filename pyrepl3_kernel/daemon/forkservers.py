@@ -28,14 +28,19 @@ log = logging.getLogger("pyrepl3.daemon")
 #: Workers a pool forks at once (a fork costs milliseconds; building the
 #: shell in the child tens of them). New interpreters start two at a time.
 FORKED_CONCURRENT_STARTS = 8
+#: Fork servers kept at once (each holds an interpreter with IPython and the
+#: warm-up's imports); the least recently used one beyond this is stopped
+#: (its workers live on; a later launch of its profile starts it again).
+MAX_FORK_SERVERS = 4
 
 
 class ForkServers:
     """Fork servers by profile, started on first use and stopped with the daemon."""
 
     def __init__(self) -> None:
-        self._servers: dict[tuple[Any, ...], ForkServer] = {}
+        self._servers: dict[tuple[Any, ...], ForkServer] = {}  # least recently used first
         self._enabled = os.environ.get("PYREPL3_FORK_SERVER", "1") != "0"
+        self._stopping: set[asyncio.Task[None]] = set()
 
     def get(self, python: str, env: Mapping[str, str], warmup_code: str) -> ForkServer | None:
         """The fork server of this profile (started in the background if it
@@ -45,11 +50,18 @@ class ForkServers:
         from .leases import startup_key
 
         key = (python, warmup_code, startup_key(dict(env)))
-        server = self._servers.get(key)
+        server = self._servers.pop(key, None)
         if server is None:
             server = ForkServer(python=python, env=env, warmup_code=warmup_code)
-            self._servers[key] = server
             server.start_soon()
+        self._servers[key] = server
+        while len(self._servers) > MAX_FORK_SERVERS:
+            oldest = next(iter(self._servers))
+            evicted = self._servers.pop(oldest)
+            log.info("stopping the least recently used fork server (%s)", evicted.pid)
+            task = asyncio.ensure_future(evicted.stop())
+            self._stopping.add(task)
+            task.add_done_callback(self._stopping.discard)
         return server
 
     async def prepare(
@@ -86,8 +98,12 @@ class ForkServers:
         server = self.get(python, env, warmup_code)
 
         def factory() -> WorkerProcess:
+            # Looked up at each start: a server stopped meanwhile comes back.
             return WorkerProcess(
-                python=python, env=env, startup_timeout=startup_timeout, spawner=server
+                python=python,
+                env=env,
+                startup_timeout=startup_timeout,
+                spawner=self.get(python, env, warmup_code),
             )
 
         return factory, (FORKED_CONCURRENT_STARTS if server is not None else 2)
@@ -106,7 +122,7 @@ class ForkServers:
 
     async def stop(self) -> None:
         servers, self._servers = list(self._servers.values()), {}
-        await asyncio.gather(*(s.stop() for s in servers), return_exceptions=True)
+        await asyncio.gather(*(s.stop() for s in servers), *self._stopping, return_exceptions=True)
 
 
 async def op_prepare(daemon: Any, request: dict[str, Any]) -> dict[str, Any]:
