@@ -39,6 +39,7 @@ from .daemon.client import (
     DaemonPaths,
     DaemonUnavailable,
 )
+from .errors import Pyrepl3Error
 
 #: Set to ``0`` to always start standalone.
 HANDOFF_ENV = "PYREPL3_HANDOFF"
@@ -48,8 +49,8 @@ DAEMON_START_TIMEOUT = 30.0
 PARENT_CHECK_S = 1.0
 
 
-class _Terminate(Exception):
-    pass
+class _Terminate(Pyrepl3Error):
+    """SIGTERM arrived: end the kernel and exit 0 (raised by the signal handler)."""
 
 
 def _warn(message: str) -> None:
