@@ -209,6 +209,26 @@ def test_kernelspec_metadata_says_debugger(pyrepl3_kernelspec: Path) -> None:
         assert spec["metadata"]["debugger"] is True, name
 
 
+def test_the_debugger_is_advertised_only_where_debugpy_imports(tmp_path: Path) -> None:
+    import sys
+
+    from pyrepl3_kernel.gateway.debugger import debugpy_importable
+    from pyrepl3_kernel.gateway.translate import kernel_info_content
+    from pyrepl3_kernel.protocol import ReadyMessage
+
+    # kernel_info follows what the worker says in its READY.
+    without = kernel_info_content(ReadyMessage(capabilities=["stdin", "interrupt"]))
+    assert without["debugger"] is False and "debugger" not in without["supported_features"]
+    with_it = kernel_info_content(ReadyMessage(capabilities=["stdin", "debugger"]))
+    assert with_it["debugger"] is True and "debugger" in with_it["supported_features"]
+    # The kernelspec's metadata.debugger: asked of the kernelspec's Python.
+    assert debugpy_importable(None) and debugpy_importable(sys.executable)
+    no_site = tmp_path / "python"  # this Python without site-packages: no debugpy
+    no_site.write_text(f'#!/bin/sh\nexec {sys.executable} -S "$@"\n')
+    no_site.chmod(0o755)
+    assert debugpy_importable(str(no_site)) is False
+
+
 # -- the DAP sequence ---------------------------------------------------------------------
 
 
