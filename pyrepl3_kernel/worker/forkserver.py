@@ -298,7 +298,11 @@ class ForkServer:
                 with contextlib.suppress(OSError):
                     send_message(
                         self.control,
-                        {"op": "exited", "pid": pid, "returncode": _returncode(status)},
+                        {
+                            "op": "exited",
+                            "pid": pid,
+                            "returncode": os.waitstatus_to_exitcode(status),
+                        },
                     )
 
     # -- in the child ----------------------------------------------------------
@@ -325,8 +329,10 @@ class ForkServer:
         prebuilt = self.worker is not None
         if not prebuilt:
             self._take_launch(msg)
-        _reseed()
         from . import main as worker_main
+        from .fork import reseed
+
+        reseed()
 
         handler = logging.StreamHandler(os.fdopen(os.dup(2), "w", buffering=1))
         handler.setFormatter(
@@ -448,24 +454,6 @@ def _as_if_imported_under(shell: Any) -> None:
         logging.getLogger("pyrepl3.worker").warning(
             "could not set up matplotlib for %s: %s", wanted, exc
         )
-
-
-def _reseed() -> None:
-    """A forked worker's random numbers are its own. ``random`` reseeds
-    itself after a fork; numpy's global generator does not."""
-    import random
-
-    random.seed()
-    numpy_random = sys.modules.get("numpy.random")
-    if numpy_random is not None:
-        with contextlib.suppress(Exception):
-            numpy_random.seed()
-
-
-def _returncode(status: int) -> int:
-    if os.WIFSIGNALED(status):
-        return -os.WTERMSIG(status)
-    return os.WEXITSTATUS(status)
 
 
 def _die_with_parent(parent_pid: int) -> None:
