@@ -38,6 +38,7 @@ from typing import Any
 
 from ..errors import Pyrepl3Error
 from ..protocol import ForkMessage, ForkReplyMessage
+from .forked import PipeReader
 from .supervised import Session
 from .worker import (
     WorkerProcess,
@@ -125,21 +126,6 @@ class ForkListener:
     def close(self) -> None:
         self._sock.close()
         shutil.rmtree(self.directory, ignore_errors=True)
-
-
-class _PipeReader(asyncio.Protocol):
-    """One of a forked worker's output pipes, fed to the WorkerProcess as
-    a subprocess transport would feed it."""
-
-    def __init__(self, process: _ProcessProtocol, fd: int) -> None:
-        self.process = process
-        self.fd = fd
-
-    def data_received(self, data: bytes) -> None:
-        self.process.pipe_data_received(self.fd, data)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.process.pipe_connection_lost(self.fd, exc)
 
 
 class _AdoptedProcess:
@@ -244,7 +230,7 @@ class ForkedWorkerProcess(WorkerProcess):
         self._process_protocol = protocol
         for fd, pipe in ((1, stdout), (2, stderr)):
             transport, _ = await loop.connect_read_pipe(
-                lambda fd=fd: _PipeReader(protocol, fd),  # type: ignore[misc]
+                lambda fd=fd: PipeReader(protocol, fd),  # type: ignore[misc]
                 os.fdopen(pipe, "rb", buffering=0),
             )
             process.pipes.append(transport)
