@@ -20,6 +20,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from ..errors import Pyrepl3Error
+
 log = logging.getLogger("pyrepl3.worker")
 
 HEADER = b"Content-Length: "
@@ -28,7 +30,7 @@ SEPARATOR = b"\r\n\r\n"
 RESPONSE_TIMEOUT = 30.0
 
 
-class DapError(Exception):
+class DapError(Pyrepl3Error):
     """The adapter is gone, or did not answer in time."""
 
 
