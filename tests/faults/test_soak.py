@@ -1,7 +1,8 @@
 """Soak: one pooled kernel's worker is crashed and restored over and over
 while a second client works on a second pooled kernel of the same daemon.
 Afterwards the daemon holds as many file descriptors as before and the
-workers are the daemon's children, as many as before: nothing leaked.
+workers are the daemon's children (or its fork servers'), as many as
+before: nothing leaked.
 
 ``PYREPL3_SOAK_SECONDS`` sets the duration (default 60, at most 600).
 """
@@ -31,16 +32,21 @@ CRASHES = [
 ]
 
 
-def our_workers() -> dict[int, int]:
+def our_workers(servers: set[int]) -> dict[int, int]:
     """pid -> parent pid of every worker process started for this test
     session (its environment names this session's runtime dir), autosave
-    children included."""
+    children included: workers the daemon started (``-m
+    pyrepl3_kernel.worker``) and workers its fork servers forked (they keep
+    the server's command line, ``-m pyrepl3_kernel.worker.forkserver``).
+    The fork servers (``servers``) are not workers."""
     runtime = os.environ["JUPYTER_RUNTIME_DIR"]
     found: dict[int, int] = {}
     for proc in psutil.process_iter(["cmdline", "ppid"]):
         try:
             cmdline = proc.info["cmdline"] or []
-            if "pyrepl3_kernel.worker" not in cmdline:
+            if not any(arg.startswith("pyrepl3_kernel.worker") for arg in cmdline):
+                continue
+            if proc.pid in servers:
                 continue
             if proc.environ().get("JUPYTER_RUNTIME_DIR") != runtime:
                 continue
@@ -59,13 +65,17 @@ def settled(daemon: psutil.Process) -> dict[str, Any]:
     seen: list[Any] = []
 
     def snapshot() -> dict[str, Any] | None:
-        pools = daemon_status()["pools"]
-        workers = our_workers()
+        status = daemon_status()
+        pools = status["pools"]
+        servers = {s["pid"] for s in status.get("fork_servers", []) if s.get("pid")}
+        workers = our_workers(servers)
         seen[:] = [pools, workers]
         if any(p["idle"] < p["min_idle"] or p["starting"] for p in pools):
             return None
-        if any(ppid != daemon.pid for ppid in workers.values()):
-            return None  # an autosave child still at work (or an orphan)
+        # Every worker is the daemon's child or its fork server's; any other
+        # parent is an autosave child still at work (or an orphan).
+        if any(ppid not in {daemon.pid, *servers} for ppid in workers.values()):
+            return None
         return {"fds": daemon.num_fds(), "workers": set(workers)}
 
     try:
@@ -127,8 +137,9 @@ def test_soak_crash_and_restore(tmp_path: Path) -> None:
 
         after = settled(daemon)
         assert after["fds"] == before["fds"], (before, after)
-        # As many workers as before, all the daemon's children: the crashed
-        # ones are gone, none orphaned.
+        # As many workers as before, all the daemon's children (or its fork
+        # servers'): the crashed ones are gone, none orphaned.
+        assert before["workers"], before  # the walk finds the workers
         assert len(after["workers"]) == len(before["workers"]), (before, after)
         assert steady_worker in after["workers"]
         print(
