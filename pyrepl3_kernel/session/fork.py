@@ -38,7 +38,7 @@ from typing import Any
 
 from ..errors import Pyrepl3Error
 from ..protocol import ForkMessage, ForkReplyMessage
-from .forked import PipeReader
+from .forked import ForkedWorker, zombie_exit_status
 from .supervised import Session
 from .worker import (
     WorkerProcess,
@@ -128,62 +128,6 @@ class ForkListener:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-class _AdoptedProcess:
-    """What :class:`WorkerProcess` uses of a subprocess transport, for a
-    process that is not our child: its exit is seen through a pidfd."""
-
-    def __init__(self, pid: int, on_exit: Any) -> None:
-        self.pid = pid
-        self.returncode: int | None = None
-        self.exited = asyncio.Event()
-        self.killed = False
-        self.pipes: list[asyncio.BaseTransport] = []
-        self._on_exit = on_exit
-        self._loop = asyncio.get_running_loop()
-        self._pidfd: int | None = os.pidfd_open(pid)
-        self._loop.add_reader(self._pidfd, self._exit_seen)
-
-    def _exit_seen(self) -> None:
-        if self._pidfd is not None:
-            self._loop.remove_reader(self._pidfd)
-        status = zombie_exit_status(self.pid)
-        if status is not None:
-            self.returncode = status
-        elif self.killed:
-            self.returncode = -signal.SIGKILL
-        self.exited.set()
-        self._on_exit()
-
-    def get_pid(self) -> int:
-        return self.pid
-
-    def get_returncode(self) -> int | None:
-        return self.returncode
-
-    def close(self) -> None:
-        for pipe in self.pipes:
-            pipe.close()
-        if self._pidfd is not None:
-            with contextlib.suppress(ValueError, OSError):
-                self._loop.remove_reader(self._pidfd)
-            os.close(self._pidfd)
-            self._pidfd = None
-
-
-def zombie_exit_status(pid: int) -> int | None:
-    """The exit status of ``pid`` while it is a zombie (``/proc/PID/stat``
-    field 52), as ``Popen.returncode``; None once it is reaped."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            fields = f.read().rsplit(b")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    # fields[0] is field 3 (state); exit_code is field 52.
-    if len(fields) < 50 or fields[0] != b"Z":
-        return None
-    return os.waitstatus_to_exitcode(int(fields[49]))
-
-
 class ForkedWorkerProcess(WorkerProcess):
     """A worker forked from another one, adopted over its own connection.
 
@@ -204,6 +148,8 @@ class ForkedWorkerProcess(WorkerProcess):
         self._adoption: tuple[socket.socket, int, int] | None = (conn, stdout, stderr)
         self._adopted_pid = pid
         self.fork_report: dict[str, Any] = fork_report or {"lost": {}, "shared": {}}
+        self._killed = False  # by us: an unreadable exit status is SIGKILL
+        self._exit_seen = asyncio.Event()
 
     @property
     def pid(self) -> int | None:
@@ -219,21 +165,17 @@ class ForkedWorkerProcess(WorkerProcess):
         generation = self._generation
         loop = asyncio.get_running_loop()
         protocol = _ProcessProtocol(self, generation)
+        process = ForkedWorker(self._adopted_pid, protocol)
+        self._killed = False
+        self._exit_seen = asyncio.Event()
+        self._process = process  # before any await: its end may come at once
+        self._process_protocol = protocol
         try:
-            process = _AdoptedProcess(self._adopted_pid, protocol.process_exited)
+            await process.adopt(stdout, stderr, self._on_gone, must_watch=True)
         except OSError as exc:  # gone already
-            for fd in (stdout, stderr):
-                os.close(fd)
+            self._process = self._process_protocol = None
             conn.close()
             raise WorkerStartError(f"the forked worker is gone: {exc}") from None
-        self._process = process  # type: ignore[assignment]
-        self._process_protocol = protocol
-        for fd, pipe in ((1, stdout), (2, stderr)):
-            transport, _ = await loop.connect_read_pipe(
-                lambda fd=fd: PipeReader(protocol, fd),  # type: ignore[misc]
-                os.fdopen(pipe, "rb", buffering=0),
-            )
-            process.pipes.append(transport)
         self._ready_future = loop.create_future()
         conn.setblocking(False)
         control, _ = await loop.create_unix_connection(
@@ -250,18 +192,28 @@ class ForkedWorkerProcess(WorkerProcess):
     async def restart(self) -> None:
         raise WorkerStartError("a forked worker cannot be restarted; its session starts a new one")
 
+    def _on_gone(self, process: ForkedWorker) -> None:
+        """The fork's pidfd says it ended: its status, read while it is a
+        zombie (unknown once reaped, unless we killed it)."""
+        status = zombie_exit_status(process.get_pid())
+        if status is None and self._killed:
+            status = -signal.SIGKILL
+        self._exit_seen.set()
+        process.exited(status)
+
     async def _kill(self) -> None:
+        # Not WorkerProcess._kill: the return code comes with the pidfd's
+        # event (_on_gone), and may stay unknown.
         process = self._process
         if process is None:
             return
-        assert isinstance(process, _AdoptedProcess)
-        if not process.exited.is_set():
-            process.killed = True
+        if not self._exit_seen.is_set():
+            self._killed = True
             with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
+                os.killpg(process.get_pid(), signal.SIGKILL)
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(process.exited.wait(), 2.0)
-        self.returncode = process.returncode
+                await asyncio.wait_for(self._exit_seen.wait(), 2.0)
+        self.returncode = process.get_returncode()
         if self._control is not None:
             self._control.close()
         process.close()

@@ -1,8 +1,11 @@
-"""A worker forked by a fork server, as :class:`~.worker.WorkerProcess`
-sees a started one: an ``asyncio.SubprocessTransport`` (``get_pid``,
-``get_returncode``, ``close``) for a process that is not our child, its
-stdout and stderr read from pipes, its end told by the fork server (exit
-code or signal) or, if the server is gone, by a pidfd."""
+"""A forked worker, as :class:`~.worker.WorkerProcess` sees a started one:
+an ``asyncio.SubprocessTransport`` (``get_pid``, ``get_returncode``,
+``close``) for a process that is not our child, its stdout and stderr read
+from pipes, its end seen through a pidfd. How it ended is the adopter's to
+say (:meth:`ForkedWorker.exited`): a fork server's worker's, the server
+reports it (or, if the server is gone, nobody can); a live fork's
+(session/fork.py), :func:`zombie_exit_status` reads it while the fork is a
+zombie."""
 
 from __future__ import annotations
 
@@ -69,12 +72,43 @@ class ForkedWorker(asyncio.SubprocessTransport):
         self._stop_watch()
         self._protocol.process_exited()
 
-    def watch(self, on_gone: Callable[[ForkedWorker], None]) -> None:
+    async def adopt(
+        self,
+        stdout: int,
+        stderr: int,
+        on_gone: Callable[[ForkedWorker], None],
+        *,
+        must_watch: bool = False,
+    ) -> None:
+        """Wire the worker up as a started one: the protocol's
+        ``connection_made``, its end watched (``on_gone``, see :meth:`watch`),
+        its ``stdout`` and ``stderr`` pipes (read ends, taken over) read. With
+        ``must_watch``, a pidfd that cannot be opened (the worker is gone)
+        closes both pipes and raises that ``OSError``."""
+        self._protocol.connection_made(self)
+        try:
+            self.watch(on_gone, must=must_watch)
+        except OSError:
+            os.close(stdout)
+            os.close(stderr)
+            raise
+        loop = asyncio.get_running_loop()
+        for fd, read_end in ((1, stdout), (2, stderr)):
+            pipe, _ = await loop.connect_read_pipe(
+                lambda fd=fd: PipeReader(self._protocol, fd),  # type: ignore[misc]
+                os.fdopen(read_end, "rb", buffering=0),
+            )
+            self._pipes.append(pipe)
+
+    def watch(self, on_gone: Callable[[ForkedWorker], None], *, must: bool = False) -> None:
         """Call ``on_gone`` when the process ends (a pidfd: the worker is not
-        our child, so no SIGCHLD reaches us)."""
+        our child, so no SIGCHLD reaches us). If no pidfd can be opened, no
+        watch, or with ``must`` the ``OSError``."""
         try:
             self._pidfd = os.pidfd_open(self._pid)
         except (OSError, AttributeError):
+            if must:
+                raise
             return
         asyncio.get_running_loop().add_reader(self._pidfd, on_gone, self)
 
@@ -101,3 +135,17 @@ class PipeReader(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.protocol.pipe_connection_lost(self.fd, exc)
+
+
+def zombie_exit_status(pid: int) -> int | None:
+    """The exit status of ``pid`` while it is a zombie (``/proc/PID/stat``
+    field 52), as ``Popen.returncode``; None once it is reaped."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # fields[0] is field 3 (state); exit_code is field 52.
+    if len(fields) < 50 or fields[0] != b"Z":
+        return None
+    return os.waitstatus_to_exitcode(int(fields[49]))

@@ -31,7 +31,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from ..errors import Pyrepl3Error
-from .forked import ForkedWorker, PipeReader
+from .forked import ForkedWorker
 
 log = logging.getLogger("pyrepl3.forkserver")
 
@@ -228,17 +228,10 @@ class ForkServer:
             self._pending.pop(request_id, None)
         protocol = protocol_factory()
         transport = ForkedWorker(pid, protocol)
-        self._children[pid] = transport
-        protocol.connection_made(transport)
+        self._children[pid] = transport  # before any await: its exit report finds it
         if pid in self._early_exits:
             transport.exited(self._early_exits.pop(pid))
-        for fd, read_end in ((1, out_r), (2, err_r)):
-            pipe, _ = await loop.connect_read_pipe(
-                lambda fd=fd: PipeReader(protocol, fd),  # type: ignore[misc]
-                os.fdopen(read_end, "rb", buffering=0),
-            )
-            transport._pipes.append(pipe)
-        transport.watch(self._on_child_gone)
+        await transport.adopt(out_r, err_r, self._on_child_gone)
         self.forked += 1
         return transport, protocol, parent_sock
 
