@@ -338,6 +338,39 @@ def test_interrupt_during_print_shows_only_the_cell():
     run(body())
 
 
+def test_interrupt_in_what_the_kernels_code_calls_shows_only_the_cell():
+    """An interrupt that lands in library code the worker's own code calls
+    (print -> the stream -> threading.current_thread) ends the traceback
+    above the worker's first frame too, not at the library's frame."""
+    code = textwrap.dedent(
+        """\
+        import os, threading
+        from pyrepl3_kernel.worker import shell as _shell
+        ns = {}
+        exec(compile("def library():\\n    raise KeyboardInterrupt\\n", threading.__file__, "exec"), ns)
+        exec(compile(
+            "def kernel_side(f):\\n    return f()\\n",
+            os.path.join(_shell._PACKAGE_DIR, "worker", "output.py"), "exec",
+        ), ns)
+        try:
+            ns["kernel_side"](ns["library"])
+        except KeyboardInterrupt as exc:
+            _, _, tb = get_ipython()._get_exc_info((type(exc), exc, exc.__traceback__))
+        names = []
+        while tb is not None:
+            names.append(tb.tb_frame.f_code.co_name)
+            tb = tb.tb_next
+        names[-1]
+        """
+    )
+
+    async def body():
+        async with WorkerProcess() as s:
+            assert result_text(await collect(s, code)) == "'<module>'"
+
+    run(body())
+
+
 def test_interrupt_cancels_a_pending_input():
     async def body():
         async with WorkerProcess() as s:

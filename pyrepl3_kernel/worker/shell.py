@@ -266,7 +266,9 @@ class ZMQInteractiveShell(InteractiveShell):
         etype, value, tb = super()._get_exc_info(exc_tuple)
         # An interrupt lands wherever the main thread is: inside the worker's
         # own code that runs on behalf of the cell (print, the streams), the
-        # innermost frames are the worker's, never the user's concern.
+        # innermost frames are the worker's, never the user's concern, and so
+        # is what that code calls (threading, contextvars, ...): the chain
+        # ends above the first frame of the kernel's code under the cell.
         interrupt = isinstance(etype, type) and issubclass(etype, KeyboardInterrupt)
         # In place: the same chain is the exception's __traceback__ (which
         # IPython formats again for its history) and sys.last_traceback.
@@ -274,7 +276,10 @@ class ZMQInteractiveShell(InteractiveShell):
         node = tb
         while node is not None:
             code = node.tb_frame.f_code
-            if code not in self.hidden_codes and not (interrupt and _kernel_code(code)):
+            if interrupt and _kernel_code(code):
+                if last_shown is not None:
+                    break
+            elif code not in self.hidden_codes:
                 last_shown = node
             node = node.tb_next
         if last_shown is not None:
