@@ -8,8 +8,9 @@ gateway never waits on one in a way that holds up its other channels (each
 control request is a task of its own).
 
 When the worker dies while the debugger is on (stopped at a breakpoint or
-not), the frontend is told the debug session ended (``terminated`` and
-``exited`` events), so its debugger panel resets; the next ``initialize`` and
+not), the frontend is told the debug session ended (``continued`` for a
+thread that was stopped, then ``terminated`` and ``exited``), so its
+debugger panel resets; the next ``initialize`` and
 ``attach`` start a session in the new worker.
 """
 
@@ -59,6 +60,8 @@ class DebugRelay:
         self.active = False
         self._last_parent: JupyterMsg = {}
         self._lock = asyncio.Lock()
+        #: The thread the last 'stopped' event named, until 'continued'.
+        self._stopped_thread: Any = None
 
     def turn(self, msg: JupyterMsg) -> contextlib.AbstractAsyncContextManager[Any]:
         """What a control request holds while it is handled: debug requests
@@ -94,12 +97,21 @@ class DebugRelay:
             self.active = True
         elif command == "disconnect":
             self.active = False
+            self._stopped_thread = None
+        elif command == "continue" and result.get("success"):
+            self._stopped_thread = None  # debugpy sends no 'continued' for it
         return result
 
     def on_event(self, msg: DebugEventMessage, parent: JupyterMsg) -> None:
         """A DEBUG_EVENT from the worker, published with ``parent`` (the
         request it happened in, as ipykernel stamps its debug events)."""
-        self._publish("debug_event", dict(msg.content), parent or self._last_parent)
+        content = dict(msg.content)
+        name = content.get("event")
+        if name == "stopped":
+            self._stopped_thread = (content.get("body") or {}).get("threadId", 1)
+        elif name == "continued":
+            self._stopped_thread = None
+        self._publish("debug_event", content, parent or self._last_parent)
 
     def worker_died(self, cause: str) -> None:
         """The worker is gone: end the frontend's debug session, if one is on."""
@@ -108,6 +120,12 @@ class DebugRelay:
         self.active = False
         log.warning("the worker died while the debugger was on (%s)", cause)
         parent = self._last_parent
+        if self._stopped_thread is not None:
+            # The stopped thread is gone: the frontend clears its call stack
+            # and the stopped line (a 'terminated' alone leaves them shown).
+            body = {"threadId": self._stopped_thread, "allThreadsContinued": True}
+            self._publish("debug_event", event("continued", body), parent)
+            self._stopped_thread = None
         self._publish("debug_event", event("terminated", {"restart": False}), parent)
         self._publish("debug_event", event("exited", {"exitCode": 1}), parent)
 

@@ -29,7 +29,7 @@ from typing import Any
 from ..protocol import DebugEventMessage, DebugReplyMessage, DebugRequestMessage, Message
 from . import cellnames
 from .dap import DapClient, DapError, hide_from_debugger
-from .variables import VariableExplorer
+from .variables import VariableExplorer, import_debugpy_server
 
 log = logging.getLogger("pyrepl3.worker")
 
@@ -219,6 +219,7 @@ class Debugger:
         if self._address is None:
             cellnames.reap_stale_directories()
             Path(cellnames.cell_directory()).mkdir(mode=0o700, parents=True, exist_ok=True)
+            import_debugpy_server()
             import debugpy
 
             # The automatic checkpoint forks the worker: that child must not

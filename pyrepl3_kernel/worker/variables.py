@@ -6,9 +6,30 @@ ipykernel's ``VariableExplorer``. Imports pydevd (through debugpy) when made.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from . import cellnames
+
+
+def import_debugpy_server() -> Any:
+    """``debugpy.server.api`` (it puts debugpy's vendored pydevd on sys.path),
+    imported with pydevd's check for frozen modules off: its warning ("frozen
+    modules may make the debugger miss breakpoints", about the standard
+    library's frozen modules) would otherwise land in a user's cell output.
+    ipykernel's kernelspec passes -Xfrozen_modules=off instead, which slows
+    every start; the variable is not left in the environment of user code."""
+    import importlib
+
+    name = "PYDEVD_DISABLE_FILE_VALIDATION"
+    added = name not in os.environ
+    if added:
+        os.environ[name] = "1"
+    try:
+        return importlib.import_module("debugpy.server.api")
+    finally:
+        if added:
+            os.environ.pop(name, None)
 
 
 class VariableExplorer:
@@ -16,10 +37,7 @@ class VariableExplorer:
     while no thread is stopped), as ipykernel's explorer."""
 
     def __init__(self, shell: Any) -> None:
-        import importlib
-
-        # First: debugpy's server module puts its vendored pydevd on sys.path.
-        importlib.import_module("debugpy.server.api")
+        import_debugpy_server()  # first: it puts pydevd on sys.path
         from _pydevd_bundle import pydevd_frame_utils
         from _pydevd_bundle.pydevd_api import PyDevdAPI
         from _pydevd_bundle.pydevd_suspended_frames import SuspendedFramesManager, _FramesTracker
