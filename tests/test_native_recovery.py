@@ -206,6 +206,41 @@ def test_an_interrupt_that_cannot_land_is_escalated() -> None:
     run(body())
 
 
+def test_an_interrupt_of_a_cell_waiting_for_an_autosave_slot_lands_on_it() -> None:
+    """While three automatic saves run, the worker waits for the oldest
+    before it takes the next cell; an interrupt of that waiting cell answers
+    it with KeyboardInterrupt at once (it was dropped, and the escalation
+    stopped the worker as if the cell were stuck)."""
+    slow = (
+        "class Slow:\n"
+        "    def __reduce__(self):  # in the saving child: a save takes 2 s\n"
+        "        import time\n"
+        "        time.sleep(2)\n"
+        "        return (Slow, ())\n"
+    )
+
+    async def body() -> None:
+        async with Session(interrupt_grace=1) as s:
+            await define_state(s)
+            assert reply_of(await collect(s, slow)).status == "ok"
+            for _ in range(4):  # three saves run, the fourth waits for a slot
+                assert reply_of(await collect(s, "slow = Slow()")).status == "ok"
+            waiting = asyncio.ensure_future(collect(s, "'ran'"))
+            for _ in range(100):
+                if await s.interrupt():
+                    break
+                await asyncio.sleep(0.01)
+            else:
+                raise AssertionError("the cell never counted as running")
+            msgs = await waiting
+            assert reply_of(msgs).ename == "KeyboardInterrupt", reply_of(msgs)
+            assert s.restarts == 0, s.last_crash
+            assert result_text(await collect(s, "'next'")) == "'next'"
+            assert result_text(await collect(s, "f()")) == "42"  # define_state's
+
+    run(body())
+
+
 def test_a_crash_loop_spends_the_restart_budget() -> None:
     async def body() -> None:
         async with Session(max_restarts=1, restart_window=600) as s:

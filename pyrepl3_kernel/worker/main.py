@@ -89,6 +89,13 @@ class Worker:
         self._inputs: dict[str, _InputSlot] = {}
         self._parent: str | None = None  # request whose effects are being emitted
         self._running: str | None = None  # id of the request running user code
+        #: Ids of the requests queued for the main thread, and of those an
+        #: interrupt reached while they waited (answered KeyboardInterrupt,
+        #: never run): the main thread may be busy between requests (waiting
+        #: for an automatic save's slot) and the interrupt must not be lost.
+        self._queued: set[str] = set()
+        self._interrupted_queued: set[str] = set()
+        self._queue_lock = threading.Lock()
         self._allow_stdin = False
         self._in_user_code = False
         self.subshells = Subshells(self)
@@ -215,7 +222,7 @@ class Worker:
             except queue.Empty:
                 if self._history_writes is not None:
                     self._history_writes.flush()
-                self.autosave.poll()
+                self.autosave.poll(until=self._interrupted_queued.__len__)
                 continue
             except KeyboardInterrupt:
                 continue
@@ -224,9 +231,16 @@ class Worker:
             if req is self.subshells.wake:  # a subshell's cell changed the state
                 self.autosave.poll()
                 continue
+            with self._queue_lock:
+                self._queued.discard(req.id)
+                interrupted = req.id in self._interrupted_queued
+                self._interrupted_queued.discard(req.id)
             if req.type == MessageType.SHUTDOWN:
                 self._shutdown(req)
                 break
+            if interrupted:
+                self._fail(req, "KeyboardInterrupt", "interrupted before it started")
+                continue
             self._parent = req.id
             # What runs for this request writes as its own (tasks a cell
             # starts inherit the id: their output stays the cell's).
@@ -243,7 +257,7 @@ class Worker:
             if self._history_writes is not None and self._history_writes.overdue():
                 self._history_writes.flush()
             if self.autosave.dirty:
-                self.autosave.poll()
+                self.autosave.poll(until=self._interrupted_queued.__len__)
             # Idle: what background tasks write from now on is sent as their
             # own cell's (see output.CellStream), not the last request's.
             self._parent = None
@@ -265,6 +279,8 @@ class Worker:
                 except RuntimeError:
                     pass
         if kind in ORDERED_REQUESTS:
+            with self._queue_lock:
+                self._queued.add(msg.id)
             self._requests.put(msg)
             self._idle_loop.notify()
         elif kind == MessageType.INTERRUPT:
@@ -272,6 +288,10 @@ class Worker:
             running = self._running
             if running is not None and msg.target in (None, running):
                 signal.pthread_kill(threading.main_thread().ident or 0, signal.SIGINT)
+            elif msg.target is not None:
+                with self._queue_lock:
+                    if msg.target in self._queued:  # answered when it comes up
+                        self._interrupted_queued.add(msg.target)
         elif kind == MessageType.INPUT_RESPONSE:
             assert isinstance(msg, InputResponseMessage)
             slot = self._inputs.get(msg.parent_id or "")

@@ -22,6 +22,7 @@ import os
 import select
 import signal
 import time
+from collections.abc import Callable
 from typing import Any
 
 from . import dirty
@@ -233,13 +234,16 @@ class Autosave:
     def pending(self) -> bool:
         return self.store is not None and (self.dirty or bool(self._children))
 
-    def poll(self) -> None:
+    def poll(self, until: Callable[[], object] | None = None) -> None:
         """Reap finished children; start a save if the state is dirty (after
-        waiting for the oldest save when ``MAX_CHILDREN`` are running)."""
+        waiting for the oldest save when ``MAX_CHILDREN`` are running; a true
+        ``until()`` ends that wait, the state stays dirty for the next poll)."""
         self._reap()
         if self.dirty and self.store is not None:
             deadline = time.monotonic() + self.SLOT_TIMEOUT
             while len(self._children) >= self.MAX_CHILDREN and time.monotonic() < deadline:
+                if until is not None and until():
+                    return
                 time.sleep(0.002)
                 self._reap()
             if len(self._children) < self.MAX_CHILDREN:
