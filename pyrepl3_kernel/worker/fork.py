@@ -229,6 +229,10 @@ def _renew(worker: Worker, sock: socket.socket) -> None:
     worker._requests = queue.SimpleQueue()
     worker._idle_loop = IdleLoop(worker._requests)
     worker._inputs.clear()
+    # The queue's bookkeeping starts empty, its lock unheld (the parent's
+    # I/O thread may have held it at the fork).
+    worker._queued, worker._interrupted_queued = set(), set()
+    worker._queue_lock = threading.Lock()
     worker.started = time.monotonic()
     autosave = worker.autosave
     autosave._children = []  # the old worker's saving children are not ours

@@ -376,6 +376,9 @@ class ForkServer:
         worker._requests = queue.SimpleQueue()
         worker._idle_loop = IdleLoop(worker._requests)
         worker._inputs.clear()
+        # The queue's bookkeeping starts empty, as the queue does.
+        worker._queued, worker._interrupted_queued = set(), set()
+        worker._queue_lock = threading.Lock()
         worker.started = time.monotonic()
         worker.autosave.private_fds = [sock.fileno(), *worker.channel.private_fds]
         worker.autosave.dirty = False
