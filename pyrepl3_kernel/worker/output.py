@@ -73,7 +73,15 @@ class CellStream(io.TextIOBase):
 
     def write(self, text: str) -> int:
         owner = cell_parent.get()
-        elsewhere = owner != self._outlet.parent_id or getattr(_through_socket, "on", False)
+        # A write for another cell, from a subshell, or from a thread given a
+        # parent (``set_thread_parent``) goes over the socket, named: on the
+        # pipe it would be the running request's, and a cell ending meanwhile
+        # would take a line its thread wrote just before the reply.
+        elsewhere = (
+            owner != self._outlet.parent_id
+            or getattr(_through_socket, "on", False)
+            or threading.current_thread() is not threading.main_thread()
+        )
         if owner is not None and elsewhere and text:
             if not isinstance(text, str):
                 raise TypeError(f"write() argument must be str, not {type(text).__name__}")
