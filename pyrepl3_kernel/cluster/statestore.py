@@ -28,7 +28,6 @@ name the URL only, without any user:password part.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -40,6 +39,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..errors import Pyrepl3Error
+from ..savelock import wait_for_saves
 from .record import KernelRecord, Resumed, Superseded
 
 log = logging.getLogger("pyrepl3.cluster")
@@ -47,7 +47,6 @@ log = logging.getLogger("pyrepl3.cluster")
 STATE_URL_ENV = "PYREPL3_STATE_URL"
 STATE_OPTIONS_ENV = "PYREPL3_STATE_OPTIONS"
 #: Held (shared) by every child that is saving into the autosave directory.
-PENDING_LOCK = ".autosave.pending"
 
 
 class StateStoreError(Pyrepl3Error):
@@ -388,25 +387,9 @@ class StateMirror:
         state takes a while to write); False if one still was at the timeout.
 
         The checkpoint package's contract (worker/checkpoint/autosave.py):
-        every saving child holds a shared flock on PENDING_LOCK until it
-        exits, dead worker or not."""
-        path = os.path.join(self.local_dir, PENDING_LOCK)
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except OSError:
-            return True  # nothing was ever saved here
-        try:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    return True
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        return False
-                    time.sleep(0.02)
-        finally:
-            os.close(fd)
+        every saving child holds a shared flock on the pending lock until it
+        exits, dead worker or not (pyrepl3_kernel/savelock.py)."""
+        return wait_for_saves(self.local_dir, timeout)
 
     def flush(self, timeout: float = 120.0) -> bool:
         """Upload everything saved so far, now; False if it could not be."""

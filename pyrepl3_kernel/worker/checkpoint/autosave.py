@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from ...savelock import PENDING_NAME, wait_for_saves  # held (shared) by every saving child
 from . import dirty
 from .history import History, Retention
 from .namespace import user_names
@@ -33,7 +34,6 @@ log = logging.getLogger("pyrepl3.worker")
 
 AUTO_NAME = "auto"
 LOCK_NAME = ".autosave.lock"  # held by the child that is writing
-PENDING_NAME = ".autosave.pending"  # held (shared) by every child until it exits
 
 
 def _lock(store: str, name: str, how: int) -> int | None:
@@ -100,22 +100,7 @@ def wait_for_autosave(store: str, timeout: float = 15.0) -> bool:
     any worker, dead or alive); False if one still was at the timeout."""
     if "://" in store:
         return True
-    path = os.path.join(store, PENDING_NAME)
-    if not os.path.exists(path):
-        return True
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return True
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    return False
-                time.sleep(0.005)
-    finally:
-        os.close(fd)
+    return wait_for_saves(store, timeout)
 
 
 class Autosave:
