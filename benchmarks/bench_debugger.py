@@ -26,26 +26,18 @@ starts is shut down in a ``finally``.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import zmq
-from jupyter_client import KernelManager
+from bench_jupyter import NAMES, TIMEOUT, BenchError, alternate
+from clients import PollingKernel, cold_kernels, options
 
-KERNELS = {"pyrepl3": "pyrepl3-cold", "ipykernel": "python3"}
-NAMES = list(KERNELS)
-TIMEOUT = 60.0
 FULL = {"warmup": 5, "trip_runs": 100, "loop_runs": 8, "stop_runs": 20}
 QUICK = {"warmup": 2, "trip_runs": 20, "loop_runs": 3, "stop_runs": 5}
 LOOP = "for i in range(10**6):\n    pass"
@@ -63,82 +55,16 @@ INITIALIZE = {
 }
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-def install_cold_kernelspec(prefix: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "pyrepl3_kernel.cli", "install", "--prefix", str(prefix),
-         "--name", "pyrepl3-cold", "--no-pool"],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    path = str(prefix / "share" / "jupyter")
-    os.environ["JUPYTER_PATH"] = os.pathsep.join(
-        filter(None, [path, os.environ.get("JUPYTER_PATH")])
-    )
-
-
 def p50(samples: list[float]) -> float:
     return statistics.median(samples) if samples else float("nan")
 
 
-def alternate(n: int) -> Iterator[list[str]]:
-    for i in range(n):
-        yield NAMES if i % 2 == 0 else NAMES[::-1]
-
-
-class Kernel:
-    """One kernel and a client polling shell, iopub and control together."""
+class Kernel(PollingKernel):
+    """One kernel, its client and the debugger's requests."""
 
     def __init__(self, kernel_name: str) -> None:
-        self.km = KernelManager(kernel_name=kernel_name)
-        self.km.start_kernel()
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=TIMEOUT)
-        self.session = self.kc.session
-        self.sockets = {
-            "shell": self.kc.shell_channel.socket,
-            "iopub": self.kc.iopub_channel.socket,
-            "control": self.kc.control_channel.socket,
-        }
-        self.poller = zmq.Poller()
-        for sock in self.sockets.values():
-            self.poller.register(sock, zmq.POLLIN)
+        super().__init__(kernel_name)
         self._seq = itertools.count(1)
-        #: Messages read while waiting for something else (a debug reply).
-        self._backlog: list[tuple[str, dict[str, Any]]] = []
-
-    def close(self) -> None:
-        try:
-            self.kc.stop_channels()
-        finally:
-            self.km.shutdown_kernel(now=True)
-
-    def recv(self, deadline: float) -> Iterator[tuple[str, dict[str, Any]]]:
-        while True:
-            while self._backlog:  # also what a debug() call in between read
-                yield self._backlog.pop(0)
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                raise BenchError("timed out waiting for the kernel")
-            events = dict(self.poller.poll(left * 1000))
-            for channel, sock in self.sockets.items():
-                if sock not in events:
-                    continue
-                while True:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    _, frames = self.session.feed_identities(frames)
-                    self._backlog.append((channel, self.session.deserialize(frames)))
-
-    def send(self, channel: str, msg_type: str, content: dict[str, Any]) -> str:
-        msg = self.session.msg(msg_type, content)
-        self.session.send(self.sockets[channel], msg)
-        return str(msg["header"]["msg_id"])
 
     def debug(self, command: str, arguments: dict[str, Any] | None = None) -> dict[str, Any]:
         msg_id = self.send(
@@ -154,7 +80,7 @@ class Kernel:
                     return msg["content"]  # type: ignore[no-any-return]
                 kept.append((channel, msg))
         finally:
-            self._backlog[:0] = kept
+            self.unread(kept)
         raise AssertionError("unreachable")
 
     def run(self, code: str, stop: bool = False) -> float:
@@ -241,24 +167,10 @@ def report(samples: dict[str, dict[str, list[float]]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args(argv)
+    args = options(__doc__, argv)
     plan = QUICK if args.quick else FULL
-    kernels: dict[str, Kernel] = {}
-    with tempfile.TemporaryDirectory(prefix="pyrepl3-bench-debugger-") as tmp:
-        install_cold_kernelspec(Path(tmp))
-        try:
-            for name in NAMES:
-                kernels[name] = Kernel(KERNELS[name])
-            samples = measure(kernels, plan)
-        finally:
-            for kernel in kernels.values():
-                try:
-                    kernel.close()
-                except Exception as exc:  # the others are still shut down
-                    print(f"could not shut a kernel down: {exc}", file=sys.stderr)
+    with cold_kernels(Kernel, "pyrepl3-bench-debugger-") as kernels:
+        samples = measure(kernels, plan)
     result = report(samples)
     result.update(
         plan=plan,

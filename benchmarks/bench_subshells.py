@@ -25,25 +25,18 @@ down in a ``finally``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import zmq
-from jupyter_client import KernelManager
+from bench_jupyter import NAMES, TIMEOUT, BenchError, alternate
+from clients import Msg, PollingKernel, cold_kernels, options
 
-KERNELS = {"pyrepl3": "pyrepl3-cold", "ipykernel": "python3"}
-NAMES = list(KERNELS)
-TIMEOUT = 60.0
 FULL = {"warmup": 5, "runs": 100}
 QUICK = {"warmup": 2, "runs": 20}
 BUSY = {
@@ -55,82 +48,21 @@ BUSY = {
 }
 
 
-class BenchError(RuntimeError):
-    pass
-
-
-def install_cold_kernelspec(prefix: Path) -> None:
-    subprocess.run(
-        [sys.executable, "-m", "pyrepl3_kernel.cli", "install", "--prefix", str(prefix),
-         "--name", "pyrepl3-cold", "--no-pool"],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    path = str(prefix / "share" / "jupyter")
-    os.environ["JUPYTER_PATH"] = os.pathsep.join(
-        filter(None, [path, os.environ.get("JUPYTER_PATH")])
-    )
-
-
-def alternate(n: int) -> Iterator[list[str]]:
-    for i in range(n):
-        yield NAMES if i % 2 == 0 else NAMES[::-1]
-
-
-class Kernel:
-    """One kernel and a client polling shell, iopub and control together."""
+class Kernel(PollingKernel):
+    """One kernel with a subshell and a main-shell cell keeping it busy."""
 
     def __init__(self, kernel_name: str) -> None:
-        self.km = KernelManager(kernel_name=kernel_name)
-        self.km.start_kernel()
-        self.kc = self.km.client()
-        self.kc.start_channels()
-        self.kc.wait_for_ready(timeout=TIMEOUT)
-        self.session = self.kc.session
-        self.sockets = {
-            "shell": self.kc.shell_channel.socket,
-            "iopub": self.kc.iopub_channel.socket,
-            "control": self.kc.control_channel.socket,
-        }
-        self.poller = zmq.Poller()
-        for sock in self.sockets.values():
-            self.poller.register(sock, zmq.POLLIN)
+        super().__init__(kernel_name)
         self.subshell: str = ""
         self.busy_cell: str | None = None
         #: Ids of the requests whose shell reply was read.
         self.replied: set[str] = set()
 
-    def close(self) -> None:
-        try:
-            self.kc.stop_channels()
-        finally:
-            self.km.shutdown_kernel(now=True)
-
-    def recv(self, deadline: float) -> Iterator[tuple[str, dict[str, Any]]]:
-        while True:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                raise BenchError("timed out waiting for the kernel")
-            events = dict(self.poller.poll(left * 1000))
-            for channel, sock in self.sockets.items():
-                while sock in events:
-                    try:
-                        frames = sock.recv_multipart(zmq.NOBLOCK)
-                    except zmq.Again:
-                        break
-                    _, frames = self.session.feed_identities(frames)
-                    msg = self.session.deserialize(frames)
-                    if channel == "shell":
-                        self.replied.add(msg["parent_header"].get("msg_id"))
-                    yield channel, msg
-
-    def send(
-        self, channel: str, msg_type: str, content: dict[str, Any], subshell: str | None = None
-    ) -> str:
-        msg = self.session.msg(msg_type, content)
-        if subshell is not None:
-            msg["header"]["subshell_id"] = subshell
-        self.session.send(self.sockets[channel], msg)
-        return str(msg["header"]["msg_id"])
+    def recv(self, deadline: float) -> Iterator[tuple[str, Msg]]:
+        for channel, msg in super().recv(deadline):
+            if channel == "shell":
+                self.replied.add(msg["parent_header"].get("msg_id"))
+            yield channel, msg
 
     def control(self, msg_type: str, content: dict[str, Any] | None = None) -> dict[str, Any]:
         msg_id = self.send("control", msg_type, content or {})
@@ -216,24 +148,12 @@ def measure(kernels: dict[str, Kernel], settings: dict[str, int]) -> dict[str, A
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
-    args = parser.parse_args(argv)
+    args = options(__doc__, argv)
     settings = QUICK if args.quick else FULL
-    kernels: dict[str, Kernel] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-subshells-") as tmp:
-        install_cold_kernelspec(Path(tmp))
-        try:
-            for name in NAMES:
-                kernels[name] = Kernel(KERNELS[name])
-                kernels[name].subshell = kernels[name].control("create_subshell_request")[
-                    "subshell_id"
-                ]
-            samples = measure(kernels, settings)
-        finally:
-            for kernel in kernels.values():
-                kernel.close()
+    with cold_kernels(Kernel, "bench-subshells-") as kernels:
+        for kernel in kernels.values():
+            kernel.subshell = kernel.control("create_subshell_request")["subshell_id"]
+        samples = measure(kernels, settings)
     table: dict[str, Any] = {}
     print(f"{'metric':34} {'pyrepl3 p50':>12} {'ipykernel p50':>14} {'ratio':>7}")
     for metric, per_kernel in samples.items():
