@@ -7,6 +7,15 @@ out a bare worker (what the manager daemon's kernels take). A worker is
 handed out once: released, it is shut down and a fresh one warms up in its
 place, so no user ever sees another user's state. Idle workers that died are
 replaced.
+
+Workers are forked from a fork server of the pool's own (``forkserver.py``:
+one warm process per pool, with IPython and the warm-up code's imports, whose
+forks are each reseeded, in a process group of their own, and die with their
+supervisor), so a burst of acquires beyond the ready workers is warm too.
+When the fork server cannot be used (a sandboxed pool, a warm-up that leaves
+a thread running, a server that failed to start or died too often, or
+``PoolConfig(fork_server=False)`` / ``PYREPL3_FORK_SERVER=0``) workers start
+as new interpreters and :attr:`SessionPool.fork_server_state` says why.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from typing import Any
 from ..errors import Pyrepl3Error
 from ..protocol import ExecuteMessage, MessageType
 from ..sandbox.profile import Profile
+from .forkserver import ForkServer
 from .limits import Limits
 from .supervised import Session
 from .worker import WorkerProcess, WorkerStartError
@@ -33,6 +43,11 @@ log = logging.getLogger("pyrepl3.pool")
 #: Failed starts in a row after which the pool stops refilling (and an
 #: acquire that saw as many gives up).
 MAX_START_FAILURES = 3
+#: Workers forked at once from the pool's fork server (a fork takes
+#: milliseconds; each new worker's own set-up tens of them), as the daemon's.
+FORKED_CONCURRENT_STARTS = 8
+#: Set to ``0`` to start every worker as a new interpreter (as the daemon reads it).
+FORK_SERVER_ENV = "PYREPL3_FORK_SERVER"
 
 
 class PoolExhausted(Pyrepl3Error, RuntimeError):
@@ -71,6 +86,10 @@ class PoolConfig:
     #: Retention of each session's state history (see :class:`Session`).
     keep_states: int | None = None
     states_budget: int | str | None = None
+    #: Fork workers from a warm fork server of the pool's own (not used with
+    #: a ``session_factory``, a sandbox, or ``PYREPL3_FORK_SERVER=0``).
+    #: ``max_concurrent_starts`` then bounds only the workers started cold.
+    fork_server: bool = True
 
     def __post_init__(self) -> None:
         if self.min_idle < 0:
@@ -108,12 +127,18 @@ class SessionPool:
         self._consecutive_failures = 0
         self._failures = 0
         self.last_error: BaseException | None = None
+        self._fork_server: ForkServer | None = None
+        self._forked_slots = asyncio.Semaphore(FORKED_CONCURRENT_STARTS)
+        #: Why workers start as new interpreters, if the pool does not fork
+        #: them (None: no reason, or not known yet).
+        self._no_fork_reason: str | None = None
 
     # -- public API -------------------------------------------------------------
 
     async def start(self, wait: bool = True) -> None:
         """Begin warming ``min_idle`` sessions; with ``wait``, until they are ready."""
         self._running = True
+        self._start_fork_server()
         self._refill()
         if wait:
             async with self._changed:
@@ -124,6 +149,9 @@ class SessionPool:
                     )
                 )
             if len(self._idle) < self.config.min_idle and self.last_error is not None:
+                # A pool that could not start is stopped (with its fork
+                # server): ``async with`` does not call __aexit__ for it.
+                await self.stop()
                 raise WorkerStartError(
                     f"the pool could not warm up sessions: {self.last_error}"
                 ) from self.last_error
@@ -235,15 +263,20 @@ class SessionPool:
     async def stop(self) -> None:
         """Shut down every session, idle and leased, and stop refilling."""
         self._running = False
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        supervised, self._sessions = list(self._sessions), set()
-        await asyncio.gather(*(s.shutdown() for s in supervised), return_exceptions=True)
-        sessions = self._idle + list(self._leased)
-        self._idle.clear()
-        self._leased.clear()
-        await asyncio.gather(*(s.shutdown() for s in sessions), return_exceptions=True)
+        server, self._fork_server = self._fork_server, None
+        try:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            supervised, self._sessions = list(self._sessions), set()
+            await asyncio.gather(*(s.shutdown() for s in supervised), return_exceptions=True)
+            sessions = self._idle + list(self._leased)
+            self._idle.clear()
+            self._leased.clear()
+            await asyncio.gather(*(s.shutdown() for s in sessions), return_exceptions=True)
+        finally:
+            if server is not None:
+                await server.stop()
 
     @property
     def stats(self) -> dict[str, int]:
@@ -254,6 +287,21 @@ class SessionPool:
             "max_sessions": self.config.max_sessions,
             "min_idle": self.config.min_idle,
         }
+
+    @property
+    def fork_server(self) -> ForkServer | None:
+        """The pool's own fork server (None: the pool does not fork workers)."""
+        return self._fork_server
+
+    @property
+    def fork_server_state(self) -> dict[str, Any]:
+        """Whether the pool forks its workers, and if not, why (``reason``):
+        the fork server's ``state``, ``reason``, ``pid`` and counts of
+        workers ``forked`` and started cold instead (``fallbacks``)."""
+        server = self._fork_server
+        if server is not None:
+            return server.describe()
+        return {"state": "none", "reason": self._no_fork_reason}
 
     async def __aenter__(self) -> SessionPool:
         await self.start()
@@ -291,11 +339,43 @@ class SessionPool:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def _sandboxed(self) -> bool:
+        cfg = self.config
+        return cfg.sandbox is not None or Profile.from_env(cfg.env or os.environ) is not None
+
+    def _start_fork_server(self) -> None:
+        """Begin starting the pool's fork server, unless the pool's workers
+        must not (or need not) be forked; the reason is kept."""
+        cfg = self.config
+        if self._fork_server is not None:
+            return
+        if cfg.session_factory is not None:
+            self._no_fork_reason = "the pool's workers come from its session_factory"
+        elif not cfg.fork_server:
+            self._no_fork_reason = "PoolConfig(fork_server=False)"
+        elif os.environ.get(FORK_SERVER_ENV, "1") == "0":
+            self._no_fork_reason = f"{FORK_SERVER_ENV}=0"
+        elif self._sandboxed():
+            # A sandboxed worker starts in a sandbox of its own, never as a
+            # fork of a process outside it.
+            self._no_fork_reason = "sandboxed workers start in a sandbox of their own"
+        else:
+            self._no_fork_reason = None
+            self._fork_server = ForkServer(
+                python=cfg.python,
+                env=cfg.env,
+                warmup_code=cfg.warmup_code,
+                startup_timeout=cfg.startup_timeout,
+            )
+            self._fork_server.start_soon()
+            return
+        log.info("the pool starts workers as new interpreters: %s", self._no_fork_reason)
+
     def _new_session(self) -> WorkerProcess:
         cfg = self.config
         # A sandboxed worker starts in a sandbox of its own, not from a
         # factory's (fork server's) process.
-        sandboxed = cfg.sandbox is not None or Profile.from_env(cfg.env or os.environ)
+        sandboxed = self._sandboxed()
         if cfg.session_factory is not None and not sandboxed:
             return cfg.session_factory()
         return WorkerProcess(
@@ -304,12 +384,20 @@ class SessionPool:
             env=cfg.env,
             startup_timeout=cfg.startup_timeout,
             sandbox=cfg.sandbox,
+            spawner=None if sandboxed else self._fork_server,
         )
+
+    def _slots_for(self, session: WorkerProcess) -> asyncio.Semaphore:
+        """Forked starts go 8 at a time; new interpreters ``max_concurrent_starts``."""
+        server = self._fork_server
+        if server is not None and session.spawner is server and server.usable:
+            return self._forked_slots
+        return self._start_slots
 
     async def _warm_one(self) -> None:
         session = self._new_session()
         try:
-            async with self._start_slots:
+            async with self._slots_for(session):
                 await session.start()
                 if self.config.warmup_code:
                     await self._warm_up(session)
