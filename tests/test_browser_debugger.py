@@ -9,7 +9,7 @@ WorkerDied naming SIGKILL and the debugger's paused overlay goes away, with
 no kernel-died dialog. The screenshots (``debugger-stopped.png``,
 ``debugger-after-crash.png``) are kept in the test's tmp dir, as on failure
 the page's screenshot and text. Same requirements as tests/test_browser.py (Chromium, playwright,
-jupyterlab), which this reuses.
+jupyterlab: tests/jupyterlab_helpers.py).
 """
 
 from __future__ import annotations
@@ -21,11 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_browser import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS, _run_cell, _wait_done
-from test_browser import pytestmark as browser_marks
-from test_rest_api import JupyterServer, running_server
+from jupyterlab_helpers import BROWSER_MARKS, TIMEOUT_MS, lab_page, run_cell, running_lab, wait_done
+from test_rest_api import JupyterServer
 
-pytestmark = browser_marks
+pytestmark = BROWSER_MARKS
 
 
 def _turn_on(bug: Any) -> None:
@@ -73,96 +72,64 @@ BREAKPOINT_LINE = 3  # return total: a, b and total are set
 def lab(
     pyrepl3_kernelspec: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[JupyterServer]:
-    import nbformat
-
-    base = tmp_path_factory.mktemp("lab-debugger")
-    root = base / "root"
-    root.mkdir()
-    nb = nbformat.v4.new_notebook()
-    nb.metadata["kernelspec"] = {"name": "pyrepl3", "display_name": "PyREPL3", "language": "python"}
-    nb.cells = [nbformat.v4.new_code_cell(CELL)]
-    nbformat.write(nb, root / "debug.ipynb")
-    with running_server(
-        "lab",
-        base,
-        f"--ServerApp.root_dir={root}",
-        "--LabApp.news_url=",
-        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
-        timeout=120,
-    ) as server:
+    with running_lab(tmp_path_factory.mktemp("lab-debugger"), "debug.ipynb", [CELL]) as server:
         yield server
 
 
 def test_jupyterlab_debugger_stops_at_a_gutter_breakpoint(
     lab: JupyterServer, tmp_path: Path
 ) -> None:
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     expect.set_options(timeout=TIMEOUT_MS)  # a loaded machine loads the page slowly
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1600, "height": 1000})
-        page.set_default_timeout(TIMEOUT_MS)
-        try:
-            page.goto(f"{lab.url}/lab/tree/debug.ipynb?token={lab.token}")
-            cells = page.locator(".jp-NotebookPanel .jp-Notebook .jp-CodeCell")
-            expect(cells).to_have_count(1)
-            page.locator(".jp-NotebookPanel-toolbar [data-status='idle']").first.wait_for()
+    with lab_page(lab, tmp_path, 1600) as page:
+        page.goto(f"{lab.url}/lab/tree/debug.ipynb?token={lab.token}")
+        cells = page.locator(".jp-NotebookPanel .jp-Notebook .jp-CodeCell")
+        expect(cells).to_have_count(1)
+        page.locator(".jp-NotebookPanel-toolbar [data-status='idle']").first.wait_for()
 
-            # The bug icon is enabled only for a kernel that advertises the
-            # debugger (kernel_info debugger: true).
-            bug = page.locator(".jp-NotebookPanel-toolbar .jp-DebuggerBugButton").first
-            expect(bug).to_be_enabled()
-            _turn_on(bug)
-            expect(page.locator(".jp-DebuggerVariables").first).to_be_visible()
+        # The bug icon is enabled only for a kernel that advertises the
+        # debugger (kernel_info debugger: true).
+        bug = page.locator(".jp-NotebookPanel-toolbar .jp-DebuggerBugButton").first
+        expect(bug).to_be_enabled()
+        _turn_on(bug)
+        expect(page.locator(".jp-DebuggerVariables").first).to_be_visible()
 
-            # A breakpoint by clicking the gutter next to the cell's line 3.
-            cell = cells.nth(0)
-            gutter = cell.locator(".cm-gutter.cm-breakpoint-gutter .cm-gutterElement")
-            expect(gutter.nth(BREAKPOINT_LINE)).to_be_visible()
-            gutter.nth(BREAKPOINT_LINE).dispatch_event("mousedown")
-            expect(cell.locator(".cm-breakpoint-icon")).to_have_count(1)
+        # A breakpoint by clicking the gutter next to the cell's line 3.
+        cell = cells.nth(0)
+        gutter = cell.locator(".cm-gutter.cm-breakpoint-gutter .cm-gutterElement")
+        expect(gutter.nth(BREAKPOINT_LINE)).to_be_visible()
+        gutter.nth(BREAKPOINT_LINE).dispatch_event("mousedown")
+        expect(cell.locator(".cm-breakpoint-icon")).to_have_count(1)
 
-            # Run: the cell stops, the variables panel shows the locals.
-            _run_cell(page, 0)
-            variables = page.locator(".jp-DebuggerVariables-body").first
-            expect(variables).to_contain_text("total", timeout=TIMEOUT_MS)
-            expect(variables).to_contain_text("42")
-            expect(page.locator(".jp-DebuggerCallstackFrame-name").first).to_contain_text("compute")
-            page.screenshot(path=str(tmp_path / "debugger-stopped.png"), full_page=True)
+        # Run: the cell stops, the variables panel shows the locals.
+        run_cell(page, 0)
+        variables = page.locator(".jp-DebuggerVariables-body").first
+        expect(variables).to_contain_text("total", timeout=TIMEOUT_MS)
+        expect(variables).to_contain_text("42")
+        expect(page.locator(".jp-DebuggerCallstackFrame-name").first).to_contain_text("compute")
+        page.screenshot(path=str(tmp_path / "debugger-stopped.png"), full_page=True)
 
-            # Continue: the cell finishes with its result.
-            page.locator(".jp-DebuggerPausedButton").first.click()
-            _wait_done(cell)
-            expect(cell.locator(".jp-OutputArea-output")).to_contain_text("42")
-            assert page.locator(".jp-Dialog").count() == 0, page.locator(".jp-Dialog").inner_text()
-            print(f"screenshot at the breakpoint: {tmp_path / 'debugger-stopped.png'}")
+        # Continue: the cell finishes with its result.
+        page.locator(".jp-DebuggerPausedButton").first.click()
+        wait_done(cell)
+        expect(cell.locator(".jp-OutputArea-output")).to_contain_text("42")
+        assert page.locator(".jp-Dialog").count() == 0, page.locator(".jp-Dialog").inner_text()
+        print(f"screenshot at the breakpoint: {tmp_path / 'debugger-stopped.png'}")
 
-            # Stopped again, the worker is killed: the cell ends with the
-            # cause, the debugger's paused overlay goes away (the terminated
-            # event), and no kernel-died dialog shows.
-            _run_cell(page, 0)
-            paused = page.locator(".jp-DebuggerPausedButton")
-            expect(paused.first).to_be_visible()
-            worker = _debugged_worker(lab.base / "root")
-            os.kill(worker, signal.SIGKILL)
-            _wait_done(cell)
-            error = cell.locator(".jp-OutputArea-output").filter(has_text="WorkerDied")
-            expect(error.first).to_contain_text("SIGKILL")
-            expect(paused).to_have_count(0)
-            # The call stack of the dead worker is cleared.
-            expect(page.locator(".jp-DebuggerCallstackFrame-name")).to_have_count(0)
-            assert page.locator(".jp-Dialog").count() == 0, page.locator(".jp-Dialog").inner_text()
-            page.screenshot(path=str(tmp_path / "debugger-after-crash.png"), full_page=True)
-        except BaseException:
-            with_suffix = tmp_path / "failure"
-            try:
-                page.screenshot(path=f"{with_suffix}.png", full_page=True)
-                Path(f"{with_suffix}.txt").write_text(page.locator("body").inner_text())
-            finally:
-                print(
-                    f"screenshot and page text: {with_suffix}.png / .txt\nserver log:\n{lab.log()}"
-                )
-            raise
-        finally:
-            browser.close()
+        # Stopped again, the worker is killed: the cell ends with the
+        # cause, the debugger's paused overlay goes away (the terminated
+        # event), and no kernel-died dialog shows.
+        run_cell(page, 0)
+        paused = page.locator(".jp-DebuggerPausedButton")
+        expect(paused.first).to_be_visible()
+        worker = _debugged_worker(lab.base / "root")
+        os.kill(worker, signal.SIGKILL)
+        wait_done(cell)
+        error = cell.locator(".jp-OutputArea-output").filter(has_text="WorkerDied")
+        expect(error.first).to_contain_text("SIGKILL")
+        expect(paused).to_have_count(0)
+        # The call stack of the dead worker is cleared.
+        expect(page.locator(".jp-DebuggerCallstackFrame-name")).to_have_count(0)
+        assert page.locator(".jp-Dialog").count() == 0, page.locator(".jp-Dialog").inner_text()
+        page.screenshot(path=str(tmp_path / "debugger-after-crash.png"), full_page=True)
