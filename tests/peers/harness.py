@@ -29,10 +29,10 @@ from pathlib import Path
 import psutil
 
 from tests.peers.peer_report import TestResult, read_report
+from tests.peers.plugin_command import pytest_command
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CACHE = ROOT / ".peers-cache"
-PLUGIN_DIR = Path(__file__).resolve().parent
 MARKER = "PYREPL3_PEERS_JOB"
 KERNEL_NAME = "python3"
 
@@ -180,14 +180,6 @@ def _kill_group(proc: subprocess.Popen[bytes]) -> None:
             continue
 
 
-# The child's interpreter finds peer_report on a path appended to sys.path
-# (never PYTHONPATH: kernels would inherit it).
-_BOOT = (
-    "import sys; sys.path.append(sys.argv.pop(1)); import pytest; "
-    "sys.argv[0] = 'pytest'; sys.exit(pytest.main())"
-)
-
-
 @dataclass
 class Job:
     """One suite against one kernel: its directory, environment and runs."""
@@ -272,16 +264,8 @@ class Job:
             )
 
     def pytest_command(self, targets: list[str], report: Path) -> list[str]:
-        return [
-            sys.executable,
-            "-c",
-            _BOOT,
-            str(PLUGIN_DIR),
-            "-p",
-            "peer_report",
-            f"--peers-report={report}",
-            "-p",
-            "no:cacheprovider",
+        return pytest_command(
+            report,
             f"--basetemp={self.root / 'basetemp'}",
             # A hanging test fails and the run goes on (the thread method of
             # some suites ends the whole process).
@@ -295,7 +279,7 @@ class Job:
             "-q",
             *self.suite.pytest_args,
             *targets,
-        ]
+        )
 
     def run(self, targets: list[str], bound: float, label: str) -> RunResult:
         """Run pytest on ``targets`` in this job's environment, killed after ``bound`` s."""

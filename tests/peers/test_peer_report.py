@@ -18,9 +18,9 @@ from types import ModuleType
 PLUGIN_DIR = Path(__file__).resolve().parent
 
 
-def _load_peer_report() -> ModuleType:
-    name = "peers_peer_report"  # by path: this directory need not be importable
-    spec = importlib.util.spec_from_file_location(name, PLUGIN_DIR / "peer_report.py")
+def _load(module_name: str) -> ModuleType:
+    name = f"peers_{module_name}"  # by path: this directory need not be importable
+    spec = importlib.util.spec_from_file_location(name, PLUGIN_DIR / f"{module_name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up
@@ -28,27 +28,14 @@ def _load_peer_report() -> ModuleType:
     return module
 
 
-peer_report = _load_peer_report()
-
-_BOOT = "import sys; sys.path.append(sys.argv.pop(1)); import pytest; sys.exit(pytest.main())"
+peer_report = _load("peer_report")
+plugin_command = _load("plugin_command")
 
 
 def _pytest(tmp_path: Path, source: str, report: Path) -> subprocess.Popen[bytes]:
     (tmp_path / "test_sample.py").write_text(textwrap.dedent(source))
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            _BOOT,
-            str(PLUGIN_DIR),
-            "-p",
-            "peer_report",
-            f"--peers-report={report}",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            "test_sample.py",
-        ],
+        plugin_command.pytest_command(report, "-q", "test_sample.py"),
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
