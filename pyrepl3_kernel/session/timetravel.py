@@ -15,6 +15,7 @@ import os
 import tempfile
 from typing import TYPE_CHECKING, Any
 
+from .. import diskusage
 from ..errors import Pyrepl3Error
 from ..protocol import CheckpointMessage
 from ..units import parse_size
@@ -59,14 +60,7 @@ def disk_usage(autosave_dir: str | None) -> int | None:
     """Bytes the session's saved states take on disk (None: autosave off)."""
     if not autosave_dir or not os.path.isdir(autosave_dir):
         return None if not autosave_dir else 0
-    total = 0
-    for base, _dirs, files in os.walk(autosave_dir):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(base, name)).st_size
-            except OSError:
-                pass
-    return total
+    return diskusage.disk_usage(autosave_dir)
 
 
 async def run(session: Session, action: str, name: str = "") -> dict[str, Any]:
