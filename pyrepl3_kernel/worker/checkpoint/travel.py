@@ -12,10 +12,10 @@ goes back two states.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
+from ...diskusage import disk_usage
 from ...units import format_size
 from .autosave import wait_for_autosave
 from .errors import CheckpointError
@@ -179,18 +179,6 @@ def _content(manifest: dict[str, Any]) -> dict[str, tuple[Any, ...]]:
         var: (e.get("status"), e.get("blob"), e.get("of"), e.get("source"))
         for var, e in manifest.get("names", {}).items()
     }
-
-
-def disk_usage(root: str) -> int:
-    """Bytes of the files under ``root`` (blobs, manifests, states)."""
-    total = 0
-    for base, _dirs, files in os.walk(root):
-        for name in files:
-            try:
-                total += os.stat(os.path.join(base, name)).st_size
-            except OSError:
-                pass
-    return total
 
 
 # -- reports for people ------------------------------------------------------------------
