@@ -17,19 +17,23 @@ import os
 import secrets
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..curve import PUBLIC, SECRET, CurveKeys
-from ..gateway.kernel import JupyterGateway
 from ..processes import alive, started_at
-from ..session.fork import ForkBusyError, ForkError, fork_worker
+from ..session.fork import (
+    CONNECT_TIMEOUT_S,
+    ForkBusyError,
+    ForkedWorkerProcess,
+    ForkError,
+    ForkListener,
+    _connection_of,
+    fork_worker,
+)
 from ..session.worker import WorkerDeadError, WorkerStartError
 from ..session.workers import ColdWorkers
 from .client import DaemonError
 from .leases import Lease, Leases
-
-if TYPE_CHECKING:
-    from ..session.fork import ForkedWorkerProcess
 
 log = logging.getLogger("pyrepl3.daemon")
 
@@ -65,54 +69,59 @@ async def fork_lease(
         worker: ForkedWorkerProcess = await fork_worker(session.worker)
     except (ForkError, WorkerStartError, WorkerDeadError) as exc:
         raise DaemonError("fork_failed", str(exc)) from None
-    kernel_id = kernel_id or str(uuid.uuid4())
-    info = {
-        "transport": "tcp",
-        "ip": "127.0.0.1",
-        "key": secrets.token_hex(32),
-        "signature_scheme": "hmac-sha256",
-        **(curve.as_info() if curve is not None else {}),
-    }
-    lease: Lease | None = None
-
-    def on_shutdown(restart: bool) -> Any:
-        assert lease is not None
-        # As for any lease (Leases.create): restart keeps the kernel.
-        return leases._on_kernel_shutdown(lease, restart)
-
-    workers = ColdWorkers(python=worker.python, cwd=session.cwd, env=session.env)
-    gateway = JupyterGateway(
-        info,
-        workers=workers,
-        session=worker,
-        kernel_id=kernel_id,
-        on_shutdown=on_shutdown,
-        env=session.env,  # the parent's limits hold for the fork
-    )
-    gateway.session.execution_count = session.execution_count
-    try:
-        await gateway.start()
-        await gateway.wait_ready()
-    except BaseException:
-        await gateway.stop()
-        raise
-    lease = Lease(
-        id=uuid.uuid4().hex,
+    lease = await _host_fork(
+        leases,
+        worker,
         kernel_name=parent.kernel_name,
         kernel_id=kernel_id,
-        gateway=gateway,
-        workers=workers,
         owner_pid=owner_pid,
-        owner_started=started_at(owner_pid),
-        pool_key=None,
-        warm=False,
+        env=session.env,  # the parent's limits hold for the fork
+        cwd=session.cwd,
+        curve=curve,
+        execution_count=session.execution_count,
+        forked_from=parent.kernel_id,
     )
-    leases._leases[lease.id] = lease
-    leases.served += 1
-    _forked_from[lease.id] = parent.kernel_id
-    offer_forks(leases, lease)
     log.info("lease %s forked from %s (worker %s)", lease.id, parent.id, worker.pid)
     return lease, worker.fork_report
+
+
+async def _host_fork(
+    leases: Leases,
+    worker: ForkedWorkerProcess,
+    *,
+    kernel_name: str,
+    kernel_id: str | None,
+    owner_pid: int,
+    env: dict[str, str] | None,
+    cwd: str | None,
+    curve: CurveKeys | None,
+    execution_count: int,
+    forked_from: str,
+) -> Lease:
+    """A new lease (a kernel of its own) serving ``worker``, a fork; a
+    worker that replaces it starts cold, with the fork's last checkpoint."""
+    workers = ColdWorkers(python=worker.python, cwd=cwd, env=env)
+    try:
+        lease = await leases.host(
+            kernel_name=kernel_name,
+            kernel_id=kernel_id or str(uuid.uuid4()),
+            session=worker,
+            workers=workers,
+            env=env,
+            owner_pid=owner_pid,
+            curve=curve,
+        )
+    except BaseException:
+        await worker.shutdown()
+        raise
+    lease.gateway.session.execution_count = execution_count
+    try:
+        await lease.gateway.wait_ready()
+    except BaseException:
+        await leases.end(lease)
+        raise
+    _forked_from[lease.id] = forked_from
+    return lease
 
 
 def offer_forks(leases: Leases, lease: Lease) -> None:
@@ -208,6 +217,12 @@ async def host_fork(leases: Leases, parent: Lease | None) -> dict[str, Any]:
         lease, report = await fork_lease(leases, parent, owner_pid=_fork_owner(parent), curve=curve)
     except DaemonError as exc:
         raise ForkError(str(exc)) from None
+    return _describe_hosted(lease, report)
+
+
+def _describe_hosted(lease: Lease, report: dict[str, Any]) -> dict[str, Any]:
+    """What ``%fork`` prints (:func:`describe_fork`); its connection file is
+    removed once the new kernel is gone."""
     fork = describe_fork(lease, report)
     _connection_files[lease.id] = fork["connection_file"]
     task = asyncio.ensure_future(_remove_when_closed(lease, fork["connection_file"]))
@@ -274,3 +289,166 @@ def write_connection_file(kernel_id: str, kernel_name: str, info: dict[str, Any]
     with os.fdopen(fd, "w") as f:
         json.dump({**info, "kernel_name": kernel_name}, f, indent=2)
     return path
+
+
+# -- forks of kernels the daemon does not host (a standalone ``--no-pool`` kernel) ----------
+
+#: How long a ``fork_listen`` socket waits for its ``fork_adopt``.
+LISTEN_TIMEOUT_S = 60.0
+#: At most this many forks waiting at once.
+MAX_LISTENERS = 32
+#: Tickets of ``fork_listen`` -> the listener, its accept, its expiry.
+_listeners: dict[str, tuple[ForkListener, asyncio.Future[Any], asyncio.TimerHandle]] = {}
+
+
+async def op_fork_listen(daemon: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's ``fork_listen`` op: the first half of hosting the fork of
+    a kernel this daemon does not host (a standalone kernel's ``%fork`` and
+    REST fork, docs/fork.md). A Unix socket in an owner-only directory for
+    the fork to connect to: ``{"ticket", "path", "token"}``. The kernel's
+    worker forks with that path and token, then ``fork_adopt`` with the
+    ticket names the fork; an unclaimed ticket expires after a minute."""
+    if len(_listeners) >= MAX_LISTENERS:
+        raise DaemonError("busy", f"{MAX_LISTENERS} forks are waiting to be adopted; try again")
+    listener = ForkListener()
+    ticket = secrets.token_hex(16)
+    accepted = asyncio.ensure_future(listener.accept())
+    expiry = asyncio.get_running_loop().call_later(LISTEN_TIMEOUT_S, _drop_listener, ticket)
+    _listeners[ticket] = (listener, accepted, expiry)
+    return {"ticket": ticket, "path": listener.path, "token": listener.token}
+
+
+def _drop_listener(ticket: str) -> None:
+    entry = _listeners.pop(ticket, None)
+    if entry is None:
+        return
+    listener, accepted, expiry = entry
+    expiry.cancel()
+    if accepted.done() and not accepted.cancelled() and accepted.exception() is None:
+        conn, out, err, _pid = accepted.result()  # a fork nobody adopts: it ends
+        conn.close()
+        os.close(out)
+        os.close(err)
+    accepted.cancel()
+    listener.close()
+
+
+async def op_fork_adopt(daemon: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """The daemon's ``fork_adopt`` op: the second half (see ``fork_listen``).
+    ``ticket``; ``pid`` and ``report`` of the fork (the worker's fork reply);
+    of the parent kernel: ``kernel_name``, ``kernel_id`` (``forked_from``),
+    its worker's ``python``, ``cwd``, ``env`` (its limits too) and
+    ``ipython_options``, ``execution_count``, CurveZMQ keys as ``lease``
+    takes them; ``owner_pid`` of the new kernel. ``cancel: true`` gives the
+    ticket up (the fork failed). The reply is what ``%fork`` prints: the new
+    kernel's ``kernel_id``, ``lease_id``, ``connection_info``,
+    ``connection_file``, ``worker_pid`` and ``report``."""
+    from ..curve import CurveKeyError
+
+    ticket = request.get("ticket")
+    if not isinstance(ticket, str) or ticket not in _listeners:
+        raise DaemonError("bad_request", f"no fork is waiting for ticket {ticket!r} (expired?)")
+    if request.get("cancel"):
+        _drop_listener(ticket)
+        return {"cancelled": True}
+    listener, accepted, expiry = _listeners.pop(ticket)
+    expiry.cancel()
+    try:
+        fields = _adopt_fields(request)
+        try:
+            curve = CurveKeys.of({name: request.get(name) for name in (PUBLIC, SECRET)})
+        except CurveKeyError as exc:
+            raise DaemonError("bad_request", str(exc)) from None
+        try:
+            conn, stdout, stderr, peer = await _connection_of(
+                accepted, fields["pid"], CONNECT_TIMEOUT_S
+            )
+        except ForkError as exc:
+            raise DaemonError("fork_failed", str(exc)) from None
+    except BaseException:
+        _listeners[ticket] = (listener, accepted, expiry)
+        _drop_listener(ticket)
+        raise
+    listener.close()
+    if peer != fields["pid"]:
+        conn.close()
+        os.close(stdout)
+        os.close(stderr)
+        raise DaemonError(
+            "fork_failed", f"the fork's connection came from pid {peer}, not {fields['pid']}"
+        )
+    env, cwd = fields["env"], fields["cwd"]
+    worker = ForkedWorkerProcess(
+        conn,
+        stdout,
+        stderr,
+        peer,
+        fork_report=fields["report"],
+        python=fields["python"],
+        cwd=cwd,
+        env=env,
+        ipython_options=fields["ipython_options"],
+    )
+    try:
+        await worker.start()
+    except WorkerStartError as exc:
+        raise DaemonError("fork_failed", str(exc)) from None
+    lease = await _host_fork(
+        daemon.leases,
+        worker,
+        kernel_name=fields["kernel_name"],
+        kernel_id=None,
+        owner_pid=fields["owner_pid"],
+        env=env,
+        cwd=cwd,
+        curve=curve,
+        execution_count=fields["execution_count"],
+        forked_from=fields["forked_from"],
+    )
+    log.info("lease %s: a fork of standalone kernel %s", lease.id, fields["forked_from"])
+    return _describe_hosted(lease, worker.fork_report)
+
+
+def _adopt_fields(request: dict[str, Any]) -> dict[str, Any]:
+    """``fork_adopt``'s fields, checked (a ``bad_request`` names the first wrong one)."""
+
+    def field(name: str, kind: type | tuple[type, ...], default: Any = None) -> Any:
+        value = request.get(name, default)
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is int):
+            raise DaemonError("bad_request", f"fork_adopt: {name} {value!r} is not valid")
+        return value
+
+    python = field("python", str)
+    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+        raise DaemonError("bad_request", f"python {python!r} is not an executable file")
+    env = field("env", dict)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise DaemonError("bad_request", "env must map strings to strings")
+    cwd = field("cwd", (str, type(None)))
+    if cwd is not None and not os.path.isdir(cwd):
+        raise DaemonError("bad_request", f"cwd {cwd!r} is not a directory")
+    options = field("ipython_options", list, [])
+    if not all(isinstance(o, str) for o in options):
+        raise DaemonError("bad_request", "ipython_options must be a list of strings")
+    owner_pid = field("owner_pid", int)
+    if owner_pid <= 0 or not alive(owner_pid):
+        raise DaemonError("bad_request", f"owner_pid {owner_pid} is not a running process")
+    pid = field("pid", int)
+    if pid <= 0:
+        raise DaemonError("bad_request", f"pid {pid} is not a process id")
+    report = field("report", dict, {})
+    return {
+        "python": python,
+        "env": env,
+        "cwd": cwd,
+        "ipython_options": options,
+        "owner_pid": owner_pid,
+        "pid": pid,
+        "report": {
+            "lost": dict(report.get("lost") or {}),
+            "shared": dict(report.get("shared") or {}),
+        },
+        "kernel_name": field("kernel_name", str, "pyrepl3"),
+        "forked_from": field("kernel_id", str, ""),
+        "execution_count": field("execution_count", int, 0),
+    }

@@ -28,6 +28,7 @@ from ..curve import CurveKeys
 from ..gateway.kernel import JupyterGateway
 from ..processes import alive, started_at
 from ..session import PoolConfig, PoolExhausted, SessionPool, WorkerStartError
+from ..session.worker import WorkerProcess
 from ..session.workers import ColdWorkers, PooledWorkers, WorkerSource
 from ..tasks import BackgroundTasks
 from .client import DaemonError
@@ -181,7 +182,41 @@ class Leases:
         warm = isinstance(workers, PooledWorkers) and workers.last_was_warm
         if isinstance(workers, PooledWorkers):
             workers.defer_refill = False  # later acquires (restarts) refill at once
-        lease_id = uuid.uuid4().hex
+        lease = await self.host(
+            kernel_name=kernel_name,
+            kernel_id=kernel_id,
+            session=session,
+            workers=workers,
+            env=launch_env,  # limits (PYREPL3_MEMORY_LIMIT, ...) come with the launch
+            owner_pid=owner_pid,
+            curve=curve,
+            connection_info=connection_info,
+            pool_key=pool_key,
+            warm=warm,
+        )
+        self.served_warm += int(warm)
+        return lease, (pool.refill if pool is not None else None)
+
+    async def host(
+        self,
+        *,
+        kernel_name: str,
+        kernel_id: str,
+        session: WorkerProcess,
+        workers: WorkerSource,
+        env: dict[str, str] | None,
+        owner_pid: int,
+        curve: CurveKeys | None = None,
+        connection_info: dict[str, Any] | None = None,
+        pool_key: tuple[Any, ...] | None = None,
+        warm: bool = False,
+    ) -> Lease:
+        """A new lease serving ``session`` (a started worker; ``workers``
+        gives its replacements): its kernel started (ports bound, a new key,
+        Curve servers with ``curve``; the ports and key of
+        ``connection_info`` if given: the argv path), handed out, reaped and
+        ended as any lease, and able to ``%fork``. ``create`` and the forks of
+        live kernels (daemon/forks.py) make their leases here."""
         info = {
             "transport": "tcp",
             "ip": "127.0.0.1",
@@ -202,7 +237,7 @@ class Leases:
             session=session,
             kernel_id=kernel_id,
             on_shutdown=on_shutdown,
-            env=launch_env,  # limits (PYREPL3_MEMORY_LIMIT, ...) come with the launch
+            env=env,  # limits (PYREPL3_MEMORY_LIMIT, ...) come with the launch
         )
         try:
             await gateway.start()
@@ -210,7 +245,7 @@ class Leases:
             await gateway.stop()
             raise
         lease = Lease(
-            id=lease_id,
+            id=uuid.uuid4().hex,
             kernel_name=kernel_name,
             kernel_id=kernel_id,
             gateway=gateway,
@@ -221,13 +256,12 @@ class Leases:
             warm=warm,
             handoff=connection_info is not None,
         )
-        self._leases[lease_id] = lease
+        self._leases[lease.id] = lease
         self.served += 1
-        self.served_warm += int(warm)
         from .forks import offer_forks  # %fork in this kernel makes a new lease (docs/fork.md)
 
         offer_forks(self, lease)
-        return lease, (pool.refill if pool is not None else None)
+        return lease
 
     async def prepare(
         self,
