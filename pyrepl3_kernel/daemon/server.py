@@ -419,6 +419,9 @@ class ManagerDaemon:
         "fork": _op_fork,
         "forks": _op_forks,
         "adopt": _op_adopt,
+        # the fork of a kernel not hosted here (a standalone kernel's %fork)
+        "fork_listen": forks.op_fork_listen,
+        "fork_adopt": forks.op_fork_adopt,
     }
 
     def _lease(self, request: dict[str, Any], missing_ok: bool = False) -> Any:

@@ -467,6 +467,8 @@ class JupyterGateway:
             self._reply("control", idents, msg, "debug_reply", content)
         elif msg_type == "usage_request":
             self._reply("control", idents, msg, "usage_reply", self.session.usage())
+        elif msg_type == fork_magic.FORK_REQUEST:  # the REST fork of a standalone kernel
+            await fork_magic.run_fork_request(self, idents, msg)
         else:
             self._reply_unknown("control", idents, msg)
 
