@@ -384,14 +384,58 @@ def test_rest_fork_while_a_cell_runs_is_409(server: Any) -> None:
         server.api("DELETE", f"/api/kernels/{parent}")
 
 
-def test_rest_fork_of_a_standalone_kernel_is_409(server: Any) -> None:
+def test_rest_fork_of_a_standalone_kernel(server: Any) -> None:
+    """A --no-pool kernel (one gateway process with its own worker) forks
+    over REST too: refused (409) while a cell runs; then 201, the fork hosted
+    by the manager daemon and registered with the server under the parent's
+    kernelspec name: listed, answering with the parent's state, its own
+    process, going on after the parent is shut down; DELETE ends it."""
     parent = server.start_kernel("pyrepl3-cold")
+    pids: list[int] = []
     try:
+        rest_value(server, parent, "import os\nx = 41\nsquares = (i * i for i in range(9))")
+        rest_value(server, parent, "next(squares)")
+        pids.append(int(rest_value(server, parent, "os.getpid()")))
+        r = server.api(
+            "POST",
+            f"/api/pyrepl3/kernels/{parent}/execute",
+            {"code": "import time\ntime.sleep(60)", "timeout": 0.5},
+        )
+        assert r.status_code == 202, r.text
         r = server.api("POST", f"/api/pyrepl3/kernels/{parent}/fork")
         assert r.status_code == 409, r.text
-        assert "not hosted by the pyrepl3 manager daemon" in r.json()["message"]
+        assert "running a cell" in r.json()["message"]
+        assert server.api("POST", f"/api/kernels/{parent}/interrupt").status_code == 204
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:  # the interrupted cell's reply
+            r = server.api("POST", f"/api/pyrepl3/kernels/{parent}/fork")
+            if r.status_code != 409:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 201, r.text
+        body = r.json()
+        child = body["id"]
+        assert body["forked_from"] == parent and body["name"] == "pyrepl3-cold", body
+        assert {"lost", "shared"} <= set(body["report"])
+        assert {parent, child} <= kernel_ids(server)
+        kernels = {k["id"]: k for k in server.api("GET", "/api/kernels").json()}
+        assert kernels[child]["name"] == "pyrepl3-cold"
+        assert rest_value(server, child, "x + 1") == "42"
+        assert rest_value(server, child, "next(squares)") == "1"
+        child_pid = int(rest_value(server, child, "os.getpid()"))
+        pids.append(child_pid)
+        assert child_pid not in pids[:1]
+        rest_value(server, child, "x = 0")
+        assert rest_value(server, parent, "x") == "41"
+        # The parent kernel (its process and worker) goes; the fork stays.
+        assert server.api("DELETE", f"/api/kernels/{parent}").status_code == 204
+        assert_no_leftovers(pids[:1], timeout=15)
+        assert rest_value(server, child, "x") == "0"
+        assert server.api("DELETE", f"/api/kernels/{child}").status_code == 204
+        assert child not in kernel_ids(server)
     finally:
         server.api("DELETE", f"/api/kernels/{parent}")
+    assert_no_leftovers(pids, timeout=15)
 
 
 def test_a_fork_that_cannot_reach_its_supervisor_leaves_nothing_behind() -> None:
