@@ -171,7 +171,7 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
     async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
         if self.pool_enabled and self._fallback is None:
             try:
-                await _in_thread(self._ensure_daemon)
+                await self._ensure_daemon()
             except Exception as exc:
                 self._warn("no manager daemon (%s); starting the kernel cold", exc)
             else:
@@ -251,7 +251,7 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
                 except DaemonUnavailable:
                     # It may have exited (idle) since pre_launch found it:
                     # start another and ask once more.
-                    await _in_thread(self._ensure_daemon)
+                    await self._ensure_daemon()
                     reply = await self._call("lease", timeout=self.lease_timeout + 10, **lease)
                 await self._check_curve(reply)
             except (DaemonError, DaemonUnavailable) as exc:
@@ -351,7 +351,11 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     async def _call(self, op: str, timeout: float = 30.0, **fields: Any) -> dict[str, Any]:
         client = self._client()
-        return await _in_thread(lambda: client.call(op, timeout, **fields))
+        try:
+            return await client.acall(op, timeout, **fields)
+        except DaemonUnavailable:
+            _forget_hello(client)  # the next launch asks (and starts one) again
+            raise
 
     def _warn(self, message: str, *args: Any) -> None:
         """A warning the user sees: in the application's log (jupyter_server,
@@ -372,20 +376,20 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             )
         return self._fallback
 
-    def _ensure_daemon(self) -> None:
-        """Make sure a daemon answers; start one if none does (blocking)."""
+    async def _ensure_daemon(self) -> None:
+        """Make sure a daemon answers; start one if none does."""
         client = self._client()
-        hello = client.ping()
+        hello = await _shared_hello(client)
         if hello is None:
-            pid = self._start_daemon(client.paths)
+            pid = await _in_thread(lambda: self._start_daemon(client.paths))
             deadline = time.monotonic() + self.daemon_start_timeout
             while hello is None and time.monotonic() < deadline:
-                time.sleep(0.05)
-                hello = client.ping()
+                await asyncio.sleep(0.05)
+                hello = await client.aping()
                 if hello is None and not alive(pid):
                     # It exited: it lost the race to another daemon (then
                     # that one answers now) or it failed (see its log).
-                    hello = client.ping()
+                    hello = await client.aping()
                     if hello is None:
                         raise DaemonUnavailable(
                             f"the daemon exited at start: {_tail(client.paths.log)}"
@@ -462,6 +466,48 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
             text=True,
         )
         return int(done.stdout.strip())
+
+
+#: How long a daemon's hello answers for later launches in this process.
+HELLO_REUSE_S = 1.0
+#: The last hello per event loop and daemon socket (in flight, or answered
+#: when asked at the time given): the launches of a burst ask the daemon once.
+_hellos: dict[tuple[int, str], tuple[float, asyncio.Task[dict[str, Any] | None]]] = {}
+
+
+async def _shared_hello(client: DaemonClient) -> dict[str, Any] | None:
+    """The daemon's hello (None if none answers), shared with the launches
+    of this process that ask at the same time or asked within
+    :data:`HELLO_REUSE_S` and got an answer."""
+    loop = asyncio.get_running_loop()
+    key = (id(loop), os.fspath(client.paths.socket))
+    now = time.monotonic()
+    known = _hellos.get(key)
+    if known is not None:
+        asked, task = known
+        if task.get_loop() is loop and (
+            not task.done()
+            or (
+                now - asked < HELLO_REUSE_S
+                and not task.cancelled()
+                and task.exception() is None
+                and task.result() is not None
+            )
+        ):
+            return await asyncio.shield(task)
+    task = asyncio.ensure_future(client.aping())
+    _hellos[key] = (now, task)
+    if len(_hellos) > 64:  # old loops' entries
+        for stale in [k for k, (t, _) in _hellos.items() if now - t > HELLO_REUSE_S]:
+            _hellos.pop(stale, None)
+    return await asyncio.shield(task)
+
+
+def _forget_hello(client: DaemonClient) -> None:
+    """No launch takes a hello of this daemon from before now for an answer."""
+    path = os.fspath(client.paths.socket)
+    for key in [k for k in _hellos if k[1] == path]:
+        _hellos.pop(key, None)
 
 
 def _standalone(kwargs: dict[str, Any]) -> dict[str, Any]:

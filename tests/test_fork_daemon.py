@@ -26,7 +26,15 @@ from jupyter_client import AsyncKernelManager, KernelManager
 from jupyter_helpers import KERNEL_NAME, stop_daemon
 from session_helpers import assert_no_leftovers, pid_gone
 
-from pyrepl3_kernel.daemon.client import DaemonClient, DaemonPaths
+from pyrepl3_kernel.daemon.client import (
+    DAEMON_PROTOCOL_VERSION,
+    HEADER,
+    DaemonClient,
+    DaemonPaths,
+    DaemonUnavailable,
+    decode_payload,
+    encode_frame,
+)
 from pyrepl3_kernel.handoff import ensure_daemon
 
 ARGV_KERNEL = "pyrepl3-argv"
@@ -284,6 +292,93 @@ def test_twenty_kernels_at_once_all_answer_with_forked_workers(runtime):
 
 def test_hundred_kernels_at_once_all_answer_with_forked_workers(runtime):
     _check_burst(runtime, 100)
+
+
+# -- the launches' round trips to the daemon -------------------------------------------
+
+
+class _HeldDaemon:
+    """A stand-in for a daemon that is slow to lease: a real listener on a
+    runtime directory's daemon socket that answers ``hello`` at once and
+    holds every ``lease`` request unanswered, counting both."""
+
+    def __init__(self, paths: DaemonPaths) -> None:
+        self.paths = paths
+        self.hellos = 0
+        self.leases_held = 0
+        self._held: list[asyncio.StreamWriter] = []
+        self._server: asyncio.AbstractServer | None = None
+
+    async def __aenter__(self) -> _HeldDaemon:
+        self.paths.socket.parent.mkdir(parents=True, exist_ok=True)
+        self._server = await asyncio.start_unix_server(self._serve, os.fspath(self.paths.socket))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._held:
+            writer.close()
+        self.paths.socket.unlink(missing_ok=True)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        (length,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+        request = decode_payload(await reader.readexactly(length))
+        if request["op"] == "hello":
+            self.hellos += 1
+            writer.write(encode_frame({"v": 1, "ok": True, "protocol": DAEMON_PROTOCOL_VERSION}))
+            await writer.drain()
+            writer.close()
+        else:
+            self.leases_held += 1
+            self._held.append(writer)
+
+
+def test_a_burst_of_launches_in_one_process_reaches_the_daemon_at_once(
+    pyrepl3_kernelspec, tmp_path, monkeypatch
+):
+    """40 launches at once through AsyncKernelManager: one hello for all of
+    them, and all 40 lease requests in flight together (no thread pool
+    between the launches and the daemon letting a handful through)."""
+    monkeypatch.setenv("JUPYTER_RUNTIME_DIR", str(tmp_path))
+    n = 40
+
+    async def main() -> _HeldDaemon:
+        async with _HeldDaemon(DaemonPaths.default(tmp_path)) as daemon:
+            kms = [AsyncKernelManager(kernel_name=KERNEL_NAME) for _ in range(n)]
+            starts = [asyncio.ensure_future(km.start_kernel()) for km in kms]
+            try:
+                for _ in range(300):  # bounded: 30 s
+                    if daemon.leases_held >= n or any(s.done() for s in starts):
+                        break
+                    await asyncio.sleep(0.1)
+            finally:
+                for start in starts:
+                    start.cancel()
+                await asyncio.gather(*starts, return_exceptions=True)
+            return daemon
+
+    daemon = asyncio.run(main())
+    assert daemon.leases_held == n, f"{daemon.leases_held} of {n} lease requests arrived"
+    assert daemon.hellos == 1
+
+
+def test_a_daemon_that_does_not_answer_fails_each_async_call_in_time(tmp_path):
+    """DaemonClient.acall: a daemon that accepts and never answers is
+    DaemonUnavailable after the call's timeout; no daemon at all at once."""
+    paths = DaemonPaths.default(tmp_path)
+
+    async def main() -> list[BaseException]:
+        client = DaemonClient(paths)
+        with pytest.raises(DaemonUnavailable, match="no daemon"):
+            await client.acall("hello", timeout=5)
+        async with _HeldDaemon(paths):
+            calls = [client.acall("lease", timeout=0.5) for _ in range(5)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    outcomes = asyncio.run(asyncio.wait_for(main(), 30))
+    assert all(isinstance(o, DaemonUnavailable) for o in outcomes), outcomes
+    assert "did not answer within" in str(outcomes[0])
 
 
 def _lease_request(runtime: Path, warmup_code: str = "") -> dict[str, Any]:
