@@ -36,7 +36,6 @@ from ..protocol import (
     HealthReplyMessage,
     HelloMessage,
     HistoryMessage,
-    InputMessage,
     InputResponseMessage,
     InterruptMessage,
     Message,
@@ -47,7 +46,7 @@ from ..protocol import (
     ShutdownReplyMessage,
     failure_reply,
 )
-from . import history, introspection, launch, output
+from . import history, introspection, launch, output, stdin
 from .channel import Channel
 from .checkpoint import Autosave, Checkpoints
 from .debugger import Debugger
@@ -70,14 +69,6 @@ CAPABILITIES = [
 ]
 
 
-class _InputSlot:
-    __slots__ = ("event", "value")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.value = ""
-
-
 class Worker:
     """One worker process: a shell, a channel and the request loop."""
 
@@ -86,7 +77,7 @@ class Worker:
         self.channel = Channel(sock, (1, 2))
         self.started = time.monotonic()
         self._requests: queue.SimpleQueue[Message | None] = queue.SimpleQueue()
-        self._inputs: dict[str, _InputSlot] = {}
+        self._inputs: dict[str, stdin.InputSlot] = {}
         self._parent: str | None = None  # request whose effects are being emitted
         self._running: str | None = None  # id of the request running user code
         #: Ids of the requests queued for the main thread, and of those an
@@ -403,25 +394,7 @@ class Worker:
         subshell = self.subshells.current()
         if subshell is not None:
             return subshell.request_input(prompt, password)
-        if not self._allow_stdin or self._parent is None:
-            from IPython.core.error import StdinNotImplementedError
-
-            raise StdinNotImplementedError(
-                "raw_input was called, but this frontend does not support input requests."
-            )
-        sys.stdout.flush()
-        sys.stderr.flush()
-        request = InputMessage(prompt=prompt, password=password, parent_id=self._parent)
-        slot = _InputSlot()
-        self._inputs[request.id] = slot
-        try:
-            self.emit(request)
-            slot.event.wait()
-        finally:
-            self._inputs.pop(request.id, None)
-        if slot.value == "\x04":
-            raise EOFError("EOF when reading a line")
-        return slot.value
+        return stdin.request_input(self, prompt, password, self._parent, self._allow_stdin)
 
     # -- introspection ------------------------------------------------------------
 

@@ -41,7 +41,6 @@ from ..protocol import (
     AckMessage,
     ExecuteMessage,
     ExecuteReplyMessage,
-    InputMessage,
     InterruptMessage,
     Message,
     MessageType,
@@ -50,7 +49,7 @@ from ..protocol import (
     SubshellReplyMessage,
     failure_reply,
 )
-from . import introspection, output
+from . import introspection, output, stdin
 
 if TYPE_CHECKING:
     from .main import Worker
@@ -112,15 +111,6 @@ def reply_shell(comm: Any, data: Any, default: str | None) -> str | None:
         return getattr(comm, "_pyrepl3_reply_shell", default)
 
 
-class _InputSlot:
-    __slots__ = ("event", "value", "interrupted")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.value = ""
-        self.interrupted = False
-
-
 class SubshellThread(threading.Thread):
     """One subshell: a queue of requests and the thread that runs them."""
 
@@ -136,7 +126,7 @@ class SubshellThread(threading.Thread):
         self.running: str | None = None
         self.allow_stdin = False
         self._lock = threading.Lock()
-        self._input: _InputSlot | None = None
+        self._input: stdin.InputSlot | None = None
         self._deleting: SubshellMessage | None = None
         self._deleted_told = False
         self._loop: Any = None
@@ -363,31 +353,13 @@ class SubshellThread(threading.Thread):
 
     def request_input(self, prompt: str, password: bool) -> str:
         """``input()`` on this subshell: asked with its request as parent."""
-        if not self.allow_stdin or self.parent is None:
-            from IPython.core.error import StdinNotImplementedError
+        return stdin.request_input(
+            self.worker, prompt, password, self.parent, self.allow_stdin, self._track_input
+        )
 
-            raise StdinNotImplementedError(
-                "raw_input was called, but this frontend does not support input requests."
-            )
-        sys.stdout.flush()
-        sys.stderr.flush()
-        request = InputMessage(prompt=prompt, password=password, parent_id=self.parent)
-        slot = _InputSlot()
-        self.worker._inputs[request.id] = slot  # type: ignore[assignment]  # answered by id
-        with self._lock:
+    def _track_input(self, slot: stdin.InputSlot | None) -> None:
+        with self._lock:  # what interrupt() ends
             self._input = slot
-        try:
-            self.worker.emit(request)
-            slot.event.wait()
-        finally:
-            with self._lock:
-                self._input = None
-            self.worker._inputs.pop(request.id, None)
-        if slot.interrupted:
-            raise KeyboardInterrupt
-        if slot.value == "\x04":
-            raise EOFError("EOF when reading a line")
-        return slot.value
 
 
 _INTROSPECTION: dict[MessageType, Any] = {
