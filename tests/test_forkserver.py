@@ -105,6 +105,33 @@ def test_forked_workers_are_their_own_processes(tmp_path):
     assert_no_leftovers(run(main()))
 
 
+def test_a_forked_workers_first_cell_is_its_first():
+    """The server runs a cell silently once to prime the shell it forks
+    from: a fork's first cell still finds no input, output, ``_`` or
+    history before it, and is counted 1."""
+
+    async def main() -> list[int]:
+        server = ForkServer()
+        workers: list[WorkerProcess] = []
+        try:
+            assert await server.start(), server.reason
+            workers = [await _started(server)]
+            code = (
+                "ip = get_ipython()\n"
+                "print(len(In), Out, repr(_), len(list(ip.history_manager.get_range(raw=True))))"
+            )
+            msgs = await collect(workers[0], code)
+            assert reply_of(msgs).status == "ok", msgs
+            assert reply_of(msgs).execution_count == 1
+            assert stream_text(msgs).split() == ["2", "{}", "''", "1"], stream_text(msgs)
+            return await _stop_all(server, workers)
+        except BaseException:
+            await _stop_all(server, workers)
+            raise
+
+    assert_no_leftovers(run(main()))
+
+
 def test_random_numbers_differ_between_forked_workers():
     pytest.importorskip("numpy")
 

@@ -216,6 +216,7 @@ class ForkServer:
             exc = result.error_before_exec or result.error_in_exec
             if exc is not None:
                 error = f"{type(exc).__name__}: {exc}"
+        _prime(self.worker.shell)
         # Its history saving thread: each fork starts its own session.
         HistoryManager._stop_thread()
         return error
@@ -422,6 +423,19 @@ class ForkServer:
         # then moves it behind the standard library, see launch.put_cwd_on_path).
         if sys.path and sys.path[0] == self._start_dir:
             sys.path[0] = os.getcwd()
+
+
+def _prime(shell: Any) -> None:
+    """Do here, once, what each worker's first cell would do for the first
+    time: compile the tokenizer's and the input transformers' regular
+    expressions, fill the formatters' lazy state. In the server it is shared
+    by every fork; in each fork it cost milliseconds of CPU (and pages
+    copied) in a burst. Silent: no history, no execution count, no ``_``."""
+    try:
+        shell.run_cell("1+1", silent=True, store_history=False)
+        shell.display_formatter.format(2)
+    except Exception as exc:  # only an optimisation
+        log.debug("fork server: priming the shell failed: %s", exc)
 
 
 def _run_warmup(code: str) -> str | None:
