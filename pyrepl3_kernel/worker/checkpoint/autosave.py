@@ -6,10 +6,15 @@ incremental checkpoint named ``auto``, records it as a state of the
 kernel's history (:mod:`.history`), applies the retention, and exits, while
 the parent goes on at once (a fork costs about 1.5 ms for a 90 MB worker).
 Children save in the order they were forked (each waits for its
-predecessor's exit through a pidfd), so every successful cell's state is
-kept; when ``MAX_CHILDREN`` saves are still running, the worker waits for the
-oldest before it forks again rather than skip a state. Crash recovery
-restores ``auto``, the newest state.
+predecessor's exit through a pidfd). At most ``MAX_CHILDREN`` saves run at
+once; when they are all busy, the worker waits for a free slot only while
+nothing else is asked of it. A cell never waits for a save: when a request
+is queued, the pending state is left for later, and if the next cell
+changes the state too, the two are coalesced into one save, which records
+the cells it covers (``covers``: ``[first, last]``) so that the history says
+which cells have no state of their own (:mod:`.history`, :mod:`.travel`).
+Cells that come one at a time at human pace always find a slot: every
+cell's state is kept. Crash recovery restores ``auto``, the newest state.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from ...savelock import PENDING_NAME, wait_for_saves  # held (shared) by every s
 from . import dirty
 from .history import History, Retention
 from .namespace import user_names
+from .report import current_cell
 
 log = logging.getLogger("pyrepl3.worker")
 
@@ -137,6 +143,15 @@ class Autosave:
         self._fork_bindings: dict[str, int] = {}
         self._base_seq: int | None = None
         self._since_full = 0
+        #: The cells whose state waits for the next save (the first and the
+        #: last that changed it; more than one: coalesced), and the last cell run.
+        self._first_cell: int | None = None
+        self._last_changed: int | None = None
+        self._last_cell: int | None = None
+        #: Saves started, and pending states left for later because a request
+        #: was waiting (each of those cells shares the next save).
+        self.saves = 0
+        self.deferred = 0
         state.changed = self.mark_dirty
         state.autosave = self
 
@@ -196,6 +211,7 @@ class Autosave:
         self.store = store or None
         self.state.autosave_store = self.store
         self._everything, self._base_seq = True, None
+        self._first_cell = self._last_changed = self._last_cell = None
 
     def after_cell(self, result: Any) -> None:
         """IPython ``post_run_cell`` hook: mark the state for saving once the
@@ -203,12 +219,19 @@ class Autosave:
         if self.store is None:
             return
         self.note_cell(result)
+        count = getattr(result, "execution_count", None)
+        self._last_cell = count if isinstance(count, int) else current_cell(self.state.shell)
         if not getattr(result, "success", False):
+            if self._first_cell is not None:  # what it changed goes with the pending state
+                self._last_changed = self._last_cell
             return
         bindings = self._bindings()
         if bindings == self._saved_bindings and _inert(getattr(result.info, "raw_cell", None)):
             return  # it rebound nothing and called nothing: nothing can have changed
         self._saved_bindings = bindings
+        if self._first_cell is None:
+            self._first_cell = self._last_cell
+        self._last_changed = self._last_cell
         self.dirty = True
 
     def _bindings(self) -> frozenset[tuple[str, int]]:
@@ -220,20 +243,41 @@ class Autosave:
         return self.store is not None and (self.dirty or bool(self._children))
 
     def poll(self, until: Callable[[], object] | None = None) -> None:
-        """Reap finished children; start a save if the state is dirty (after
-        waiting for the oldest save when ``MAX_CHILDREN`` are running; a true
-        ``until()`` ends that wait, the state stays dirty for the next poll)."""
+        """Reap finished children; start a save if the state is dirty, after
+        waiting for the oldest save when ``MAX_CHILDREN`` are running. A true
+        ``until()`` (the worker's "a request is queued") ends that wait at
+        once: the state stays dirty, and the next poll saves it, coalesced
+        with what the cells run meanwhile change."""
         self._reap()
         if self.dirty and self.store is not None:
             deadline = time.monotonic() + self.SLOT_TIMEOUT
             while len(self._children) >= self.MAX_CHILDREN and time.monotonic() < deadline:
                 if until is not None and until():
+                    self.deferred += 1
                     return
                 time.sleep(0.002)
                 self._reap()
             if len(self._children) < self.MAX_CHILDREN:
                 self.dirty = False
                 self._fork()
+
+    def flush(self) -> None:
+        """Start the save of a pending state now, waiting for a slot if need
+        be: what reads the history (a listing, a checkout) must see the
+        newest state. The caller then waits for the saves to land
+        (:func:`wait_for_autosave`)."""
+        if self.dirty:
+            self.poll()
+
+    def landed(self, timeout: float = 2.0) -> None:
+        """Every save has landed (:func:`wait_for_autosave` said so): reap
+        the children, which are exiting, so that the next cells find every
+        slot free and each gets a state of its own."""
+        deadline = time.monotonic() + timeout
+        self._reap()
+        while self._children and time.monotonic() < deadline:
+            time.sleep(0.001)
+            self._reap()
 
     def _reap(self) -> None:
         for pid in list(self._children):
@@ -253,6 +297,15 @@ class Autosave:
         seq = time.monotonic_ns()  # system-wide: comparable across workers
         pending = _lock(store, PENDING_NAME, fcntl.LOCK_SH | fcntl.LOCK_NB)
         at, self.state.position = self.state.position, None
+        first = self._first_cell
+        last = self._last_changed if first is not None else self._last_cell
+        self._first_cell = None
+        label: dict[str, Any] = {}
+        if last is not None:
+            # The cell the state is after (also when a flush forks during a cell).
+            label = {"cell_number": last, "execution_count": last + 1}
+            if first is not None:
+                label["covers"] = [min(first, last), last]
         predecessor = self._last_pidfd
         now = dirty.bindings(self.state.shell.user_ns)
         moved = dirty.rebound(self._fork_bindings, now)
@@ -270,6 +323,7 @@ class Autosave:
             if pending is not None:
                 os.close(pending)
             self.state.position = at
+            self._first_cell = first
             self._touched, self._everything, self._fork_bindings, self._since_full = before
             self._base_seq = base_seq
             self.dirty = True
@@ -281,6 +335,7 @@ class Autosave:
             if pending is not None:
                 os.close(pending)  # the child holds it until it exits
             self._children.append(pid)
+            self.saves += 1
             if predecessor is not None:
                 os.close(predecessor)
             try:
@@ -333,7 +388,11 @@ class Autosave:
                 engine.save(
                     AUTO_NAME,
                     max_object_bytes=max_object_bytes(),
-                    extra={"autosave_seq": seq, **({"at": at} if at is not None else {})},
+                    extra={
+                        "autosave_seq": seq,
+                        **label,
+                        **({"at": at} if at is not None else {}),
+                    },
                     saved_by=self.state.owner(),
                     before_manifest=record,
                     changed=changed if base is not None else None,
