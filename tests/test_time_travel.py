@@ -28,7 +28,13 @@ TIMEOUT = 60.0
 
 
 class Driver:
-    """A supervised Session driven from sync tests on the module's loop."""
+    """A supervised Session driven from sync tests on the module's loop.
+
+    A cell run through :meth:`cell` or :meth:`ex` waits for its state to be
+    saved (:meth:`settle`) unless told not to: cells that follow each other
+    faster than saves complete are coalesced into one state (see
+    ``test_a_burst_of_cells_is_coalesced_not_slowed``), and the tests that
+    check out a given cell need each cell's own state, whatever the load."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, autosave: Path, **kw: Any) -> None:
         self.loop = loop
@@ -42,13 +48,22 @@ class Driver:
     def close(self) -> None:
         self.run(self.session.shutdown())
 
-    def cell(self, code: str) -> tuple[str, str, Any]:
+    def settle(self) -> None:
+        """Wait until the state of the last cell is saved (listing the
+        states saves a pending state and waits for every save to land)."""
+        self.run(self.session.states())
+
+    def cell(self, code: str, settle: bool = True) -> tuple[str, str, Any]:
         msgs = self.run(collect(self.session, code))
+        if settle and self.session.is_ready:
+            self.settle()
         return stream_text(msgs), stream_text(msgs, "stderr"), reply_of(msgs)
 
-    def ex(self, code: str) -> str:
+    def ex(self, code: str, settle: bool = True) -> str:
         """Run ``code``, which must succeed; its stdout."""
         msgs = self.run(collect(self.session, code))
+        if settle:
+            self.settle()
         errors = of_type(msgs, MessageType.ERROR)
         assert not errors and reply_of(msgs).status == "ok", [
             (e.ename, e.evalue) for e in errors
@@ -285,12 +300,13 @@ def test_saves_running_together_never_lose_a_needed_blob(
 ) -> None:
     """Cells that end while earlier saves still write: every state lands
     (in order), retention and GC run between them, and every kept state
-    checks out."""
+    checks out. Three saves run at once (the worker's slots), so three
+    cells in a row each keep their state; then the test lets them land."""
     d = Driver(loop, tmp_path / "auto", keep_states=4)
     try:
         d.ex("import numpy as np\nbase = np.random.default_rng(0).random(2_000_000)")
         for i in range(8):
-            d.ex(f"base[{i}] = -1.0\nv{i} = base.sum()")
+            d.ex(f"base[{i}] = -1.0\nv{i} = base.sum()", settle=i % 3 == 2)
         states = d.states()
         assert [s["cell_number"] for s in states] == [6, 7, 8, 9]
         assert all("error" not in s for s in states)

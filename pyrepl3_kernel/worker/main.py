@@ -80,10 +80,10 @@ class Worker:
         self._inputs: dict[str, stdin.InputSlot] = {}
         self._parent: str | None = None  # request whose effects are being emitted
         self._running: str | None = None  # id of the request running user code
-        #: Ids of the requests queued for the main thread, and of those an
-        #: interrupt reached while they waited (answered KeyboardInterrupt,
-        #: never run): the main thread may be busy between requests (waiting
-        #: for an automatic save's slot) and the interrupt must not be lost.
+        #: Ids of the requests queued for the main thread (a queued one ends
+        #: the wait for an automatic save's slot: a cell never waits for a
+        #: save), and of those an interrupt reached while they waited
+        #: (answered KeyboardInterrupt, never run).
         self._queued: set[str] = set()
         self._interrupted_queued: set[str] = set()
         self._queue_lock = threading.Lock()
@@ -213,14 +213,14 @@ class Worker:
             except queue.Empty:
                 if self._history_writes is not None:
                     self._history_writes.flush()
-                self.autosave.poll(until=self._interrupted_queued.__len__)
+                self.autosave.poll(until=self._queued.__len__)
                 continue
             except KeyboardInterrupt:
                 continue
             if req is None:
                 break
             if req is self.subshells.wake:  # a subshell's cell changed the state
-                self.autosave.poll()
+                self.autosave.poll(until=self._queued.__len__)
                 continue
             with self._queue_lock:
                 self._queued.discard(req.id)
@@ -248,7 +248,7 @@ class Worker:
             if self._history_writes is not None and self._history_writes.overdue():
                 self._history_writes.flush()
             if self.autosave.dirty:
-                self.autosave.poll(until=self._interrupted_queued.__len__)
+                self.autosave.poll(until=self._queued.__len__)
             # Idle: what background tasks write from now on is sent as their
             # own cell's (see output.CellStream), not the last request's.
             self._parent = None

@@ -8,6 +8,11 @@ the states (the save's system-wide monotonic clock). A manifest is an
 ordinary checkpoint manifest plus what the state changed against the one
 before it (``added``, ``changed``, ``removed`` names, ``bytes_added``) and,
 for a state made by a checkout, which state it went back to (``at``).
+A state saved for several cells at once (they ran back to back, faster than
+their states could be saved: :mod:`.autosave` coalesces them rather than
+make a cell wait) says which in ``covers``, ``[first, last]``: the cells
+``In[first]`` to ``In[last - 1]`` have no state of their own, and a checkout
+of one of them is refused, naming the nearest kept states.
 
 An unchanged object keeps its blob, so a state costs its manifest and the
 objects that changed. Retention (:class:`Retention`) keeps the newest
@@ -119,7 +124,34 @@ def summary_of(seq: int, manifest: dict[str, Any]) -> dict[str, Any]:
         "size": sum(blobs.values()),
         "names": len(entries),
         "at": manifest.get("at"),
+        "covers": covers_of(manifest),
     }
+
+
+def covers_of(manifest: dict[str, Any]) -> list[int] | None:
+    """``[first, last]``: the cells whose changes this state is the first to
+    hold (more than one: their states were coalesced into this one), or
+    None if not recorded."""
+    covers = manifest.get("covers")
+    if (
+        isinstance(covers, list)
+        and len(covers) == 2
+        and all(isinstance(c, int) and not isinstance(c, bool) for c in covers)
+        and covers[0] <= covers[1]
+    ):
+        return [covers[0], covers[1]]
+    return None
+
+
+def coalesced_cells(summary: dict[str, Any]) -> tuple[int, int] | None:
+    """The cells ``(first, last)`` without a state of their own because
+    their states were coalesced into this one (``last`` is the cell before
+    the state's own); None if there are none."""
+    covers = summary.get("covers")
+    cell = summary.get("cell_number")
+    if not covers or not isinstance(cell, int) or covers[0] >= cell:
+        return None
+    return covers[0], cell - 1
 
 
 def changes(previous: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[str, list[str]]:
@@ -136,6 +168,27 @@ def changes(previous: dict[str, Any] | None, manifest: dict[str, Any]) -> dict[s
         "changed": [v for v in now if v in before and key(now[v]) != key(before[v])],
         "removed": [v for v in before if v not in now],
     }
+
+
+def coalesced_error(
+    cell: int, span: tuple[int, int], state: dict[str, Any], cells: list[int]
+) -> str:
+    """Why the state after ``cell`` (within ``span``, coalesced into
+    ``state``) cannot be checked out, and which states can."""
+    first, _ = span
+    after = state["cell_number"]
+    before = [c for c in cells if c < first]
+    cells_run = f"In [{first}]" if first == span[1] else f"In [{first}]..In [{span[1]}]"
+    nearest = (
+        f"the nearest kept states are after cell {max(before)} and after cell {after}"
+        if before
+        else f"the nearest kept state is after cell {after}"
+    )
+    return (
+        f"the state after cell {cell} is not kept: {cells_run} ran back to back, faster than "
+        f"their states could be saved, and their changes were coalesced into the state after "
+        f"cell {after}; {nearest} (%states lists them); the namespace was not changed"
+    )
 
 
 class History:
@@ -217,6 +270,11 @@ class History:
         if oldest is None or cell < oldest:
             kept = f"the oldest kept is the state after cell {oldest}" if oldest else "none"
             raise CheckpointError(f"the state after cell {cell} is not kept ({kept})")
+        if cell not in cells:
+            for s in states:
+                span = coalesced_cells(s)
+                if span is not None and span[0] <= cell <= span[1]:
+                    raise CheckpointError(coalesced_error(cell, span, s, cells))
         best = max(c for c in cells if c <= cell)
         seq = min(s["seq"] for s in states if s["cell_number"] == best)
         return seq, self.read(seq)

@@ -19,7 +19,7 @@ from ...diskusage import disk_usage
 from ...units import format_size
 from .autosave import wait_for_autosave
 from .errors import CheckpointError
-from .history import History, Retention
+from .history import History, Retention, coalesced_cells
 from .report import current_cell
 from .restore import restore_manifest
 from .store import Store
@@ -41,7 +41,11 @@ class TimeTravel:
                 "this kernel keeps no state history: automatic checkpoints are off "
                 "(PYREPL3_AUTOSAVE=0, or a session started with autosave=False)"
             )
-        wait_for_autosave(root)  # the newest state lands first
+        autosave = getattr(self.checkpoints, "autosave", None)
+        if autosave is not None:
+            autosave.flush()  # a state left for later (cells ran back to back) is saved now
+        if wait_for_autosave(root) and autosave is not None:  # the newest state lands first
+            autosave.landed()
         store: Store = self.checkpoints.engine(root).store
         return store
 
@@ -224,6 +228,12 @@ def describe_states(result: dict[str, Any]) -> str:
         )
         if s["skipped"]:
             line += f"; not saved: {', '.join(s['skipped'])}"
+        span = coalesced_cells(s)
+        if span is not None:
+            cells_run = (
+                f"In [{span[0]}]" if span[0] == span[1] else f"In [{span[0]}]..In [{span[1]}]"
+            )
+            line += f"; also holds {cells_run} (ran back to back: coalesced, no state of their own)"
         if s["seq"] == result["current"]:
             line += "  <- now"
         lines.append(line)
