@@ -20,6 +20,7 @@ from session_helpers import collect, of_type, reply_of, result_text, run
 
 from pyrepl3_kernel import PoolConfig, Session, SessionPool
 from pyrepl3_kernel.protocol import ExecuteMessage, MessageType
+from pyrepl3_kernel.session.timetravel import TimeTravelError
 
 #: cause -> (the cell's crashing code, words the error must contain)
 CRASHES: dict[str, tuple[str, str]] = {
@@ -206,37 +207,123 @@ def test_an_interrupt_that_cannot_land_is_escalated() -> None:
     run(body())
 
 
-def test_an_interrupt_of_a_cell_waiting_for_an_autosave_slot_lands_on_it() -> None:
-    """While three automatic saves run, the worker waits for the oldest
-    before it takes the next cell; an interrupt of that waiting cell answers
-    it with KeyboardInterrupt at once (it was dropped, and the escalation
-    stopped the worker as if the cell were stuck)."""
-    slow = (
-        "class Slow:\n"
-        "    def __reduce__(self):  # in the saving child: a save takes 2 s\n"
-        "        import time\n"
-        "        time.sleep(2)\n"
-        "        return (Slow, ())\n"
-    )
+#: Its saves (``__reduce__`` runs in the saving child) last while ``flag`` exists.
+BLOCKED_SAVE = (
+    "class Blocked:\n"
+    "    def __reduce__(self):\n"
+    "        import os, time\n"
+    "        deadline = time.monotonic() + 30\n"
+    "        while os.path.exists({flag!r}) and time.monotonic() < deadline:\n"
+    "            time.sleep(0.01)\n"
+    "        return (Blocked, ())\n"
+)
+
+
+def test_a_cell_never_waits_for_a_save_and_a_burst_is_coalesced(tmp_path: Path) -> None:
+    """While every save slot is busy (three saves blocked), the next cells
+    run at once (they waited for a slot, and a 1 s wall-time limit killed
+    them before they ran); the states of the cells in between are coalesced
+    into one save, which the history records; a checkout of one of them is
+    refused, naming the kept states; the newest state is what a crash brings
+    back."""
+    flag = tmp_path / "saves-blocked"
+    flag.touch()
 
     async def body() -> None:
-        async with Session(interrupt_grace=1) as s:
+        async with Session(cell_timeout=1, autosave=str(tmp_path / "auto")) as s:
+            first = reply_of(await collect(s, BLOCKED_SAVE.format(flag=str(flag))))
+            assert first.status == "ok"
+            for i in range(3):  # three saves, each blocked: every slot is busy
+                assert reply_of(await collect(s, f"b = Blocked()\nn = {i}")).status == "ok"
+            # The saving children are still there, blocked: this cell ran beside them.
+            busy = await collect(s, "import psutil\nlen(psutil.Process().children())")
+            assert int(result_text(busy)) >= 3, busy
+            burst = await asyncio.gather(*(collect(s, "n = n + 1") for _ in range(8)))
+            counts = [reply_of(m).execution_count for m in burst]
+            assert all(reply_of(m).status == "ok" for m in burst), burst
+            assert result_text(await collect(s, "n")) == "10"
+            flag.unlink()  # the saves land
+            states = (await s.states())["states"]
+            newest = states[-1]
+            assert newest["cell_number"] == max(counts)
+            first_held, last = newest["covers"]
+            assert first_held < max(counts) == last, newest
+            coalesced = counts[0]
+            with pytest.raises(TimeTravelError, match="coalesced") as refused:
+                await s.checkout(coalesced)
+            message = str(refused.value)
+            assert f"the state after cell {coalesced} is not kept" in message
+            assert f"after cell {last}" in message and "namespace was not changed" in message
+            assert result_text(await collect(s, "n")) == "10"
+            listing = "".join(
+                m.data for m in of_type(await collect(s, "%states"), MessageType.OUTPUT)
+            )
+            assert f"In [{first_held}]..In [{last - 1}] (ran back to back: coalesced" in listing
+            # The newest state is what crash recovery restores.
+            evalue, note = death_of(await crash(s, "import os\nos._exit(3)"))
+            assert "restored" in note, note
+            assert result_text(await collect(s, "n")) == "10"
+
+    try:
+        run(body())
+    finally:
+        flag.unlink(missing_ok=True)
+
+
+def test_an_interrupt_of_a_queued_cell_answers_it() -> None:
+    """An interrupt of a cell still queued behind another answers it with
+    KeyboardInterrupt when it comes up (it was dropped, and the escalation
+    stopped the worker as if the cell were stuck); the running cell goes on."""
+
+    async def body() -> None:
+        async with Session(interrupt_grace=10) as s:
             await define_state(s)
-            assert reply_of(await collect(s, slow)).status == "ok"
-            for _ in range(4):  # three saves run, the fourth waits for a slot
-                assert reply_of(await collect(s, "slow = Slow()")).status == "ok"
-            waiting = asyncio.ensure_future(collect(s, "'ran'"))
-            for _ in range(100):
-                if await s.interrupt():
-                    break
-                await asyncio.sleep(0.01)
-            else:
-                raise AssertionError("the cell never counted as running")
-            msgs = await waiting
+            slow = ExecuteMessage(code="import time\ntime.sleep(1)\n'slept'")
+            queued = ExecuteMessage(code="'ran'")
+
+            async def consume(cell: ExecuteMessage) -> list[Any]:
+                return [m async for m in s.execute(cell)]
+
+            async def until_running(cell: ExecuteMessage) -> None:
+                for _ in range(500):
+                    if s.running == cell.id:
+                        return
+                    await asyncio.sleep(0.01)
+                raise AssertionError(f"{cell.code!r} never counted as running")
+
+            running = asyncio.ensure_future(consume(slow))
+            await until_running(slow)
+            waiting = asyncio.ensure_future(consume(queued))  # sent behind it
+            await until_running(queued)
+            assert await s.interrupt()
+            msgs = await asyncio.wait_for(waiting, 30)
             assert reply_of(msgs).ename == "KeyboardInterrupt", reply_of(msgs)
+            assert result_text(await running) == "'slept'"
             assert s.restarts == 0, s.last_crash
-            assert result_text(await collect(s, "'next'")) == "'next'"
-            assert result_text(await collect(s, "f()")) == "42"  # define_state's
+            assert result_text(await collect(s, "f()")) == "42"
+
+    run(body())
+
+
+def test_the_wall_time_limit_counts_from_when_the_cell_runs() -> None:
+    """Cells sent together run one after the other: each one's wall time
+    counts from when the worker starts it, so the second is not killed for
+    the time it waited behind the first; one that runs past the limit itself
+    still is (it went unwatched once the first cell ended)."""
+
+    async def body() -> None:
+        async with Session(cell_timeout=1.5) as s:
+            await define_state(s)
+            nap = "import time\ntime.sleep(0.9)\n'{}'"
+            msgs = await asyncio.gather(
+                collect(s, nap.format("a")),
+                collect(s, nap.format("b")),
+                collect(s, "import time\ntime.sleep(60)", timeout=30),
+            )
+            assert [result_text(m) for m in msgs[:2]] == ["'a'", "'b'"], msgs[:2]
+            evalue, _ = death_of(msgs[2])
+            assert "wall-time limit of 1.5 s" in evalue, evalue
+            await assert_restored(s)
 
     run(body())
 

@@ -164,14 +164,28 @@ class WorkerMonitor:
     ``kill(reason)`` is called when a hard limit is crossed; ``warn(text)``
     for a soft one (once per cell). Sampling runs only while a cell runs, so
     an idle kernel costs nothing.
+
+    A cell's wall and CPU time count from when the worker starts running
+    it, not from when it was sent: ``running()`` names the request the
+    worker's main thread is on (the oldest without its reply, which the
+    worker runs in order). A cell sent while others are ahead of it waits,
+    uncounted, until they have ended.
     """
 
     def __init__(
-        self, limits: Limits, kill: Callable[[str], None], warn: Callable[[str], None]
+        self,
+        limits: Limits,
+        kill: Callable[[str], None],
+        warn: Callable[[str], None],
+        running: Callable[[], str | None] | None = None,
     ) -> None:
         self.limits = limits
         self._kill = kill
         self._warn = warn
+        self._running = running
+        #: The cells sent and not ended, and the one whose time is counted.
+        self._cells: set[str] = set()
+        self._clock: str | None = None
         self.pid: int | None = None
         self.last_rss: int = 0
         self.peak_rss: int = 0
@@ -197,12 +211,36 @@ class WorkerMonitor:
         self._processes = {}
         self._oom_baseline = _oom_kills()
 
-    def cell_started(self) -> None:
-        self._cell_started = time.monotonic()
-        self._input_since = None
-        self._warned = False
+    def cell_started(self, cell_id: str | None = None) -> None:
+        """A cell was sent to the worker. Its time counts from now if the
+        worker is on it (nothing was ahead of it), else from when the
+        watch sees the worker start it."""
+        if cell_id is None or self._running is None or self._running() == cell_id:
+            self._start_clock(cell_id)
+        if cell_id is not None:
+            self._cells.add(cell_id)
         if self.active and (self._task is None or self._task.done()):
             self._task = asyncio.ensure_future(self._watch())
+
+    def _start_clock(self, cell_id: str | None) -> None:
+        self._clock = cell_id
+        self._cell_started = time.monotonic()
+        self._cell_cpu = -1.0  # taken at the next sample
+        self._input_since = None
+        self._warned = False
+
+    def _follow(self) -> bool:
+        """Whether a cell's time is counted now: the clock follows the
+        request the worker is on (a cell of ours, or another request)."""
+        if self._running is None or self._clock is None and not self._cells:
+            return True  # no way to tell (or a cell without an id): as sent
+        on = self._running()
+        if on != self._clock:
+            if on in self._cells:
+                self._start_clock(on)
+            else:
+                self._clock = None
+        return self._clock is not None
 
     def input_started(self) -> None:
         """The cell waits for input(): the wait does not count as its wall time."""
@@ -214,7 +252,17 @@ class WorkerMonitor:
             self._cell_started += time.monotonic() - self._input_since
             self._input_since = None
 
-    def cell_finished(self) -> None:
+    def cell_finished(self, cell_id: str | None = None) -> None:
+        """A cell ended (``None``: all of them: the worker died, the session
+        closes). The watch stops when no cell is left."""
+        if cell_id is None:
+            self._cells.clear()
+        else:
+            self._cells.discard(cell_id)
+        if self._clock == cell_id or cell_id is None:
+            self._clock = None
+        if self._cells:
+            return
         if self._task is not None:
             self._task.cancel()
             self._task = None
@@ -256,15 +304,15 @@ class WorkerMonitor:
 
     async def _watch(self) -> None:
         lim = self.limits
-        baseline: float | None = None
         while True:
             await asyncio.sleep(lim.poll_interval)
             sample = self.sample()
-            if baseline is None:
+            counted = self._follow()
+            if self._cell_cpu < 0:
                 # CPU time counts from the first sample, not from the cell's
                 # start: a short cell then costs no scan of the process tree
                 # (a few ms), and a long one may use one interval more.
-                baseline = self._cell_cpu = sample["cpu"]
+                self._cell_cpu = sample["cpu"]
             rss = sample["rss"]
             if lim.memory_limit is not None and rss > lim.memory_limit:
                 self._kill(
@@ -286,6 +334,7 @@ class WorkerMonitor:
             elapsed = time.monotonic() - self._cell_started
             if (
                 lim.cell_timeout is not None
+                and counted
                 and self._input_since is None
                 and elapsed > lim.cell_timeout
             ):
@@ -295,6 +344,7 @@ class WorkerMonitor:
                 return
             if (
                 lim.cell_cpu_limit is not None
+                and counted
                 and sample["cpu"] - self._cell_cpu > lim.cell_cpu_limit
             ):
                 self._kill(

@@ -157,7 +157,12 @@ class Session:
             restart_window=restart_window,
         )
         self.budget = RestartBudget(self.limits.max_restarts, self.limits.restart_window)
-        self.monitor = WorkerMonitor(self.limits, kill=self.kill_worker, warn=self._warn_running)
+        self.monitor = WorkerMonitor(
+            self.limits,
+            kill=self.kill_worker,
+            warn=self._warn_running,
+            running=lambda: self.worker.executing,  # a cell's time counts once it runs
+        )
         #: Retention of the state history (None: the worker's environment's).
         self.keep_states, self.states_budget = keep_states, timetravel.budget_bytes(states_budget)
         if autosave is True:
@@ -536,7 +541,7 @@ class Session:
                 self._recovery_note = None
                 yield OutputMessage(stream="stderr", data=resumed, parent_id=message.id)
             self._running = message.id
-            self.monitor.cell_started()
+            self.monitor.cell_started(message.id)
             if self.cell_observer is not None:
                 self.cell_observer.cell_started(message.id, message.code)
             async for out in outputs:
@@ -572,7 +577,7 @@ class Session:
             # An input() the cell left unanswered (interrupted, or the worker
             # died) is void.
             self._pending_inputs.clear()
-            self.monitor.cell_finished()
+            self.monitor.cell_finished(message.id)
             if self._interrupt_timer is not None:
                 self._interrupt_timer.cancel()
                 self._interrupt_timer = None
