@@ -11,6 +11,12 @@ give large arrays), writable unless the saved buffer was read-only.
 Large buffers get anonymous ``mmap`` memory (page aligned, and untouched
 until read into, unlike a zero-filled ``bytearray``); small ones a
 ``bytearray`` with the aligned start picked inside it.
+
+No transparent huge pages (``MADV_HUGEPAGE``, which numpy asks for): where
+the machine is a VM that hands freed memory back to its host (virtio-balloon
+free page reporting), a fresh huge page is nearly always one the host must
+fault in again, and restoring 2 GB took 2-3x longer with them (measured by
+benchmarks/bench_restore_big.py; 4 KiB pages come from recently freed memory).
 """
 
 from __future__ import annotations
@@ -24,13 +30,16 @@ ALIGNMENT = 64
 MMAP_FROM = 1 << 20
 
 
-def aligned(nbytes: int) -> memoryview:
+def aligned(nbytes: int, populate: bool = True) -> memoryview:
     """Writable, zeroed memory of ``nbytes`` starting at a 64-byte boundary
-    (kept alive by the views numpy makes of it)."""
+    (kept alive by the views numpy makes of it). ``populate``: fault the
+    pages in now, in bulk (faster than one fault per page while one thread
+    reads the data in); a caller that fills the memory from several threads
+    passes False and each thread faults its own part as it reads."""
     if nbytes >= MMAP_FROM:
-        # Pages faulted in up front, in bulk: faster than one fault per page
-        # while the data is read in.
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+        if populate:
+            flags |= getattr(mmap, "MAP_POPULATE", 0)
         return memoryview(mmap.mmap(-1, nbytes, flags=flags))
     raw = bytearray(nbytes + ALIGNMENT)
     start = (-address(raw)) % ALIGNMENT
