@@ -12,7 +12,13 @@ on the checkpoint issue's 12-object workload (benchmarks/workloads.py):
   forked child (``save_seconds`` in the state's manifest: pickling what
   changed, hashing, writing, the manifest), and the bytes added; side by side
   with the same save done in full (``PYREPL3_STATES_FULL_EVERY=1``: every
-  name pickled again, as before this change), measured in the same run.
+  name pickled again, as before this change), measured in the same run. Its
+  phases (``save_phases``/``save_faults`` in the manifest: seconds and the
+  memory pages faulted in, mostly copy-on-write copies), and, in a session
+  of its own with a probe loaded into the worker, the rest of the child's
+  life: recording the state (``history.record``), the ``auto`` manifest,
+  retention, the file-system flush, and the child's total CPU time and page
+  faults from fork to exit.
 * **untouched 1 GB array**: ``big = np.ones(125_000_000)`` in the workload,
   then a small cell: the child's work for that state.
 * **store growth** over 100 small cells (``d['k1'] = i``, ``s = i``): bytes
@@ -68,6 +74,46 @@ def du(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+#: Loaded into a worker by :func:`child_tail`: times what a saving child does
+#: after its manifest (the manifest cannot hold it) and its whole CPU time,
+#: written to ``<dir>/child-<pid>.json`` when the child's last step ends.
+PROBE = """
+import json, os, resource, time
+from pyrepl3_kernel.worker.checkpoint import history, store
+
+times = {}
+
+
+def timed(owner, name, last=False):
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            times[name] = times.get(name, 0.0) + time.perf_counter() - start
+            if last:
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                times["child_cpu"] = usage.ru_utime + usage.ru_stime
+                times["child_faults"] = usage.ru_minflt
+                with open(os.path.join(OUT, f"child-{os.getpid()}.json"), "w") as f:
+                    json.dump(times, f)
+                times.clear()
+
+    setattr(owner, name, wrapper)
+
+
+def install(out):
+    global OUT
+    OUT = out
+    timed(history.History, "record")
+    timed(history.History, "enforce")
+    timed(store.Store, "write_manifest")
+    timed(store.Store, "sync", last=True)
+"""
+
+
 def newest_state(autosave: Path) -> dict[str, Any]:
     path = sorted((autosave / "states").glob("*.json"))[-1]
     return json.loads(path.read_text())  # type: ignore[no-any-return]
@@ -83,8 +129,13 @@ async def workload_session(tmp: Path, name: str, env: dict[str, str] | None = No
     return session
 
 
-async def incremental_saves(session: Session, autosave: Path, runs: int) -> dict[str, Any]:
+async def incremental_saves(
+    session: Session, autosave: Path, runs: int, probe: Path | None = None
+) -> dict[str, Any]:
     seconds, cpu, added, incremental = [], [], [], []
+    phases: dict[str, list[float]] = {}
+    faults: dict[str, list[int]] = {}
+    tails: list[dict[str, float]] = []
     for i in range(runs):
         await run_cell(session, f"d['k1'] = ({i}, {i} / 7, 'changed {i}')")
         await session.states()
@@ -93,12 +144,53 @@ async def incremental_saves(session: Session, autosave: Path, runs: int) -> dict
         cpu.append(state["save_cpu_seconds"])
         added.append(state["bytes_added"])
         incremental.append(state["incremental"])
-    return {
+        for phase, value in state.get("save_phases", {}).items():
+            phases.setdefault(phase, []).append(value)
+            faults.setdefault(phase, []).append(state["save_faults"][phase])
+        phases.setdefault("setup", []).append(
+            state["save_seconds"] - sum(state.get("save_phases", {}).values())
+        )
+        if probe is not None:
+            newest = max(probe.glob("child-*.json"), key=lambda p: p.stat().st_mtime)
+            tails.append(json.loads(newest.read_text()))
+            newest.unlink()
+    out = {
         "child_work": ms(seconds),
         "child_cpu": ms(cpu),
         "bytes_added": int(statistics.median(added)),
         "incremental": all(incremental),
+        "phases_ms": {k: round(statistics.median(v) * 1000, 3) for k, v in phases.items()},
+        "phase_faults": {k: int(statistics.median(v)) for k, v in faults.items()},
+        "parts": state.get("save_parts", {}),
     }
+    if tails:
+        out["after_manifest_ms"] = {
+            k: round(statistics.median(t.get(k, 0.0) for t in tails) * 1000, 3)
+            for k in ("record", "write_manifest", "enforce", "sync")
+        }
+        out["whole_child_cpu"] = ms([t["child_cpu"] for t in tails])
+        out["whole_child_faults"] = int(statistics.median(t["child_faults"] for t in tails))
+    return out
+
+
+async def child_tail(tmp: Path, runs: int) -> dict[str, Any]:
+    """The incremental save again, with :data:`PROBE` loaded into the worker."""
+    session = await workload_session(tmp, "probe")
+    out = tmp / "probe-out"
+    out.mkdir()
+    (tmp / "tt_probe.py").write_text(PROBE)
+    try:
+        await run_cell(
+            session,
+            f"import sys\nsys.path.insert(0, {str(tmp)!r})\nimport tt_probe\n"
+            f"tt_probe.install({str(out)!r})\ndel tt_probe, sys",
+        )
+        await session.states()
+        for stale in out.glob("child-*.json"):
+            stale.unlink()
+        return await incremental_saves(session, tmp / "probe", runs, probe=out)
+    finally:
+        await session.shutdown()
 
 
 async def huge_array(tmp: Path, gb: float) -> dict[str, Any]:
@@ -247,6 +339,8 @@ async def bench(
     finally:
         await session.shutdown()
 
+    results["child_tail"] = await child_tail(tmp, runs)
+
     if huge_gb > 0:
         results["huge_array"] = await huge_array(tmp, huge_gb)
 
@@ -255,6 +349,24 @@ async def bench(
     else:
         results["kishu"] = {"available": False, "note": "not measured: pass --kishu-python"}
     return results
+
+
+def tail_rows(tail: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    if not tail or "after_manifest_ms" not in tail:
+        return []
+    after = tail["after_manifest_ms"]
+    return [
+        (
+            "  after its manifest (ms)",
+            ", ".join(f"{k} {v}" for k, v in after.items()),
+            "",
+        ),
+        (
+            "  the child's whole CPU time, fork to exit",
+            f"{tail['whole_child_cpu']['median_ms']} ms",
+            f"{tail['whole_child_faults']} pages faulted in",
+        ),
+    ]
 
 
 def table(results: dict[str, Any]) -> str:
@@ -278,6 +390,15 @@ def table(results: dict[str, Any]) -> str:
             f"< {GOALS['incremental_save_ms']:.0f} ms",
         ),
         ("  its CPU time", f"{inc['child_cpu']['median_ms']} ms", ""),
+        (
+            "  its phases (ms; pages faulted in)",
+            ", ".join(
+                f"{k} {v}" + (f" ({inc['phase_faults'][k]})" if k in inc["phase_faults"] else "")
+                for k, v in inc["phases_ms"].items()
+            ),
+            "",
+        ),
+        *tail_rows(results.get("child_tail")),
         (
             "same save in full (child)",
             f"{full['child_work']['median_ms']} ms",
@@ -345,6 +466,7 @@ def main() -> None:
     parser.add_argument("--kishu-python", default=None)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args()
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-tt-") as tmp:
         results = asyncio.run(
             bench(args.runs, args.big_gb, Path(tmp), args.kishu_python, args.huge_gb)
@@ -356,11 +478,15 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "runs": args.runs,
         "when": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "time_travel.json").write_text(json.dumps(results, indent=1))
     print(table(results))
+    meta = results["meta"]
+    print(f"load average before {meta['load_average_before']}, after {meta['load_average_after']}")
 
 
 if __name__ == "__main__":

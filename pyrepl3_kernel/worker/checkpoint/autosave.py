@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ...savelock import PENDING_NAME, wait_for_saves  # held (shared) by every saving child
-from . import dirty
+from . import dirty, parts
 from .history import History, Retention
 from .namespace import user_names
 from .report import current_cell
@@ -311,6 +311,7 @@ class Autosave:
         moved = dirty.rebound(self._fork_bindings, now)
         full = self._everything or self._base_seq is None or self._since_full >= dirty.full_every()
         changed = None if full else self._touched | moved
+        plan = parts.before_fork(self.state.shell.user_ns, changed, seq)  # big dicts' parts
         base_seq = self._base_seq
         before = (self._touched, self._everything, self._fork_bindings, self._since_full)
         self._touched, self._everything, self._fork_bindings = set(), False, now
@@ -399,6 +400,7 @@ class Autosave:
                     moved=moved,
                     base=base,
                     budget=Retention.of(store).budget,
+                    plan=plan,
                 )
                 if history is not None:
                     history.enforce(Retention.of(store))

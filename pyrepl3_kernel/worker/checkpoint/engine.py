@@ -4,6 +4,7 @@ object by object, and restores, lists, describes and deletes checkpoints."""
 from __future__ import annotations
 
 import io
+import resource
 import sys
 import time
 import types
@@ -18,7 +19,7 @@ from ..pickling import (
     NotRestorable,
     holds_named_container,
 )
-from . import chunks
+from . import chunks, parts
 from .dirty import close_over
 from .errors import CheckpointError
 from .format import FORMAT, FORMAT_VERSION, blob_digest, pack_blob
@@ -50,6 +51,7 @@ class CheckpointEngine:
         moved: set[str] | None = None,
         base: dict[str, Any] | None = None,
         budget: int | None = None,
+        plan: parts.Plan | None = None,
     ) -> Report:
         """Save the namespace as checkpoint ``name``, replacing any checkpoint
         of that name (whose owner the caller checked). Objects whose pickled
@@ -66,9 +68,16 @@ class CheckpointEngine:
         since, ``moved`` those among them bound to another object or
         deleted), only those and what they reach are pickled
         (:func:`.dirty.close_over`); every other name keeps its entry in
-        ``base``."""
+        ``base``. Given ``plan`` (what the worker found out about its big
+        dicts before it forked the saving child), big dicts of immutable
+        values are saved in parts (:mod:`.parts`).
+
+        The manifest records how long each phase took (``save_phases``,
+        seconds) and the memory pages it faulted in (``save_faults``: in a
+        forked child mostly copy-on-write copies)."""
         check_name(name)
         started = time.perf_counter()
+        clock = _Phases()
         cell = current_cell(self.shell)
         report = Report(name, execution_count=cell + 1, cell_number=cell, saved_by=saved_by)
         ns = self.shell.user_ns
@@ -86,8 +95,10 @@ class CheckpointEngine:
             else:
                 canonical[id(obj)] = var
                 order.append(var)
+        clock.mark("names")
         reuse: dict[str, dict[str, Any]] = {}
         base_sources: dict[str, str] = {}
+        base_names: dict[str, dict[str, Any]] = {}
         if base is not None and changed is not None:
             base_names = base.get("names", {})
             names = [*order, *(v for v in entries)]
@@ -102,15 +113,23 @@ class CheckpointEngine:
                 ):
                     reuse[var] = previous
             base_sources = base.get("sources", {})
+        clock.mark("close_over")
         by_source: dict[str, str] = {}
         state_bytes = 0
+        parted = self._save_parts(name, [v for v in order if v not in reuse], ns, base_names, plan)
+        clock.mark("parts")
         pickled = self._pickle_all(
-            [v for v in order if v not in reuse], ns, canonical, report, by_source
+            [v for v in order if v not in reuse and v not in parted],
+            ns,
+            canonical,
+            report,
+            by_source,
         )
+        clock.mark("pickle")
         if any(set(e.get("refs", ())) & report.skipped.keys() for e in reuse.values()):
             # A name kept as it was refers to one that cannot be saved now.
             return self.save(
-                name, max_object_bytes, extra, saved_by, before_manifest, budget=budget
+                name, max_object_bytes, extra, saved_by, before_manifest, budget=budget, plan=plan
             )
         sources: dict[str, str] = {}
         modules: set[str] = set()
@@ -140,8 +159,15 @@ class CheckpointEngine:
                     "reason": report.skipped[var],
                 }
                 continue
-            inband, buffers, refs = pickled[var]
-            size = len(inband) + sum(b.nbytes for b in buffers)
+            split = parted.get(var)
+            buffers: list[memoryview]
+            refs: set[str]
+            if split is not None:
+                inband, buffers, refs = split.inband, [], set()
+                size = split.size
+            else:
+                inband, buffers, refs = pickled[var]
+                size = len(inband) + sum(b.nbytes for b in buffers)
             if max_object_bytes is not None and size > max_object_bytes:
                 reason = (
                     f"too large for automatic checkpoints ({format_size(size)} > {format_size(max_object_bytes)}); "
@@ -160,6 +186,23 @@ class CheckpointEngine:
                 report.skipped[var] = reason
                 continue
             state_bytes += size
+            if split is not None:
+                report.bytes_written += split.written
+                digest = parts.digest_of(split)
+                if self.store.has_blob(digest):
+                    report.reused += 1
+                else:
+                    blob = pack_blob(inband, [memoryview(b"")] * len(split.entry["chunks"]))
+                    self.store.write_blob(digest, blob)
+                    report.bytes_written += sum(len(part) for part in blob)
+                entries[var] = {
+                    "status": "saved",
+                    "type": _type_name(obj),
+                    "size": size,
+                    "blob": digest,
+                    **split.entry,
+                }
+                continue
             big = chunks.chunked_indexes(buffers)
             chunk_map: dict[int, list[str]] = {}
             for i in big:
@@ -196,8 +239,10 @@ class CheckpointEngine:
             add_source(entry, obj, ns, sources)
             modules.update(_modules_of(obj))
             entries[var] = entry
+        clock.mark("write")
         for var, entry in entries.items():
-            report.saved[var] = {k: v for k, v in entry.items() if k not in ("source", "reason")}
+            hidden = _PARTS_DETAIL if "parts" in entry else ("source", "reason")
+            report.saved[var] = {k: v for k, v in entry.items() if k not in hidden}
             if entry["status"] == "skipped":
                 del report.saved[var]
         history = self.shell.history_manager
@@ -214,8 +259,15 @@ class CheckpointEngine:
             "sources": {k: v for k, v in sources.items() if v},
             "history": list(history.input_hist_raw[1:]) if history is not None else [],
         }
+        if parted:
+            manifest["save_parts"] = {
+                v: [s.pickled_parts, s.reused_parts] for v, s in parted.items() if v in entries
+            }
+        clock.mark("manifest")
         if report.bytes_written:
             self.store.sync_blobs()
+        clock.mark("sync_blobs")
+        manifest["save_phases"], manifest["save_faults"] = clock.phases, clock.faults
         if extra:
             manifest.update(extra)
         if before_manifest is not None:
@@ -223,6 +275,41 @@ class CheckpointEngine:
         self.store.write_manifest(name, manifest)
         report.seconds = time.perf_counter() - started
         return report
+
+    def _save_parts(
+        self,
+        name: str,
+        candidates: list[str],
+        ns: dict[str, Any],
+        base_names: dict[str, dict[str, Any]],
+        plan: parts.Plan | None,
+    ) -> dict[str, parts.Saved]:
+        """Save the big dicts among ``candidates`` in parts (:mod:`.parts`);
+        those that cannot be (a value is not immutable) are left out of the
+        result, to be pickled whole. Only the automatic saves do this (they
+        have a ``plan``): a checkpoint saved by request pickles every name
+        whole."""
+        out: dict[str, parts.Saved] = {}
+        if plan is None:
+            return out
+        last: dict[str, dict[str, Any]] | None = None
+        for var in candidates:
+            obj = ns[var]
+            if not parts.eligible(obj):
+                continue
+            planned = plan.dicts.get(var) if plan is not None else None
+            previous = base_names.get(var)
+            if previous is None and planned is not None and planned.base is not None:
+                if last is None:  # a full save: the parts of the last one
+                    try:
+                        last = self.store.read_manifest(name).get("names", {})
+                    except CheckpointError:
+                        last = {}
+                previous = last.get(var)
+            saved = parts.save(self.store, obj, planned, previous)
+            if saved is not None:
+                out[var] = saved
+        return out
 
     def _pickle_all(
         self,
@@ -326,6 +413,26 @@ class CheckpointEngine:
     def delete(self, name: str) -> None:
         check_name(name)
         self.store.delete(name)
+
+
+#: What a report leaves out of the entry of a dict saved in parts.
+_PARTS_DETAIL = ("source", "reason", "chunks", "buffer_sizes", "chunk_size")
+
+
+class _Phases:
+    """Seconds and minor page faults per phase of a save."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, float] = {}
+        self.faults: dict[str, int] = {}
+        self._time = time.perf_counter()
+        self._faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+    def mark(self, phase: str) -> None:
+        now, faults = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        self.phases[phase] = round(now - self._time, 6)
+        self.faults[phase] = faults - self._faults
+        self._time, self._faults = now, faults
 
 
 def _type_name(obj: Any) -> str:

@@ -10,9 +10,10 @@ from typing import Any
 from .errors import CheckpointError
 
 FORMAT = "pyrepl3-checkpoint"
-FORMAT_VERSION = 2
-#: Versions this kernel reads (2 added chunked buffers).
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+#: Versions this kernel reads (2 added chunked buffers, 3 big dicts saved in
+#: parts, see :mod:`.parts`).
+READABLE_VERSIONS = (1, 2, 3)
 _BLOB_MAGIC = b"P3CK"
 
 

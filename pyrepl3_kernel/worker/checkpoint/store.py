@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Any
 
 from .buffers import aligned, copy_aligned
@@ -207,15 +206,20 @@ class Store:
                     f.write(part)
             self._fs.mv(tmp, path)
             return
+        # Plain system calls: a saving child pays for every memory page the
+        # Python code it runs touches (copy-on-write), and tempfile and
+        # buffered files touch many.
         directory = os.path.dirname(path)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+        tmp = os.path.join(directory, f".tmp-{os.urandom(8).hex()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            with os.fdopen(fd, "wb") as f:
+            try:
                 for part in parts:
-                    f.write(part)
-                f.flush()
+                    _write_all(fd, part)
                 if self.fsync:
-                    os.fsync(f.fileno())
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             os.replace(tmp, path)
         except BaseException:
             try:
@@ -244,6 +248,14 @@ class Store:
         except (OSError, AttributeError):
             pass
         os.sync()
+
+
+def _write_all(fd: int, data: bytes | memoryview) -> None:
+    view = memoryview(data)
+    if view.ndim != 1 or view.itemsize != 1:
+        view = view.cast("B")
+    while view.nbytes:
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_dir(directory: str) -> None:

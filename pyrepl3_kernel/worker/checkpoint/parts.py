@@ -1,0 +1,329 @@
+"""Big dicts saved in parts by the automatic saves, so that the save after
+``d['k1'] = ...`` pickles and writes one part instead of the whole dict (a
+checkpoint saved by request pickles it whole).
+
+A plain ``dict`` of at least ``PART_FROM`` items whose keys and values are
+all immutable built-in values (``str``, ``int``, ``float``, ``bool``,
+``None``, ``bytes``, ``complex``, and tuples and frozensets of these) is
+saved as ``PART_ITEMS``-item parts in insertion order: each part is the
+pickle of a dict of those items, stored as a content-addressed chunk of its
+own (the entry's out-of-band buffers, see :mod:`.chunks`), and the entry's
+blob is a small pickle that joins them back (:func:`_dict_from_parts`, whose
+path is part of the checkpoint format). Values inside a part are pickled by
+value: a tuple in the dict that is also bound to another name comes back
+equal, not identical.
+
+Which parts changed is known without reading them in the saving child:
+pickling the whole dict there increments the reference count of every key
+and value, which copies (copy-on-write) every memory page holding them; that
+was most of the save's cost. Instead, right before the fork the worker takes
+a *snapshot* of each big dict the cells since the last save may have
+changed (:func:`before_fork`: lists of its keys and values, which hold them
+alive, so an object's address cannot be reused by another while the
+snapshot exists) and compares it with the previous snapshot by address (a
+``memcmp`` of the two lists' pointer arrays). A part whose keys and values
+are the same objects, in the same places, as in the previous snapshot, and
+whose previous entry was pickled from that snapshot (the entry records the
+snapshot's save ``seq``), holds the same immutable values: the child takes
+its digest from the previous entry, and pickles, hashes and writes only the
+other parts, from the snapshot's lists (the child touches no other key or
+value).
+
+A dict holding anything else (a list, an instance of a class) is pickled
+whole, as before: a mutation inside a value would not change its address.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+import pickle
+import struct
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import chunks
+
+#: Dicts with fewer items are pickled whole.
+PART_FROM = 4096
+#: Items per part.
+PART_ITEMS = 1024
+#: Types whose objects never change (tuples and frozensets of them neither).
+_ATOMS = frozenset({str, int, float, bool, type(None), bytes, complex})
+_NESTED = frozenset({tuple, frozenset})
+_IMMUTABLE = _ATOMS | _NESTED
+#: How deep tuples may nest in a value that counts as immutable.
+_DEPTH = 8
+#: How many values the worker looks at before it snapshots a dict.
+_SAMPLE = 64
+
+
+def eligible(obj: Any) -> bool:
+    """Whether ``obj`` is a dict big enough to be saved in parts (its
+    content is checked while the parts are pickled)."""
+    return type(obj) is dict and len(obj) >= PART_FROM
+
+
+def immutable(objects: list[Any]) -> bool:
+    """Whether every object is an immutable built-in value (nested tuples
+    and frozensets of them included), at C speed per level."""
+    level: list[Any] = objects
+    for _ in range(_DEPTH):
+        kinds = set(map(type, level))
+        if not kinds <= _IMMUTABLE:
+            return False
+        if not kinds & _NESTED:
+            return True
+        level = list(itertools.chain.from_iterable(o for o in level if type(o) in _NESTED))
+    return False
+
+
+# -- object addresses, without touching the objects ------------------------------
+
+
+def _ids_slow(items: list[Any]) -> bytes:
+    return struct.pack(f"{len(items)}Q", *map(id, items))
+
+
+#: Offset of ``ob_item`` (the pointer array) in a CPython list object.
+_OB_ITEM = tuple.__basicsize__
+
+
+def _ids_fast(items: list[Any]) -> bytes:
+    """The list's pointer array as bytes: the addresses of its items, read
+    without a reference count change (no write to the items' pages)."""
+    if not items:
+        return b""
+    array = ctypes.c_void_p.from_address(id(items) + _OB_ITEM).value
+    if not array:
+        return b""
+    return ctypes.string_at(array, 8 * len(items))
+
+
+def _check_fast() -> bool:
+    if sys.implementation.name != "cpython" or struct.calcsize("P") != 8:
+        return False
+    probe = [object(), object(), "x"]
+    try:
+        return _ids_fast(probe) == _ids_slow(probe)
+    except (ValueError, OSError):  # pragma: no cover - no such layout
+        return False
+
+
+addresses = _ids_fast if _check_fast() else _ids_slow
+
+
+# -- in the worker, right before the saving child is forked --------------------------
+
+
+@dataclass
+class Snapshot:
+    """A big dict's items at the fork of save ``seq``, held alive (not
+    the dict itself: a reference to it would make the saving child look for
+    what holds it, see :func:`.dirty.close_over`)."""
+
+    seq: int
+    of: int  # id() of the dict
+    keys: list[Any]
+    values: list[Any]
+
+
+@dataclass
+class Planned:
+    """What the saving child knows about one big dict: the snapshot taken
+    at its fork, the previous one's ``seq``, and the parts whose items are
+    the same objects as in that previous snapshot."""
+
+    snapshot: Snapshot
+    base: int | None = None
+    unchanged: frozenset[int] = frozenset()
+
+
+@dataclass
+class Plan:
+    seq: int
+    dicts: dict[str, Planned] = field(default_factory=dict)
+
+
+#: The newest snapshot of each big dict, by name (kept by the worker).
+_snapshots: dict[str, Snapshot] = {}
+
+
+def _looks_immutable(obj: dict[Any, Any]) -> bool:
+    """A cheap guess from the first values (the child checks every part)."""
+    sample = list(itertools.islice(obj.values(), _SAMPLE))
+    return set(map(type, sample)) <= _IMMUTABLE
+
+
+def before_fork(ns: dict[str, Any], names: set[str] | None, seq: int) -> Plan:
+    """Snapshot the big dicts among ``names`` (None: every name) and compare
+    each with its previous snapshot; called in the worker before the fork of
+    save ``seq`` (about 20 ns per item of the dicts it snapshots)."""
+    plan = Plan(seq)
+    for name in list(_snapshots):
+        if name not in ns:
+            del _snapshots[name]
+    candidates = [n for n in ns if not n.startswith("_")] if names is None else names
+    for name in candidates:
+        obj = ns.get(name)
+        if not isinstance(obj, dict) or not eligible(obj) or not _looks_immutable(obj):
+            _snapshots.pop(name, None)
+            continue
+        new = Snapshot(seq, id(obj), list(obj), list(obj.values()))
+        old = _snapshots.get(name)
+        planned = Planned(new)
+        if old is not None:
+            planned.base = old.seq
+            planned.unchanged = _unchanged(old, new)
+        _snapshots[name] = new
+        plan.dicts[name] = planned
+    return plan
+
+
+def _unchanged(old: Snapshot, new: Snapshot) -> frozenset[int]:
+    """The parts whose keys and values are the same objects in both."""
+    old_k, old_v = addresses(old.keys), addresses(old.values)
+    new_k, new_v = addresses(new.keys), addresses(new.values)
+    same = []
+    n_old, n_new = len(old.keys), len(new.keys)
+    for i in range(0, -(-min(n_old, n_new) // PART_ITEMS)):
+        a, b = i * PART_ITEMS, (i + 1) * PART_ITEMS
+        if min(b, n_old) != min(b, n_new):
+            continue  # the last part, grown or shrunk
+        lo, hi = 8 * a, 8 * min(b, n_new)
+        if old_k[lo:hi] == new_k[lo:hi] and old_v[lo:hi] == new_v[lo:hi]:
+            same.append(i)
+    return frozenset(same)
+
+
+def forget() -> None:
+    """Drop every snapshot (tests; a worker whose namespace was replaced)."""
+    _snapshots.clear()
+
+
+# -- in the saving child -----------------------------------------------------------
+
+
+@dataclass
+class Saved:
+    """A dict saved in parts: the entry's fields and what it wrote."""
+
+    inband: bytes
+    entry: dict[str, Any]
+    size: int
+    written: int
+    pickled_parts: int
+    reused_parts: int
+
+
+class _Join:
+    """Pickles as ``_dict_from_parts(buffer, ...)`` with ``count``
+    out-of-band buffers (the parts, stored as chunks)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def __reduce__(self) -> Any:
+        return _dict_from_parts, tuple(pickle.PickleBuffer(bytearray()) for _ in range(self.count))
+
+
+_INBAND: dict[int, bytes] = {}
+
+
+def _inband(count: int) -> bytes:
+    cached = _INBAND.get(count)
+    if cached is None:
+        cached = _INBAND[count] = pickle.dumps(
+            _Join(count), protocol=5, buffer_callback=lambda _b: False
+        )
+    return cached
+
+
+def save(
+    store: Any,
+    obj: dict[Any, Any],
+    planned: Planned | None,
+    previous: dict[str, Any] | None,
+) -> Saved | None:
+    """Save ``obj`` in parts to ``store``: reuse the parts ``planned`` says
+    are unchanged since the snapshot ``previous`` (the name's entry in the
+    last save) was pickled from, pickle and write the others. None if a part
+    holds anything but immutable built-in values (pickle it whole)."""
+    # Taken right before the fork, of the dict the name was bound to then.
+    if planned is not None and planned.snapshot.of == id(obj):
+        keys, values, made_from = (
+            planned.snapshot.keys,
+            planned.snapshot.values,
+            planned.snapshot.seq,
+        )
+    else:  # no snapshot at this fork: read the dict itself
+        keys, values, made_from = list(obj), list(obj.values()), None
+    reusable: dict[int, tuple[list[str], int]] = {}
+    info = (previous or {}).get("parts")
+    if (
+        planned is not None
+        and made_from is not None
+        and planned.base is not None
+        and isinstance(info, dict)
+        and info.get("items") == PART_ITEMS
+        and info.get("snapshot") == planned.base
+    ):
+        old_chunks = previous.get("chunks") or {}  # type: ignore[union-attr]
+        old_sizes = previous.get("buffer_sizes") or {}  # type: ignore[union-attr]
+        for i in planned.unchanged:
+            digests, size = old_chunks.get(str(i)), old_sizes.get(str(i))
+            if isinstance(digests, list) and digests and isinstance(size, int):
+                reusable[i] = (digests, size)
+    count = -(-len(keys) // PART_ITEMS)
+    chunk_map: dict[str, list[str]] = {}
+    sizes: dict[str, int] = {}
+    written = pickled = 0
+    for i in range(count):
+        if i in reusable:
+            chunk_map[str(i)], sizes[str(i)] = reusable[i]
+            continue
+        part_keys = keys[i * PART_ITEMS : (i + 1) * PART_ITEMS]
+        part_values = values[i * PART_ITEMS : (i + 1) * PART_ITEMS]
+        if not (immutable(part_keys) and immutable(part_values)):
+            return None
+        data = pickle.dumps(dict(zip(part_keys, part_values, strict=True)), protocol=5)
+        digests, n = chunks.write(store, memoryview(data))
+        chunk_map[str(i)], sizes[str(i)] = digests, len(data)
+        written += n
+        pickled += 1
+    inband = _inband(count)
+    entry = {
+        "parts": {"items": PART_ITEMS, "snapshot": made_from},
+        "chunks": chunk_map,
+        "chunk_size": chunks.CHUNK_SIZE,
+        "buffer_sizes": sizes,
+    }
+    size = len(inband) + sum(sizes.values())
+    return Saved(inband, entry, size, written, pickled, count - pickled)
+
+
+def digest_of(saved: Saved) -> str:
+    """The entry's blob digest (over the in-band pickle and the parts'
+    digests, as :func:`.chunks.entry_digest` computes it for a restore)."""
+    count = len(saved.entry["chunks"])
+    return chunks.entry_digest(
+        saved.inband,
+        [memoryview(b"")] * count,
+        {int(k): v for k, v in saved.entry["chunks"].items()},
+    )
+
+
+# -- restoring -----------------------------------------------------------------------
+
+
+def _dict_from_parts(*parts: Any) -> dict[Any, Any]:
+    """The dict whose parts are the pickles ``parts``, in order (named in
+    saved checkpoints: part of the format)."""
+    out: dict[Any, Any] = {}
+    for part in parts:
+        items = pickle.loads(part)
+        if type(items) is not dict:
+            raise pickle.UnpicklingError("a part of a saved dict is not a dict")
+        out.update(items)
+    return out

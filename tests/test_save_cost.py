@@ -1,0 +1,187 @@
+"""What an automatic save after a small change pickles and writes: a big
+dict of immutable values is saved in parts, and a change to one key
+re-pickles and writes one part (``save_parts`` and ``bytes_added`` in the
+state's manifest), while nothing a cell changes is ever missed (alias,
+function, ``exec``, ``globals()``, a mutable value inside, a deleted key)
+and every state checks out, and comes back after a crash, equal and in the
+same order.
+
+One supervised :class:`Session` for the module, saving into a temporary
+autosave directory; each cell waits for its state to land.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from session_helpers import collect, of_type, reply_of, stream_text
+
+from pyrepl3_kernel.protocol import MessageType
+from pyrepl3_kernel.session import Session
+
+TIMEOUT = 60.0
+#: The checkpoint workload's dict (benchmarks/workloads.py): 10 parts.
+BIG = "d = {f'k{i}': (i, i / 7, f'v{i}') for i in range(10_000)}"
+#: A digest of a value's repr, printed by the kernel (order included).
+FINGERPRINT = "import hashlib as _h; print(_h.sha256(repr({}).encode()).hexdigest()); del _h"
+
+
+class Driver:
+    def __init__(self, loop: asyncio.AbstractEventLoop, autosave: Path) -> None:
+        self.loop = loop
+        self.autosave = autosave
+        self.session = Session(autosave=str(autosave))
+        self.run(self.session.start())
+
+    def run(self, coro: Any) -> Any:
+        return self.loop.run_until_complete(asyncio.wait_for(coro, TIMEOUT))
+
+    def cell(self, code: str) -> tuple[str, Any]:
+        msgs = self.run(collect(self.session, code))
+        if self.session.is_ready:
+            self.run(self.session.states())  # the state of this cell lands
+        return stream_text(msgs, "stderr"), reply_of(msgs)
+
+    def ex(self, code: str) -> str:
+        msgs = self.run(collect(self.session, code))
+        self.run(self.session.states())
+        errors = of_type(msgs, MessageType.ERROR)
+        assert not errors and reply_of(msgs).status == "ok", [
+            (e.ename, e.evalue) for e in errors
+        ] or stream_text(msgs, "stderr")
+        return stream_text(msgs)
+
+    def value(self, expression: str) -> Any:
+        return json.loads(self.ex(f"import json as _j; print(_j.dumps({expression})); del _j"))
+
+    def fingerprint(self, expression: str) -> str:
+        return self.ex(FINGERPRINT.format(expression)).strip()
+
+    def newest(self) -> dict[str, Any]:
+        """The newest state's manifest."""
+        path = sorted((self.autosave / "states").glob("*.json"))[-1]
+        return json.loads(path.read_text())  # type: ignore[no-any-return]
+
+    def numbered(self, code: str) -> int:
+        """Run ``code``, which must succeed; its cell number (``In [N]``)."""
+        err, reply = self.cell(code)
+        assert reply.status == "ok", err
+        return int(reply.execution_count)
+
+
+@pytest.fixture(scope="module")
+def driver(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Driver]:
+    loop = asyncio.new_event_loop()
+    d = None
+    try:
+        d = Driver(loop, tmp_path_factory.mktemp("save-cost") / "autosave")
+        yield d
+    finally:
+        if d is not None:
+            d.run(d.session.shutdown())
+        loop.close()
+
+
+def test_a_change_to_one_key_pickles_and_writes_one_part(driver: Driver) -> None:
+    cell_before = driver.numbered(BIG)
+    first = driver.newest()
+    assert first["names"]["d"]["parts"]["items"] == 1024
+    assert first["save_parts"]["d"] == [10, 0]  # every part pickled the first time
+    whole = first["names"]["d"]["size"]
+    before = driver.fingerprint("d")
+
+    cell_changed = driver.numbered("d['k1'] = (1, 2.5, 'changed')")
+    state = driver.newest()
+    assert state["incremental"] is True
+    assert state["save_parts"]["d"] == [1, 9]  # one part pickled, nine taken as they were
+    assert state["changed"] == ["d"]
+    # What the save wrote: that part and the dict's small index blob.
+    assert 0 < state["bytes_added"] < whole // 5
+
+    driver.ex("d['k9999'] = None")  # the last part
+    assert driver.newest()["save_parts"]["d"] == [1, 9]
+    cell_after = driver.numbered("d['new'] = 'appended'")  # grows the last part
+    assert driver.newest()["save_parts"]["d"] == [1, 9]
+    after = driver.fingerprint("d")
+
+    # Each state checks out equal, in the same order.
+    driver.ex(f"%checkout {cell_before}")
+    assert driver.fingerprint("d") == before
+    assert driver.value("d['k1']") == [1, 1 / 7, "v1"]
+    driver.ex(f"%checkout {cell_changed}")
+    assert driver.value("d['k1']") == [1, 2.5, "changed"]
+    assert driver.value("'new' in d") is False
+    driver.ex(f"%checkout {cell_after}")
+    assert driver.fingerprint("d") == after != before
+    # After checkouts the next saves go on in parts from the state checked out.
+    driver.ex(f"%checkout {cell_before}")
+    cell_k2 = driver.numbered("d['k2'] = 'after checkouts'")
+    driver.ex("d['k3'] = 'and one more'")
+    assert driver.newest()["save_parts"]["d"] == [1, 9]
+    driver.ex(f"%checkout {cell_k2}")
+    assert driver.value("[d['k1'][2], d['k2'], d['k3']]") == [
+        "v1",
+        "after checkouts",
+        [3, 3 / 7, "v3"],
+    ]
+    assert driver.value("list(d)[:3]") == ["k0", "k1", "k2"]
+
+
+def test_no_change_to_a_big_dict_is_missed(driver: Driver) -> None:
+    driver.ex(BIG)
+    cases = {
+        "alias": ("e = d", "e['k5'] = 'alias'", "d['k5'] == 'alias'"),
+        "called function": (
+            "def setk(k, v):\n    d[k] = v",
+            "setk('k6', 'function')",
+            "d['k6'] == 'function'",
+        ),
+        "exec": ("", "exec(\"d['k7'] = 'exec'\")", "d['k7'] == 'exec'"),
+        "globals()": ("", "globals()['d']['k8'] = 'globals'", "d['k8'] == 'globals'"),
+        "deleted key": ("", "del d['k100']", "list(d)[100] == 'k101' and 'k100' not in d"),
+        "mutable value": (
+            "d['k9'] = (1, [2])",
+            "d['k9'][1].append(3)",
+            "d['k9'] == (1, [2, 3])",
+        ),
+    }
+    cells = {}
+    for case, (setup, change, _) in cases.items():
+        if setup:
+            driver.ex(setup)
+        err, reply = driver.cell(change)
+        assert reply.status == "ok", (case, err)
+        cells[case] = reply.execution_count
+    # A dict holding a list is pickled whole (a change inside the list
+    # does not change any address), and its change is still saved.
+    state = driver.newest()
+    assert "parts" not in state["names"]["d"] and "d" not in state.get("save_parts", {})
+    for case, cell in cells.items():
+        driver.ex("d = None")
+        driver.ex(f"%checkout {cell}")
+        assert driver.value(f"bool({cases[case][2]})") is True, case
+
+
+def test_a_big_dict_in_parts_survives_a_worker_crash(driver: Driver) -> None:
+    driver.ex(BIG)
+    driver.ex("d['k3'] = ('third', 3.5)")
+    driver.ex("d['k4000'] = ('far', -0.0)")
+    state = driver.newest()
+    assert state["save_parts"]["d"] == [1, 9]
+    expected = driver.fingerprint("d")
+    pid = driver.session.pid
+    err, reply = driver.cell("import os\nos._exit(3)")
+    assert reply.status == "error" and "restored" in err, err
+    assert driver.session.pid != pid
+    assert driver.fingerprint("d") == expected
+    assert driver.value("repr(d['k4000'][1])") == "-0.0"
+    # The first save after the recovery and the one after it are incremental again.
+    driver.ex("d['k1'] = 'after the crash'")
+    driver.ex("d['k2'] = 'and again'")
+    assert driver.newest()["save_parts"]["d"] == [1, 9]
+    assert driver.value("[d['k1'], d['k2']]") == ["after the crash", "and again"]
