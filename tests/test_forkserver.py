@@ -10,6 +10,7 @@ pid that nothing is left behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -125,6 +126,42 @@ def test_a_forked_workers_first_cell_is_its_first():
             assert reply_of(msgs).execution_count == 1
             assert stream_text(msgs).split() == ["2", "{}", "''", "1"], stream_text(msgs)
             return await _stop_all(server, workers)
+        except BaseException:
+            await _stop_all(server, workers)
+            raise
+
+    assert_no_leftovers(run(main()))
+
+
+def test_workers_forked_at_once_each_save_history_in_a_session_of_their_own(tmp_path):
+    """A burst of forks: the server makes their history sessions in one go
+    (so they do not queue for the database one by one); each worker's
+    session is its own and its inputs are saved under it."""
+    import sqlite3
+
+    async def main() -> list[int]:
+        server = ForkServer()
+        workers: list[WorkerProcess] = []
+        try:
+            assert await server.start(), server.reason
+            workers = list(await asyncio.gather(*(_started(server) for _ in range(6))))
+            sessions = []
+            for i, w in enumerate(workers):
+                code = f"tag_{i} = {i}\nprint(get_ipython().history_manager.session_number)"
+                msgs = await collect(w, code)
+                assert reply_of(msgs).status == "ok", msgs
+                sessions.append(int(stream_text(msgs)))
+            assert len(set(sessions)) == len(workers), sessions
+            pids = await _stop_all(server, workers)  # a worker writes its history as it ends
+            db = tmp_path / "ipython" / "profile_default" / "history.sqlite"
+            with contextlib.closing(sqlite3.connect(db)) as conn:
+                rows = conn.execute("SELECT session, source FROM history").fetchall()
+                known = {r[0] for r in conn.execute("SELECT session FROM sessions")}
+            saved = {session: source for session, source in rows}
+            for i, session in enumerate(sessions):
+                assert session in known
+                assert saved.get(session, "").startswith(f"tag_{i} = {i}"), (session, rows)
+            return pids
         except BaseException:
             await _stop_all(server, workers)
             raise
