@@ -188,3 +188,50 @@ def test_a_big_dict_in_parts_survives_a_worker_crash(driver: Driver) -> None:
     driver.ex("d['k2'] = 'and again'")
     assert driver.newest()["save_parts"]["d"] == [1, 9]
     assert driver.value("[d['k1'], d['k2']]") == ["after the crash", "and again"]
+
+
+# -- finding the changed parts in the worker (no kernel) -----------------------------------
+
+
+def test_the_entry_table_is_read_on_this_python() -> None:
+    from pyrepl3_kernel.worker.checkpoint import dictscan
+
+    # CPython 3.11/3.12: the layout check passed, so no list copies per save.
+    assert dictscan.FAST
+
+
+def test_a_scan_finds_the_changed_parts_and_holds_what_it_compared() -> None:
+    import gc
+    import weakref
+
+    from pyrepl3_kernel.worker.checkpoint import dictscan
+
+    class Value:
+        pass
+
+    d = {f"k{i}": Value() for i in range(1000)}
+    got = dictscan.scan(d, None, 100)
+    assert got is not None
+    scan, changed = got
+    assert changed == set(range(10))
+    assert dictscan.scan(d, scan, 100) == (scan, set())  # nothing changed
+
+    replaced = weakref.ref(d["k150"])
+    d["k150"] = Value()
+    gc.collect()
+    # Held by the scan: its address cannot be reused by another object
+    # before the next scan compares it.
+    assert replaced() is not None
+    del d["k420"]  # a hole: the entries after it keep their places
+    assert dictscan.scan(d, scan, 100) == (scan, {1, 4})
+    keys, values = dictscan.items(scan, 4)
+    assert len(keys) == 99 and "k420" not in keys and values[0] is d["k400"]
+    gc.collect()
+    assert replaced() is None  # let go once compared
+
+    for i in range(1000, 3000):  # the table is rebuilt as it grows
+        d[f"k{i}"] = Value()
+    scan, changed = dictscan.scan(d, scan, 100) or (scan, set())
+    assert changed >= set(range(4, 30))
+    flat = [k for i in range(len(scan.digests)) for k in dictscan.items(scan, i)[0]]
+    assert flat == list(d)
