@@ -20,6 +20,12 @@ daemon of its own (temporary ``JUPYTER_RUNTIME_DIR``, stopped at the end):
     WebSocket, ``1+1``) right after the server answers, against its fifth,
     and against the first kernel of a stock jupyter_server with ipykernel.
 
+Beside each burst, its floor: the same N ``AsyncKernelManager`` starts and
+``kernel_info``/``1+1`` on kernels that are already running (leased before
+the clock starts, handed over by a provisioner that does nothing): what
+jupyter_client costs in this process, and the kernels' answers, with no
+kernel start at all. ``--bursts-only --runs 3`` repeats the bursts alone.
+
 Writes ``results/fork.json`` and prints a table; ratios are
 pyrepl3/ipykernel (below 1: pyrepl3 faster or smaller).
 """
@@ -54,6 +60,7 @@ from bench_pool import (
     wait_idle,
 )
 from jupyter_client import AsyncKernelManager, KernelManager
+from jupyter_client.provisioning.provisioner_base import KernelProvisionerBase
 
 ARGV = "pyrepl3-bench-argv"
 FULL = {"bursts": [20, 100], "starts": 10, "gateway_kernels": 5}
@@ -124,15 +131,118 @@ async def burst(kernel_name: str, n: int, runtime: Path | None) -> dict[str, Any
     }
 
 
-def bench_bursts(sizes: list[int], runtime: Path) -> dict[str, Any]:
+class RunningKernel(KernelProvisionerBase):  # type: ignore[misc]
+    """A provisioner whose kernel is already running: ``launch_kernel``
+    hands over the connection info it was given; nothing else is done."""
+
+    given: dict[str, Any] = {}
+
+    @property
+    def has_process(self) -> bool:
+        return True
+
+    async def poll(self) -> int | None:
+        return None
+
+    async def wait(self) -> int | None:
+        return None
+
+    async def send_signal(self, signum: int) -> None:
+        pass
+
+    async def kill(self, restart: bool = False) -> None:
+        pass
+
+    async def terminate(self, restart: bool = False) -> None:
+        pass
+
+    async def pre_launch(self, **kwargs: Any) -> dict[str, Any]:
+        kwargs = await super().pre_launch(**kwargs)
+        kwargs["cmd"] = []
+        return kwargs
+
+    async def launch_kernel(self, cmd: list[str], **kwargs: Any) -> Any:
+        info = dict(self.given)
+        info["key"] = info["key"].encode()
+        self.connection_info = info
+        return info
+
+    async def cleanup(self, restart: bool = False) -> None:
+        pass
+
+
+async def floor(n: int, runtime: Path) -> dict[str, Any]:
+    """``n`` AsyncKernelManager starts at once, each handed a kernel that
+    was leased (so running, its worker ready) before the clock started,
+    until every one answered kernel_info and 1+1."""
+    client = daemon(runtime)
+    loop = asyncio.get_running_loop()
+    request = {
+        "kernel_name": POOLED,
+        "python": sys.executable,
+        "env": dict(os.environ),
+        "cwd": os.getcwd(),
+        "owner_pid": os.getpid(),
+        "pool": {"size": 2},
+    }
+    leases = await asyncio.gather(
+        *(loop.run_in_executor(None, lambda: client.call("lease", **request)) for _ in range(n))
+    )
+    managers = []
+    for lease in leases:
+        km = AsyncKernelManager(kernel_name=POOLED)
+        km.provisioner = RunningKernel(
+            kernel_id=lease["kernel_id"], kernel_spec=km.kernel_spec, parent=km
+        )
+        km.provisioner.given = lease["connection_info"]
+        km.kernel_id = lease["kernel_id"]
+        managers.append(km)
+
+    async def one(km: AsyncKernelManager, t0: float) -> float:
+        await km.start_kernel()
+        return await _ready(km.get_connection_info(), t0)
+
+    try:
+        t0 = time.perf_counter()
+        outcomes = await asyncio.gather(*(one(km, t0) for km in managers), return_exceptions=True)
+    finally:
+        for km in managers:
+            await km.cleanup_resources()
+        await asyncio.gather(
+            *(
+                loop.run_in_executor(
+                    None, lambda r=r: client.call("release", lease_id=r["lease_id"])
+                )
+                for r in leases
+            ),
+            return_exceptions=True,
+        )
+    ready = [o for o in outcomes if isinstance(o, float)]
+    return {
+        "kernels": n,
+        "ready": len(ready),
+        "failures": [repr(o) for o in outcomes if not isinstance(o, float)][:5],
+        "all_ready_s": max(ready) if ready else float("nan"),
+    }
+
+
+def bench_bursts(sizes: list[int], runtime: Path, runs: int = 1) -> dict[str, Any]:
+    """Each size ``runs`` times: pyrepl3, ipykernel and the floor, in turn
+    (the first run's figures at the top level, every run's in ``runs``)."""
     out: dict[str, Any] = {}
     for n in sizes:
-        warm_daemon(runtime)
-        print(f"  {n} pyrepl3 kernels at once", file=sys.stderr)
-        p3 = asyncio.run(burst(POOLED, n, runtime))
-        print(f"  {n} ipykernels at once", file=sys.stderr)
-        ipk = asyncio.run(burst(IPYKERNEL, n, None))
-        out[str(n)] = {"pyrepl3": p3, "ipykernel": ipk}
+        every = []
+        for run in range(runs):
+            warm_daemon(runtime)
+            print(f"  {n} pyrepl3 kernels at once (run {run + 1})", file=sys.stderr)
+            p3 = asyncio.run(burst(POOLED, n, runtime))
+            print(f"  {n} ipykernels at once", file=sys.stderr)
+            ipk = asyncio.run(burst(IPYKERNEL, n, None))
+            print(f"  {n} kernels already running (the floor)", file=sys.stderr)
+            warm_daemon(runtime)
+            low = asyncio.run(floor(n, runtime))
+            every.append({"pyrepl3": p3, "ipykernel": ipk, "floor": low})
+        out[str(n)] = {**every[0], "runs": every}
     return out
 
 
@@ -191,12 +301,21 @@ def report(results: dict[str, Any]) -> list[str]:
 
     for n, d in results["bursts"].items():
         p3, ipk = d["pyrepl3"], d["ipykernel"]
-        row(
-            f"(a) {n} kernels at once, all answered 1+1 (s)",
-            p3["all_ready_s"],
-            ipk["all_ready_s"],
-            "s",
-        )
+        for i, r in enumerate(d.get("runs") or [d]):
+            row(
+                f"(a) {n} kernels at once, all answered 1+1 (s)"
+                + (f", run {i + 1}" if len(d.get("runs") or []) > 1 else ""),
+                r["pyrepl3"]["all_ready_s"],
+                r["ipykernel"]["all_ready_s"],
+                "s",
+            )
+            if "floor" in r:
+                row(
+                    f"    floor: {n} kernels already running (jupyter_client only)",
+                    r["floor"]["all_ready_s"],
+                    r["ipykernel"]["all_ready_s"],
+                    "s",
+                )
         row(
             f"(a) {n} kernels at once, PSS per kernel (MiB)",
             p3["pss_per_kernel_mib"],
@@ -205,6 +324,8 @@ def report(results: dict[str, Any]) -> list[str]:
         )
         if p3["failures"] or ipk["failures"]:
             lines.append(f"    failures: {p3['failures']} / {ipk['failures']}")
+    if "argv" not in results:
+        return lines
     a = results["argv"]
     row(
         "(b) argv path: start_kernel() to first 1+1 result (ms, median)",
@@ -244,8 +365,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller bursts, fewer runs")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument(
+        "--bursts-only", action="store_true", help="only (a), the bursts (and their floors)"
+    )
+    parser.add_argument("--runs", type=int, default=1, help="runs of each burst (default 1)")
     args = parser.parse_args()
-    params = QUICK if args.quick else FULL
+    params = dict(QUICK if args.quick else FULL, burst_runs=args.runs)
     results: dict[str, Any] = {
         "params": params,
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
@@ -253,17 +378,20 @@ def main() -> int:
     t0 = time.perf_counter()
     with isolated_env() as runtime:
         install_argv_spec(runtime)
-        print("(b) argv path and pooled launches", file=sys.stderr)
-        results["argv"] = bench_argv(params["starts"], runtime)
+        if not args.bursts_only:
+            print("(b) argv path and pooled launches", file=sys.stderr)
+            results["argv"] = bench_argv(params["starts"], runtime)
         print("(a) bursts", file=sys.stderr)
-        results["bursts"] = bench_bursts(params["bursts"], runtime)
-    print("(c) gateway", file=sys.stderr)
-    results["gateway"] = bench_gateway(params["gateway_kernels"])
+        results["bursts"] = bench_bursts(params["bursts"], runtime, args.runs)
+    if not args.bursts_only:
+        print("(c) gateway", file=sys.stderr)
+        results["gateway"] = bench_gateway(params["gateway_kernels"])
     results["wall_s"] = time.perf_counter() - t0
     lines = report(results)
     results["table"] = lines
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / ("fork-quick.json" if args.quick else "fork.json")).write_text(
+    name = "fork-quick" if args.quick else "fork"
+    (args.out / (name + ("-bursts.json" if args.bursts_only else ".json"))).write_text(
         json.dumps(results, indent=2)
     )
     print("\n".join(lines))
