@@ -69,7 +69,7 @@ def read(store: Any, digests: list[str], nbytes: int) -> memoryview:
         (digest, out[n * CHUNK_SIZE : n * CHUNK_SIZE + sizes[n]])
         for n, digest in enumerate(digests)
     ]
-    threads = min(READERS, os.cpu_count() or 1, len(jobs))
+    threads = min(READERS, _cores(), len(jobs))
     if store._fs is not None or threads <= 1:
         for digest, target in jobs:
             _read_chunk(store, digest, target)
@@ -105,6 +105,14 @@ def read(store: Any, digests: list[str], nbytes: int) -> memoryview:
         if error is not None:
             raise error
     return out
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
 
 
 def _read_chunk(store: Any, digest: str, target: memoryview) -> None:
