@@ -452,6 +452,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """
     import logging
 
+    after = os.environ.pop("PYREPL3_DAEMON_AFTER", None)
+    if after and after.isdigit():  # started by a first launch: let its kernel start first
+        from .daemonstart import wait_started_up
+
+        wait_started_up(int(after))
     from .daemon.server import run
 
     logging.basicConfig(
@@ -606,15 +611,40 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     config.ServerApp.jpserver_extensions = {"pyrepl3_kernel.server": True}
     config.MappingKernelManager.default_kernel_name = "pyrepl3"
     server_args = [a for a in args.server_args if a != "--"]
-    # The daemon and its fork server get ready while the server starts: the
-    # first kernel is forked, as fast as the hundredth.
+    # The daemon, its fork server and the pool get ready while the server
+    # initializes, and the server listens once they are: the first kernel
+    # is as fast as the hundredth (docs/daemon.md, "The first launch").
     import threading
 
-    from .handoff import prepare_daemon
+    from jupyter_core.application import NoStart
+    from jupyter_core.utils import ensure_event_loop
 
-    threading.Thread(target=prepare_daemon, daemon=True, name="pyrepl3-prepare").start()
+    from .daemonstart import prepare_daemon, warm_server
+
+    prepared: dict[str, Any] = {}
+    preparing = threading.Thread(
+        target=lambda: prepared.update(prepare_daemon()), daemon=True, name="pyrepl3-prepare"
+    )
+    preparing.start()
+    # As ServerApp.launch_instance, with the wait before the server listens.
     # Command-line options given by the user win over these defaults.
-    ServerApp.launch_instance(argv=server_args, config=config)
+    loop = ensure_event_loop()
+    app = ServerApp.instance(config=config)
+    try:
+        app.initialize(argv=server_args)
+        warm_server(app)
+        preparing.join()
+        fork_server = prepared.get("fork_server") or {}
+        if fork_server.get("state") == "ready":
+            app.log.info(
+                "pyrepl3: the manager daemon's fork server is ready (pid %s); pool: %s idle",
+                fork_server.get("pid"),
+                (prepared.get("pool") or {}).get("idle", 0),
+            )
+        app.start()
+    except NoStart:
+        return 0
+    loop.close()
     return 0
 
 

@@ -3,10 +3,9 @@ to the per-user manager daemon.
 
 A client that runs the kernelspec's argv itself (VS Code ignores
 provisioners) gets this process. Instead of booting a gateway and a worker
-from scratch, it asks the daemon (starting one when none answers, as the
-provisioner does) to serve the kernel on the connection file's ports and key
-with a worker forked from the daemon's warm fork server, and then stays the
-process the client sees until the kernel ends:
+from scratch, it asks the daemon to serve the kernel on the connection
+file's ports and key with a worker forked from the daemon's warm fork
+server, and then stays the process the client sees until the kernel ends:
 
 - SIGINT interrupts the kernel; SIGTERM ends it (exit status 0, as the
   standalone kernel);
@@ -15,9 +14,15 @@ process the client sees until the kernel ends:
 - the daemon dying ends it with exit status 1 (the kernel died with it);
 - this process dying (even by SIGKILL) ends the kernel: the daemon watches it.
 
-When the daemon cannot be used the kernel starts standalone, as before, with
-a warning on stderr. ``PYREPL3_HANDOFF=0`` skips the daemon. This module
-imports only the daemon's client: the launch stays as light as possible.
+The first launch (no daemon answers) is never slower than a standalone
+start: it starts the daemon in the background, detached, and runs its own
+kernel standalone at once; the daemon prepares its fork server meanwhile,
+and the launches after it are handed over. A daemon whose fork server is
+still starting is not waited for longer than :data:`FORK_SERVER_WAIT_S`
+(the kernel starts standalone, quietly). When the daemon cannot be used the
+kernel starts standalone with a warning on stderr. ``PYREPL3_HANDOFF=0``
+skips the daemon. This module imports only the daemon's client: the launch
+stays as light as possible.
 """
 
 from __future__ import annotations
@@ -27,24 +32,30 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
-from .daemon.client import (
-    DAEMON_PROTOCOL_VERSION,
-    PREPARE_ENV,
-    STARTER_ENV,
-    DaemonClient,
-    DaemonError,
-    DaemonPaths,
-    DaemonUnavailable,
+from .daemon.client import DaemonClient, DaemonError, DaemonPaths, DaemonUnavailable
+from .daemonstart import (
+    check_protocol,
+    daemon_paths,
+    daemon_starting,
+    ensure_daemon,
+    mark_starting,
+    start_daemon,
 )
 from .errors import Pyrepl3Error
 
+__all__ = ["confinement_difference", "ensure_daemon", "hand_off", "main"]
+#: The daemon of this process's Jupyter runtime directory (kept here for
+#: the modules that looked it up in this one).
+_daemon_paths = daemon_paths
+
 #: Set to ``0`` to always start standalone.
 HANDOFF_ENV = "PYREPL3_HANDOFF"
-#: How long a daemon started here may take to answer.
-DAEMON_START_TIMEOUT = 30.0
+#: How long the argv path lets the daemon wait for a fork server that is
+#: starting before it starts the kernel standalone instead (less than a
+#: standalone start takes: the first launch is never slower than that).
+FORK_SERVER_WAIT_S = 0.25
 #: Seconds between checks of the client process while the kernel runs.
 PARENT_CHECK_S = 1.0
 
@@ -55,80 +66,6 @@ class _Terminate(Pyrepl3Error):
 
 def _warn(message: str) -> None:
     print(f"[pyrepl3] WARNING {message}", file=sys.stderr, flush=True)
-
-
-def _daemon_paths() -> DaemonPaths:
-    from jupyter_core.paths import jupyter_runtime_dir
-
-    # Absolute: the daemon runs elsewhere (in /).
-    return DaemonPaths.default(os.path.abspath(jupyter_runtime_dir()))
-
-
-def _start_daemon(paths: DaemonPaths, starter: int) -> int:
-    """Start a daemon in the background, as the provisioner does; its pid.
-    ``starter``: the process it counts as its starter (docs/daemon.md)."""
-    from .processes import started_at
-
-    paths.log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pyrepl3_kernel.cli",
-        "serve",
-        "--runtime-dir",
-        os.fspath(paths.lock.parent),
-    ]
-    env = {k: v for k, v in os.environ.items() if k not in ("JPY_PARENT_PID", "PYTHONEXECUTABLE")}
-    env[STARTER_ENV] = json.dumps(
-        {"pid": starter, "started": started_at(starter), "server_info_file": None}
-    )
-    env[PREPARE_ENV] = json.dumps({"warmup_code": ""})
-    env["PYREPL3_DAEMON_LOG"] = os.fspath(paths.log)
-    # Through a shell that exits at once: the daemon is reparented to init.
-    launcher = 'nohup "$@" >>"$PYREPL3_DAEMON_LOG" 2>&1 </dev/null & echo $!'
-    done = subprocess.run(
-        ["/bin/sh", "-c", launcher, "sh", *cmd],
-        cwd="/",
-        env=env,
-        start_new_session=True,
-        check=True,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    return int(done.stdout.strip())
-
-
-def ensure_daemon(client: DaemonClient, starter: int | None = None) -> None:
-    """A daemon answers on ``client``'s socket (one is started if none
-    does, counting ``starter`` as its starter: by default the client that
-    runs this argv, since this process ends with its kernel and the next
-    launch should find the daemon warm); raises DaemonUnavailable or
-    DaemonError (another protocol)."""
-    from .processes import alive
-
-    hello = client.ping()
-    if hello is None:
-        pid = _start_daemon(client.paths, starter or _parent_pid() or os.getppid())
-        deadline = time.monotonic() + DAEMON_START_TIMEOUT
-        while hello is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-            hello = client.ping()
-            if hello is None and not alive(pid):
-                hello = client.ping()  # it lost the race to another daemon?
-                if hello is None:
-                    raise DaemonUnavailable(f"the daemon exited at start (see {client.paths.log})")
-        if hello is None:
-            raise DaemonUnavailable(
-                f"the daemon did not come up within {DAEMON_START_TIMEOUT:.0f} s "
-                f"(see {client.paths.log})"
-            )
-    if hello.get("protocol") != DAEMON_PROTOCOL_VERSION:
-        raise DaemonError(
-            "unsupported_version",
-            f"the running daemon speaks protocol {hello.get('protocol')}, "
-            f"this kernel {DAEMON_PROTOCOL_VERSION}; stop it with `pyrepl3-kernel stop`",
-        )
 
 
 def confinement_difference(pid: int) -> str | None:
@@ -189,9 +126,16 @@ def hand_off(connection_file: str, ipython_options: list[str]) -> int | None:
         _warn(f"the kernel is confined by its launcher ({different}); starting it standalone")
         return None
     try:
-        client = DaemonClient(_daemon_paths(), timeout=130.0)
-        ensure_daemon(client)
-        daemon_pid = int(client.call("hello", timeout=10.0)["pid"])
+        client = DaemonClient(daemon_paths(), timeout=130.0)
+        hello = client.ping()
+        if hello is None:
+            # The first launch: this kernel starts standalone at once (as
+            # fast as without a daemon), the daemon and its fork server in
+            # the background, for the launches after it.
+            _start_in_background(client.paths)
+            return None
+        check_protocol(hello)
+        daemon_pid = int(hello["pid"])
         different = confinement_difference(daemon_pid)
         if different is not None:
             _warn(
@@ -208,11 +152,35 @@ def hand_off(connection_file: str, ipython_options: list[str]) -> int | None:
             cwd=os.getcwd(),
             owner_pid=os.getpid(),
             ipython_options=ipython_options,
+            fork_server_wait_s=FORK_SERVER_WAIT_S,
         )
-    except (DaemonUnavailable, DaemonError, OSError, ValueError) as exc:
+    except DaemonError as exc:
+        if exc.code != "warming":  # its fork server is starting: standalone is faster
+            _warn(f"the manager daemon cannot be used ({exc}); starting the kernel standalone")
+        return None
+    except (DaemonUnavailable, OSError, ValueError) as exc:
         _warn(f"the manager daemon cannot be used ({exc}); starting the kernel standalone")
         return None
     return _stay(client, str(reply["lease_id"]))
+
+
+def _start_in_background(paths: DaemonPaths) -> None:
+    """Start the daemon (unless one is starting) without waiting for it. It
+    waits (:func:`wait_started_up`) until this kernel has started before it
+    imports anything: its start and its fork server's would take CPU time
+    from this one's on a small machine. A failure is a warning (the kernel
+    runs standalone either way)."""
+    try:
+        paths.log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if daemon_starting(paths):
+            return
+        pid = start_daemon(
+            paths, starter_pid=_parent_pid() or os.getppid(), after_start_of=os.getpid()
+        )
+    except (OSError, subprocess.CalledProcessError) as exc:
+        _warn(f"the manager daemon cannot be used ({exc}); starting the kernel standalone")
+        return
+    mark_starting(paths, pid)
 
 
 def _stay(client: DaemonClient, lease_id: str) -> int:
@@ -258,42 +226,6 @@ def _stay(client: DaemonClient, lease_id: str) -> int:
     except (DaemonUnavailable, DaemonError):
         pass
     return 0
-
-
-def prepare_daemon(kernel_name: str = "pyrepl3") -> None:
-    """Have the daemon running with the fork server of ``kernel_name``'s
-    interpreter and warm-up code ready (``pyrepl3-kernel gateway`` calls
-    this at start, so its first kernel is forked). Problems are warnings:
-    kernels then start as they would have."""
-    try:
-        from jupyter_client.kernelspec import KernelSpecManager
-
-        spec = KernelSpecManager().get_kernel_spec(kernel_name)
-        provisioner = spec.metadata.get("kernel_provisioner") or {}
-        config = provisioner.get("config") or {}
-        warmup_code = str(config.get("warmup_code") or "")
-        python = spec.argv[0] if spec.argv and os.path.isabs(spec.argv[0]) else sys.executable
-        client = DaemonClient(_daemon_paths(), timeout=130.0)
-        ensure_daemon(client, starter=os.getpid())
-        fields: dict[str, Any] = {
-            "python": python,
-            "env": dict(os.environ),
-            "warmup_code": warmup_code,
-        }
-        if provisioner:  # the kernelspec's pool too: its first kernel takes a waiting worker
-            fields["kernel_name"] = kernel_name
-            fields["pool"] = {
-                "size": int(config.get("pool_size", 1)),
-                "max_kernels": int(config.get("max_kernels", 256)),
-            }
-        reply = client.call("prepare", **fields)
-        from . import provisioner as _loaded  # noqa: F401  (the server's first launch loads it)
-    except Exception as exc:
-        _warn(f"could not prepare the manager daemon's fork server: {exc}")
-        return
-    state = reply.get("fork_server", {})
-    if state.get("state") != "ready":
-        _warn(f"no fork server for {kernel_name}: {state.get('reason') or state.get('state')}")
 
 
 def _parent_pid() -> int:

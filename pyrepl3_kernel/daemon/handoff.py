@@ -4,7 +4,11 @@ path: what a client that runs the kernelspec's argv itself gets).
 The launcher process asks (``handoff``) for a kernel on the ports and key of
 its connection file; the daemon hosts it like any lease, with a forked
 worker, and the launcher stays the process the client sees until the lease
-ends (``watch``). The launcher is the lease's owner: the daemon watches it
+ends (``watch``). A launcher may ask (``fork_server_wait_s``) not to wait
+longer than that for a fork server that is starting: the request is then
+refused with ``warming`` and the launcher starts its kernel standalone,
+which is faster (the first launches after a daemon starts). The launcher is
+the lease's owner: the daemon watches it
 with a pidfd and ends the lease the moment it dies (SIGKILL included), so
 its worker goes with it. A shutdown of the kernel (restart or not) ends the
 lease: the client starts a new process for a restart.
@@ -72,6 +76,15 @@ async def op_handoff(daemon: Any, request: dict[str, Any]) -> tuple[dict[str, An
     kernel_name = request.get("kernel_name") or "pyrepl3"
     if not isinstance(kernel_name, str):
         raise DaemonError("bad_request", "kernel_name must be a string")
+    wait_s = request.get("fork_server_wait_s")
+    if wait_s is not None:
+        if not isinstance(wait_s, (int, float)) or isinstance(wait_s, bool) or wait_s < 0:
+            raise DaemonError("bad_request", "fork_server_wait_s must be a number of seconds")
+        if not await fork_server_ready(daemon, python, env, min(float(wait_s), MAX_WATCH_S)):
+            raise DaemonError(
+                "warming",
+                f"the fork server of {python} is starting (not ready within {wait_s:g} s)",
+            )
     kernel_id = env.get("KERNEL_ID") or str(uuid.uuid4())
     try:
         lease, refill = await daemon.leases.create(
@@ -103,6 +116,23 @@ async def op_handoff(daemon: Any, request: dict[str, Any]) -> tuple[dict[str, An
         "warm": lease.warm,
     }
     return reply, refill
+
+
+async def fork_server_ready(daemon: Any, python: str, env: dict[str, str], wait_s: float) -> bool:
+    """Whether the fork server a handed-over kernel of ``python`` and
+    ``env`` would be forked from is ready within ``wait_s`` seconds (it is
+    started if it is not running). True too when there is none to wait for:
+    fork servers disabled, or this profile's found unusable (unsafe warm-up,
+    failed start): its workers start cold here as before."""
+    server = daemon.leases.fork_servers.get(python, env, "")
+    if server is None or server.state in ("ready", "unsafe", "failed"):
+        return True
+    try:
+        await asyncio.wait_for(asyncio.shield(server.start_soon()), wait_s)
+    except asyncio.TimeoutError:
+        log.info("handoff: fork server %s not ready within %.2f s", python, wait_s)
+        return False
+    return True
 
 
 async def op_watch(daemon: Any, request: dict[str, Any]) -> dict[str, Any]:

@@ -102,6 +102,16 @@ class ExitPolicy:
         self.usual_runtime_dir = False
         self.last_activity = time.monotonic()
 
+    def prime(self) -> None:
+        """Check the starter once now: the daemon calls this as it starts
+        serving, while its fork server starts, so that the import the
+        checks need (psutil: tens of milliseconds) is not left to its first
+        lease (which checks its owner)."""
+        if self.starter is not None:
+            self.starter.check(self.runtime_dir)
+        else:
+            alive(os.getpid())
+
     def touch(self) -> None:
         """Something happened: the idle time starts again."""
         self.last_activity = time.monotonic()

@@ -86,6 +86,7 @@ class ManagerDaemon:
         try:
             await self._listen()
             self.leases.fork_servers.prepare_own()  # the first kernel is forked too
+            self.exit_policy.prime()  # its imports now, not on the first lease
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, self._stop.set)
