@@ -231,9 +231,10 @@ def test_a_cell_never_waits_for_a_save_and_a_burst_is_coalesced(tmp_path: Path) 
 
     async def body() -> None:
         async with Session(cell_timeout=1, autosave=str(tmp_path / "auto")) as s:
-            first = reply_of(await collect(s, BLOCKED_SAVE.format(flag=str(flag))))
-            assert first.status == "ok"
-            for i in range(3):  # three saves, each blocked: every slot is busy
+            # Three saves, each blocked: every slot is busy.
+            first = await collect(s, BLOCKED_SAVE.format(flag=str(flag)) + "b = Blocked()\nn = 0")
+            assert reply_of(first).status == "ok"
+            for i in (1, 2):
                 assert reply_of(await collect(s, f"b = Blocked()\nn = {i}")).status == "ok"
             # The saving children are still there, blocked: this cell ran beside them.
             busy = await collect(s, "import psutil\nlen(psutil.Process().children())")

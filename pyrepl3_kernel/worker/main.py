@@ -203,9 +203,9 @@ class Worker:
         while True:
             # While an automatic checkpoint is pending, wake up to finish it;
             # history held back is written after a short idle time.
-            timeout = 0.25 if self.autosave.pending else None
+            timeout = self.autosave.wake_in()
             if self._history_writes is not None and self._history_writes.held_since is not None:
-                timeout = history.IDLE_WRITE_S
+                timeout = min(timeout or history.IDLE_WRITE_S, history.IDLE_WRITE_S)
             try:
                 # Background asyncio tasks of the cells run while we wait.
                 ran = self._idle_loop.wait(timeout)

@@ -124,6 +124,13 @@ class Autosave:
     #: How long a save waits for its predecessor, and the worker for a free slot.
     PREDECESSOR_TIMEOUT = 600.0
     SLOT_TIMEOUT = 120.0
+    #: Cells that change the state back to back each get a save of their own
+    #: (a fork at once: a crash right after them loses nothing) up to this
+    #: many; one more is allowed per ``COALESCE_WINDOW`` that passes. Beyond,
+    #: the state waits, coalesced with the next cells', until it is that old
+    #: (then it is saved, also while cells keep coming) or the worker is idle.
+    QUICK_SAVES = 3
+    COALESCE_WINDOW = 0.05
 
     def __init__(self, state: Any, private_fds: list[int]) -> None:
         self.state = state  # Checkpoints
@@ -152,6 +159,10 @@ class Autosave:
         #: was waiting (each of those cells shares the next save).
         self.saves = 0
         self.deferred = 0
+        self._quick = float(self.QUICK_SAVES)
+        self._quick_at = time.monotonic()
+        #: When the pending state was first found waiting (None: none waits).
+        self._pending_since: float | None = None
         state.changed = self.mark_dirty
         state.autosave = self
 
@@ -242,24 +253,53 @@ class Autosave:
     def pending(self) -> bool:
         return self.store is not None and (self.dirty or bool(self._children))
 
+    def wake_in(self) -> float | None:
+        """Seconds after which the worker's loop, idle, calls :meth:`poll`
+        again (None: only when the next request came)."""
+        if self.store is None:
+            return None
+        if self.dirty:
+            if len(self._children) >= self.MAX_CHILDREN or self._pending_since is None:
+                return 0.005
+            waited = time.monotonic() - self._pending_since
+            return max(0.001, self.COALESCE_WINDOW - waited)
+        return 0.25 if self._children else None
+
     def poll(self, until: Callable[[], object] | None = None) -> None:
-        """Reap finished children; start a save if the state is dirty, after
-        waiting for the oldest save when ``MAX_CHILDREN`` are running. A true
-        ``until()`` (the worker's "a request is queued") ends that wait at
-        once: the state stays dirty, and the next poll saves it, coalesced
-        with what the cells run meanwhile change."""
+        """Reap finished children; start a save if the state is dirty.
+
+        A save starts at once for up to ``QUICK_SAVES`` cells in a row (one
+        more per ``COALESCE_WINDOW``); beyond, the state waits until it is
+        ``COALESCE_WINDOW`` old, coalesced with what the next cells change,
+        and at most ``MAX_CHILDREN`` saves run. Given ``until`` (the worker's
+        loop: requests may come), this never blocks: the loop calls again
+        after :meth:`wake_in` if no request came, and a cell never waits for
+        a save. Without it (:meth:`flush`), it waits for a slot."""
         self._reap()
-        if self.dirty and self.store is not None:
-            deadline = time.monotonic() + self.SLOT_TIMEOUT
-            while len(self._children) >= self.MAX_CHILDREN and time.monotonic() < deadline:
-                if until is not None and until():
-                    self.deferred += 1
-                    return
-                time.sleep(0.002)
-                self._reap()
-            if len(self._children) < self.MAX_CHILDREN:
-                self.dirty = False
-                self._fork()
+        if not self.dirty or self.store is None:
+            self._pending_since = None
+            return
+        now = time.monotonic()
+        self._quick = min(
+            float(self.QUICK_SAVES),
+            self._quick + (now - self._quick_at) / self.COALESCE_WINDOW,
+        )
+        self._quick_at = now
+        if self._pending_since is None:
+            self._pending_since = now
+        due = self._quick >= 1 or now - self._pending_since >= self.COALESCE_WINDOW
+        if until is not None and (not due or len(self._children) >= self.MAX_CHILDREN):
+            self.deferred += 1
+            return
+        deadline = now + self.SLOT_TIMEOUT
+        while len(self._children) >= self.MAX_CHILDREN and time.monotonic() < deadline:
+            time.sleep(0.001)
+            self._reap()
+        if len(self._children) < self.MAX_CHILDREN:
+            self.dirty = False
+            self._pending_since = None
+            self._quick = max(0.0, self._quick - 1)
+            self._fork()
 
     def flush(self) -> None:
         """Start the save of a pending state now, waiting for a slot if need
@@ -278,6 +318,7 @@ class Autosave:
         while self._children and time.monotonic() < deadline:
             time.sleep(0.001)
             self._reap()
+        self._quick = float(self.QUICK_SAVES)
 
     def _reap(self) -> None:
         for pid in list(self._children):

@@ -312,8 +312,12 @@ class History:
         """Drop the oldest states beyond ``retention.keep`` and those whose
         blobs do not fit in ``retention.budget`` (never the newest); then
         remove the blobs no manifest of the store names. Returns the dropped
-        states."""
+        states. While the states are within the count and all the store's
+        blobs within the budget, nothing is read (a save's child runs this
+        after every cell: it must not grow with the history)."""
         seqs = self.seqs()
+        if len(seqs) <= retention.keep and self.blob_bytes() <= retention.budget:
+            return []
         manifests: dict[int, dict[str, Any]] = {}
         for seq in seqs:
             try:
@@ -349,15 +353,33 @@ class History:
                 os.remove(self.path(seq))
             except FileNotFoundError:
                 pass
-        self.collect_garbage()
+        if dropped:  # only a dropped state frees blobs
+            self.collect_garbage(manifests)
         return dropped
 
-    def collect_garbage(self) -> int:
-        """Remove blobs that neither a kept state nor a checkpoint of the
-        store's root names (the caller holds the store's exclusive lock)."""
-        used: set[str] = set()
+    def blob_bytes(self) -> int:
+        """Bytes of the store's blobs (and chunks) on disk."""
+        total = 0
         try:
-            manifests = [self.read(seq) for seq in self.seqs()]
+            with os.scandir(os.path.join(self.store._path, "objects")) as entries:
+                for entry in entries:
+                    if not entry.name.startswith("."):
+                        try:
+                            total += entry.stat().st_size
+                        except OSError:
+                            pass
+        except FileNotFoundError:
+            return 0
+        return total
+
+    def collect_garbage(self, known: dict[int, dict[str, Any]] | None = None) -> int:
+        """Remove blobs that neither a kept state nor a checkpoint of the
+        store's root names (the caller holds the store's exclusive lock).
+        ``known``: manifests of states already read."""
+        used: set[str] = set()
+        known = known or {}
+        try:
+            manifests = [known[seq] if seq in known else self.read(seq) for seq in self.seqs()]
             for name in self.store.names():
                 manifests.append(self.store.read_manifest(name))
         except CheckpointError as exc:
