@@ -15,7 +15,9 @@ on the checkpoint issue's 12-object workload (benchmarks/workloads.py):
   full saves among them: every name pickled again but a big dict's unchanged
   parts), measured in the same run. Its
   phases (``save_phases``/``save_faults`` in the manifest: seconds and the
-  memory pages faulted in, mostly copy-on-write copies), and, in a session
+  memory pages faulted in, mostly copy-on-write copies), the worker's own
+  cost before the fork (``scan_seconds``: finding the big dict's changed
+  parts, see worker/checkpoint/parts.py), and, in a session
   of its own with a probe loaded into the worker, the rest of the child's
   life: recording the state (``history.record``), the ``auto`` manifest,
   retention, the file-system flush, and the child's total CPU time and page
@@ -140,7 +142,7 @@ async def incremental_saves(
     """``runs`` saves after ``d['k1'] = ...``; ``full``: only the saves
     that were full ones count (``PYREPL3_STATES_FULL_EVERY=1`` makes every
     other save a full one)."""
-    seconds, cpu, added, incremental = [], [], [], []
+    seconds, cpu, added, incremental, scans = [], [], [], [], []
     phases: dict[str, list[float]] = {}
     faults: dict[str, list[int]] = {}
     tails: list[dict[str, float]] = []
@@ -156,6 +158,8 @@ async def incremental_saves(
         cpu.append(state["save_cpu_seconds"])
         added.append(state["bytes_added"])
         incremental.append(state["incremental"])
+        if "scan_seconds" in state:
+            scans.append(state["scan_seconds"])
         for phase, value in state.get("save_phases", {}).items():
             phases.setdefault(phase, []).append(value)
             faults.setdefault(phase, []).append(state["save_faults"][phase])
@@ -174,6 +178,7 @@ async def incremental_saves(
         "phases_ms": {k: round(statistics.median(v) * 1000, 3) for k, v in phases.items()},
         "phase_faults": {k: int(statistics.median(v)) for k, v in faults.items()},
         "parts": state.get("save_parts", {}),
+        "scan_before_fork": ms(scans) if scans else None,
     }
     if tails:
         out["after_manifest_ms"] = {
@@ -402,6 +407,11 @@ def table(results: dict[str, Any]) -> str:
             f"< {GOALS['incremental_save_ms']:.0f} ms",
         ),
         ("  its CPU time", f"{inc['child_cpu']['median_ms']} ms", ""),
+        (
+            "  the worker's scan of d before the fork",
+            f"{(inc.get('scan_before_fork') or {}).get('median_ms')} ms",
+            "finds the changed parts (in the worker)",
+        ),
         (
             "  its phases (ms; pages faulted in)",
             ", ".join(

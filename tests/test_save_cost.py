@@ -92,6 +92,7 @@ def test_a_change_to_one_key_pickles_and_writes_one_part(driver: Driver) -> None
     first = driver.newest()
     assert first["names"]["d"]["parts"]["items"] == 1024
     assert first["save_parts"]["d"] == [10, 0]  # every part pickled the first time
+    assert first["version"] == 3  # what a kernel needs to read parts
     whole = first["names"]["d"]["size"]
     before = driver.fingerprint("d")
 
@@ -164,6 +165,7 @@ def test_no_change_to_a_big_dict_is_missed(driver: Driver) -> None:
     # does not change any address), and its change is still saved.
     state = driver.newest()
     assert "parts" not in state["names"]["d"] and "d" not in state.get("save_parts", {})
+    assert state["version"] == 2  # no dict in parts: older kernels read it too
     for case, cell in cells.items():
         driver.ex("d = None")
         driver.ex(f"%checkout {cell}")

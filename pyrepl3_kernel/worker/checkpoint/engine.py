@@ -22,7 +22,7 @@ from ..pickling import (
 from . import chunks, parts
 from .dirty import close_over
 from .errors import CheckpointError
-from .format import FORMAT, FORMAT_VERSION, blob_digest, pack_blob
+from .format import FORMAT, blob_digest, pack_blob, version_of
 from .namespace import user_names
 from .report import Report, cell_number_of, current_cell, saved_by_of
 from .restore import restore_checkpoint
@@ -118,13 +118,8 @@ class CheckpointEngine:
         state_bytes = 0
         parted = self._save_parts(name, [v for v in order if v not in reuse], ns, base_names, plan)
         clock.mark("parts")
-        pickled = self._pickle_all(
-            [v for v in order if v not in reuse and v not in parted],
-            ns,
-            canonical,
-            report,
-            by_source,
-        )
+        todo = [v for v in order if v not in reuse and v not in parted]
+        pickled = self._pickle_all(todo, ns, canonical, report, by_source) if todo else {}
         clock.mark("pickle")
         if any(set(e.get("refs", ())) & report.skipped.keys() for e in reuse.values()):
             # A name kept as it was refers to one that cannot be saved now.
@@ -248,7 +243,7 @@ class CheckpointEngine:
         history = self.shell.history_manager
         manifest = {
             "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "version": version_of(entries),
             "created": time.time(),
             "python": list(sys.version_info[:2]),
             "execution_count": report.execution_count,
@@ -263,6 +258,8 @@ class CheckpointEngine:
             manifest["save_parts"] = {
                 v: [s.pickled_parts, s.reused_parts] for v, s in parted.items() if v in entries
             }
+        if plan is not None and plan.dicts:
+            manifest["scan_seconds"] = round(plan.seconds, 6)  # in the worker, before the fork
         clock.mark("manifest")
         if report.bytes_written:
             self.store.sync_blobs()

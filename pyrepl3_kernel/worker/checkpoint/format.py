@@ -14,6 +14,15 @@ FORMAT_VERSION = 3
 #: Versions this kernel reads (2 added chunked buffers, 3 big dicts saved in
 #: parts, see :mod:`.parts`).
 READABLE_VERSIONS = (1, 2, 3)
+
+
+def version_of(entries: dict[str, dict[str, Any]]) -> int:
+    """The oldest version that can read a manifest with these entries: 3
+    only when a dict is saved in parts, so that a kernel of version 2 still
+    reads every other checkpoint."""
+    return FORMAT_VERSION if any("parts" in e for e in entries.values()) else 2
+
+
 _BLOB_MAGIC = b"P3CK"
 
 
