@@ -17,10 +17,11 @@ With kernelspecs installed into a temporary prefix and a runtime directory
     ``PYREPL3_HANDOFF=0`` (the standalone start) and ipykernel, each started
     the same way in the same turn;
 (b) ``pyrepl3-kernel gateway``, started fresh for each run (a runtime
-    directory of its own, so a daemon too): POST ``/api/kernels``, the
-    WebSocket, ``1+1``, for each of its first ``--kernels`` kernels, with the
-    phases (POST, WebSocket open, execute) apart; against a stock
-    jupyter_server with ipykernel started the same way.
+    directory of its own, so a daemon too), its first kernel asked for as
+    soon as the server answers: POST ``/api/kernels``, the WebSocket,
+    ``1+1``, for each of its first ``--kernels`` kernels, with the phases
+    (POST, WebSocket open, execute) apart; against a stock jupyter_server
+    with ipykernel started the same way.
 
 Ratios are pyrepl3/ipykernel (below 1: pyrepl3 faster). Writes
 ``results/first_launch.json`` and prints a table.
@@ -32,6 +33,7 @@ import argparse
 import json
 import os
 import platform
+import secrets
 import shutil
 import statistics
 import sys
@@ -150,7 +152,7 @@ def bench_argv(runs: int, runtime: Path) -> dict[str, Any]:
 
 
 def bench_gateway(runs: int, kernels: int) -> dict[str, Any]:
-    from bench_rest import WS, make_servers, setup
+    from bench_rest import AS_ROOT, BIN, WS, Server, free_port, setup
 
     def phases(server: Any, name: str) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -171,21 +173,36 @@ def bench_gateway(runs: int, kernels: int) -> dict[str, Any]:
             "total_ms": (t_cell - t0) * 1000,
         }
 
+    def serve(tmp: Path, env: dict[str, str], label: str) -> Any:
+        """The server, started; its first kernel is asked for as soon as
+        it answers (nothing else runs meanwhile)."""
+        port, token = free_port(), secrets.token_hex(16)
+        common = [f"--port={port}", f"--IdentityProvider.token={token}", *AS_ROOT]
+        if label == "pyrepl3":
+            argv = [sys.executable, "-m", "pyrepl3_kernel.cli", "gateway", *common]
+        else:  # the stock server: the pyrepl3 extension (on in this venv) turned off
+            config = tmp / "stock-config"
+            config.mkdir(exist_ok=True)
+            (config / "jupyter_server_config.json").write_text(
+                json.dumps({"ServerApp": {"jpserver_extensions": {"pyrepl3_kernel.server": False}}})
+            )
+            env = {**env, "JUPYTER_CONFIG_DIR": str(config)}
+            argv = [str(BIN / "jupyter-server"), "--ip=127.0.0.1", "--no-browser", *common]
+        return Server(label, argv, env, port, token, tmp / f"{label}.log")
+
     out: dict[str, list[list[dict[str, float]]]] = {"pyrepl3": [], "ipykernel": []}
     for turn in range(runs):
-        tmp = Path(tempfile.mkdtemp(prefix="pyrepl3-bench-first-"))
-        try:
-            with setup(tmp) as (env, servers):
-                # make_servers starts both (and answers once /api/kernels does)
-                made = make_servers(tmp, env, servers)
-                gateway, stock = made["pyrepl3-gateway"], made["jupyter-server"]
-                pairs = [("pyrepl3", gateway, "pyrepl3"), ("ipykernel", stock, "python3")]
-                if turn % 2:
-                    pairs.reverse()
-                for label, server, kernel in pairs:
+        labels = [("pyrepl3", "pyrepl3"), ("ipykernel", "python3")]
+        for label, kernel in labels if turn % 2 == 0 else labels[::-1]:
+            tmp = Path(tempfile.mkdtemp(prefix="pyrepl3-bench-first-"))
+            try:
+                with setup(tmp) as (env, servers):
+                    server = serve(tmp, env, label)
+                    servers.append(server)
+                    server.start()  # returns as soon as GET /api/kernels answers
                     out[label].append([phases(server, kernel) for _ in range(kernels)])
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         print(
             f"  turn {turn + 1}: pyrepl3 "
             + " ".join(f"{k['total_ms']:.0f}" for k in out["pyrepl3"][-1])
@@ -235,9 +252,13 @@ def report_gateway(g: dict[str, Any], row: Any, lines: list[str]) -> None:
                 row(f"(b) gateway kernel {i + 1}: POST to 1+1 result", a, b)
             else:
                 lines.append(f"      {phase[:-3]:<10} {a:>7.0f}ms {b:>8.0f}ms")
-    first = median([run[0]["total_ms"] for run in g["pyrepl3"]])
-    last = median([run[-1]["total_ms"] for run in g["pyrepl3"]])
-    lines.append(f"    pyrepl3 gateway first/last kernel: {ratio(first, last):.2f}")
+    for label in ("pyrepl3", "ipykernel"):
+        first = median([run[0]["total_ms"] for run in g[label]])
+        later = median([k["total_ms"] for run in g[label] for k in run[1:]])
+        lines.append(
+            f"    {label}: first kernel / median of the later ones: {ratio(first, later):.2f}"
+            f"  (first {[round(run[0]['total_ms']) for run in g[label]]})"
+        )
 
 
 def main() -> int:

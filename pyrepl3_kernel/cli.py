@@ -452,11 +452,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """
     import logging
 
-    after = os.environ.pop("PYREPL3_DAEMON_AFTER", None)
-    if after and after.isdigit():  # started by a first launch: let its kernel start first
-        from .daemonstart import wait_started_up
-
-        wait_started_up(int(after))
     from .daemon.server import run
 
     logging.basicConfig(

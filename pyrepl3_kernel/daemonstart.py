@@ -7,10 +7,9 @@ first kernel (docs/daemon.md, "The first launch").
 - :func:`daemon_starting`: one serves or is on its way (a first launch that
   started one in the background wrote its pid next to the lock), so that
   the launches meanwhile do not start more;
-- :func:`wait_started_up`: a daemon started by a first argv launch
-  (``PYREPL3_DAEMON_AFTER``) waits until that launch's standalone kernel
-  has started before it imports anything: on a small machine the two
-  starts would slow each other down;
+- a daemon started by a first argv launch waits (``startwait.py``) until
+  that launch's standalone kernel has started before it starts: on a small
+  machine the two starts would slow each other down;
 - :func:`prepare_daemon`: ``pyrepl3-kernel gateway`` has the daemon, its
   fork server and the kernelspec's pool ready, and its own process's share
   of a kernel start done once, before it listens: its first kernel is as
@@ -42,15 +41,6 @@ from .daemon.client import (
 
 #: How long a daemon started here may take to answer when it is waited for.
 DAEMON_START_TIMEOUT = 30.0
-#: Set by a first launch in the environment of the daemon it starts: the
-#: launcher's pid, whose kernel start the daemon lets finish first.
-AFTER_ENV = "PYREPL3_DAEMON_AFTER"
-#: A daemon started by a first launch starts once the launch's kernel has:
-#: its processes used under START_UP_BUSY of a CPU for START_UP_WINDOW_S (or
-#: the launcher is gone; at most START_UP_MAX_S after).
-START_UP_WINDOW_S = 0.1
-START_UP_BUSY = 0.2
-START_UP_MAX_S = 5.0
 #: How long ``pyrepl3-kernel gateway`` waits for its pool's first worker.
 POOL_READY_TIMEOUT = 30.0
 
@@ -83,7 +73,7 @@ def start_daemon(
     starter, with ``server_info_file`` if that is a Jupyter server
     (docs/daemon.md, "Lifecycle"); ``warmup_code``: the fork server's it
     prepares at start; ``after_start_of``: a process whose kernel start the
-    daemon lets finish first (:func:`wait_started_up`). Raises OSError or
+    daemon lets finish first (``startwait.py``). Raises OSError or
     CalledProcessError."""
     paths.log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     cmd = [
@@ -106,11 +96,20 @@ def start_daemon(
     )
     env[PREPARE_ENV] = json.dumps({"warmup_code": warmup_code})
     env["PYREPL3_DAEMON_LOG"] = os.fspath(paths.log)
-    if after_start_of is not None:
-        env[AFTER_ENV] = str(after_start_of)
     # Through a shell that exits at once: the daemon is reparented to init
     # and never becomes a zombie of this (possibly long-lived) process.
     launcher = 'nohup "$@" >>"$PYREPL3_DAEMON_LOG" 2>&1 </dev/null & echo $!'
+    if after_start_of is not None:
+        # First the start-up wait, niced and without site-packages (a few
+        # milliseconds of CPU), then the daemon, as the same process.
+        from . import startwait
+
+        env["PYREPL3_START_WAIT"] = startwait.__file__
+        env["PYREPL3_START_OF"] = str(after_start_of)
+        launcher = (
+            '("$1" -S "$PYREPL3_START_WAIT" "$PYREPL3_START_OF"; exec nohup "$@") '
+            '>>"$PYREPL3_DAEMON_LOG" 2>&1 </dev/null & echo $!'
+        )
     done = subprocess.run(
         ["/bin/sh", "-c", launcher, "sh", *cmd],
         cwd="/",  # a daemon must not keep its first client's directory busy
@@ -206,60 +205,6 @@ def check_protocol(hello: dict[str, Any]) -> None:
             f"the running daemon speaks protocol {hello.get('protocol')}, "
             f"this kernel {DAEMON_PROTOCOL_VERSION}; stop it with `pyrepl3-kernel stop`",
         )
-
-
-def wait_started_up(pid: int) -> None:
-    """Until the standalone kernel of process ``pid`` has started (it has a
-    worker, and the two used under :data:`START_UP_BUSY` of a CPU over the
-    last :data:`START_UP_WINDOW_S`) or is gone; at most
-    :data:`START_UP_MAX_S`. A daemon started by a first launch
-    (``PYREPL3_DAEMON_AFTER``) waits here before it starts."""
-    deadline = time.monotonic() + START_UP_MAX_S
-    worker: int | None = None
-    before = _cpu_s(pid)
-    while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
-        time.sleep(START_UP_WINDOW_S)
-        if worker is None:
-            worker = _child_of(pid)
-            before = _cpu_s(pid) + (_cpu_s(worker) if worker else 0.0)
-            continue
-        now = _cpu_s(pid) + _cpu_s(worker)
-        if now - before < START_UP_BUSY * START_UP_WINDOW_S:
-            return
-        before = now
-
-
-def _cpu_s(pid: int) -> float:
-    """CPU seconds process ``pid`` has run (0 if it is gone)."""
-    try:
-        with open(f"/proc/{pid}/schedstat") as f:
-            return int(f.read().split()[0]) / 1e9
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
-
-
-def _child_of(pid: int) -> int | None:
-    """A child process of ``pid`` (the standalone kernel's worker), if any."""
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return None
-    for name in names:
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
-                    return int(name)
-        except (OSError, ValueError, IndexError):
-            continue
-    return None
 
 
 def prepare_daemon(kernel_name: str = "pyrepl3") -> dict[str, Any]:

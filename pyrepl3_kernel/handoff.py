@@ -166,9 +166,9 @@ def hand_off(connection_file: str, ipython_options: list[str]) -> int | None:
 
 def _start_in_background(paths: DaemonPaths) -> None:
     """Start the daemon (unless one is starting) without waiting for it. It
-    waits (:func:`wait_started_up`) until this kernel has started before it
-    imports anything: its start and its fork server's would take CPU time
-    from this one's on a small machine. A failure is a warning (the kernel
+    waits (``startwait.py``, niced) until this kernel has started before it
+    starts: its start and its fork server's would take CPU time from this
+    one's on a small machine. A failure is a warning (the kernel
     runs standalone either way)."""
     try:
         paths.log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)

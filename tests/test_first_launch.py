@@ -283,8 +283,13 @@ def test_gateway_answers_with_its_fork_server_and_pool_ready(runtime, tmp_path):
         # and its first kernel is forked
         r = requests.post(url + "/api/kernels", json={"name": KERNEL_NAME}, headers=headers)
         assert r.status_code == 201, r.text
-        leases = _client(runtime).call("status")["leases"]
-        assert len(leases) == 1
+        deadline = time.monotonic() + TIMEOUT
+        while True:  # its worker is listed once the kernel has configured it
+            leases = _client(runtime).call("status")["leases"]
+            assert len(leases) == 1, leases
+            if leases[0]["worker_pid"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
         pids.append(leases[0]["worker_pid"])
         with open(f"/proc/{leases[0]['worker_pid']}/stat") as f:
             assert int(f.read().rsplit(")", 1)[1].split()[1]) in [f["pid"] for f in ready]
