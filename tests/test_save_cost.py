@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
+import textwrap
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,47 +196,123 @@ def test_a_big_dict_in_parts_survives_a_worker_crash(driver: Driver) -> None:
 
 
 # -- finding the changed parts in the worker (no kernel) -----------------------------------
+#
+# Each runs in a fresh interpreter: the table is read only when no thread but
+# the worker's own runs, and this test process has threads of its own.
+
+
+def run_alone(code: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_the_entry_table_is_read_on_this_python() -> None:
-    from pyrepl3_kernel.worker.checkpoint import dictscan
-
     # CPython 3.11/3.12: the layout check passed, so no list copies per save.
-    assert dictscan.FAST
+    run_alone(
+        """
+        from pyrepl3_kernel.worker.checkpoint import dictscan
+        assert dictscan.FAST and dictscan.alone()
+        """
+    )
 
 
 def test_a_scan_finds_the_changed_parts_and_holds_what_it_compared() -> None:
-    import gc
-    import weakref
+    run_alone(
+        """
+        import gc
+        import weakref
 
-    from pyrepl3_kernel.worker.checkpoint import dictscan
+        from pyrepl3_kernel.worker.checkpoint import dictscan
 
-    class Value:
-        pass
+        class Value:
+            pass
 
-    d = {f"k{i}": Value() for i in range(1000)}
-    got = dictscan.scan(d, None, 100)
-    assert got is not None
-    scan, changed = got
-    assert changed == set(range(10))
-    assert dictscan.scan(d, scan, 100) == (scan, set())  # nothing changed
+        d = {f"k{i}": Value() for i in range(1000)}
+        scan, changed = dictscan.scan(d, None, 100)
+        assert changed == set(range(10))
+        assert dictscan.scan(d, scan, 100) == (scan, set())  # nothing changed
 
-    replaced = weakref.ref(d["k150"])
-    d["k150"] = Value()
-    gc.collect()
-    # Held by the scan: its address cannot be reused by another object
-    # before the next scan compares it.
-    assert replaced() is not None
-    del d["k420"]  # a hole: the entries after it keep their places
-    assert dictscan.scan(d, scan, 100) == (scan, {1, 4})
-    keys, values = dictscan.items(scan, 4)
-    assert len(keys) == 99 and "k420" not in keys and values[0] is d["k400"]
-    gc.collect()
-    assert replaced() is None  # let go once compared
+        replaced = weakref.ref(d["k150"])
+        d["k150"] = Value()
+        gc.collect()
+        # Held by the scan: its address cannot be reused by another object
+        # before the next scan compares it.
+        assert replaced() is not None
+        del d["k420"]  # a hole: the entries after it keep their places
+        assert dictscan.scan(d, scan, 100) == (scan, {1, 4})
+        keys, values = dictscan.items(scan, 4)
+        assert len(keys) == 99 and "k420" not in keys and values[0] is d["k400"]
+        gc.collect()
+        assert replaced() is None  # let go once compared
 
-    for i in range(1000, 3000):  # the table is rebuilt as it grows
-        d[f"k{i}"] = Value()
-    scan, changed = dictscan.scan(d, scan, 100) or (scan, set())
-    assert changed >= set(range(4, 30))
-    flat = [k for i in range(len(scan.digests)) for k in dictscan.items(scan, i)[0]]
-    assert flat == list(d)
+        for i in range(1000, 3000):  # the table is rebuilt as it grows
+            d[f"k{i}"] = Value()
+        scan, changed = dictscan.scan(d, scan, 100)
+        assert changed >= set(range(4, 30))
+        flat = [k for i in range(len(scan.digests)) for k in dictscan.items(scan, i)[0]]
+        assert flat == list(d)
+        """
+    )
+
+
+def test_with_another_thread_running_lists_are_compared_instead() -> None:
+    run_alone(
+        """
+        import threading
+
+        from pyrepl3_kernel.worker.checkpoint import dictscan, parts
+
+        d = {f"k{i}": (i, str(i)) for i in range(5 * parts.PART_ITEMS)}
+        ns = {"d": d}
+        first = parts.before_fork(ns, {"d"}, 1).dicts["d"]
+        assert first.snapshot.scan is not None and first.base is None
+        stop = threading.Event()
+        user = threading.Thread(target=stop.wait, name="a-user-thread")
+        user.start()
+        # A thread that may change the dict meanwhile: no table reading.
+        assert not dictscan.alone()
+        d["k1"] = "changed"
+        second = parts.before_fork(ns, {"d"}, 2).dicts["d"]
+        assert second.snapshot.scan is None
+        assert second.base is None  # not comparable with a table's parts
+        d[f"k{parts.PART_ITEMS}"] = "changed too"
+        third = parts.before_fork(ns, {"d"}, 3).dicts["d"]
+        assert (third.base, third.unchanged) == (2, frozenset({0, 2, 3, 4}))
+        stop.set()
+        user.join()
+        fourth = parts.before_fork(ns, {"d"}, 4).dicts["d"]
+        assert fourth.snapshot.scan is not None and fourth.base is None
+        """
+    )
+
+
+def test_a_scan_cut_short_starts_afresh() -> None:
+    run_alone(
+        """
+        from pyrepl3_kernel.worker.checkpoint import dictscan
+
+        d = {f"k{i}": i for i in range(500)}
+        scan, _ = dictscan.scan(d, None, 100)
+        d["k1"], d["k450"] = -1, -2
+        objects = dictscan._objects
+
+        def interrupted(*args):
+            raise KeyboardInterrupt  # as SIGINT would, between two steps
+
+        dictscan._objects = interrupted
+        try:
+            dictscan.scan(d, scan, 100)
+            raise AssertionError("not interrupted")
+        except KeyboardInterrupt:
+            pass
+        dictscan._objects = objects
+        # No part is taken for unchanged on the word of a half-done scan.
+        assert dictscan.scan(d, scan, 100) == (scan, set(range(5)))
+        assert dictscan.items(scan, 4)[1][50] == -2
+        """
+    )

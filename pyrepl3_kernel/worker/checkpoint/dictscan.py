@@ -11,7 +11,10 @@ cache misses alone; reading the table, 2).
 Addresses are only meaningful while the objects they name are alive:
 :class:`Scan` holds a reference to every key and value it saw (taking new
 references only for the parts that changed), so an address at the last look
-still names the same object now.
+still names the same object now. And the table is read only while no other
+thread that could change the dict runs (:func:`alone`: the worker's own
+threads only), with garbage collection off, so that what the table names is
+alive when the references are taken.
 
 The table is read through ``ctypes`` at the offsets of CPython 3.11's dict
 layout (the same in 3.12), checked against the dict's own iteration when
@@ -28,6 +31,7 @@ import gc
 import hashlib
 import struct
 import sys
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -99,20 +103,34 @@ def _table(d: dict[Any, Any]) -> _Table | None:
     return _Table(keys + _DK_INDICES + index_bytes, count, size, key, value)
 
 
+#: Threads of the worker that never change the user's objects (the
+#: protocol's reader hands requests to the main thread; IPython's history
+#: writer only writes its database).
+KERNEL_THREADS = frozenset({"pyrepl3-io", "IPythonHistorySavingThread"})
+
+
+def alone() -> bool:
+    """Whether the calling (main) thread is the only one that may change the
+    user's objects. Another thread (a subshell, the debugger, a thread the
+    user started) could change a dict between the reading of its table and
+    the taking of references to what it names, which would then be freed
+    objects: the caller reads lists instead, which is safe."""
+    main = threading.main_thread()
+    return threading.current_thread() is main and all(
+        t is main or t.name in KERNEL_THREADS for t in threading.enumerate()
+    )
+
+
 @contextmanager
-def _alone() -> Iterator[None]:
-    """No other thread runs and no collection (whose finalizers could run
-    any code) happens meanwhile: the table read stays the dict's table."""
-    interval = sys.getswitchinterval()
+def _no_collection() -> Iterator[None]:
+    """No garbage collection meanwhile (a finalizer could run any code)."""
     enabled = gc.isenabled()
-    sys.setswitchinterval(1000.0)
     gc.disable()
     try:
         yield
     finally:
         if enabled:
             gc.enable()
-        sys.setswitchinterval(interval)
 
 
 @dataclass
@@ -132,12 +150,16 @@ def scan(d: dict[Any, Any], previous: Scan | None, part: int) -> tuple[Scan, set
     place, or a new one) and the parts that are not the same objects as at
     the previous look (all of them without one). None where the table cannot
     be read (see the module's docstring)."""
-    if not FAST:
+    if not FAST or not alone():
         return None
+    return _scan(d, previous, part)
+
+
+def _scan(d: dict[Any, Any], previous: Scan | None, part: int) -> tuple[Scan, set[int]] | None:
     out = previous if previous is not None and previous.part == part else Scan(part)
     changed: set[int] = set()
     old_refs: list[Any] = []  # dropped at the end: a finalizer runs outside
-    with _alone():
+    with _no_collection(), _invalid_on_error(out):
         table = _table(d)
         if table is None:
             return None
@@ -181,6 +203,18 @@ def scan(d: dict[Any, Any], previous: Scan | None, part: int) -> tuple[Scan, set
     return out, changed
 
 
+@contextmanager
+def _invalid_on_error(s: Scan) -> Iterator[None]:
+    """A scan cut short (an interrupt between two of its steps) may hold a
+    part's new digest with its old items: forget every digest, so the next
+    look starts afresh and finds every part changed."""
+    try:
+        yield
+    except BaseException:
+        s.digests.clear()
+        raise
+
+
 def _objects(raw: bytes, table: _Table) -> tuple[list[Any], list[Any]]:
     """The keys and values whose addresses a part of the table holds."""
     words = memoryview(raw).cast("Q").tolist()
@@ -214,8 +248,6 @@ def _check() -> bool:
     ):
         return False
     try:
-        global FAST
-        FAST = True
         probes: list[dict[Any, Any]] = [
             {f"k{i}": (i, f"v{i}") for i in range(300)},  # str keys
             {i: float(i) for i in range(300)},  # other keys
@@ -223,7 +255,7 @@ def _check() -> bool:
         for d in probes:
             for k in list(d)[::7]:
                 del d[k]  # holes
-            got = scan(d, None, 64)
+            got = _scan(d, None, 64)
             if got is None:
                 return False
             s, changed = got
@@ -241,15 +273,12 @@ def _check() -> bool:
                 return False
             key = next(iter(d))
             d[key] = "changed"
-            again = scan(d, s, 64)
+            again = _scan(d, s, 64)
             if again is None or again[1] != {0} or items(s, 0)[1][0] != "changed":
                 return False
         return True
     except Exception:  # pragma: no cover - another layout
         return False
-    finally:
-        FAST = False
 
 
-FAST = False
 FAST = _check()
