@@ -129,8 +129,12 @@ class Autosave:
     #: many; one more is allowed per ``COALESCE_WINDOW`` that passes. Beyond,
     #: the state waits, coalesced with the next cells', until it is that old
     #: (then it is saved, also while cells keep coming) or the worker is idle.
+    #: The window grows (up to 1 s) so that forks take at most ``FORK_SHARE``
+    #: of the worker's time (a fork costs ~1.5 ms on an idle machine, 10-30
+    #: ms on a loaded one).
     QUICK_SAVES = 3
     COALESCE_WINDOW = 0.05
+    FORK_SHARE = 0.1
 
     def __init__(self, state: Any, private_fds: list[int]) -> None:
         self.state = state  # Checkpoints
@@ -163,6 +167,7 @@ class Autosave:
         self._quick_at = time.monotonic()
         #: When the pending state was first found waiting (None: none waits).
         self._pending_since: float | None = None
+        self._fork_seconds = 0.0  # a moving average of what a fork costs the worker
         state.changed = self.mark_dirty
         state.autosave = self
 
@@ -262,7 +267,7 @@ class Autosave:
             if len(self._children) >= self.MAX_CHILDREN or self._pending_since is None:
                 return 0.005
             waited = time.monotonic() - self._pending_since
-            return max(0.001, self.COALESCE_WINDOW - waited)
+            return max(0.001, self._window() - waited)
         return 0.25 if self._children else None
 
     def poll(self, until: Callable[[], object] | None = None) -> None:
@@ -280,14 +285,12 @@ class Autosave:
             self._pending_since = None
             return
         now = time.monotonic()
-        self._quick = min(
-            float(self.QUICK_SAVES),
-            self._quick + (now - self._quick_at) / self.COALESCE_WINDOW,
-        )
+        window = self._window()
+        self._quick = min(float(self.QUICK_SAVES), self._quick + (now - self._quick_at) / window)
         self._quick_at = now
         if self._pending_since is None:
             self._pending_since = now
-        due = self._quick >= 1 or now - self._pending_since >= self.COALESCE_WINDOW
+        due = self._quick >= 1 or now - self._pending_since >= window
         if until is not None and (not due or len(self._children) >= self.MAX_CHILDREN):
             self.deferred += 1
             return
@@ -299,7 +302,17 @@ class Autosave:
             self.dirty = False
             self._pending_since = None
             self._quick = max(0.0, self._quick - 1)
+            started = time.monotonic()
             self._fork()
+            spent = time.monotonic() - started
+            self._fork_seconds = (
+                spent if not self._fork_seconds else (0.7 * self._fork_seconds + 0.3 * spent)
+            )
+
+    def _window(self) -> float:
+        """How old a waiting state gets before it is saved while cells keep
+        coming (and how often one more cell may fork at once)."""
+        return max(self.COALESCE_WINDOW, min(1.0, self._fork_seconds / self.FORK_SHARE))
 
     def flush(self) -> None:
         """Start the save of a pending state now, waiting for a slot if need
