@@ -179,9 +179,9 @@ async def fork_into_daemon(gateway: JupyterGateway) -> dict[str, Any]:
     by this kernel's client (``JPY_PARENT_PID``), not by this process: the
     fork outlives this kernel. Raises :class:`ForkError` (this kernel is
     untouched)."""
-    from .. import handoff
     from ..curve import PUBLIC, SECRET, CurveKeys
     from ..daemon.client import DaemonClient, DaemonError, DaemonUnavailable
+    from ..handoff import confinement_difference, ensure_daemon
     from ..protocol import ForkMessage, ForkReplyMessage
     from ..session.fork import ForkBusyError, ForkError
 
@@ -190,12 +190,12 @@ async def fork_into_daemon(gateway: JupyterGateway) -> dict[str, Any]:
         raise ForkBusyError()
     await session.ensure_worker()
     worker = session.worker
-    client = DaemonClient(handoff._daemon_paths(), timeout=DAEMON_TIMEOUT_S)
+    client = DaemonClient(default_daemon_paths(), timeout=DAEMON_TIMEOUT_S)
 
     def listen() -> dict[str, Any]:
-        handoff.ensure_daemon(client)
+        ensure_daemon(client)
         daemon_pid = int(client.call("hello", timeout=10.0)["pid"])
-        different = handoff.confinement_difference(daemon_pid)
+        different = confinement_difference(daemon_pid)
         if different is not None:
             raise ForkError(
                 f"this kernel runs confined unlike the pyrepl3 manager daemon ({different}), "
@@ -244,6 +244,18 @@ async def fork_into_daemon(gateway: JupyterGateway) -> dict[str, Any]:
         return await asyncio.to_thread(client.call, "fork_adopt", DAEMON_TIMEOUT_S, **fields)
     except (DaemonError, DaemonUnavailable, OSError) as exc:
         raise ForkError(f"{unusable}, could not take the fork: {exc}") from None
+
+
+def default_daemon_paths() -> Any:
+    """The per-user daemon's paths in Jupyter's runtime directory (as the
+    provisioner and the argv path find it)."""
+    from jupyter_core.paths import jupyter_runtime_dir
+
+    from ..daemon.client import DaemonPaths
+
+    return DaemonPaths.default(
+        os.path.abspath(jupyter_runtime_dir())
+    )  # absolute: the daemon runs in /
 
 
 def _owner() -> int:

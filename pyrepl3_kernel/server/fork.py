@@ -107,7 +107,13 @@ async def fork_standalone(kernel_id: str, parent: Any) -> dict[str, Any]:
         raise web.HTTPError(
             409, f"kernel {kernel_id} is not a pyrepl3 kernel: only pyrepl3 kernels can be forked"
         )
-    client = parent.client()
+    from jupyter_client.session import Session
+
+    # A session (and so a socket identity) of its own: the kernel manager's
+    # is the REST bridge's too, and the kernel's ROUTER sockets hand an
+    # identity over to its newest peer (this client's, gone after the fork).
+    own = Session(key=parent.session.key, signature_scheme=parent.session.signature_scheme)
+    client = parent.client(session=own)
     client.start_channels(shell=False, iopub=False, stdin=False, hb=False, control=True)
     try:
         request = client.session.msg(FORK_REQUEST, {})
@@ -208,10 +214,10 @@ async def _start_adopting(km: Any, kernel_id: str, kernel_name: str, lease_id: s
 
 def _end_lease(lease_id: str) -> None:
     from ..daemon.client import DaemonClient, DaemonError, DaemonUnavailable
-    from ..handoff import _daemon_paths
+    from ..gateway.fork_magic import default_daemon_paths
 
     with contextlib.suppress(DaemonError, DaemonUnavailable, OSError):
-        DaemonClient(_daemon_paths()).call("release", timeout=30.0, lease_id=lease_id)
+        DaemonClient(default_daemon_paths()).call("release", timeout=30.0, lease_id=lease_id)
 
 
 _adopting = asyncio.Lock()
@@ -223,7 +229,7 @@ async def adopt_forks(km: Any) -> list[str]:
     becomes a kernel of the server, listed under ``/api/kernels``, with its
     id, started by adopting its lease. Returns the ids registered."""
     from ..daemon.client import DaemonClient, DaemonError, DaemonUnavailable
-    from ..handoff import _daemon_paths
+    from ..gateway.fork_magic import default_daemon_paths
     from ..provisioner import PoolProvisioner
 
     clients = {}
@@ -238,7 +244,7 @@ async def adopt_forks(km: Any) -> list[str]:
             elif is_pyrepl3_spec(kernel.kernel_spec):
                 standalone = True  # its forks are hosted by the default daemon
     if standalone:
-        client = DaemonClient(_daemon_paths())
+        client = DaemonClient(default_daemon_paths())
         clients.setdefault(os.fspath(client.paths.socket), (client, ""))
     adopted: list[str] = []
     if not clients:
