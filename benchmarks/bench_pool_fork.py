@@ -36,8 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench_pool import IPYKERNEL, _ready, ratio
-from jupyter_client import AsyncKernelManager
+from bench_fork import burst
+from bench_pool import IPYKERNEL, ratio
 
 from pyrepl3_kernel import __version__
 from pyrepl3_kernel.protocol import ExecuteMessage, MessageType
@@ -71,21 +71,11 @@ async def pool_burst(n: int, fork_server: bool) -> dict[str, Any]:
 
 
 async def ipykernel_burst(n: int) -> dict[str, Any]:
-    managers = [AsyncKernelManager(kernel_name=IPYKERNEL) for _ in range(n)]
-
-    async def one(km: AsyncKernelManager, t0: float) -> float:
-        await km.start_kernel(stderr=asyncio.subprocess.DEVNULL)
-        return await _ready(km.get_connection_info(), t0)
-
-    try:
-        t0 = time.perf_counter()
-        done = await asyncio.gather(*(one(km, t0) for km in managers))
-        return {"s": max(done)}
-    finally:
-        await asyncio.gather(
-            *(km.shutdown_kernel(now=True) for km in managers if km.has_kernel),
-            return_exceptions=True,
-        )
+    """ipykernel as bench_fork starts it: ``n`` AsyncKernelManagers at once."""
+    out = await burst(IPYKERNEL, n, None)
+    if out["ready"] != n:
+        raise RuntimeError(f"{n - out['ready']} ipykernels did not answer: {out['failures']}")
+    return {"s": out["all_ready_s"]}
 
 
 async def one_run(n: int, order: list[str]) -> dict[str, Any]:
