@@ -109,6 +109,24 @@ def wait_for_autosave(store: str, timeout: float = 15.0) -> bool:
     return wait_for_saves(store, timeout)
 
 
+def _fork_beside_history(shell: Any) -> int:
+    """``os.fork()``, without IPython's before-fork hook stopping (and
+    joining) its history-saving thread: the saving child never touches the
+    history database, and the join waited for the thread's SQLite commit or
+    connect, up to hundreds of ms on a loaded machine (most of what a fork
+    cost the worker), and the thread then had to be started again."""
+    manager = getattr(shell, "history_manager", None)
+    thread = getattr(manager, "save_thread", None)
+    if thread is None:
+        return os.fork()
+    manager.save_thread = None  # what the hook stops
+    try:
+        return os.fork()
+    finally:
+        if manager.save_thread is None:
+            manager.save_thread = thread
+
+
 class Autosave:
     """Forks a saving child after each cell that may have changed the state.
 
@@ -371,7 +389,7 @@ class Autosave:
         self._touched, self._everything, self._fork_bindings = set(), False, now
         self._base_seq, self._since_full = seq, 0 if full else self._since_full + 1
         try:
-            pid = os.fork()
+            pid = _fork_beside_history(self.state.shell)
         except OSError as exc:
             # No process to save with (a process limit is full): the state
             # stays dirty, as it was, and the next poll tries again.
