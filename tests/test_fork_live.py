@@ -523,10 +523,14 @@ def test_a_fork_that_cannot_reach_its_supervisor_leaves_nothing_behind() -> None
     assert_no_leftovers(run(main()))
 
 
-def test_fork_magic_in_a_server_kernel_is_listed_by_the_server(server: Any) -> None:
-    """A kernel %fork made from a kernel of jupyter_server joins the server's
-    kernels: /api/kernels lists it, it answers, DELETE shuts it down."""
-    parent = server.start_kernel("pyrepl3")
+@pytest.mark.parametrize("kernel_name", ["pyrepl3", "pyrepl3-cold"])
+def test_fork_magic_in_a_server_kernel_is_listed_by_the_server(
+    server: Any, kernel_name: str
+) -> None:
+    """A kernel %fork made from a kernel of jupyter_server (daemon-hosted or
+    standalone) joins the server's kernels: /api/kernels lists it under the
+    parent's kernelspec name, it answers, DELETE shuts it down."""
+    parent = server.start_kernel(kernel_name)
     try:
         rest_value(server, parent, "import os\nx = 'from the parent'")
         r = server.api("POST", f"/api/pyrepl3/kernels/{parent}/execute", {"code": "%fork"})
@@ -536,6 +540,8 @@ def test_fork_magic_in_a_server_kernel_is_listed_by_the_server(server: Any) -> N
         assert found, text
         child = found.group(1)
         assert child in kernel_ids(server)
+        kernels = {k["id"]: k for k in server.api("GET", "/api/kernels").json()}
+        assert kernels[child]["name"] == kernel_name
         assert rest_value(server, child, "x") == "'from the parent'"
         child_pid = int(rest_value(server, child, "os.getpid()"))
         assert server.api("DELETE", f"/api/kernels/{child}").status_code == 204

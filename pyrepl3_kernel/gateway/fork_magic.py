@@ -231,7 +231,7 @@ async def fork_into_daemon(gateway: JupyterGateway) -> dict[str, Any]:
         "pid": reply.pid,
         "report": reply.report,
         "kernel_name": str(info.get("kernel_name") or "pyrepl3"),
-        "kernel_id": gateway.kernel_id,
+        "kernel_id": _client_kernel_id(gateway),
         "python": worker.python,
         "cwd": worker.cwd or os.getcwd(),
         "env": dict(os.environ if worker.env is None else worker.env),
@@ -256,6 +256,27 @@ def default_daemon_paths() -> Any:
     return DaemonPaths.default(
         os.path.abspath(jupyter_runtime_dir())
     )  # absolute: the daemon runs in /
+
+
+def _client_kernel_id(gateway: JupyterGateway) -> str:
+    """This kernel's id as its client knows it (a Jupyter server lists a
+    ``%fork`` kernel whose parent is one of its kernels): ``KERNEL_ID`` if
+    the launcher set it, else the ``kernel-<id>.json`` name of the
+    connection file on the command line (jupyter_client names it so), else
+    the gateway's own."""
+    if os.environ.get("KERNEL_ID"):
+        return os.environ["KERNEL_ID"]
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
+        path = ""
+        if arg in ("-f", "--connection-file") and i + 1 < len(args):
+            path = args[i + 1]
+        elif arg.startswith("--connection-file="):
+            path = arg.split("=", 1)[1]
+        found = re.fullmatch(r"kernel-(.+)\.json", os.path.basename(path))
+        if found:
+            return found.group(1)
+    return gateway.kernel_id
 
 
 def _owner() -> int:
