@@ -115,7 +115,7 @@ def _fork_beside_history(shell: Any) -> int:
     history database, and the join waited for the thread's SQLite commit or
     connect, up to hundreds of ms on a loaded machine (most of what a fork
     cost the worker), and the thread then had to be started again."""
-    manager = getattr(shell, "history_manager", None)
+    manager: Any = getattr(shell, "history_manager", None)
     thread = getattr(manager, "save_thread", None)
     if thread is None:
         return os.fork()
