@@ -267,8 +267,9 @@ def warm_server(app: Any, kernel_name: str = "pyrepl3") -> None:
     """A Jupyter server's share of its first kernel start, done before it
     listens (``pyrepl3-kernel gateway``): a kernel manager made as for a
     kernel (no kernel is started) with its event schemas registered (YAML
-    and JSON schema, first used), its kernelspec and session loaded and its
-    restarter made. Best effort: a server that differs is left as it is."""
+    and JSON schema, first used), its kernelspec and session loaded, its
+    restarter made, and a first connection on the shared ZMQ context. Best
+    effort: a server that differs is left as it is."""
     try:
         manager = app.kernel_manager
         km = manager.kernel_manager_factory(
@@ -278,6 +279,17 @@ def warm_server(app: Any, kernel_name: str = "pyrepl3") -> None:
         km.kernel_spec  # noqa: B018
         km.session  # noqa: B018
         km.restarter_class(kernel_manager=km, loop=km.loop, parent=km, log=km.log)
+        # The shared ZMQ context's first connection (its I/O thread, the TCP
+        # machinery): tens of milliseconds of the first kernel's channels.
+        import zmq
+
+        server, client = km.context.socket(zmq.ROUTER), km.context.socket(zmq.DEALER)
+        try:
+            port = server.bind_to_random_port("tcp://127.0.0.1")
+            client.connect(f"tcp://127.0.0.1:{port}")
+        finally:
+            client.close(linger=0)
+            server.close(linger=0)
     except Exception as exc:
         app.log.debug("pyrepl3: could not warm the kernel path up: %s", exc)
 
