@@ -99,11 +99,16 @@ def test_a_change_to_one_key_pickles_and_writes_one_part(driver: Driver) -> None
     whole = first["names"]["d"]["size"]
     before = driver.fingerprint("d")
 
+    driver.ex("gen = (i for i in range(3))")  # cannot be saved
     cell_changed = driver.numbered("d['k1'] = (1, 2.5, 'changed')")
     state = driver.newest()
+    # Left out again, with its reason, without being pickled again.
+    assert state["names"]["gen"]["status"] == "skipped"
+    assert "generator" in state["names"]["gen"]["reason"]
     assert state["incremental"] is True
     assert state["save_parts"]["d"] == [1, 9]  # one part pickled, nine taken as they were
     assert state["changed"] == ["d"]
+    assert [s["skipped"] for s in driver.run(driver.session.states())["states"][-1:]] == [["gen"]]
     # What the save wrote: that part and the dict's small index blob.
     assert 0 < state["bytes_added"] < whole // 5
 

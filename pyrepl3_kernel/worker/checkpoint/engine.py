@@ -112,13 +112,21 @@ class CheckpointEngine:
                     and (previous.get("blob") or previous.get("status") == "source")
                 ):
                     reuse[var] = previous
+                elif (
+                    var not in dirty
+                    and previous is not None
+                    and previous.get("unpicklable")
+                    and isinstance(previous.get("reason"), str)
+                ):
+                    # The same object failed to pickle last time: it still does.
+                    report.skipped[var] = previous["reason"]
             base_sources = base.get("sources", {})
         clock.mark("close_over")
         by_source: dict[str, str] = {}
         state_bytes = 0
         parted = self._save_parts(name, [v for v in order if v not in reuse], ns, base_names, plan)
         clock.mark("parts")
-        todo = [v for v in order if v not in reuse and v not in parted]
+        todo = [v for v in order if v not in reuse and v not in parted and v not in report.skipped]
         pickled = self._pickle_all(todo, ns, canonical, report, by_source) if todo else {}
         clock.mark("pickle")
         if any(set(e.get("refs", ())) & report.skipped.keys() for e in reuse.values()):
@@ -152,6 +160,7 @@ class CheckpointEngine:
                     "status": "skipped",
                     "type": _type_name(obj),
                     "reason": report.skipped[var],
+                    "unpicklable": True,  # not for its size: the next save need not try again
                 }
                 continue
             split = parted.get(var)
@@ -326,7 +335,8 @@ class CheckpointEngine:
         value), goes to ``by_source`` instead: it is saved as its source and
         stays referable (a restore runs the source before loading others)."""
         pickled: dict[str, tuple[bytes, list[memoryview], set[str]]] = {}
-        referable = dict(canonical)
+        # Names known to fail (skipped again unchanged) are never referred to.
+        referable = {i: v for i, v in canonical.items() if v not in report.skipped}
         containers = {i: v for i, v in canonical.items() if type(ns[v]) in CONTAINERS}
 
         def one(var: str, allowed: dict[int, str]) -> None:
