@@ -193,3 +193,84 @@ def test_unsafe_warmup_and_sandbox_fall_back_with_the_reason():
         return leftovers
 
     assert_no_leftovers(run(main()))
+
+
+def test_the_fork_server_dying_mid_burst_hands_out_no_worker_twice():
+    """The pool's fork server is killed while eight sessions are being
+    acquired: every session comes (forked, or cold for the requests the
+    dying server did not answer), each its own, and the restarted server
+    forks the next ones."""
+
+    async def main() -> list[int]:
+        pool = SessionPool(PoolConfig(min_idle=0, max_sessions=10))
+        sessions: list[Session] = []
+        killed: list[int] = []
+        try:
+            await pool.start()
+            server = pool.fork_server
+            assert server is not None and await server.start(), pool.fork_server_state
+            assert server.pid is not None
+            killed.append(server.pid)
+            acquiring = [asyncio.ensure_future(pool.acquire()) for _ in range(8)]
+            await asyncio.sleep(0.01)
+            os.kill(server.pid, signal.SIGKILL)
+            sessions = list(await asyncio.gather(*acquiring))
+            probes = await asyncio.gather(*(_probe(s) for s in sessions))
+            pids = [p[0] for p in probes]
+            assert len(set(pids)) == 8 and pids == [s.pid for s in sessions], pids
+            await wait_until(lambda: server.state == "ready", 30, "the server to be restarted")
+            assert server.pid not in killed
+            sessions.append(await pool.acquire())
+            assert (await _probe(sessions[-1]))[1] == server.pid
+        finally:
+            leftovers = _pids(pool, sessions) + killed
+            await pool.stop()
+        return leftovers
+
+    assert_no_leftovers(run(main()))
+
+
+DEATH_WATCH = """
+import asyncio, os, sys, time
+from pyrepl3_kernel.session import PoolConfig, SessionPool
+
+async def main():
+    pool = SessionPool(PoolConfig(min_idle=0, max_sessions=4))
+    await pool.start()
+    sessions = [await pool.acquire() for _ in range(2)]
+    print(pool.fork_server.pid, *[s.pid for s in sessions], flush=True)
+    await asyncio.sleep(300)
+
+asyncio.run(main())
+"""
+
+
+def test_a_killed_pool_owner_takes_its_forked_workers_and_fork_server_along(tmp_path):
+    """The death watch: a process with a pool is killed outright (SIGKILL,
+    no cleanup): its forked workers (not its children) and its fork server
+    end with it."""
+    import select
+    import subprocess
+    import sys
+
+    script = tmp_path / "owner.py"
+    script.write_text(DEATH_WATCH)
+    owner = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    pids: list[int] = []
+    try:
+        assert owner.stdout is not None
+        ready, _, _ = select.select([owner.stdout], [], [], 60)
+        assert ready, "the pool's owner did not start its sessions within 60 s"
+        line = owner.stdout.readline()
+        pids = [int(p) for p in line.split()]
+        assert len(pids) == 3, line
+        server, *workers = pids
+        for worker in workers:
+            with open(f"/proc/{worker}/stat") as f:
+                assert int(f.read().rsplit(")", 1)[1].split()[1]) == server, "not forked"
+    finally:
+        owner.kill()
+        owner.wait(30)
+    assert_no_leftovers(pids, timeout=15)
