@@ -28,9 +28,11 @@ from ..curve import CurveKeys
 from ..gateway.kernel import JupyterGateway
 from ..processes import alive, started_at
 from ..session import PoolConfig, PoolExhausted, SessionPool, WorkerStartError
+from ..session.forkserver import ForkServer
 from ..session.worker import WorkerProcess
 from ..session.workers import ColdWorkers, PooledWorkers, WorkerSource
 from ..tasks import BackgroundTasks
+from ..worker.forkserver import PREBUILT_ENV
 from .client import DaemonError
 from .forkservers import ForkServers
 
@@ -120,6 +122,8 @@ class Leases:
         self._tasks = BackgroundTasks(log)
         #: Where every pool's and cold launch's workers are forked from.
         self.fork_servers = ForkServers()
+        #: First workers being forked directly, by pool key (see _forked_first).
+        self._forking: dict[tuple[Any, ...], int] = {}
         #: Leases handed out since the daemon started, and how many of them warm.
         self.served = 0
         self.served_warm = 0
@@ -158,6 +162,7 @@ class Leases:
         pool_key: tuple[Any, ...] | None = None
         pool: SessionPool | None = None
         workers: WorkerSource
+        sandbox_cwd: str | None = None
         if pooled:
             # A sandbox shows its working directory from the start: sandboxed
             # warm workers are kept per directory.
@@ -177,8 +182,26 @@ class Leases:
                 ipython_options=ipython_options,
                 spawner=self.fork_servers.get(python, launch_env, ""),
             )
+        forked = None
+        if pool is not None and pool_key is not None and sandbox_cwd is None:
+            forked = self._forked_first(
+                pool, pool_key, max_kernels, python, launch_env, warmup_code
+            )
         with worker_errors():
-            session = await workers.acquire()
+            if forked is not None:
+                # No warm worker: fork one for this launch (its cwd and env
+                # taken on in the fork), not a pool worker to configure after.
+                assert pool_key is not None and isinstance(workers, PooledWorkers)
+                self._forking[pool_key] = self._forking.get(pool_key, 0) + 1
+                try:
+                    session = await ColdWorkers(
+                        python=python, cwd=cwd, env=launch_env, spawner=forked
+                    ).acquire()
+                finally:
+                    self._forking[pool_key] -= 1
+                workers = FirstForked(workers, session)
+            else:
+                session = await workers.acquire()
         warm = isinstance(workers, PooledWorkers) and workers.last_was_warm
         if isinstance(workers, PooledWorkers):
             workers.defer_refill = False  # later acquires (restarts) refill at once
@@ -196,6 +219,36 @@ class Leases:
         )
         self.served_warm += int(warm)
         return lease, (pool.refill if pool is not None else None)
+
+    def _forked_first(
+        self,
+        pool: SessionPool,
+        pool_key: tuple[Any, ...],
+        max_kernels: int,
+        python: str,
+        env: dict[str, str],
+        warmup_code: str,
+    ) -> ForkServer | None:
+        """The fork server to fork a lease's first worker from directly,
+        when the lease would otherwise wait for the pool to start one (no
+        warm worker): the fork takes on the launch at once (no worker to
+        configure after it is handed over), and the forks of a burst go to
+        the server together (it forks them in one batch). None (take the
+        pool's way) when a worker is warm, the server is not ready or its
+        warm-up failed (the pool reports that), its forks build their shells
+        (the pool runs the warm-up in each), the pool has failed to start
+        workers, or the kernelspec's ``max_kernels`` are running."""
+        if pool.stats["idle"] > 0 or pool.last_error is not None:
+            return None
+        running = sum(1 for lease in self._leases.values() if lease.pool_key == pool_key)
+        if running + self._forking.get(pool_key, 0) >= max_kernels:
+            return None
+        if env.get(PREBUILT_ENV, "1") == "0":
+            return None  # the fork builds its shell: the pool runs the warm-up in it
+        server = self.fork_servers.get(python, env, warmup_code)
+        if server is None or server.state != "ready" or server.warmup_error:
+            return None
+        return server
 
     async def host(
         self,
@@ -376,6 +429,29 @@ class Leases:
         self.pools[key] = pool
         self._pool_info[key] = {"kernel_name": key[0], "python": python, "warmup_code": warmup_code}
         return pool
+
+
+class FirstForked(PooledWorkers):
+    """A lease's workers when its first was forked for it directly (see
+    :meth:`Leases._forked_first`): that one is stopped when it is let go
+    (it is not the pool's); replacements come from the pool."""
+
+    def __init__(self, pooled: PooledWorkers, first: WorkerProcess) -> None:
+        super().__init__(
+            pooled.pool,
+            cwd=pooled.cwd,
+            env=pooled.env,
+            timeout=pooled.timeout,
+            defer_refill=pooled.defer_refill,
+        )
+        self._first: WorkerProcess | None = first
+
+    async def release(self, session: WorkerProcess) -> None:
+        if session is self._first:
+            self._first = None
+            await session.shutdown()
+        else:
+            await super().release(session)
 
 
 @contextlib.contextmanager
