@@ -240,6 +240,60 @@ def test_checkout_of_a_damaged_state_is_refused_and_changes_nothing(
         driver.run(driver.session.checkout(1))
 
 
+# -- coalescing: cells faster than saves ------------------------------------------------
+
+#: Its saves (``__reduce__`` runs in the saving child) last while ``flag`` exists.
+BLOCKED_SAVE = (
+    "class Blocked:\n"
+    "    def __reduce__(self):\n"
+    "        import os, time\n"
+    "        deadline = time.monotonic() + 30\n"
+    "        while os.path.exists({flag!r}) and time.monotonic() < deadline:\n"
+    "            time.sleep(0.01)\n"
+    "        return (Blocked, ())\n"
+)
+
+
+def test_a_burst_of_cells_is_coalesced_not_slowed(driver: Driver, tmp_path: Path) -> None:
+    """With every save slot busy (three saves blocked), the next cells run
+    without waiting; their states are coalesced into one save, which
+    ``%states`` shows; a checkout of one of them is refused naming the
+    nearest kept states, the namespace untouched; the coalesced state checks
+    out and is what a crash brings back."""
+    flag = tmp_path / "saves-blocked"
+    flag.touch()
+    try:
+        driver.ex(BLOCKED_SAVE.format(flag=str(flag)) + "b = Blocked()\nn = 1", settle=False)
+        driver.ex("b = Blocked()\nn = 2", settle=False)
+        driver.ex("b = Blocked()\nn = 3", settle=False)  # In [3]: three saves blocked
+        for _ in range(6):  # In [4] .. In [9]: no slot, no wait
+            driver.ex("n = n + 1\nm = n * 10", settle=False)
+    finally:
+        flag.unlink()
+    states = driver.states()  # saves the waiting state, lets every save land
+    assert [s["cell_number"] for s in states] == [1, 2, 3, 9]
+    assert states[3]["covers"] == [4, 9] and states[3]["changed"] == ["n"]
+    assert states[3]["added"] == ["m"] and states[2]["covers"] == [3, 3]
+    listing = driver.ex("%states")
+    assert "In [9]" in listing and "also holds In [4]..In [8] (ran back to back: coalesced" in (
+        listing
+    ), listing
+    message = driver.usage_error("%checkout 6")
+    assert message.startswith("the state after cell 6 is not kept: In [4]..In [8] ran back to back")
+    assert "nearest kept states are after cell 3 and after cell 9" in message
+    assert "the namespace was not changed" in message
+    with pytest.raises(TimeTravelError, match="coalesced into the state after cell 9"):
+        driver.run(driver.session.checkout(4))
+    assert driver.value("[n, m]") == [9, 90]
+    out = driver.ex("%checkout 3")
+    assert "removed (bound later): m" in out and driver.value("n") == 3
+    driver.ex("%checkout 9")
+    assert driver.value("[n, m]") == [9, 90]
+    out, err, reply = driver.cell("import os\nos._exit(3)")
+    assert reply.status == "error" and "restored" in err, err
+    assert driver.value("[n, m]") == [9, 90]
+
+
 # -- retention and garbage collection --------------------------------------------------
 
 
