@@ -146,5 +146,6 @@ def test_a_crash_with_a_corrupt_chunk_restores_nothing_and_says_why(tmp_path: Pa
             await asyncio.wait_for(session.shutdown(), 30)
 
     note, names = run(scenario())
-    assert "could not be restored" in note and "corrupt" in note, note
+    assert "could not be restored" in note and "the data of 'big'" in note, note
+    assert "chunk" in note and "corrupt" in note, note
     assert names.strip() == "[]"

@@ -62,7 +62,12 @@ def restore_manifest(
                     raise CheckpointError(
                         f"checkpoint {name!r} is corrupt: {var!r} names a buffer it lacks"
                     )
-                buffers[i] = chunks.read(store, digests, int(entry["buffer_sizes"][str(i)]))
+                try:
+                    buffers[i] = chunks.read(store, digests, int(entry["buffer_sizes"][str(i)]))
+                except CheckpointError as exc:
+                    raise CheckpointError(
+                        f"checkpoint {name!r} is corrupt: the data of {var!r}: {exc}"
+                    ) from None
             check = (
                 chunks.entry_digest(inband, buffers, chunk_map)
                 if chunk_map
