@@ -15,7 +15,8 @@ Measured, alternately, turn by turn:
 - ``%fork``: a ``pyrepl3`` kernel (leased from the daemon) holding the same
   1 GiB; timed from sending the ``%fork`` execute_request to a client on the
   printed connection file having the ``1+1`` execute_reply and result of the
-  new kernel (connect, kernel_info, execute).
+  new kernel (connect, kernel_info, execute). The same for a standalone
+  ``--no-pool`` kernel (its fork is handed to the daemon, which hosts it).
 - the peer: ``KernelManager(kernel_name="python3").start_kernel()`` to its
   first ``1+1`` result: what a new kernel costs without a fork, even empty.
 
@@ -125,24 +126,31 @@ def ipykernel_start() -> float:
         return (time.perf_counter() - t0) * 1000
 
 
+#: The kernels forked with %fork: the daemon-hosted one, and a standalone
+#: (--no-pool) one, whose fork the daemon hosts too.
+MAGIC_KERNELS = {"%fork 1 GiB": "pyrepl3", "%fork 1 GiB (--no-pool)": "pyrepl3-cold"}
+
+
 def jupyter_forks(runs: int) -> dict[str, list[float]]:
-    km = KernelManager(kernel_name="pyrepl3")
-    kc: BlockingKernelClient | None = None
-    samples: dict[str, list[float]] = {"%fork 1 GiB": [], "ipykernel start": []}
-    try:
-        km.start_kernel()
-        kc = km.client()
-        kc.start_channels()
-        kc.wait_for_ready(timeout=60)
-        kc.execute_interactive(STATE, timeout=120, output_hook=lambda m: None)
-        ipykernel_start()  # untimed: page cache, .pyc files
-        for order in rotations(["%fork 1 GiB", "ipykernel start"], runs):
-            for name in order:
-                samples[name].append(magic_fork(kc) if name[0] == "%" else ipykernel_start())
-    finally:
-        if kc is not None:
-            kc.stop_channels()
-        stop(km)
+    samples: dict[str, list[float]] = {**{k: [] for k in MAGIC_KERNELS}, "ipykernel start": []}
+    ipykernel_start()  # untimed: page cache, .pyc files
+    for label, kernel_name in MAGIC_KERNELS.items():
+        km = KernelManager(kernel_name=kernel_name)
+        kc: BlockingKernelClient | None = None
+        try:
+            km.start_kernel()
+            kc = km.client()
+            kc.start_channels()
+            kc.wait_for_ready(timeout=60)
+            kc.execute_interactive(STATE, timeout=120, output_hook=lambda m: None)
+            magic_fork(kc)  # untimed: a standalone kernel's first starts the daemon
+            for order in rotations([label, "ipykernel start"], runs):
+                for name in order:
+                    samples[name].append(magic_fork(kc) if name[0] == "%" else ipykernel_start())
+        finally:
+            if kc is not None:
+                kc.stop_channels()
+            stop(km)
     return samples
 
 
