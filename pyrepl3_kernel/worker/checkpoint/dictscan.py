@@ -37,9 +37,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
-#: Holds a key's and a value's place in a hole of the table.
-HOLE: Any = object()
-
 _P = struct.calcsize("P")
 #: PyDictObject: PyObject_HEAD, ma_used, ma_version_tag, ma_keys, ma_values.
 _MA_KEYS = 32
@@ -136,13 +133,13 @@ def _no_collection() -> Iterator[None]:
 @dataclass
 class Scan:
     """What a dict's entry table held at the last look, part by part: a
-    digest of each part's bytes, and references to the keys and values
-    (``HOLE`` in a hole)."""
+    digest of each part's bytes, and the part's keys and values, as two
+    tuples (holes left out) holding references to them."""
 
     part: int  # entries per part
     digests: list[Any] = field(default_factory=list)
-    keys: list[Any] = field(default_factory=list)
-    values: list[Any] = field(default_factory=list)
+    keys: list[tuple[Any, ...]] = field(default_factory=list)
+    values: list[tuple[Any, ...]] = field(default_factory=list)
 
 
 def scan(d: dict[Any, Any], previous: Scan | None, part: int) -> tuple[Scan, set[int]] | None:
@@ -173,32 +170,33 @@ def _scan(d: dict[Any, Any], previous: Scan | None, part: int) -> tuple[Scan, se
             if not out.digests and table.count == len(d):
                 # A first look at a table without holes (entry i is the i-th
                 # item): the items in order, at C speed.
-                out.keys, out.values = list(d), list(d.values())
+                keys, values = list(d), list(d.values())
+                bounds = range(0, table.count, part)
+                out.keys = [tuple(keys[a : a + part]) for a in bounds]
+                out.values = [tuple(values[a : a + part]) for a in bounds]
                 out.digests = [_digest(view[i * span : (i + 1) * span]) for i in range(parts)]
                 return out, set(range(parts))
             for i in range(parts):
-                first = i * part
                 piece = view[i * span : (i + 1) * span]
                 digest = _digest(piece)
                 if i < len(out.digests) and out.digests[i] == digest:
                     continue
                 changed.add(i)
-                keys, values = _objects(piece.tobytes(), table)
+                part_keys, part_values = _objects(piece.tobytes(), table)
                 if i < len(out.digests):
                     out.digests[i] = digest
+                    old_refs.append((out.keys[i], out.values[i]))
+                    out.keys[i], out.values[i] = part_keys, part_values
                 else:
                     out.digests.append(digest)
-                old_refs.append(out.keys[first : first + part])
-                old_refs.append(out.values[first : first + part])
-                out.keys[first : first + part] = keys
-                out.values[first : first + part] = values
+                    out.keys.append(part_keys)
+                    out.values.append(part_values)
         finally:
             view.release()
         # A table that shrank (rebuilt without its holes).
         del out.digests[parts:]
-        old_refs.append(out.keys[table.count :])
-        old_refs.append(out.values[table.count :])
-        del out.keys[table.count :], out.values[table.count :]
+        old_refs.append((out.keys[parts:], out.values[parts:]))
+        del out.keys[parts:], out.values[parts:]
     del old_refs
     return out, changed
 
@@ -215,28 +213,22 @@ def _invalid_on_error(s: Scan) -> Iterator[None]:
         raise
 
 
-def _objects(raw: bytes, table: _Table) -> tuple[list[Any], list[Any]]:
-    """The keys and values whose addresses a part of the table holds."""
+def _objects(raw: bytes, table: _Table) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The keys and values whose addresses a part of the table holds (holes
+    left out)."""
     words = memoryview(raw).cast("Q").tolist()
     stride = table.size // 8
     key_at = words[table.key // 8 :: stride]
     value_at = words[table.value // 8 :: stride]
-    if 0 not in key_at:
-        return list(map(_object_at, key_at)), list(map(_object_at, value_at))
-    keys = [_object_at(k) if k else HOLE for k in key_at]
-    values = [_object_at(v) if k else HOLE for k, v in zip(key_at, value_at, strict=True)]
-    return keys, values
+    if 0 in key_at:
+        value_at = [v for k, v in zip(key_at, value_at, strict=True) if k]
+        key_at = [k for k in key_at if k]
+    return tuple(map(_object_at, key_at)), tuple(map(_object_at, value_at))
 
 
-def items(s: Scan, index: int) -> tuple[list[Any], list[Any]]:
-    """The keys and values of part ``index`` (holes left out)."""
-    first = index * s.part
-    keys = s.keys[first : first + s.part]
-    values = s.values[first : first + s.part]
-    if HOLE not in keys:
-        return keys, values
-    kept = [i for i, k in enumerate(keys) if k is not HOLE]
-    return [keys[i] for i in kept], [values[i] for i in kept]
+def items(s: Scan, index: int) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """The keys and values of part ``index``."""
+    return s.keys[index], s.values[index]
 
 
 def _check() -> bool:

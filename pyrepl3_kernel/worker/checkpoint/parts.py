@@ -6,8 +6,8 @@ A plain ``dict`` of at least ``PART_FROM`` items whose keys and values are
 all immutable built-in values (``str``, ``int``, ``float``, ``bool``,
 ``None``, ``bytes``, ``complex``, and tuples and frozensets of these) is
 saved as ``PART_ITEMS``-item parts in insertion order: each part is the
-pickle of a dict of those items, stored as a content-addressed chunk of its
-own (the entry's out-of-band buffers, see :mod:`.chunks`), and the entry's
+pickle of a tuple of its keys and a tuple of its values, stored as a
+content-addressed chunk of its own (the entry's out-of-band buffers, see :mod:`.chunks`), and the entry's
 blob is a small pickle that joins them back (:func:`_dict_from_parts`, whose
 path is part of the checkpoint format). Values inside a part are pickled by
 value: a tuple in the dict that is also bound to another name comes back
@@ -18,16 +18,17 @@ pickling the whole dict there increments the reference count of every key
 and value, which copies (copy-on-write) every memory page holding them; that
 was most of the save's cost. Instead, right before the fork the worker takes
 a *snapshot* of each big dict the cells since the last save may have
-changed (:func:`before_fork`: lists of its keys and values, which hold them
-alive, so an object's address cannot be reused by another while the
-snapshot exists) and compares it with the previous snapshot by address (a
-``memcmp`` of the two lists' pointer arrays). A part whose keys and values
-are the same objects, in the same places, as in the previous snapshot, and
-whose previous entry was pickled from that snapshot (the entry records the
-snapshot's save ``seq``), holds the same immutable values: the child takes
-its digest from the previous entry, and pickles, hashes and writes only the
-other parts, from the snapshot's lists (the child touches no other key or
-value).
+changed (:func:`before_fork`): it hashes each part of the dict's entry table
+(the addresses of its keys and values, read in place, see
+:mod:`.dictscan`), and for the parts whose hash changed takes their keys
+and values as two tuples, which hold them alive (so an address seen at one
+save cannot name another object at the next), and checks that they are
+immutable. A part whose keys and values are the same objects, in the same
+places, as in the previous snapshot, and whose previous entry was pickled
+from that snapshot (the entry records the snapshot's save ``seq``), holds
+the same immutable values: the child takes its chunk from the previous
+entry, and pickles (without the pickler's memo, so without touching a
+reference count: :func:`_dumps`), hashes and writes only the other parts.
 
 A dict holding anything else (a list, an instance of a class) is pickled
 whole, as before: a mutation inside a value would not change its address.
@@ -35,10 +36,12 @@ whole, as before: a mutation inside a value would not change its address.
 
 from __future__ import annotations
 
+import io
 import itertools
 import operator
 import pickle
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,17 +67,18 @@ def eligible(obj: Any) -> bool:
     return type(obj) is dict and len(obj) >= PART_FROM
 
 
-def immutable(objects: list[Any]) -> bool:
+def immutable(objects: Sequence[Any]) -> bool:
     """Whether every object is an immutable built-in value (nested tuples
     and frozensets of them included), at C speed per level."""
-    level: list[Any] = objects
+    level: Sequence[Any] = objects
     for _ in range(_DEPTH):
         kinds = set(map(type, level))
         if not kinds <= _IMMUTABLE:
             return False
         if not kinds & _NESTED:
             return True
-        level = list(itertools.chain.from_iterable(o for o in level if type(o) in _NESTED))
+        nested = itertools.compress(level, map(_NESTED.__contains__, map(type, level)))
+        level = list(itertools.chain.from_iterable(nested))
     return False
 
 
@@ -83,17 +87,21 @@ def immutable(objects: list[Any]) -> bool:
 
 @dataclass
 class Snapshot:
-    """A big dict's items at the fork of save ``seq``, held alive (not
-    the dict itself: a reference to it would make the saving child look for
-    what holds it, see :func:`.dirty.close_over`). Parts are
-    ``PART_ITEMS`` entries of the dict's entry table (:mod:`.dictscan`),
-    holes (``dictscan.HOLE``) included, or, where the table cannot be read,
+    """A big dict's items at the fork of save ``seq``, part by part, held
+    alive (not the dict itself: a reference to it would make the saving
+    child look for what holds it, see :func:`.dirty.close_over`): each
+    part's keys and values as two tuples, and whether they are all
+    immutable built-in values (checked here, in the worker: the child would
+    copy every page it reads them from, see :func:`_dumps`). A part is
+    ``PART_ITEMS`` entries of the dict's entry table (:mod:`.dictscan`; a
+    deleted item's hole counts), or, where the table cannot be read,
     ``PART_ITEMS`` items."""
 
     seq: int
     of: int  # id() of the dict
-    keys: list[Any]
-    values: list[Any]
+    keys: list[tuple[Any, ...]]
+    values: list[tuple[Any, ...]]
+    immutable: list[bool | None]  # None: not checked yet
     scan: dictscan.Scan | None = None
 
 
@@ -121,7 +129,7 @@ _snapshots: dict[str, Snapshot] = {}
 
 
 def _looks_immutable(obj: dict[Any, Any]) -> bool:
-    """A cheap guess from the first values (the child checks every part)."""
+    """A cheap guess from the first values (every part is checked)."""
     sample = list(itertools.islice(obj.values(), _SAMPLE))
     return set(map(type, sample)) <= _IMMUTABLE
 
@@ -130,8 +138,9 @@ def before_fork(ns: dict[str, Any], names: set[str] | None, seq: int) -> Plan:
     """Snapshot the big dicts among ``names`` (None: every name) and compare
     each with its previous snapshot; called in the worker before the fork of
     save ``seq``. Reading the entry table costs about 1 ms per million items,
-    plus 0.2 ms per changed part; the first look at a dict about 60 ns per
-    item (a reference to each key and value)."""
+    plus 0.2 ms per changed part; the first look at a dict about 100 ns per
+    item (a reference to each key and value, and the check that they are
+    immutable)."""
     started = time.perf_counter()
     plan = Plan(seq)
     for name in list(_snapshots):
@@ -147,37 +156,53 @@ def before_fork(ns: dict[str, Any], names: set[str] | None, seq: int) -> Plan:
         scanned = dictscan.scan(obj, old.scan if old is not None else None, PART_ITEMS)
         if scanned is not None:
             table, changed = scanned
-            new = Snapshot(seq, id(obj), table.keys, table.values, table)
-            unchanged = frozenset(range(len(table.digests))) - changed
+            keys, values = table.keys, table.values
         else:
-            new = Snapshot(seq, id(obj), list(obj), list(obj.values()))
-            unchanged = (
-                _unchanged(old, new) if old is not None and old.scan is None else frozenset()
-            )
+            keys, values = _split(list(obj)), _split(list(obj.values()))
+            table, changed = None, _changed(old, keys, values)
+        comparable = old is not None and (old.scan is None) == (table is None)
+        # Checked here for the parts that changed since a comparable snapshot
+        # (a few, usually); at a first look, by the child, which pickles
+        # every part then anyway.
+        flags: list[bool | None] = [
+            (old.immutable[i] if i < len(old.immutable) else None)
+            if comparable and old is not None and i not in changed
+            else (immutable(keys[i]) and immutable(values[i]) if comparable else None)
+            for i in range(len(keys))
+        ]
+        new = Snapshot(seq, id(obj), keys, values, flags, table)
         planned = Planned(new)
-        if old is not None and (old.scan is None) == (new.scan is None):
-            planned.base, planned.unchanged = old.seq, unchanged
+        if comparable and old is not None:
+            planned.base = old.seq
+            planned.unchanged = frozenset(range(len(keys))) - changed
         _snapshots[name] = new
         plan.dicts[name] = planned
-        _inband(-(-len(new.keys) // PART_ITEMS))  # made here, not in each child
+        _inband(len(keys))  # made here, not in each child
     plan.seconds = time.perf_counter() - started
     return plan
 
 
-def _unchanged(old: Snapshot, new: Snapshot) -> frozenset[int]:
-    """The parts whose keys and values are the same objects in both, where
-    the table cannot be read (one comparison per item)."""
-    same = []
-    n_old, n_new = len(old.keys), len(new.keys)
-    for i in range(0, -(-min(n_old, n_new) // PART_ITEMS)):
-        a, b = i * PART_ITEMS, (i + 1) * PART_ITEMS
-        if min(b, n_old) != min(b, n_new):
-            continue  # the last part, grown or shrunk
-        if all(map(operator.is_, old.keys[a:b], new.keys[a:b])) and all(
-            map(operator.is_, old.values[a:b], new.values[a:b])
+def _split(items: list[Any]) -> list[tuple[Any, ...]]:
+    return [tuple(items[a : a + PART_ITEMS]) for a in range(0, len(items), PART_ITEMS)]
+
+
+def _changed(
+    old: Snapshot | None, keys: list[tuple[Any, ...]], values: list[tuple[Any, ...]]
+) -> set[int]:
+    """The parts whose keys or values are not the same objects as in
+    ``old``, where the table cannot be read (one comparison per item)."""
+    if old is None or old.scan is not None:
+        return set(range(len(keys)))
+    out = set()
+    for i in range(len(keys)):
+        if not (
+            i < len(old.keys)
+            and len(old.keys[i]) == len(keys[i])
+            and all(map(operator.is_, old.keys[i], keys[i]))
+            and all(map(operator.is_, old.values[i], values[i]))
         ):
-            same.append(i)
-    return frozenset(same)
+            out.add(i)
+    return out
 
 
 def forget() -> None:
@@ -214,6 +239,19 @@ class _Join:
 _INBAND: dict[int, bytes] = {}
 
 
+def _dumps(part: tuple[tuple[Any, ...], tuple[Any, ...]]) -> bytes:
+    """A part's pickle, without the pickler's memo: the memo keeps a
+    reference to every tuple and string, a reference count change on each,
+    which in the saving child copies every page they are on. Immutable
+    values cannot refer to themselves, so the memo is not needed (a value
+    the part holds twice is written twice)."""
+    out = io.BytesIO()
+    pickler = pickle.Pickler(out, protocol=5)
+    pickler.fast = True
+    pickler.dump(part)
+    return out.getvalue()
+
+
 def _inband(count: int) -> bytes:
     cached = _INBAND.get(count)
     if cached is None:
@@ -234,14 +272,17 @@ def save(
     last save) was pickled from, pickle and write the others. None if a part
     holds anything but immutable built-in values (pickle it whole)."""
     # Taken right before the fork, of the dict the name was bound to then.
+    flags: list[bool | None] | None
     if planned is not None and planned.snapshot.of == id(obj):
-        keys, values, made_from = (
-            planned.snapshot.keys,
-            planned.snapshot.values,
-            planned.snapshot.seq,
+        snapshot = planned.snapshot
+        keys, values, flags, made_from = (
+            snapshot.keys,
+            snapshot.values,
+            snapshot.immutable,
+            snapshot.seq,
         )
     else:  # no snapshot at this fork: read the dict itself
-        keys, values, made_from = list(obj), list(obj.values()), None
+        keys, values, flags, made_from = _split(list(obj)), _split(list(obj.values())), None, None
     reusable: dict[int, tuple[list[str], int]] = {}
     info = (previous or {}).get("parts")
     if (
@@ -258,7 +299,7 @@ def save(
             digests, size = old_chunks.get(str(i)), old_sizes.get(str(i))
             if isinstance(digests, list) and digests and isinstance(size, int):
                 reusable[i] = (digests, size)
-    count = -(-len(keys) // PART_ITEMS)
+    count = len(keys)
     chunk_map: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}
     written = pickled = 0
@@ -266,15 +307,12 @@ def save(
         if i in reusable:
             chunk_map[str(i)], sizes[str(i)] = reusable[i]
             continue
-        part_keys = keys[i * PART_ITEMS : (i + 1) * PART_ITEMS]
-        part_values = values[i * PART_ITEMS : (i + 1) * PART_ITEMS]
-        if dictscan.HOLE in part_keys:  # entries of deleted items
-            kept = [j for j, k in enumerate(part_keys) if k is not dictscan.HOLE]
-            part_keys = [part_keys[j] for j in kept]
-            part_values = [part_values[j] for j in kept]
-        if not (immutable(part_keys) and immutable(part_values)):
+        ok = flags[i] if flags is not None else None
+        if ok is None:
+            ok = immutable(keys[i]) and immutable(values[i])
+        if not ok:
             return None
-        data = pickle.dumps(dict(zip(part_keys, part_values, strict=True)), protocol=5)
+        data = _dumps((keys[i], values[i]))
         digests, n = chunks.write(store, memoryview(data))
         chunk_map[str(i)], sizes[str(i)] = digests, len(data)
         written += n
@@ -305,12 +343,22 @@ def digest_of(saved: Saved) -> str:
 
 
 def _dict_from_parts(*parts: Any) -> dict[Any, Any]:
-    """The dict whose parts are the pickles ``parts``, in order (named in
-    saved checkpoints: part of the format)."""
+    """The dict whose parts are the pickles ``parts``, in order, each of a
+    tuple of keys and a tuple of values (named in saved checkpoints: part of
+    the format)."""
     out: dict[Any, Any] = {}
     for part in parts:
         items = pickle.loads(part)
-        if type(items) is not dict:
-            raise pickle.UnpicklingError("a part of a saved dict is not a dict")
-        out.update(items)
+        if type(items) is dict:  # written by the first kernels of format 3
+            out.update(items)
+            continue
+        if not (
+            type(items) is tuple
+            and len(items) == 2
+            and type(items[0]) is tuple
+            and type(items[1]) is tuple
+            and len(items[0]) == len(items[1])
+        ):
+            raise pickle.UnpicklingError("a part of a saved dict is not its keys and values")
+        out.update(zip(items[0], items[1], strict=True))
     return out
