@@ -534,8 +534,13 @@ def cmd_stop(args: argparse.Namespace) -> int:
         pid = client.call("hello")["pid"]
         client.call("shutdown")
     except DaemonUnavailable:
-        print("no pyrepl3 daemon is running")
-        return 0
+        from .daemonstart import stop_starting
+
+        starting = stop_starting(client.paths)  # one on its way comes up no more
+        if starting is None:
+            print("no pyrepl3 daemon is running")
+            return 0
+        pid = starting
     except DaemonError as exc:
         return _error(f"the daemon refused: {exc}")
     from .processes import alive

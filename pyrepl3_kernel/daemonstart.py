@@ -140,25 +140,61 @@ def _started_at(pid: int) -> float | None:
 
 def daemon_starting(paths: DaemonPaths) -> bool:
     """Whether a daemon of ``paths`` serves or is on its way: one holds its
-    lock (it takes the lock before it listens), or a launch is starting one
-    (:func:`starting_file`). Read, not locked: a daemon taking the lock
-    meanwhile must not find it held."""
-    for path, marks in ((paths.lock, b"pyrepl3_kernel.cli"), (starting_file(paths), b"")):
+    lock (it takes the lock before it listens), or a launch started one that
+    is still waiting to boot (:func:`starting_file`). Read, not locked: a
+    daemon taking the lock meanwhile must not find it held."""
+    for path in (paths.lock, starting_file(paths)):
         try:
             with open(path) as f:
                 pid = int(f.read().strip() or 0)
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read()
+                args = f.read().split(b"\0")
         except (OSError, ValueError):
             continue
-        if b"pyrepl3_kernel" in cmdline and marks in cmdline:
+        if b"pyrepl3_kernel.cli" in args and b"serve" in args:
             return True
     return False
 
 
+def stop_starting(paths: DaemonPaths, timeout: float = 15.0) -> int | None:
+    """For ``pyrepl3-kernel stop`` when no daemon answers: stop one that is
+    on its way (:func:`daemon_starting`) so that none comes up after; its
+    pid, or None if there is none. One still waiting to boot (its shell) is
+    ended with its process group; one booting is asked to shut down as soon
+    as it answers (within ``timeout``)."""
+    import signal
+
+    for path in (starting_file(paths), paths.lock):
+        try:
+            with open(path) as f:
+                pid = int(f.read().strip() or 0)
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if not (b"pyrepl3_kernel.cli" in args and b"serve" in args):
+            continue
+        if os.path.basename(args[0]) in (b"sh", b"dash", b"bash"):  # waiting to boot
+            with contextlib.suppress(OSError):
+                group = os.getpgid(pid)
+                if group != os.getpgid(0):
+                    os.killpg(group, signal.SIGTERM)
+            return pid
+        client = DaemonClient(paths, timeout=10)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and os.path.exists(f"/proc/{pid}"):
+            if client.ping() is not None:
+                with contextlib.suppress(DaemonUnavailable, DaemonError):
+                    client.call("shutdown")
+                break
+            time.sleep(0.05)
+        return pid
+    return None
+
+
 def starting_file(paths: DaemonPaths) -> Path:
     """Where a launch that starts the daemon in the background writes its
-    pid, then the daemon's: later launches do not start another meanwhile."""
+    pid (its shell's while it waits): later launches start no other."""
     return paths.lock.with_name("pyrepl3-daemon.starting")
 
 

@@ -30,7 +30,7 @@ from jupyter_helpers import KERNEL_NAME, stop_daemon
 from session_helpers import assert_no_leftovers
 
 from pyrepl3_kernel.daemon.client import DaemonClient, DaemonError, DaemonPaths
-from pyrepl3_kernel.daemonstart import daemon_starting, ensure_daemon
+from pyrepl3_kernel.daemonstart import daemon_starting, ensure_daemon, mark_starting, start_daemon
 
 ARGV_KERNEL = "pyrepl3-first-argv"
 TIMEOUT = 60.0
@@ -226,6 +226,46 @@ def test_a_confined_first_launch_starts_no_daemon(runtime, argv_specs, tmp_path)
     paths = DaemonPaths.default(runtime)
     assert _client(runtime).ping() is None and not daemon_starting(paths)
     assert_no_leftovers([worker])
+
+
+def test_stop_ends_a_daemon_still_waiting_to_start(runtime):
+    """``pyrepl3-kernel stop`` while the daemon a first launch started still
+    waits for that launch's kernel: nothing comes up after it."""
+    busy = subprocess.Popen(["sleep", "60"])  # a "kernel" that never gets a worker
+    try:
+        paths = DaemonPaths.default(runtime)
+        shell = start_daemon(paths, starter_pid=os.getpid(), after_start_of=busy.pid)
+        mark_starting(paths, shell)
+        group = os.getpgid(shell)
+        assert daemon_starting(paths) and _client(runtime).ping() is None
+        done = subprocess.run(
+            [sys.executable, "-m", "pyrepl3_kernel.cli", "stop", "--runtime-dir", str(runtime)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0 and "stopped the pyrepl3 daemon" in done.stdout, done
+        assert_no_leftovers([shell])
+        assert_no_leftovers(_group(group))  # the start-up wait too
+        assert not daemon_starting(paths)
+    finally:
+        busy.kill()
+        busy.wait(10)
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes of process group ``pgid`` (zombies: gone)."""
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[2]) == pgid and fields[0] != "Z":
+                    found.append(int(name))
+            except (OSError, ValueError, IndexError):
+                pass
+    return found
 
 
 # -- pyrepl3-kernel gateway ----------------------------------------------------------
