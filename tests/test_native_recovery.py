@@ -244,6 +244,8 @@ def test_a_cell_never_waits_for_a_save_and_a_burst_is_coalesced(tmp_path: Path) 
             assert all(reply_of(m).status == "ok" for m in burst), burst
             assert result_text(await collect(s, "n")) == "10"
             flag.unlink()  # the saves land
+            # Idle after the burst, the worker saves the waiting state by itself.
+            await autosaved(s, max(counts) - 1)
             states = (await s.states())["states"]
             newest = states[-1]
             assert newest["cell_number"] == max(counts)
