@@ -223,7 +223,10 @@ def test_a_fork_outlives_its_parent_and_keeps_its_own_limits() -> None:
                 await wait_until(lambda: not parent.is_alive, what="the parent's worker to die")
                 assert await value(child, "float(block.sum())") == "20000000.0"
                 # The fork's memory limit holds: the fork is stopped, named why.
-                msgs = await collect(child, "more = np.ones(60_000_000)")  # + 480 MB
+                # + 480 MB, held while the limit's monitor (every 0.25 s) looks
+                msgs = await collect(
+                    child, "more = np.ones(60_000_000)\n__import__('time').sleep(10)"
+                )
                 (error,) = of_type(msgs, MessageType.ERROR)
                 assert "memory limit" in error.evalue, error.evalue
         return pids
