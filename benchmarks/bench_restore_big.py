@@ -21,7 +21,8 @@ on the very chunk files the restore reads:
   (numpy asks for transparent huge pages: on a VM that hands freed memory
   back to its host, fresh huge pages cost more than small ones).
 
-All of them read one file after the other in one thread. Where the time
+All of them read one file after the other in one thread; each reports its
+wall time and its CPU time (a loaded machine stretches the first). Where the time
 goes: ``new_memory_alone`` is 2 GB of new memory faulted in and nothing read
 (what the restore pays that ``reused_buffer`` does not).
 
@@ -53,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 from bench_checkpoint import checkpoint, run_cell
 
 from pyrepl3_kernel import __version__
@@ -70,7 +72,7 @@ import numpy as np
 import xxhash
 how, paths = sys.argv[1], sys.argv[2:]
 sizes = [os.path.getsize(p) for p in paths]
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 if how == "new_memory_alone":  # the memory the restore needs, faulted in, nothing read
     out = mmap.mmap(-1, sum(sizes), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | mmap.MAP_POPULATE)
 elif how == "reused_buffer":
@@ -90,7 +92,7 @@ else:
         if how == "new_memory_hashed":
             xxhash.xxh3_128(out[pos : pos + n]).hexdigest()
         pos += n
-print(time.perf_counter() - start)
+print(time.perf_counter() - start, time.process_time() - cpu)
 """
 
 BASELINES = (
@@ -113,7 +115,8 @@ def evict(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def read_baseline(how: str, paths: list[Path], cold: bool) -> float:
+def read_baseline(how: str, paths: list[Path], cold: bool) -> tuple[float, float]:
+    """Seconds of wall time and of CPU time (every thread, user and system)."""
     if cold:
         evict(paths)
     out = subprocess.run(
@@ -122,7 +125,13 @@ def read_baseline(how: str, paths: list[Path], cold: bool) -> float:
         capture_output=True,
         text=True,
     )
-    return float(out.stdout.strip())
+    wall, cpu = out.stdout.split()
+    return float(wall), float(cpu)
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return float(times.user + times.system)
 
 
 def load_average() -> list[float]:
@@ -149,8 +158,11 @@ async def parts(store: Path, paths: list[Path], cold: bool) -> dict[str, float]:
     await session.start()
     try:
         started = time.perf_counter()
+        assert session.pid is not None
+        cpu = cpu_seconds(session.pid)
         trip, result = await checkpoint(session, "restore", "auto", str(store))
         restored = time.perf_counter()
+        cpu = cpu_seconds(session.pid) - cpu
         await run_cell(session, "print(float(huge.sum()))")
         answered = time.perf_counter()
     finally:
@@ -159,6 +171,7 @@ async def parts(store: Path, paths: list[Path], cold: bool) -> dict[str, float]:
         "worker_start_s": started - start,
         "restore_in_worker_s": float(result["seconds"]),
         "restore_round_trip_s": trip,
+        "restore_cpu_s": cpu,
         "restore_to_answered_s": restored - started,
         "sum_cell_s": answered - restored,
     }
@@ -171,6 +184,7 @@ async def bench(gb: float, runs: int, cold: bool, tmp: Path) -> dict[str, Any]:
     n = int(gb * 1e9) // 8
     samples: dict[str, list[float]] = {"crash_to_answered_s": []}
     samples.update({f"read_{how}_s": [] for how in BASELINES})
+    samples.update({f"read_{how}_cpu_s": [] for how in BASELINES})
     breakdown: list[dict[str, float]] = []
     loads: list[list[float]] = []
     equal = True
@@ -187,7 +201,9 @@ async def bench(gb: float, runs: int, cold: bool, tmp: Path) -> dict[str, Any]:
             samples["crash_to_answered_s"].append(seconds)
             equal = equal and answer == expected
             for how in BASELINES:
-                samples[f"read_{how}_s"].append(read_baseline(how, paths, cold))
+                wall, cpu = read_baseline(how, paths, cold)
+                samples[f"read_{how}_s"].append(wall)
+                samples[f"read_{how}_cpu_s"].append(cpu)
             breakdown.append(await parts(store, paths, cold))
     finally:
         await session.shutdown()
@@ -220,11 +236,14 @@ def table(r: dict[str, Any]) -> str:
     ]
     for how in BASELINES:
         what = "only new memory" if how == "new_memory_alone" else f"read its chunks: {how}"
-        rows.append((what, f"{med[f'read_{how}_s']} s", f"{ratios[how]}x"))
+        rows.append(
+            (what, f"{med[f'read_{how}_s']} s", f"{ratios[how]}x; CPU {med[f'read_{how}_cpu_s']} s")
+        )
     rows += [
         ("  parts: new worker started", f"{parts_['worker_start_s']} s", ""),
         ("  parts: restore (in the worker)", f"{parts_['restore_in_worker_s']} s", ""),
         ("  parts: restore (round trip)", f"{parts_['restore_round_trip_s']} s", ""),
+        ("  parts: restore (the worker's CPU)", f"{parts_['restore_cpu_s']} s", ""),
         ("  parts: huge.sum() cell", f"{parts_['sum_cell_s']} s", ""),
         ("restored bit-for-bit", str(r["restored_equal"]), ""),
         ("load average per run", " ".join(str(x[0]) for x in r["load_average"]), ""),
