@@ -177,10 +177,6 @@ class Autosave:
         self._first_cell: int | None = None
         self._last_changed: int | None = None
         self._last_cell: int | None = None
-        #: Saves started, and pending states left for later because a request
-        #: was waiting (each of those cells shares the next save).
-        self.saves = 0
-        self.deferred = 0
         self._quick = float(self.QUICK_SAVES)
         self._quick_at = time.monotonic()
         #: When the pending state was first found waiting (None: none waits).
@@ -310,7 +306,6 @@ class Autosave:
             self._pending_since = now
         due = self._quick >= 1 or now - self._pending_since >= window
         if until is not None and (not due or len(self._children) >= self.MAX_CHILDREN):
-            self.deferred += 1
             return
         deadline = now + self.SLOT_TIMEOUT
         while len(self._children) >= self.MAX_CHILDREN and time.monotonic() < deadline:
@@ -332,13 +327,21 @@ class Autosave:
         coming (and how often one more cell may fork at once)."""
         return max(self.COALESCE_WINDOW, min(1.0, self._fork_seconds / self.FORK_SHARE))
 
-    def flush(self) -> None:
-        """Start the save of a pending state now, waiting for a slot if need
-        be: what reads the history (a listing, a checkout) must see the
-        newest state. The caller then waits for the saves to land
+    def flush(self, timeout: float = 15.0) -> None:
+        """Start the save of a pending state now, waiting up to ``timeout``
+        for a slot: what reads the history (a listing, a checkout) must see
+        the newest state. The caller then waits for the saves to land
         (:func:`wait_for_autosave`)."""
-        if self.dirty:
-            self.poll()
+        deadline = time.monotonic() + timeout
+        while self.dirty and self.store is not None:
+            self._reap()
+            if len(self._children) < self.MAX_CHILDREN:
+                self.poll()  # a slot is free: the save starts now
+                return
+            if time.monotonic() > deadline:
+                log.warning("a save slot stayed busy for %.0f s: the newest state waits", timeout)
+                return
+            time.sleep(0.001)
 
     def landed(self, timeout: float = 2.0) -> None:
         """Every save has landed (:func:`wait_for_autosave` said so): reap
@@ -408,7 +411,6 @@ class Autosave:
             if pending is not None:
                 os.close(pending)  # the child holds it until it exits
             self._children.append(pid)
-            self.saves += 1
             if predecessor is not None:
                 os.close(predecessor)
             try:
