@@ -6,15 +6,18 @@ incremental checkpoint named ``auto``, records it as a state of the
 kernel's history (:mod:`.history`), applies the retention, and exits, while
 the parent goes on at once (a fork costs about 1.5 ms for a 90 MB worker).
 Children save in the order they were forked (each waits for its
-predecessor's exit through a pidfd). At most ``MAX_CHILDREN`` saves run at
-once; when they are all busy, the worker waits for a free slot only while
-nothing else is asked of it. A cell never waits for a save: when a request
-is queued, the pending state is left for later, and if the next cell
-changes the state too, the two are coalesced into one save, which records
-the cells it covers (``covers``: ``[first, last]``) so that the history says
-which cells have no state of their own (:mod:`.history`, :mod:`.travel`).
-Cells that come one at a time at human pace always find a slot: every
-cell's state is kept. Crash recovery restores ``auto``, the newest state.
+predecessor's exit through a pidfd).
+
+A cell never waits for a save. Up to ``QUICK_SAVES`` state-changing cells
+in a row fork at once (human pace, and short sequences: every cell's state
+is kept, and a crash right after them loses nothing). Beyond that, or while
+``MAX_CHILDREN`` saves run, the state waits, and what the next cells change
+is coalesced into the same save, which starts once the state is a window
+old (50 ms, more when forks are slow) or the worker is idle (the worker's
+loop wakes after :meth:`Autosave.wake_in`). The save records the cells it
+covers (``covers``: ``[first, last]``), so that the history says which
+cells have no state of their own (:mod:`.history`, :mod:`.travel`). Crash
+recovery restores ``auto``, the newest state saved.
 """
 
 from __future__ import annotations
