@@ -315,9 +315,9 @@ def test_the_wall_time_limit_counts_from_when_the_cell_runs() -> None:
     still is (it went unwatched once the first cell ended)."""
 
     async def body() -> None:
-        async with Session(cell_timeout=1.5) as s:
+        async with Session(cell_timeout=2.5) as s:
             await define_state(s)
-            nap = "import time\ntime.sleep(0.9)\n'{}'"
+            nap = "import time\ntime.sleep(1.5)\n'{}'"  # 3 s after it was sent, for b
             msgs = await asyncio.gather(
                 collect(s, nap.format("a")),
                 collect(s, nap.format("b")),
@@ -325,7 +325,7 @@ def test_the_wall_time_limit_counts_from_when_the_cell_runs() -> None:
             )
             assert [result_text(m) for m in msgs[:2]] == ["'a'", "'b'"], msgs[:2]
             evalue, _ = death_of(msgs[2])
-            assert "wall-time limit of 1.5 s" in evalue, evalue
+            assert "wall-time limit of 2.5 s" in evalue, evalue
             await assert_restored(s)
 
     run(body())
