@@ -414,34 +414,42 @@ def _run_on(info: dict[str, Any], code: str) -> Any:
         kc.stop_channels()
 
 
+#: A warm-up whose result is each worker's own.
+WARMUP_PID = "import os; warm_pid = os.getpid()"
+
+
 def test_a_lease_with_no_warm_worker_gets_one_forked_for_its_launch(runtime, tmp_path):
     """No warm worker: the lease's worker is forked for it (not taken from
     the pool and configured after): a child of the fork server in the
-    launch's cwd and env. A restart takes its next worker from the pool
-    and stops the first; the release leaves nothing."""
+    launch's cwd and env, where the warm-up ran again (what it makes is the
+    worker's own, as in a pool's worker). A restart takes its next worker
+    from the pool and stops the first; the release leaves nothing."""
     client = _daemon(runtime)
     request = {
-        **_lease_request(runtime, warmup_code="import textwrap"),  # a pool of its own
+        **_lease_request(runtime, warmup_code=WARMUP_PID),  # a pool of its own
         "cwd": str(tmp_path),
         "env": dict(os.environ, KERNEL_BURST_TAG="forked-for-it"),
     }
     lease = client.call("lease", **request)
     pids = [lease["worker_pid"]]
     try:
-        probe = "import os; os.getpid(), os.getppid(), os.getcwd(), os.environ['KERNEL_BURST_TAG']"
-        pid, ppid, cwd, tag = _run_on(lease["connection_info"], probe)
-        assert pid == lease["worker_pid"] and lease["warm"] is False
+        probe = (
+            "import os; os.getpid(), os.getppid(), os.getcwd(), os.environ['KERNEL_BURST_TAG'],"
+            " warm_pid"
+        )
+        pid, ppid, cwd, tag, warm_pid = _run_on(lease["connection_info"], probe)
+        assert pid == lease["worker_pid"] == warm_pid and lease["warm"] is False
         assert ppid in {f["pid"] for f in _ready_fork_servers(runtime)}
         assert (cwd, tag) == (str(tmp_path), "forked-for-it")
-        pool = next(p for p in _status(runtime)["pools"] if p["warmup_code"] == "import textwrap")
+        pool = next(p for p in _status(runtime)["pools"] if p["warmup_code"] == WARMUP_PID)
         assert pool["leased"] == 0, "the worker came from the pool"
         client.call("kill", lease_id=lease["lease_id"], restart=True)
         restarted = client.call("restart", lease_id=lease["lease_id"])
         pids.append(restarted["worker_pid"])
         assert pids[1] != pids[0]
         assert_no_leftovers(pids[:1])  # the first worker was stopped, not leaked
-        pid, _, cwd, tag = _run_on(restarted["connection_info"], probe)
-        assert (pid, cwd, tag) == (pids[1], str(tmp_path), "forked-for-it")
+        pid, _, cwd, tag, warm_pid = _run_on(restarted["connection_info"], probe)
+        assert (pid, cwd, tag, warm_pid) == (pids[1], str(tmp_path), "forked-for-it", pids[1])
     finally:
         client.call("release", lease_id=lease["lease_id"])
     assert_no_leftovers(pids)

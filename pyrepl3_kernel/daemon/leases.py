@@ -27,7 +27,8 @@ from .. import sandbox
 from ..curve import CurveKeys
 from ..gateway.kernel import JupyterGateway
 from ..processes import alive, started_at
-from ..session import PoolConfig, PoolExhausted, SessionPool, WorkerStartError
+from ..protocol import ExecuteMessage, MessageType
+from ..session import PoolConfig, PoolExhausted, SessionPool, WarmupError, WorkerStartError
 from ..session.forkserver import ForkServer
 from ..session.worker import WorkerProcess
 from ..session.workers import ColdWorkers, PooledWorkers, WorkerSource
@@ -197,6 +198,8 @@ class Leases:
                     session = await ColdWorkers(
                         python=python, cwd=cwd, env=launch_env, spawner=forked
                     ).acquire()
+                    if warmup_code.strip():
+                        await _warm_up(session, warmup_code)
                 finally:
                     self._forking[pool_key] -= 1
                 workers = FirstForked(workers, session)
@@ -452,6 +455,24 @@ class FirstForked(PooledWorkers):
             await session.shutdown()
         else:
             await super().release(session)
+
+
+async def _warm_up(session: WorkerProcess, code: str) -> None:
+    """The warm-up run again in a forked worker, as the pool runs it in
+    each of its workers: its imports are the fork server's already, and
+    what it makes (a connection, a seed) is this worker's own. A failure
+    stops the worker and raises WarmupError."""
+    msg = ExecuteMessage(code=code, silent=True, store_history=False, allow_stdin=False)
+    try:
+        async for reply in session.execute(msg):
+            if reply.type == MessageType.EXECUTE_REPLY and getattr(reply, "status", "") != "ok":
+                raise WarmupError(
+                    f"warmup_code failed with {getattr(reply, 'ename', '')}: "
+                    f"{getattr(reply, 'evalue', '')}"
+                )
+    except BaseException:
+        await session.shutdown()
+        raise
 
 
 @contextlib.contextmanager
