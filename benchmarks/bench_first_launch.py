@@ -12,8 +12,9 @@ With kernelspecs installed into a temporary prefix and a runtime directory
 (a) the argv path (a kernelspec with no provisioner: what VS Code runs),
     ``start_kernel()`` to the first ``1+1`` result, with no daemon running
     (each run stops the daemon first), then the second launch right after
-    it, and a third once the daemon the first one started in the background
-    has its fork server ready; against the same argv with
+    it, a third once the daemon the first one started in the background
+    has its fork server ready, and a fourth half a second after (the pool
+    the third made refilled); against the same argv with
     ``PYREPL3_HANDOFF=0`` (the standalone start) and ipykernel, each started
     the same way in the same turn;
 (b) ``pyrepl3-kernel gateway``, started fresh for each run (a runtime
@@ -121,6 +122,7 @@ def bench_argv(runs: int, runtime: Path) -> dict[str, Any]:
         "first": [],
         "second": [],
         "later": [],
+        "next": [],
         "first_kernel_info": [],
         STANDALONE: [],
         IPYKERNEL: [],
@@ -140,6 +142,8 @@ def bench_argv(runs: int, runtime: Path) -> dict[str, Any]:
             {**daemon_state(runtime), "fork_server_ready_after_s": wait_fork_server(runtime)}
         )
         rows["later"].append(start_once(ARGV, "1+1", runtime, wait_warm=False)["first_cell_ms"])
+        time.sleep(0.5)  # its pool refilled
+        rows["next"].append(start_once(ARGV, "1+1", runtime, wait_warm=False)["first_cell_ms"])
         rows[order[1]].append(
             start_once(order[1], "1+1", runtime, wait_warm=False)["first_cell_ms"]
         )
@@ -235,6 +239,7 @@ def report_argv(s: dict[str, list[float]], row: Any, lines: list[str]) -> None:
     row("(a) argv, no daemon running: start to first 1+1", median(s["first"]), ipk)
     row("(a) argv, the launch right after it", median(s["second"]), ipk)
     row("(a) argv, a launch once its daemon is ready", median(s["later"]), ipk)
+    row("(a) argv, the launch after that (pool refilled)", median(s["next"]), ipk)
     row("(a) argv standalone (PYREPL3_HANDOFF=0)", median(s[STANDALONE]), ipk)
     lines.append(
         f"    first launch / standalone: {ratio(median(s['first']), median(s[STANDALONE])):.2f}"
