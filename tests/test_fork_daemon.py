@@ -112,7 +112,19 @@ def _ppid(pid: int) -> int:
 # -- the argv path --------------------------------------------------------------------
 
 
+def _fork_server_ready(runtime: Path) -> None:
+    """The module's daemon running and its fork server ready: an argv
+    launch with no daemon, or while its fork server starts, runs standalone
+    (docs/daemon.md, "The first launch"; tests/test_first_launch.py)."""
+    _daemon(runtime)
+    deadline = time.monotonic() + TIMEOUT
+    while not _ready_fork_servers(runtime):
+        assert time.monotonic() < deadline, _status(runtime)["fork_servers"]
+        time.sleep(0.05)
+
+
 def test_argv_kernelspec_without_provisioner_gets_a_forked_worker(runtime, tmp_path):
+    _fork_server_ready(runtime)
     km = KernelManager(kernel_name=ARGV_KERNEL)
     km.start_kernel(cwd=str(tmp_path))
     worker = 0
@@ -139,6 +151,7 @@ def test_argv_kernelspec_without_provisioner_gets_a_forked_worker(runtime, tmp_p
 
 
 def test_argv_interrupt_reaches_the_forked_worker(runtime):
+    _fork_server_ready(runtime)
     km = KernelManager(kernel_name=ARGV_KERNEL)  # interrupt_mode signal: SIGINT to the launcher
     km.start_kernel()
     try:
@@ -165,6 +178,7 @@ def test_argv_interrupt_reaches_the_forked_worker(runtime):
 
 
 def test_killing_the_argv_process_ends_its_forked_worker(runtime):
+    _fork_server_ready(runtime)
     km = KernelManager(kernel_name=ARGV_KERNEL)
     km.start_kernel()
     worker = 0
