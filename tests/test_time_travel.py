@@ -448,6 +448,22 @@ def test_rest_states_and_checkout(
         assert server.api("POST", f"{base}/{counts[2]}/checkout").status_code == 200
         state = execute(server, kernel, "print(b, c)").json()
         assert state["outputs"][0]["text"] == "[1, 2, 3] x\n", state
+        # Cells run while every save slot is busy are coalesced: a checkout of
+        # one of them is refused (404), naming the kept states.
+        flag = tmp_path_factory.mktemp("tt-blocked") / "saves-blocked"
+        flag.touch()
+        server.api("GET", base)  # every save landed: the next three fork at once
+        try:
+            code = BLOCKED_SAVE.format(flag=str(flag)) + "blocked = Blocked()"
+            assert execute(server, kernel, code).json()["status"] == "ok"
+            for code in ("blocked = Blocked()", "blocked = Blocked()", "n = 1", "n = 2"):
+                counts.append(execute(server, kernel, code).json()["execution_count"])
+        finally:
+            flag.unlink()
+        states = server.api("GET", base).json()["states"]
+        assert states[-1]["cell_number"] == counts[-1] and states[-1]["covers"][0] < counts[-1]
+        r = server.api("POST", f"{base}/{counts[-2]}/checkout")
+        assert r.status_code == 404 and "coalesced" in r.json()["message"], r.text
 
 
 # -- saves proportional to the change: nothing is missed -------------------------------------
