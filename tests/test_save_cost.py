@@ -321,3 +321,24 @@ def test_a_scan_cut_short_starts_afresh() -> None:
         assert dictscan.items(scan, 4)[1][50] == -2
         """
     )
+
+
+def test_a_big_dict_found_to_hold_a_list_is_left_to_whole_pickling() -> None:
+    run_alone(
+        """
+        from pyrepl3_kernel.worker.checkpoint import parts
+
+        d = {f"k{i}": (i, str(i)) for i in range(5 * parts.PART_ITEMS)}
+        ns = {"d": d}
+        assert "d" in parts.before_fork(ns, {"d"}, 1).dicts
+        d["k3000"] = (1, [2])  # a list inside: a change in it moves no address
+        plan = parts.before_fork(ns, {"d"}, 2)
+        assert "d" in plan.whole and "d" not in plan.dicts
+        d["k1"] = "changed"  # not looked at again (no scan) while it is that dict
+        assert "d" in parts.before_fork(ns, {"d"}, 3).whole
+        ns["d"] = dict(d)
+        del ns["d"]["k3000"]
+        plan = parts.before_fork(ns, {"d"}, 4)
+        assert "d" in plan.dicts and not plan.whole
+        """
+    )

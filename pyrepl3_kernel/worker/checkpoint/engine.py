@@ -301,9 +301,9 @@ class CheckpointEngine:
         last: dict[str, dict[str, Any]] | None = None
         for var in candidates:
             obj = ns[var]
-            if not parts.eligible(obj):
+            if not parts.eligible(obj) or var in plan.whole:
                 continue
-            planned = plan.dicts.get(var) if plan is not None else None
+            planned = plan.dicts.get(var)
             previous = base_names.get(var)
             if previous is None and planned is not None and planned.base is not None:
                 if last is None:  # a full save: the parts of the last one

@@ -120,12 +120,17 @@ class Planned:
 class Plan:
     seq: int
     dicts: dict[str, Planned] = field(default_factory=dict)
+    #: Big dicts to pickle whole (they hold a value that is not immutable).
+    whole: set[str] = field(default_factory=set)
     #: How long :func:`before_fork` took (in the worker, before the fork).
     seconds: float = 0.0
 
 
 #: The newest snapshot of each big dict, by name (kept by the worker).
 _snapshots: dict[str, Snapshot] = {}
+#: Big dicts found to hold a value that is not immutable (name -> id() of
+#: the dict): pickled whole, not looked at again until the name is rebound.
+_mutable: dict[str, int] = {}
 
 
 def _looks_immutable(obj: dict[Any, Any]) -> bool:
@@ -146,11 +151,17 @@ def before_fork(ns: dict[str, Any], names: set[str] | None, seq: int) -> Plan:
     for name in list(_snapshots):
         if name not in ns:
             del _snapshots[name]
+    for name in list(_mutable):
+        if id(ns.get(name)) != _mutable[name]:
+            del _mutable[name]
     candidates = [n for n in ns if not n.startswith("_")] if names is None else names
     for name in candidates:
         obj = ns.get(name)
         if not isinstance(obj, dict) or not eligible(obj) or not _looks_immutable(obj):
             _snapshots.pop(name, None)
+            continue
+        if _mutable.get(name) == id(obj):
+            plan.whole.add(name)
             continue
         old = _snapshots.get(name)
         scanned = dictscan.scan(obj, old.scan if old is not None else None, PART_ITEMS)
@@ -170,6 +181,11 @@ def before_fork(ns: dict[str, Any], names: set[str] | None, seq: int) -> Plan:
             else (immutable(keys[i]) and immutable(values[i]) if comparable else None)
             for i in range(len(keys))
         ]
+        if False in flags:
+            _snapshots.pop(name, None)
+            _mutable[name] = id(obj)
+            plan.whole.add(name)
+            continue
         new = Snapshot(seq, id(obj), keys, values, flags, table)
         planned = Planned(new)
         if comparable and old is not None:
@@ -208,6 +224,7 @@ def _changed(
 def forget() -> None:
     """Drop every snapshot (tests; a worker whose namespace was replaced)."""
     _snapshots.clear()
+    _mutable.clear()
 
 
 # -- in the saving child -----------------------------------------------------------
@@ -300,6 +317,13 @@ def save(
             if isinstance(digests, list) and digests and isinstance(size, int):
                 reusable[i] = (digests, size)
     count = len(keys)
+    todo = [i for i in range(count) if i not in reusable]
+    for i in todo:  # all of them before anything is written
+        ok = flags[i] if flags is not None else None
+        if ok is None:
+            ok = immutable(keys[i]) and immutable(values[i])
+        if not ok:
+            return None
     chunk_map: dict[str, list[str]] = {}
     sizes: dict[str, int] = {}
     written = pickled = 0
@@ -307,11 +331,6 @@ def save(
         if i in reusable:
             chunk_map[str(i)], sizes[str(i)] = reusable[i]
             continue
-        ok = flags[i] if flags is not None else None
-        if ok is None:
-            ok = immutable(keys[i]) and immutable(values[i])
-        if not ok:
-            return None
         data = _dumps((keys[i], values[i]))
         digests, n = chunks.write(store, memoryview(data))
         chunk_map[str(i)], sizes[str(i)] = digests, len(data)
