@@ -40,6 +40,27 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every test, also one that asks for no kernelspec, runs with its own
+    ``JUPYTER_RUNTIME_DIR`` and ``IPYTHONDIR``: a kernel it launches by argv
+    hands off to (or starts) a daemon there, never the user's, and that
+    daemon is stopped at the end of the run."""
+    runtime_dir = tmp_path_factory.mktemp("default-runtime")
+    saved = {name: os.environ.get(name) for name in ("IPYTHONDIR", "JUPYTER_RUNTIME_DIR")}
+    os.environ["JUPYTER_RUNTIME_DIR"] = str(runtime_dir)
+    os.environ["IPYTHONDIR"] = str(tmp_path_factory.mktemp("default-ipython"))
+    try:
+        yield
+    finally:
+        stop_daemon(runtime_dir)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 @pytest.fixture(scope="session")
 def pyrepl3_kernelspec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """The directory of a freshly installed ``pyrepl3`` kernelspec
