@@ -150,9 +150,9 @@ def close_over(
         found = _memory_roots(ns[name])
         if found:
             roots[name] = found
-    # IPython's own values (Out, _, _N, ...) hold results: not the user's.
-    theirs = {id(v) for k, v in ns.items() if k not in present}
-    holders = _Holders(ns, by_id, theirs)
+    # IPython's own values (Out, _, _N, ...) hold results: not the user's
+    # (found only if a referrer scan runs: every value read is a page copied).
+    holders = _Holders(ns, by_id, present)
     pending = list(out)
     while pending:
         name = pending.pop()
@@ -185,11 +185,19 @@ class _Holders:
     BUDGET = 16
     DEPTH = 4
 
-    def __init__(self, ns: dict[str, Any], by_id: dict[int, list[str]], stop: set[int]) -> None:
+    def __init__(self, ns: dict[str, Any], by_id: dict[int, list[str]], present: set[str]) -> None:
         self.ns = ns
         self.by_id = by_id
-        self.stop = stop
+        self.present = present
+        self._stop: set[int] | None = None
         self.calls = 0
+
+    @property
+    def stop(self) -> set[int]:
+        """Ids of the namespace's values that are not the user's names."""
+        if self._stop is None:
+            self._stop = {id(v) for k, v in list(self.ns.items()) if k not in self.present}
+        return self._stop
 
     def of(self, obj: Any) -> set[str] | None:
         if type(obj) not in _INLINED:
