@@ -50,6 +50,8 @@ import threading
 import time
 from typing import Any
 
+from . import forkhistory
+
 log = logging.getLogger("pyrepl3.forkserver")
 
 #: Largest control message (a launch's environment travels in one).
@@ -61,9 +63,6 @@ PREBUILT_ENV = "PYREPL3_FORK_PREBUILT"
 FORK_FDS = 3
 #: Most requests read (and forked) in one go.
 MAX_BATCH = 64
-#: How long the server waits for the history database's write lock before
-#: it lets each fork of a batch make its own history session.
-HISTORY_BUSY_MS = 100
 
 #: What building a worker's shell imports beyond the worker's own modules:
 #: imported in the server, they are shared by every fork.
@@ -160,9 +159,8 @@ class ForkServer:
         self.worker: Any = None
         self._dummy: socket.socket | None = None
         self._start_dir = os.getcwd()
-        #: History sessions made for the forks of the current batch (see _history_sessions).
+        #: History sessions made for the forks of the current batch (forkhistory.py).
         self._sessions: list[int] = []
-        self._history_ready = False
         #: In a fork: the history session the server made for it (None: none).
         self._session: int | None = None
         self._wake_r, self._wake_w = os.pipe()
@@ -244,7 +242,7 @@ class ForkServer:
             if self.control.fileno() in ready:
                 batch, gone = self._receive_batch()
                 forks = sum(1 for msg, _ in batch if msg.get("op") == "fork")
-                self._sessions = self._history_sessions(forks)
+                self._sessions = forkhistory.new_sessions(self.worker, forks)
                 for msg, fds in batch:
                     self._handle(msg, fds)
                 if gone:
@@ -262,37 +260,6 @@ class ForkServer:
                 return batch, True
             batch.append((msg, fds))
         return batch, False
-
-    def _history_sessions(self, n: int) -> list[int]:
-        """``n`` new IPython history sessions, for the next ``n`` forks,
-        inserted in one transaction here. Each fork inserting its own made
-        the forks of a burst queue for the history database's write lock and
-        sync one by one (12-200 ms each before it was ready); a fork given
-        none inserts its own. Empty if the history is not in a database file,
-        or the database is busy."""
-        hm = getattr(getattr(self.worker, "shell", None), "history_manager", None)
-        if n <= 0 or hm is None or not hm.enabled or str(hm.hist_file) == ":memory:":
-            return []
-        import datetime
-
-        try:
-            if not self._history_ready:
-                # Busy (a worker writing its history): skip rather than hold every fork.
-                hm.db.execute(f"PRAGMA busy_timeout = {HISTORY_BUSY_MS}")
-                self._history_ready = True
-            started = datetime.datetime.now().isoformat(" ")
-            with hm.db:
-                return [
-                    int(
-                        hm.db.execute(
-                            "INSERT INTO sessions VALUES (NULL, ?, NULL, NULL, '')", (started,)
-                        ).lastrowid
-                    )
-                    for _ in range(n)
-                ]
-        except Exception as exc:
-            log.debug("fork server: no history sessions for %d forks: %s", n, exc)
-            return []
 
     def _handle(self, msg: dict[str, Any], fds: list[int]) -> None:
         op = msg.get("op")
@@ -459,7 +426,7 @@ class ForkServer:
         if cwd:
             launch.move_to(worker.shell, cwd)
         worker._set_session_name()
-        _history_session(worker.shell, self._session)
+        forkhistory.take_session(worker.shell, self._session)
         renew_event_loops()
         return worker
 
@@ -495,27 +462,6 @@ def _prime(shell: Any) -> None:
         shell.display_formatter.format(2)
     except Exception as exc:  # only an optimisation
         log.debug("fork server: priming the shell failed: %s", exc)
-
-
-def _history_session(shell: Any, number: int | None) -> None:
-    """The fork's own history session (worker/fork.new_history_session):
-    session ``number``, which the server inserted for it, or (None) a new
-    one inserted now."""
-    from .fork import new_history_session
-
-    hm = getattr(shell, "history_manager", None)
-    if number is None or hm is None:
-        new_history_session(shell)
-        return
-
-    def taken(conn: Any = None) -> None:
-        hm.session_number = number
-
-    hm.new_session = taken  # the row exists: new_history_session inserts none
-    try:
-        new_history_session(shell)
-    finally:
-        del hm.new_session
 
 
 def _run_warmup(code: str) -> str | None:
