@@ -331,6 +331,7 @@ def test_gateway_answers_with_its_fork_server_and_pool_ready(runtime, tmp_path):
                 break
             time.sleep(0.05)
         pids.append(leases[0]["worker_pid"])
+        assert leases[0]["warm"], leases  # from the pool the gateway prepared
         with open(f"/proc/{leases[0]['worker_pid']}/stat") as f:
             assert int(f.read().rsplit(")", 1)[1].split()[1]) in [f["pid"] for f in ready]
         requests.delete(f"{url}/api/kernels/{r.json()['id']}", headers=headers, timeout=30)

@@ -331,8 +331,10 @@ class Leases:
     ) -> SessionPool:
         """The pool a lease of this launch would take its worker from,
         warming now, before any lease (the first kernel is as fast as the next)."""
-        key = (kernel_name, python, warmup_code, startup_key(env))
-        return await self._pool(key, python, env, pool_size, max_kernels, warmup_code)
+        # The same key as a lease's (create), or the first lease builds a pool of its own.
+        sandbox_cwd = sandbox.pool_cwd(env, None)
+        key = (kernel_name, python, warmup_code, startup_key(env), sandbox_cwd)
+        return await self._pool(key, python, env, pool_size, max_kernels, warmup_code, sandbox_cwd)
 
     async def restart(self, lease: Lease) -> None:
         """Give the lease's kernel a new worker (warm if its pool has one)."""
