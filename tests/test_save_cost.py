@@ -35,10 +35,15 @@ FINGERPRINT = "import hashlib as _h; print(_h.sha256(repr({}).encode()).hexdiges
 
 
 class Driver:
-    def __init__(self, loop: asyncio.AbstractEventLoop, autosave: Path) -> None:
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        autosave: Path,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.loop = loop
         self.autosave = autosave
-        self.session = Session(autosave=str(autosave))
+        self.session = Session(autosave=str(autosave), env=env)
         self.run(self.session.start())
 
     def run(self, coro: Any) -> Any:
@@ -202,6 +207,30 @@ def test_a_big_dict_in_parts_survives_a_worker_crash(driver: Driver) -> None:
 
 # -- finding the changed parts in the worker (no kernel) -----------------------------------
 #
+def test_every_nth_save_is_a_full_one(tmp_path: Path) -> None:
+    # PYREPL3_STATES_FULL_EVERY=N: every Nth automatic save pickles every
+    # name again, the N-1 between them only what changed (it was every N+1th).
+    loop = asyncio.new_event_loop()
+    d = None
+    try:
+        for every, pattern in (("1", [False] * 4), ("3", [True, True, False, True])):
+            d = Driver(loop, tmp_path / f"every-{every}", {"PYREPL3_STATES_FULL_EVERY": every})
+            d.ex(BIG)
+            assert d.newest()["incremental"] is False  # the first save
+            seen = []
+            for i in range(len(pattern)):
+                d.ex(f"d['k1'] = {i}")
+                seen.append(d.newest()["incremental"])
+            assert seen == pattern, every
+            assert d.value("d['k1']") == len(pattern) - 1
+            d.run(d.session.shutdown())
+            d = None
+    finally:
+        if d is not None:
+            d.run(d.session.shutdown())
+        loop.close()
+
+
 # Each runs in a fresh interpreter: the table is read only when no thread but
 # the worker's own runs, and this test process has threads of its own.
 

@@ -387,7 +387,11 @@ class Autosave:
         predecessor = self._last_pidfd
         now = dirty.bindings(self.state.shell.user_ns)
         moved = dirty.rebound(self._fork_bindings, now)
-        full = self._everything or self._base_seq is None or self._since_full >= dirty.full_every()
+        # Every ``full_every()``-th save is a full one: after a full save,
+        # ``_since_full`` counts the incremental ones (1: every save full).
+        full = (
+            self._everything or self._base_seq is None or self._since_full + 1 >= dirty.full_every()
+        )
         changed = None if full else self._touched | moved
         plan = parts.before_fork(self.state.shell.user_ns, changed, seq)  # big dicts' parts
         base_seq = self._base_seq
