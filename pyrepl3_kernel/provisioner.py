@@ -17,12 +17,10 @@ a Jupyter config file (``c.PoolProvisioner.pool_size = 2``).
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import pathlib
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -36,14 +34,12 @@ from traitlets import Bool, Float, Integer, Unicode
 from .curve import PUBLIC, CurveKeys, manager_keys
 from .daemon.client import (
     DAEMON_PROTOCOL_VERSION,
-    PREPARE_ENV,
-    STARTER_ENV,
     DaemonClient,
     DaemonError,
     DaemonPaths,
     DaemonUnavailable,
 )
-from .processes import alive, started_at
+from .processes import alive
 
 _T = TypeVar("_T")
 
@@ -424,48 +420,20 @@ class PoolProvisioner(KernelProvisionerBase):  # type: ignore[misc]
 
     def _start_daemon(self, paths: DaemonPaths) -> int:
         """Start a daemon in the background; returns its pid."""
-        paths.log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cmd = [
-            self._python(),
-            "-m",
-            "pyrepl3_kernel.cli",
-            "serve",
-            "--runtime-dir",
-            os.fspath(paths.lock.parent),
-            "--idle-timeout",
-            str(self.idle_timeout),
-        ]
-        env = {
-            k: v for k, v in os.environ.items() if k not in ("JPY_PARENT_PID", "PYTHONEXECUTABLE")
-        }
-        # Who started it: the daemon may exit once this process is gone
-        # (docs/daemon.md, "Lifecycle").
-        env[STARTER_ENV] = json.dumps(
-            {
-                "pid": os.getpid(),
-                "started": started_at(os.getpid()),
-                "server_info_file": self._server_info_file(),
-            }
-        )
-        # The fork server it prepares at start: the first kernel is forked too.
-        env[PREPARE_ENV] = json.dumps({"warmup_code": self.warmup_code})
-        # Through a shell that exits at once: the daemon is reparented to init
-        # and never becomes a zombie of this (possibly long-lived) process.
-        launcher = 'nohup "$@" >>"$PYREPL3_DAEMON_LOG" 2>&1 </dev/null & echo $!'
-        env["PYREPL3_DAEMON_LOG"] = os.fspath(paths.log)
+        from .daemonstart import start_daemon
+
         # Debug: a console shows INFO, and this is routine (failures warn).
-        self.log.debug("pyrepl3: starting the manager daemon: %s", " ".join(cmd))
-        done = subprocess.run(
-            ["/bin/sh", "-c", launcher, "sh", *cmd],
-            cwd="/",  # a daemon must not keep the first client's directory busy
-            env=env,
-            start_new_session=True,
-            check=True,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            text=True,
+        self.log.debug("pyrepl3: starting the manager daemon for %s", paths.lock.parent)
+        # Who started it: the daemon may exit once this process is gone
+        # (docs/daemon.md, "Lifecycle"); it prepares this launch's fork server.
+        return start_daemon(
+            paths,
+            starter_pid=os.getpid(),
+            python=self._python(),
+            server_info_file=self._server_info_file(),
+            warmup_code=self.warmup_code,
+            idle_timeout=self.idle_timeout,
         )
-        return int(done.stdout.strip())
 
 
 #: How long a daemon's hello answers for later launches in this process.
