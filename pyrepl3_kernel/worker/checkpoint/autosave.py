@@ -63,10 +63,20 @@ def _lock(store: str, name: str, how: int) -> int | None:
     return fd
 
 
-def _saved_seq(store: str) -> int:
-    """``autosave_seq`` of the automatic checkpoint in ``store`` (0: none)."""
+def _saved_seq(store: str, history: History | None = None) -> int:
+    """``autosave_seq`` of the newest automatic save in ``store`` (0: none).
+
+    The newest state of the store's ``history``, from its directory's listing
+    alone (a save records its state just before it writes ``auto.json``,
+    under the same lock, with the same seq); else ``auto.json``'s (a store
+    written by a version without a history), which holds the whole input
+    history: parsing it all cost a saving child more than its manifest."""
     if "://" in store:
         return 0
+    if history is not None:
+        newest = history.newest()
+        if newest is not None:
+            return newest
     try:
         with open(os.path.join(store, f"{AUTO_NAME}.json"), "rb") as f:
             seq = json.load(f).get("autosave_seq", 0)
@@ -442,12 +452,14 @@ class Autosave:
             if predecessor is not None:  # the previous state lands first
                 select.select([predecessor], [], [], self.PREDECESSOR_TIMEOUT)
             writing = _lock(store, LOCK_NAME, fcntl.LOCK_EX)
-            if _saved_seq(store) < seq:
-                gc.disable()  # this process ends after the save: no collections
-                started, cpu = time.perf_counter(), time.process_time()
-                engine = self.state.engine(store)
+            gc.disable()  # this process ends after the save: no collections
+            started, cpu = time.perf_counter(), time.process_time()
+            engine = self.state.engine(store)
+            # Listed once: this child holds the store's exclusive lock.
+            history = History(engine.store, locked=True) if "://" not in store else None
+            if _saved_seq(store, history) < seq:
                 engine.store.fsync = False  # one flush at the end instead
-                history = History(engine.store) if "://" not in store else None
+                retention = Retention.of(store)  # read once per save
                 base = None
                 if changed is not None and base_seq is not None:
                     try:  # the state saved (or checked out) last
@@ -465,7 +477,15 @@ class Autosave:
                         manifest["save_seconds"] = round(time.perf_counter() - started, 6)
                         manifest["save_cpu_seconds"] = round(time.process_time() - cpu, 6)
                         manifest["incremental"] = base is not None
-                        history.record(seq, manifest, report.bytes_written, at=at)
+                        history.record(
+                            seq,
+                            manifest,
+                            report.bytes_written,
+                            at=at,
+                            known=(base_seq, base)
+                            if base is not None and base_seq is not None
+                            else None,
+                        )
 
                 engine.save(
                     AUTO_NAME,
@@ -480,11 +500,11 @@ class Autosave:
                     changed=changed if base is not None else None,
                     moved=moved,
                     base=base,
-                    budget=Retention.of(store).budget,
+                    budget=retention.budget,
                     plan=plan,
                 )
                 if history is not None:
-                    history.enforce(Retention.of(store))
+                    history.enforce(retention)
                 engine.store.sync()
             if writing is not None:
                 os.close(writing)

@@ -194,28 +194,45 @@ def coalesced_error(
 class History:
     """The ``states/`` directory of a local store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, locked: bool = False) -> None:
+        """``locked``: the caller holds the store's exclusive lock (an
+        autosave child) for as long as it uses this object: no one else
+        adds or drops states meanwhile, so the directory is listed once."""
         if store._fs is not None:
             raise CheckpointError(
                 f"the state history needs a local directory; {store.root!r} is not one"
             )
         self.store = store
         self.dir = os.path.join(store._path, STATES_DIR)
+        self._locked = locked
+        self._listing: list[int] | None = None
 
     # -- reading --------------------------------------------------------------------------
 
     def seqs(self) -> list[int]:
         """The kept states' numbers, oldest first."""
+        if self._listing is not None:
+            return list(self._listing)
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
-            return []
+            names = []
         out = []
         for name in names:
             stem, dot, ext = name.partition(".")
             if ext == "json" and dot and stem.isdigit():
                 out.append(int(stem))
-        return sorted(out)
+        out.sort()
+        if self._locked:
+            self._listing = out
+            return list(out)
+        return out
+
+    def newest(self) -> int | None:
+        """The newest kept state's number (None: none is kept), read from
+        the directory's listing alone."""
+        seqs = self.seqs()
+        return seqs[-1] if seqs else None
 
     def path(self, seq: int) -> str:
         return os.path.join(self.dir, f"{seq:020d}.json")
@@ -286,13 +303,23 @@ class History:
     # -- writing (autosave children, under the store's exclusive lock) ---------------
 
     def record(
-        self, seq: int, manifest: dict[str, Any], bytes_added: int, at: int | None = None
+        self,
+        seq: int,
+        manifest: dict[str, Any],
+        bytes_added: int,
+        at: int | None = None,
+        known: tuple[int, dict[str, Any]] | None = None,
     ) -> dict[str, Any]:
         """Write ``manifest`` as state ``seq``, with what it changed against
-        the newest earlier state; returns the manifest written."""
+        the newest earlier state; returns the manifest written. ``known``:
+        ``(seq, manifest)`` of a state the caller has read already (the
+        base of an incremental save): not read again if it is that state."""
         previous = None
         for older in reversed(self.seqs()):
             if older < seq:
+                if known is not None and known[0] == older:
+                    previous = known[1]
+                    break
                 try:
                     previous = self.read(older)
                 except CheckpointError:
@@ -306,6 +333,9 @@ class History:
             state["at"] = at
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
         self.store._write(self.path(seq), [json.dumps(state, separators=(",", ":")).encode()])
+        if self._listing is not None and seq not in self._listing:
+            self._listing.append(seq)
+            self._listing.sort()
         return state
 
     def enforce(self, retention: Retention) -> list[int]:
@@ -353,6 +383,8 @@ class History:
                 os.remove(self.path(seq))
             except FileNotFoundError:
                 pass
+            if self._listing is not None and seq in self._listing:
+                self._listing.remove(seq)
         if dropped:  # only a dropped state frees blobs
             self.collect_garbage(manifests)
         return dropped
