@@ -49,9 +49,13 @@ def _lock(store: str, name: str, how: int) -> int | None:
     """An fd holding ``flock(how)`` on ``store/name`` (local stores only)."""
     if "://" in store:
         return None
+    path = os.path.join(store, name)
     try:
-        os.makedirs(store, mode=0o700, exist_ok=True)
-        fd = os.open(os.path.join(store, name), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:  # the first save: no store yet
+            os.makedirs(store, mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
         log.warning("autosave lock %s: %s", name, exc)
         return None
@@ -408,9 +412,22 @@ class Autosave:
         before = (self._touched, self._everything, self._fork_bindings, self._since_full)
         self._touched, self._everything, self._fork_bindings = set(), False, now
         self._base_seq, self._since_full = seq, 0 if full else self._since_full + 1
+        # Made once in the worker (the children inherit it): a local store's
+        # engine (if it cannot be made, the child says why). And no
+        # collection while the child starts: it would touch (copy) every
+        # object's memory; the child keeps it off to the end.
+        if "://" not in store:
+            try:
+                self.state.engine(store)
+            except Exception:
+                pass
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             pid = _fork_beside_history(self.state.shell)
         except OSError as exc:
+            if collecting:
+                gc.enable()
             # No process to save with (a process limit is full): the state
             # stays dirty, as it was, and the next poll tries again.
             if pending is not None:
@@ -425,6 +442,8 @@ class Autosave:
                 log.warning("automatic checkpoint postponed: cannot fork (%s)", exc)
             return
         if pid:
+            if collecting:
+                gc.enable()
             if pending is not None:
                 os.close(pending)  # the child holds it until it exits
             self._children.append(pid)
@@ -452,7 +471,6 @@ class Autosave:
             if predecessor is not None:  # the previous state lands first
                 select.select([predecessor], [], [], self.PREDECESSOR_TIMEOUT)
             writing = _lock(store, LOCK_NAME, fcntl.LOCK_EX)
-            gc.disable()  # this process ends after the save: no collections
             started, cpu = time.perf_counter(), time.process_time()
             engine = self.state.engine(store)
             # Listed once: this child holds the store's exclusive lock.
