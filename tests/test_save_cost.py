@@ -205,6 +205,22 @@ def test_a_big_dict_in_parts_survives_a_worker_crash(driver: Driver) -> None:
     assert driver.value("[d['k1'], d['k2']]") == ["after the crash", "and again"]
 
 
+def test_the_blob_bytes_the_saves_note_are_those_on_disk(driver: Driver) -> None:
+    # Retention reads the store's blob bytes from what the saves noted
+    # (counted again every RECOUNT_EVERY saves), not from every blob's size.
+    from pyrepl3_kernel.worker.checkpoint.history import BLOB_BYTES_NAME, RECOUNT_EVERY
+
+    driver.ex(BIG)
+    seen = set()
+    for i in range(RECOUNT_EVERY + 2):
+        driver.ex(f"d['k{i}'] = {i}\nb = bytes({i * 1000})")
+        noted = json.loads((driver.autosave / BLOB_BYTES_NAME).read_text())
+        on_disk = sum(p.stat().st_size for p in (driver.autosave / "objects").iterdir())
+        assert noted["bytes"] == on_disk, (i, noted)
+        seen.add(noted["saves"])
+    assert 0 in seen and RECOUNT_EVERY - 1 in seen  # counted, then added up to a recount
+
+
 # -- finding the changed parts in the worker (no kernel) -----------------------------------
 #
 def test_every_nth_save_is_a_full_one(tmp_path: Path) -> None:

@@ -505,7 +505,7 @@ class Autosave:
                             else None,
                         )
 
-                engine.save(
+                report = engine.save(
                     AUTO_NAME,
                     max_object_bytes=max_object_bytes(),
                     extra={
@@ -522,7 +522,7 @@ class Autosave:
                     plan=plan,
                 )
                 if history is not None:
-                    history.enforce(retention)
+                    history.enforce(retention, added=report.bytes_written)
                 engine.store.sync()
             if writing is not None:
                 os.close(writing)

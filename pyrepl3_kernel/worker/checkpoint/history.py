@@ -19,7 +19,9 @@ objects that changed. Retention (:class:`Retention`) keeps the newest
 ``keep`` states and as many as fit in ``budget`` bytes of blobs; blobs no
 kept manifest names are then removed. Writers (the autosave children) hold
 the store's exclusive lock for the whole save, retention and garbage
-collection, so a collection never sees a save's blobs before its manifest.
+collection, so a collection never sees a save's blobs before its manifest;
+they note the bytes of the store's blobs in ``.blob-bytes`` (an estimate,
+counted again now and then) so that retention does not stat every blob.
 Everything is plain files: the directory can be copied or mirrored as is.
 """
 
@@ -49,6 +51,15 @@ ENV_KEEP = "PYREPL3_STATES_KEEP"
 ENV_BUDGET = "PYREPL3_STATES_BUDGET"
 DEFAULT_KEEP = 100
 DEFAULT_BUDGET = 8 << 30
+#: The bytes of the store's blobs as of the last save (a hidden file beside
+#: ``auto.json``, ``{"bytes": N, "saves": K}``), kept by the saving children
+#: so that retention need not stat every blob and chunk after every cell; the
+#: files are counted again every ``RECOUNT_EVERY`` saves, and whenever
+#: retention has to read the states. A store without it (older versions) is
+#: counted. Blobs written or removed by others than the saves (a checkpoint
+#: saved into the store by hand) count at the next recount.
+BLOB_BYTES_NAME = ".blob-bytes"
+RECOUNT_EVERY = 16
 
 
 @dataclass(frozen=True)
@@ -338,16 +349,66 @@ class History:
             self._listing.sort()
         return state
 
-    def enforce(self, retention: Retention) -> list[int]:
+    def enforce(self, retention: Retention, added: int | None = None) -> list[int]:
         """Drop the oldest states beyond ``retention.keep`` and those whose
         blobs do not fit in ``retention.budget`` (never the newest); then
         remove the blobs no manifest of the store names. Returns the dropped
         states. While the states are within the count and all the store's
         blobs within the budget, nothing is read (a save's child runs this
-        after every cell: it must not grow with the history)."""
+        after every cell: it must not grow with the history). ``added``: the
+        bytes the save just wrote (its child holds the store's lock): the
+        total is the one kept in :data:`BLOB_BYTES_NAME` plus these, and the
+        blobs are counted only every ``RECOUNT_EVERY`` saves."""
         seqs = self.seqs()
-        if len(seqs) <= retention.keep and self.blob_bytes() <= retention.budget:
+        within = len(seqs) <= retention.keep
+        if added is None:
+            if within and self.blob_bytes() <= retention.budget:
+                return []
+        elif within and self._blob_total(added) <= retention.budget:
             return []
+        dropped = self._enforce(seqs, retention)
+        if added is not None:  # blobs may have gone: counted
+            self._note_blob_bytes(self.blob_bytes(), 0)
+        return dropped
+
+    def _blob_total(self, added: int) -> int:
+        """The store's blob bytes after a save that wrote ``added``, noted
+        for the next save (counted if not known or due)."""
+        path = os.path.join(self.store._path, BLOB_BYTES_NAME)
+        known = saves = None
+        try:
+            with open(path, "rb") as f:
+                noted = json.loads(f.read())
+            if isinstance(noted, dict):
+                known, saves = noted.get("bytes"), noted.get("saves")
+        except (OSError, ValueError):
+            pass
+        if (
+            isinstance(known, int)
+            and isinstance(saves, int)
+            and known >= 0
+            and 0 <= saves < RECOUNT_EVERY - 1
+        ):
+            total, saves = known + max(0, added), saves + 1
+        else:
+            total, saves = self.blob_bytes(), 0
+        self._note_blob_bytes(total, saves)
+        return total
+
+    def _note_blob_bytes(self, total: int, saves: int) -> None:
+        path = os.path.join(self.store._path, BLOB_BYTES_NAME)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            try:
+                os.write(fd, json.dumps({"bytes": total, "saves": saves}).encode())
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError as exc:  # only an estimate: the next save counts again
+            log.debug("cannot note the store's blob bytes: %s", exc)
+
+    def _enforce(self, seqs: list[int], retention: Retention) -> list[int]:
         manifests: dict[int, dict[str, Any]] = {}
         for seq in seqs:
             try:
