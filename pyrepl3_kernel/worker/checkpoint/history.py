@@ -52,7 +52,7 @@ ENV_BUDGET = "PYREPL3_STATES_BUDGET"
 DEFAULT_KEEP = 100
 DEFAULT_BUDGET = 8 << 30
 #: The bytes of the store's blobs as of the last save (a hidden file beside
-#: ``auto.json``, ``{"bytes": N, "saves": K}``), kept by the saving children
+#: ``auto.json``, ``"<bytes> <saves since counted>"``), kept by the saving children
 #: so that retention need not stat every blob and chunk after every cell; the
 #: files are counted again every ``RECOUNT_EVERY`` saves, and whenever
 #: retention has to read the states. A store without it (older versions) is
@@ -373,39 +373,40 @@ class History:
 
     def _blob_total(self, added: int) -> int:
         """The store's blob bytes after a save that wrote ``added``, noted
-        for the next save (counted if not known or due)."""
+        for the next save (counted if not known or due). One file, read and
+        overwritten in place: ``"<bytes> <saves since counted>"``, padded."""
         path = os.path.join(self.store._path, BLOB_BYTES_NAME)
-        known = saves = None
         try:
-            with open(path, "rb") as f:
-                noted = json.loads(f.read())
-            if isinstance(noted, dict):
-                known, saves = noted.get("bytes"), noted.get("saves")
-        except (OSError, ValueError):
-            pass
-        if (
-            isinstance(known, int)
-            and isinstance(saves, int)
-            and known >= 0
-            and 0 <= saves < RECOUNT_EVERY - 1
-        ):
-            total, saves = known + max(0, added), saves + 1
-        else:
-            total, saves = self.blob_bytes(), 0
-        self._note_blob_bytes(total, saves)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            log.debug("cannot note the store's blob bytes: %s", exc)
+            return self.blob_bytes()
+        try:
+            try:
+                known, saves = (int(v) for v in os.pread(fd, 64, 0).split())
+            except ValueError:  # new, or not ours
+                known = saves = -1
+            if known >= 0 and 0 <= saves < RECOUNT_EVERY - 1:
+                total, saves = known + max(0, added), saves + 1
+            else:
+                total, saves = self.blob_bytes(), 0
+            _note(fd, total, saves)
+        except OSError as exc:  # only an estimate: the next save counts again
+            log.debug("cannot note the store's blob bytes: %s", exc)
+            total = self.blob_bytes()
+        finally:
+            os.close(fd)
         return total
 
     def _note_blob_bytes(self, total: int, saves: int) -> None:
         path = os.path.join(self.store._path, BLOB_BYTES_NAME)
-        tmp = f"{path}.tmp-{os.getpid()}"
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
-                os.write(fd, json.dumps({"bytes": total, "saves": saves}).encode())
+                _note(fd, total, saves)
             finally:
                 os.close(fd)
-            os.replace(tmp, path)
-        except OSError as exc:  # only an estimate: the next save counts again
+        except OSError as exc:
             log.debug("cannot note the store's blob bytes: %s", exc)
 
     def _enforce(self, seqs: list[int], retention: Retention) -> list[int]:
@@ -487,3 +488,9 @@ class History:
                 os.remove(os.path.join(objects, blob))
                 removed += 1
         return removed
+
+
+def _note(fd: int, total: int, saves: int) -> None:
+    """Overwrite the blob-bytes record (always the same length: no truncation)."""
+    record = f"{total} {saves}".ljust(62).encode() + b"\n"
+    os.pwrite(fd, record, 0)
