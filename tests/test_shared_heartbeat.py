@@ -1,7 +1,9 @@
 """One heartbeat thread for all the kernels of a process
 (pyrepl3_kernel/gateway/heartbeat.py): each kernel keeps its own port and
 answers its own pings, and stops answering when it is shut down while the
-others still answer.
+others still answer. And the sockets a hosting process binds in advance
+(pyrepl3_kernel/gateway/ready_channels.py): taken by plain kernels, with the
+ports they report, never by Curve kernels or kernels with chosen ports.
 
 In this process (real ZMQ sockets), then with two kernels hosted by one
 manager daemon and started through jupyter_client's ``KernelManager``.
@@ -9,6 +11,8 @@ manager daemon and started through jupyter_client's ``KernelManager``.
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +22,8 @@ import zmq
 from jupyter_client import KernelManager
 from pool_helpers import PoolSetup, pooled_kernelspec
 
+from pyrepl3_kernel.gateway import ready_channels
+from pyrepl3_kernel.gateway.channels import CHANNELS, KernelChannels
 from pyrepl3_kernel.gateway.heartbeat import Heartbeat
 
 NAME = "pyrepl3-shared-hb-test"
@@ -84,6 +90,82 @@ def test_a_heartbeat_stopped_before_it_started_frees_its_port() -> None:
 def test_an_ipc_heartbeat_needs_a_port() -> None:
     with pytest.raises(ValueError, match="explicit port"):
         Heartbeat("ipc:///tmp/pyrepl3-hb-test", 0)
+
+
+async def filled(ready: ready_channels.ReadyChannels, n: int) -> None:
+    for _ in range(500):
+        if len(ready) >= n:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{n} sets were not bound in advance ({len(ready)} were)")
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+PORTS = (*CHANNELS, "hb")
+
+
+def test_plain_kernels_take_sockets_bound_in_advance_and_report_their_ports() -> None:
+    async def main() -> None:
+        ready = ready_channels.keep_ready(2)
+        kernels: list[KernelChannels] = []
+        try:
+            await filled(ready, 2)
+            first = ready._sets[0].ports
+            kernel = KernelChannels({"key": "k"}, "plain")
+            kernels.append(kernel)
+            kernel.bind()
+            info = kernel.connection_info
+            assert {c: info[f"{c}_port"] for c in PORTS} == first
+            assert len(ready) == 1  # taken; refilled once the burst is over
+            await filled(ready, 2)
+            # the sockets it reports are its own: a request reaches it, a ping is echoed
+            with zmq.Context.instance().socket(zmq.DEALER) as client:
+                client.linger = 0
+                client.connect(f"tcp://127.0.0.1:{info['shell_port']}")
+                client.send_multipart([b"hello"])
+                assert (await asyncio.wait_for(kernel.recv("shell"), 10))[-1] == b"hello"
+            assert ping(info["hb_port"], b"beat") == b"beat"
+            # Curve (options before bind) and chosen ports bind their own
+            public, secret = zmq.curve_keypair()
+            curve = KernelChannels(
+                {"key": "k", "curve_publickey": public, "curve_secretkey": secret}, "curve"
+            )
+            chosen = KernelChannels({"key": "k", "shell_port": free_port()}, "chosen")
+            kernels += [curve, chosen]
+            unused = {port for ready_set in ready._sets for port in ready_set.ports.values()}
+            for other in (curve, chosen):
+                other.bind()
+                assert not unused & {other.connection_info[f"{c}_port"] for c in PORTS}
+            assert len(ready) == 2
+        finally:
+            unused = {port for ready_set in ready._sets for port in ready_set.ports.values()}
+            ready_channels.close()
+            for kernel in kernels:
+                kernel.close()
+        assert ready_channels.take("tcp", "127.0.0.1") is None
+        # closing is asynchronous in libzmq: the ports are free shortly after
+        for _ in range(500):
+            if all(port_is_free(port) for port in unused):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the unused sets' ports were not freed")
+
+    asyncio.run(main())
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")

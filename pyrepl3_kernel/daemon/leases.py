@@ -25,6 +25,7 @@ from typing import Any
 
 from .. import sandbox
 from ..curve import CurveKeys
+from ..gateway import ready_channels
 from ..gateway.kernel import JupyterGateway
 from ..processes import alive, started_at
 from ..protocol import ExecuteMessage, MessageType
@@ -376,6 +377,7 @@ class Leases:
         await asyncio.gather(*(self.end(lease) for lease in self))
         await asyncio.gather(*(pool.stop() for pool in self.pools.values()), return_exceptions=True)
         self.pools.clear()
+        ready_channels.close()
         await self.fork_servers.stop()
         await self._tasks.cancel()
 
@@ -431,6 +433,8 @@ class Leases:
         )
         pool = SessionPool(config)
         await pool.start(wait=False)
+        # Beside the workers, plain kernels' sockets bound in advance.
+        ready_channels.keep_ready(max(size, ready_channels.DEFAULT_SETS))
         self.pools[key] = pool
         self._pool_info[key] = {"kernel_name": key[0], "python": python, "warmup_code": warmup_code}
         return pool

@@ -7,6 +7,7 @@ HMAC signing, the iopub topic); it knows nothing of what the messages mean.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import zmq
@@ -14,11 +15,69 @@ import zmq.asyncio
 
 from .. import zmqsend
 from ..curve import CurveKeys, serve_on
+from . import ready_channels
 from .heartbeat import Heartbeat
 from .wire import Wire
 
 JupyterMsg = dict[str, Any]
 CHANNELS = ("shell", "control", "stdin", "iopub")
+_KINDS = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER, "iopub": zmq.XPUB}
+
+
+@dataclass
+class BoundSockets:
+    """The four channel sockets and the heartbeat of one kernel, bound
+    (the heartbeat not yet answering: :meth:`Heartbeat.start`)."""
+
+    sockets: dict[str, zmq.asyncio.Socket]
+    ports: dict[str, int]  # by channel, "hb" included
+    heartbeat: Heartbeat
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close(linger=0)
+        self.heartbeat.stop()
+
+
+def bind_sockets(
+    transport: str, ip: str, ports: dict[str, int], curve: CurveKeys | None
+) -> BoundSockets:
+    """One kernel's sockets, bound on ``ports`` (by channel, ``hb``
+    included; 0 or missing: a free port, tcp only); Curve servers with ``curve``."""
+    url = f"{transport}://{ip}"
+    ctx = zmq.asyncio.Context.instance()
+    sockets: dict[str, zmq.asyncio.Socket] = {}
+    bound: dict[str, int] = {}
+    try:
+        for channel, kind in _KINDS.items():
+            sock = ctx.socket(kind)
+            sockets[channel] = sock
+            sock.linger = 1000
+            serve_on(sock, curve)
+            if kind == zmq.ROUTER:
+                # As ipykernel: a client that reconnects with its identity
+                # (all clients of one KernelManager share one) takes over.
+                sock.router_handover = 1
+            if kind == zmq.XPUB:
+                sock.setsockopt(zmq.XPUB_VERBOSE, 1)
+            port = ports.get(channel, 0)
+            if transport == "tcp":
+                if port:
+                    sock.bind(f"{url}:{port}")
+                else:
+                    port = sock.bind_to_random_port(url)
+            else:
+                if not port:
+                    raise ValueError("ipc transport needs explicit port numbers")
+                sock.bind(f"{url}-{port}")
+            bound[channel] = port
+        heartbeat = Heartbeat(url, ports.get("hb", 0), curve)
+    except BaseException:
+        for sock in sockets.values():
+            sock.close(linger=0)
+        raise
+    bound["hb"] = heartbeat.port
+    return BoundSockets(sockets, bound, heartbeat)
 
 
 class KernelChannels:
@@ -45,39 +104,23 @@ class KernelChannels:
         self.connection_info = info
         self.kernel_id = kernel_id
         self.wire = Wire(key, info["signature_scheme"])
-        self._ctx = zmq.asyncio.Context.instance()
         self._sockets: dict[str, zmq.asyncio.Socket] = {}
         self._heartbeat: Heartbeat | None = None
 
     def bind(self) -> None:
         info = self.connection_info
         transport, ip = info["transport"], info["ip"]
-        url = f"{transport}://{ip}"
-        kinds = {"shell": zmq.ROUTER, "control": zmq.ROUTER, "stdin": zmq.ROUTER, "iopub": zmq.XPUB}
-        for channel, kind in kinds.items():
-            sock = self._ctx.socket(kind)
-            sock.linger = 1000
-            serve_on(sock, self.curve)
-            if kind == zmq.ROUTER:
-                # As ipykernel: a client that reconnects with its identity
-                # (all clients of one KernelManager share one) takes over.
-                sock.router_handover = 1
-            if kind == zmq.XPUB:
-                sock.setsockopt(zmq.XPUB_VERBOSE, 1)
-            port = int(info.get(f"{channel}_port") or 0)
-            if transport == "tcp":
-                if port:
-                    sock.bind(f"{url}:{port}")
-                else:
-                    port = sock.bind_to_random_port(url)
-            else:
-                if not port:
-                    raise ValueError("ipc transport needs explicit port numbers")
-                sock.bind(f"{url}-{port}")
+        ports = {channel: int(info.get(f"{channel}_port") or 0) for channel in (*CHANNELS, "hb")}
+        ready = None
+        if self.curve is None and not any(ports.values()):
+            # Curve options must be set before bind: only plain kernels that
+            # let the ports be chosen can take sockets bound in advance.
+            ready = ready_channels.take(transport, ip)
+        if ready is None:
+            ready = bind_sockets(transport, ip, ports, self.curve)
+        self._sockets, self._heartbeat = ready.sockets, ready.heartbeat
+        for channel, port in ready.ports.items():
             info[f"{channel}_port"] = port
-            self._sockets[channel] = sock
-        self._heartbeat = Heartbeat(url, int(info.get("hb_port") or 0), self.curve)
-        info["hb_port"] = self._heartbeat.port
         self._heartbeat.start()
 
     def close(self) -> None:
