@@ -40,10 +40,11 @@ class Driver:
         loop: asyncio.AbstractEventLoop,
         autosave: Path,
         env: dict[str, str] | None = None,
+        **options: Any,
     ) -> None:
         self.loop = loop
         self.autosave = autosave
-        self.session = Session(autosave=str(autosave), env=env)
+        self.session = Session(autosave=str(autosave), env=env, **options)
         self.run(self.session.start())
 
     def run(self, coro: Any) -> Any:
@@ -219,6 +220,35 @@ def test_the_blob_bytes_the_saves_note_are_those_on_disk(driver: Driver) -> None
         assert noted == on_disk, (i, noted, saves)
         seen.add(saves)
     assert 0 in seen and RECOUNT_EVERY - 1 in seen  # counted, then added up to a recount
+
+
+def test_a_full_history_drops_its_oldest_state_and_only_its_own_blobs(tmp_path: Path) -> None:
+    # Beyond keep_states every save drops the oldest state; the blobs only it
+    # named go, those a kept state or auto.json still names stay.
+    from pyrepl3_kernel.worker.checkpoint.format import objects_of
+    from pyrepl3_kernel.worker.checkpoint.history import BLOB_BYTES_NAME
+
+    loop = asyncio.new_event_loop()
+    d = None
+    try:
+        d = Driver(loop, tmp_path / "auto", keep_states=2)
+        d.ex("kept = bytes(range(256)) * 400")
+        for i in range(5):
+            d.ex(f"a = bytes([{i}]) * 100_000")
+            manifests = [*(d.autosave / "states").glob("*.json"), d.autosave / "auto.json"]
+            named = set().union(*(objects_of(json.loads(p.read_text())) for p in manifests))
+            on_disk = {p.name for p in (d.autosave / "objects").iterdir()}
+            assert on_disk == named, i
+            noted = int((d.autosave / BLOB_BYTES_NAME).read_text().split()[0])
+            assert noted == sum(p.stat().st_size for p in (d.autosave / "objects").iterdir())
+        oldest = d.run(d.session.states())["states"]
+        assert len(oldest) == 2
+        d.ex(f"%checkout {oldest[0]['cell_number']}")  # the state of a = bytes([3]) * ...
+        assert d.value("[kept[:3].hex(), a[0], len(a)]") == ["000102", 3, 100_000]
+    finally:
+        if d is not None:
+            d.run(d.session.shutdown())
+        loop.close()
 
 
 # -- finding the changed parts in the worker (no kernel) -----------------------------------

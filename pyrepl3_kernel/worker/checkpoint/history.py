@@ -364,14 +364,66 @@ class History:
         if added is None:
             if within and self.blob_bytes() <= retention.budget:
                 return []
-        elif within and self._blob_total(added) <= retention.budget:
-            return []
+            return self._enforce(seqs, retention)
+        total, saves = self._blob_total(added)
+        if total <= retention.budget:
+            if within:
+                return []
+            # Only the count is exceeded (the states fit in the budget).
+            dropped = self._drop_oldest(seqs, retention.keep, total, saves)
+            if dropped is not None:
+                return dropped
         dropped = self._enforce(seqs, retention)
-        if added is not None:  # blobs may have gone: counted
-            self._note_blob_bytes(self.blob_bytes(), 0)
+        self._note_blob_bytes(self.blob_bytes(), 0)  # blobs may have gone: counted
         return dropped
 
-    def _blob_total(self, added: int) -> int:
+    def _drop_oldest(self, seqs: list[int], keep: int, total: int, saves: int) -> list[int] | None:
+        """Drop the oldest states beyond ``keep``, and remove the blobs they
+        named that no other manifest of the store names, without parsing
+        every kept manifest (once the history is full, every save drops one:
+        parsing 100 manifests cost the saving child 11 ms): a blob is named
+        by a manifest if its digest is in the manifest's text. None if a
+        manifest is unreadable (the full pass then says so and waits)."""
+        dropped = seqs[: len(seqs) - keep]
+        candidates: set[str] = set()
+        try:
+            for seq in dropped:
+                candidates |= objects_of(self.read(seq))
+        except CheckpointError:
+            return None
+        others = [self.path(seq) for seq in reversed(seqs[len(dropped) :])]
+        others += [os.path.join(self.store._path, f"{n}.json") for n in self.store.names()]
+        for path in others:
+            if not candidates:
+                break
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+            except OSError:
+                return None
+            if not (raw.startswith(b"{") and raw.rstrip().endswith(b"}")):
+                return None  # cut short or not a manifest: the full pass
+            candidates = {c for c in candidates if c.encode() not in raw}
+        for seq in dropped:
+            try:
+                os.remove(self.path(seq))
+            except FileNotFoundError:
+                pass
+            if self._listing is not None and seq in self._listing:
+                self._listing.remove(seq)
+        objects = os.path.join(self.store._path, "objects")
+        for blob in candidates:
+            path = os.path.join(objects, blob)
+            try:
+                size = os.stat(path).st_size
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            total -= size
+        self._note_blob_bytes(max(0, total), saves)
+        return dropped
+
+    def _blob_total(self, added: int) -> tuple[int, int]:
         """The store's blob bytes after a save that wrote ``added``, noted
         for the next save (counted if not known or due). One file, read and
         overwritten in place: ``"<bytes> <saves since counted>"``, padded."""
@@ -380,7 +432,7 @@ class History:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         except OSError as exc:
             log.debug("cannot note the store's blob bytes: %s", exc)
-            return self.blob_bytes()
+            return self.blob_bytes(), 0
         try:
             try:
                 known, saves = (int(v) for v in os.pread(fd, 64, 0).split())
@@ -393,10 +445,10 @@ class History:
             _note(fd, total, saves)
         except OSError as exc:  # only an estimate: the next save counts again
             log.debug("cannot note the store's blob bytes: %s", exc)
-            total = self.blob_bytes()
+            total, saves = self.blob_bytes(), 0
         finally:
             os.close(fd)
-        return total
+        return total, saves
 
     def _note_blob_bytes(self, total: int, saves: int) -> None:
         path = os.path.join(self.store._path, BLOB_BYTES_NAME)
