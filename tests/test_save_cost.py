@@ -209,7 +209,7 @@ def test_a_big_dict_in_parts_survives_a_worker_crash(driver: Driver) -> None:
 def test_the_blob_bytes_the_saves_note_are_those_on_disk(driver: Driver) -> None:
     # Retention reads the store's blob bytes from what the saves noted
     # (counted again every RECOUNT_EVERY saves), not from every blob's size.
-    from pyrepl3_kernel.worker.checkpoint.history import BLOB_BYTES_NAME, RECOUNT_EVERY
+    from pyrepl3_kernel.worker.checkpoint.retention import BLOB_BYTES_NAME, RECOUNT_EVERY
 
     driver.ex(BIG)
     seen = set()
@@ -226,7 +226,7 @@ def test_a_full_history_drops_its_oldest_state_and_only_its_own_blobs(tmp_path: 
     # Beyond keep_states every save drops the oldest state; the blobs only it
     # named go, those a kept state or auto.json still names stay.
     from pyrepl3_kernel.worker.checkpoint.format import objects_of
-    from pyrepl3_kernel.worker.checkpoint.history import BLOB_BYTES_NAME
+    from pyrepl3_kernel.worker.checkpoint.retention import BLOB_BYTES_NAME
 
     loop = asyncio.new_event_loop()
     d = None

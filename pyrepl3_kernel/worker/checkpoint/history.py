@@ -15,7 +15,7 @@ make a cell wait) says which in ``covers``, ``[first, last]``: the cells
 of one of them is refused, naming the nearest kept states.
 
 An unchanged object keeps its blob, so a state costs its manifest and the
-objects that changed. Retention (:class:`Retention`) keeps the newest
+objects that changed. Retention (:mod:`.retention`) keeps the newest
 ``keep`` states and as many as fit in ``budget`` bytes of blobs; blobs no
 kept manifest names are then removed. Writers (the autosave children) hold
 the store's exclusive lock for the whole save, retention and garbage
@@ -30,93 +30,29 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from ...units import parse_size, size_from_env
 from .chunks import chunk_sizes
 from .errors import CheckpointError
 from .format import FORMAT, FORMAT_VERSION, READABLE_VERSIONS, objects_of
 from .report import cell_number_of
+from .retention import (  # noqa: F401 (Retention and its settings were defined here)
+    BLOB_BYTES_NAME,
+    DEFAULT_BUDGET,
+    DEFAULT_KEEP,
+    ENV_BUDGET,
+    ENV_KEEP,
+    RECOUNT_EVERY,
+    SETTINGS_NAME,
+    Retention,
+    blob_total,
+    note_blob_bytes,
+)
 from .store import Store
 
 log = logging.getLogger("pyrepl3.worker")
 
 STATES_DIR = "states"
-#: Written by the session that owns the store (not a ``.json``: not a checkpoint) (its ``keep_states`` and
-#: ``states_budget``); wins over the environment.
-SETTINGS_NAME = "retention.settings"
-ENV_KEEP = "PYREPL3_STATES_KEEP"
-ENV_BUDGET = "PYREPL3_STATES_BUDGET"
-DEFAULT_KEEP = 100
-DEFAULT_BUDGET = 8 << 30
-#: The bytes of the store's blobs as of the last save (a hidden file beside
-#: ``auto.json``, ``"<bytes> <saves since counted>"``), kept by the saving children
-#: so that retention need not stat every blob and chunk after every cell; the
-#: files are counted again every ``RECOUNT_EVERY`` saves, and whenever
-#: retention has to read the states. A store without it (older versions) is
-#: counted. Blobs written or removed by others than the saves (a checkpoint
-#: saved into the store by hand) count at the next recount.
-BLOB_BYTES_NAME = ".blob-bytes"
-RECOUNT_EVERY = 16
-
-
-@dataclass(frozen=True)
-class Retention:
-    """How many states are kept, and how many bytes of blobs they may hold
-    (the kernel's disk budget)."""
-
-    keep: int = DEFAULT_KEEP
-    budget: int = DEFAULT_BUDGET
-
-    @classmethod
-    def of(cls, store_root: str | None, env: Mapping[str, str] | None = None) -> Retention:
-        """From the store's ``retention.settings`` (JSON), else ``PYREPL3_STATES_KEEP``
-        and ``PYREPL3_STATES_BUDGET`` (e.g. ``20G``), else the defaults."""
-        env = os.environ if env is None else env
-        keep = _count_from_env(env, ENV_KEEP, DEFAULT_KEEP)
-        budget = size_from_env(env, ENV_BUDGET, DEFAULT_BUDGET, log)
-        settings = _read_settings(store_root)
-        if isinstance(settings.get("keep_states"), int) and settings["keep_states"] >= 1:
-            keep = settings["keep_states"]
-        raw = settings.get("states_budget")
-        if isinstance(raw, int) and raw > 0:
-            budget = raw
-        elif isinstance(raw, str):
-            try:
-                budget = parse_size(raw)
-            except ValueError:
-                log.warning("ignoring states_budget %r in %s", raw, SETTINGS_NAME)
-        return cls(keep=max(1, keep), budget=max(1, budget))
-
-    def as_dict(self) -> dict[str, int]:
-        return {"keep": self.keep, "budget": self.budget}
-
-
-def _count_from_env(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if not raw:
-        return default
-    try:
-        value = int(raw)
-        if value >= 1:
-            return value
-    except ValueError:
-        pass
-    log.warning("ignoring %s=%r: not a whole number >= 1; %d is used", name, raw, default)
-    return default
-
-
-def _read_settings(store_root: str | None) -> dict[str, Any]:
-    if not store_root or "://" in store_root:
-        return {}
-    try:
-        with open(os.path.join(store_root, SETTINGS_NAME), "rb") as f:
-            settings = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return settings if isinstance(settings, dict) else {}
 
 
 def summary_of(seq: int, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -365,7 +301,7 @@ class History:
             if within and self.blob_bytes() <= retention.budget:
                 return []
             return self._enforce(seqs, retention)
-        total, saves = self._blob_total(added)
+        total, saves = blob_total(self.store._path, added, self.blob_bytes)
         if total <= retention.budget:
             if within:
                 return []
@@ -374,7 +310,7 @@ class History:
             if dropped is not None:
                 return dropped
         dropped = self._enforce(seqs, retention)
-        self._note_blob_bytes(self.blob_bytes(), 0)  # blobs may have gone: counted
+        note_blob_bytes(self.store._path, self.blob_bytes(), 0)  # blobs may have gone: counted
         return dropped
 
     def _drop_oldest(self, seqs: list[int], keep: int, total: int, saves: int) -> list[int] | None:
@@ -420,46 +356,8 @@ class History:
             except FileNotFoundError:
                 continue
             total -= size
-        self._note_blob_bytes(max(0, total), saves)
+        note_blob_bytes(self.store._path, max(0, total), saves)
         return dropped
-
-    def _blob_total(self, added: int) -> tuple[int, int]:
-        """The store's blob bytes after a save that wrote ``added``, noted
-        for the next save (counted if not known or due). One file, read and
-        overwritten in place: ``"<bytes> <saves since counted>"``, padded."""
-        path = os.path.join(self.store._path, BLOB_BYTES_NAME)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            log.debug("cannot note the store's blob bytes: %s", exc)
-            return self.blob_bytes(), 0
-        try:
-            try:
-                known, saves = (int(v) for v in os.pread(fd, 64, 0).split())
-            except ValueError:  # new, or not ours
-                known = saves = -1
-            if known >= 0 and 0 <= saves < RECOUNT_EVERY - 1:
-                total, saves = known + max(0, added), saves + 1
-            else:
-                total, saves = self.blob_bytes(), 0
-            _note(fd, total, saves)
-        except OSError as exc:  # only an estimate: the next save counts again
-            log.debug("cannot note the store's blob bytes: %s", exc)
-            total, saves = self.blob_bytes(), 0
-        finally:
-            os.close(fd)
-        return total, saves
-
-    def _note_blob_bytes(self, total: int, saves: int) -> None:
-        path = os.path.join(self.store._path, BLOB_BYTES_NAME)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                _note(fd, total, saves)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.debug("cannot note the store's blob bytes: %s", exc)
 
     def _enforce(self, seqs: list[int], retention: Retention) -> list[int]:
         manifests: dict[int, dict[str, Any]] = {}
@@ -540,9 +438,3 @@ class History:
                 os.remove(os.path.join(objects, blob))
                 removed += 1
         return removed
-
-
-def _note(fd: int, total: int, saves: int) -> None:
-    """Overwrite the blob-bytes record (always the same length: no truncation)."""
-    record = f"{total} {saves}".ljust(62).encode() + b"\n"
-    os.pwrite(fd, record, 0)
