@@ -251,6 +251,41 @@ def test_a_full_history_drops_its_oldest_state_and_only_its_own_blobs(tmp_path: 
         loop.close()
 
 
+def test_a_save_never_replaces_a_newer_one_also_in_a_store_without_history(
+    tmp_path: Path,
+) -> None:
+    # The newest save's seq comes from the history's listing; a store without
+    # one (older versions) is judged by auto.json's autosave_seq, as before.
+    loop = asyncio.new_event_loop()
+    d = None
+    try:
+        d = Driver(loop, tmp_path / "auto")
+        d.ex("x = 1")
+        auto = d.autosave / "auto.json"
+        for path in (d.autosave / "states").glob("*.json"):
+            path.unlink()
+        newer = json.loads(auto.read_text())
+        newer["autosave_seq"] = 2**62  # saved later than anything this worker saves
+        auto.write_text(json.dumps(newer))
+        d.ex("x = 2")
+        assert json.loads(auto.read_text())["autosave_seq"] == 2**62  # not replaced
+        assert not list((d.autosave / "states").glob("*.json"))
+        newer["autosave_seq"] = 1  # older than the next save: replaced, and recorded
+        auto.write_text(json.dumps(newer))
+        d.ex("x = 3")
+        states = sorted((d.autosave / "states").glob("*.json"))
+        assert len(states) == 1
+        seq = json.loads(states[0].read_text())["seq"]
+        assert json.loads(auto.read_text())["autosave_seq"] == seq
+        # From now on the history's newest state decides.
+        d.ex("x = 4")
+        assert len(list((d.autosave / "states").glob("*.json"))) == 2
+    finally:
+        if d is not None:
+            d.run(d.session.shutdown())
+        loop.close()
+
+
 # -- finding the changed parts in the worker (no kernel) -----------------------------------
 #
 def test_every_nth_save_is_a_full_one(tmp_path: Path) -> None:
