@@ -303,6 +303,7 @@ explicit_parent = {explicit!r}
 parent = get_ipython().get_parent()
 cell_start_event = Event()
 cell_end_event = Event()
+first_written = Event()
 
 def thread_target():
     if explicit_parent == "global":
@@ -311,6 +312,7 @@ def thread_target():
         reset_parent_token = get_ipython().set_thread_parent(parent)
     print("before", flush=True)
     display(1)
+    first_written.set()
     cell_start_event.wait(timeout=10)
     cell_start_event.clear()
     print("during", flush=True)
@@ -325,6 +327,11 @@ def thread_target():
 
 thread = Thread(target=thread_target)
 thread.start()
+# Until the thread has written: with no parent of its own, what it writes
+# after this cell ended and the next began is the next one's (in ipykernel
+# too, whose fallback is the last parent), and a loaded machine may not run
+# the thread that soon.
+first_written.wait(timeout=10)
 """
 
 
@@ -373,6 +380,46 @@ def test_thread_output_goes_to_its_parent(kernel: Frontend, explicit: str) -> No
         assert first == {"stdout": "before\n", "shown": ["1"]}
         assert second == {"stdout": "during\n", "shown": ["2"]}
         assert third == {"stdout": "after\n", "shown": ["3"]}
+
+
+def test_a_thread_writing_between_cells_writes_to_the_last_cell(
+    kernel: Frontend, tmp_path: Any
+) -> None:
+    """A thread a cell started, with no parent of its own, that writes once
+    that cell has ended and before the next starts: its line and display go
+    to that cell (ipykernel's global parent), not nowhere."""
+    go = tmp_path / "go"
+    cell = (
+        "import os, time, threading\n"
+        "from IPython.display import display\n"
+        "def late():\n"
+        "    for _ in range(2000):\n"
+        f"        if os.path.exists({str(go)!r}):\n"
+        "            break\n"
+        "        time.sleep(0.01)\n"
+        "    print('late', flush=True)\n"
+        "    display('shown late')\n"
+        "late_thread = threading.Thread(target=late)\n"
+        "late_thread.start()\n"
+    )
+    msg_id = kernel.kc.execute(cell)
+    assert kernel.reply_to(msg_id)["content"]["status"] == "ok"
+    go.write_text("")  # the cell has ended (its reply is in): now the thread writes
+    got: dict[str, Any] = {"stdout": "", "shown": []}
+    deadline = time.monotonic() + TIMEOUT
+    while (got["stdout"], got["shown"]) != ("late\n", ["'shown late'"]):
+        assert time.monotonic() < deadline, got
+        try:
+            msg = kernel.kc.get_iopub_msg(timeout=max(0.01, deadline - time.monotonic()))
+        except Exception:
+            continue
+        if msg["parent_header"].get("msg_id") != msg_id:
+            continue
+        if msg["msg_type"] == "stream":
+            got["stdout"] += msg["content"]["text"]
+        elif msg["msg_type"] == "display_data":
+            got["shown"].append(msg["content"]["data"]["text/plain"])
+    kernel.execute("late_thread.join()")
 
 
 def test_stdout_knows_the_master_process(kernel: Frontend) -> None:
