@@ -457,11 +457,14 @@ def _prime(shell: Any) -> None:
     expressions, fill the formatters' lazy state. In the server it is shared
     by every fork; in each fork it cost milliseconds of CPU (and pages
     copied) in a burst. Silent: no history, no execution count, no ``_``."""
+    before = (shell.last_execution_result, shell.last_execution_succeeded)
     try:
         shell.run_cell("1+1", silent=True, store_history=False)
         shell.display_formatter.format(2)
     except Exception as exc:  # only an optimisation
         log.debug("fork server: priming the shell failed: %s", exc)
+    finally:  # a fork's shell is as a cold one's: no previous result
+        shell.last_execution_result, shell.last_execution_succeeded = before
 
 
 def _run_warmup(code: str) -> str | None:
