@@ -143,17 +143,22 @@ def daemon_starting(paths: DaemonPaths) -> bool:
     lock (it takes the lock before it listens), or a launch started one that
     is still waiting to boot (:func:`starting_file`). Read, not locked: a
     daemon taking the lock meanwhile must not find it held."""
-    for path in (paths.lock, starting_file(paths)):
-        try:
-            with open(path) as f:
-                pid = int(f.read().strip() or 0)
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except (OSError, ValueError):
-            continue
-        if b"pyrepl3_kernel.cli" in args and b"serve" in args:
-            return True
-    return False
+    return any(_daemon_named_in(path) for path in (paths.lock, starting_file(paths)))
+
+
+def _daemon_named_in(path: os.PathLike[str] | str) -> tuple[int, bytes] | None:
+    """The pid written in ``path`` and its program, if it is a daemon's
+    (``cli serve``: the daemon, or the shell that will exec it)."""
+    try:
+        with open(path) as f:
+            pid = int(f.read().strip() or 0)
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    if b"pyrepl3_kernel.cli" in args and b"serve" in args:
+        return pid, args[0]
+    return None
 
 
 def stop_starting(paths: DaemonPaths, timeout: float = 15.0) -> int | None:
@@ -165,16 +170,11 @@ def stop_starting(paths: DaemonPaths, timeout: float = 15.0) -> int | None:
     import signal
 
     for path in (starting_file(paths), paths.lock):
-        try:
-            with open(path) as f:
-                pid = int(f.read().strip() or 0)
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except (OSError, ValueError):
+        found = _daemon_named_in(path)
+        if found is None:
             continue
-        if not (b"pyrepl3_kernel.cli" in args and b"serve" in args):
-            continue
-        if os.path.basename(args[0]) in (b"sh", b"dash", b"bash"):  # waiting to boot
+        pid, program = found
+        if os.path.basename(program) in (b"sh", b"dash", b"bash"):  # waiting to boot
             with contextlib.suppress(OSError):
                 group = os.getpgid(pid)
                 if group != os.getpgid(0):
@@ -217,7 +217,7 @@ def ensure_daemon(client: DaemonClient, starter: int | None = None) -> None:
 
     hello = client.ping()
     if hello is None:
-        pid = start_daemon(client.paths, starter_pid=starter or _parent_pid() or os.getppid())
+        pid = start_daemon(client.paths, starter_pid=starter or parent_pid() or os.getppid())
         deadline = time.monotonic() + DAEMON_START_TIMEOUT
         while hello is None and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -341,7 +341,8 @@ def _pool_ready(client: DaemonClient, kernel_name: str) -> dict[str, Any]:
         time.sleep(0.02)
 
 
-def _parent_pid() -> int:
+def parent_pid() -> int:
+    """The launching client's pid (``JPY_PARENT_PID``), 0 if unset or bogus."""
     try:
         parent = int(os.environ.get("JPY_PARENT_PID", "0"))
     except ValueError:

@@ -41,6 +41,7 @@ from .daemonstart import (
     daemon_starting,
     ensure_daemon,
     mark_starting,
+    parent_pid,
     start_daemon,
 )
 from .errors import Pyrepl3Error
@@ -121,7 +122,7 @@ def hand_off(connection_file: str, ipython_options: list[str]) -> int | None:
     # A launcher that confined this process (a cgroup, a namespace, limits)
     # means it for the kernel: a worker of the daemon would escape it, and a
     # daemon started from here would serve every later kernel confined so.
-    different = confinement_difference(_parent_pid() or os.getppid())
+    different = confinement_difference(parent_pid() or os.getppid())
     if different is not None:
         _warn(f"the kernel is confined by its launcher ({different}); starting it standalone")
         return None
@@ -175,7 +176,7 @@ def _start_in_background(paths: DaemonPaths) -> None:
         if daemon_starting(paths):
             return
         pid = start_daemon(
-            paths, starter_pid=_parent_pid() or os.getppid(), after_start_of=os.getpid()
+            paths, starter_pid=parent_pid() or os.getppid(), after_start_of=os.getpid()
         )
     except (OSError, subprocess.CalledProcessError) as exc:
         _warn(f"the manager daemon cannot be used ({exc}); starting the kernel standalone")
@@ -197,7 +198,7 @@ def _stay(client: DaemonClient, lease_id: str) -> int:
 
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, terminate)
-    parent = _parent_pid()
+    parent = parent_pid()
     launched_by = os.getppid()
     from .processes import alive
 
@@ -226,14 +227,6 @@ def _stay(client: DaemonClient, lease_id: str) -> int:
     except (DaemonUnavailable, DaemonError):
         pass
     return 0
-
-
-def _parent_pid() -> int:
-    try:
-        parent = int(os.environ.get("JPY_PARENT_PID", "0"))
-    except ValueError:
-        return 0
-    return parent if parent > 1 else 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -40,6 +40,14 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _restore_env(saved: dict[str, str | None]) -> None:
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """Every test, also one that asks for no kernelspec, runs with its own
@@ -54,11 +62,7 @@ def _isolated_runtime(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None
         yield
     finally:
         stop_daemon(runtime_dir)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _restore_env(saved)
 
 
 @pytest.fixture(scope="session")
@@ -100,11 +104,7 @@ def pyrepl3_kernelspec(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pat
         yield spec_dir
     finally:
         stop_daemon(runtime_dir)
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+        _restore_env(saved)
 
 
 # -- one kernel per kernelspec for a whole test module (tests/frontend.py) ----------------
