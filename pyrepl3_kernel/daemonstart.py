@@ -66,6 +66,7 @@ def start_daemon(
     warmup_code: str = "",
     idle_timeout: float | None = None,
     after_start_of: int | None = None,
+    kernel_name: str | None = None,
 ) -> int:
     """Start a manager daemon for ``paths`` in the background, detached (its
     pid): what the argv path, ``pyrepl3-kernel gateway`` and the provisioner
@@ -73,7 +74,8 @@ def start_daemon(
     starter, with ``server_info_file`` if that is a Jupyter server
     (docs/daemon.md, "Lifecycle"); ``warmup_code``: the fork server's it
     prepares at start; ``after_start_of``: a process whose kernel start the
-    daemon lets finish first (``startwait.py``). Raises OSError or
+    daemon lets finish first (``startwait.py``); ``kernel_name``: a
+    kernelspec whose pool (of the daemon's own environment) it prepares too. Raises OSError or
     CalledProcessError."""
     paths.log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     cmd = [
@@ -94,7 +96,10 @@ def start_daemon(
             "server_info_file": server_info_file,
         }
     )
-    env[PREPARE_ENV] = json.dumps({"warmup_code": warmup_code})
+    prepare: dict[str, str] = {"warmup_code": warmup_code}
+    if kernel_name is not None:
+        prepare["kernel_name"] = kernel_name
+    env[PREPARE_ENV] = json.dumps(prepare)
     env["PYREPL3_DAEMON_LOG"] = os.fspath(paths.log)
     # Through a shell that exits at once: the daemon is reparented to init
     # and never becomes a zombie of this (possibly long-lived) process.

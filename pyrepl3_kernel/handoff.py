@@ -133,7 +133,7 @@ def hand_off(connection_file: str, ipython_options: list[str]) -> int | None:
             # The first launch: this kernel starts standalone at once (as
             # fast as without a daemon), the daemon and its fork server in
             # the background, for the launches after it.
-            _start_in_background(client.paths)
+            _start_in_background(client.paths, str(info.get("kernel_name") or "pyrepl3"))
             return None
         check_protocol(hello)
         daemon_pid = int(hello["pid"])
@@ -165,7 +165,7 @@ def hand_off(connection_file: str, ipython_options: list[str]) -> int | None:
     return _stay(client, str(reply["lease_id"]))
 
 
-def _start_in_background(paths: DaemonPaths) -> None:
+def _start_in_background(paths: DaemonPaths, kernel_name: str) -> None:
     """Start the daemon (unless one is starting) without waiting for it. It
     waits (``startwait.py``, niced) until this kernel has started before it
     starts: its start and its fork server's would take CPU time from this
@@ -175,8 +175,12 @@ def _start_in_background(paths: DaemonPaths) -> None:
         paths.log.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         if daemon_starting(paths):
             return
+        # It prepares this kernelspec's pool too: the next launch is leased warm.
         pid = start_daemon(
-            paths, starter_pid=parent_pid() or os.getppid(), after_start_of=os.getpid()
+            paths,
+            starter_pid=parent_pid() or os.getppid(),
+            after_start_of=os.getpid(),
+            kernel_name=kernel_name,
         )
     except (OSError, subprocess.CalledProcessError) as exc:
         _warn(f"the manager daemon cannot be used ({exc}); starting the kernel standalone")

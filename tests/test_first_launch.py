@@ -153,6 +153,14 @@ def test_first_argv_launch_runs_standalone_and_leaves_a_warm_daemon(runtime, arg
         assert status["daemon"]["starter"]["pid"] == os.getpid()  # JPY_PARENT_PID: the client
         assert status["daemon"]["leases_served"] == 0
         fork_server = next(f["pid"] for f in status["fork_servers"] if f["state"] == "ready")
+        # ... and the pool of this kernelspec, so the next launch is leased warm
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            pools = _client(runtime).call("status")["pools"]
+            if any(p["kernel_name"] == ARGV_KERNEL and p["idle"] >= 1 for p in pools):
+                break
+            assert time.monotonic() < deadline, pools
+            time.sleep(0.05)
         # The next launch is handed over: its worker is forked by that server.
         second = _launch(argv_specs, runtime)
         worker2, parent2 = _pids(second)
@@ -160,6 +168,7 @@ def test_first_argv_launch_runs_standalone_and_leaves_a_warm_daemon(runtime, arg
         assert parent2 == fork_server
         leases = _client(runtime).call("status")["leases"]
         assert [lease["owner_pid"] for lease in leases] == [second.provisioner.process.pid]
+        assert leases[0]["warm"], leases  # from the pool the daemon prepared at start
     finally:
         _shutdown(first, *([second] if second else []))
         stop_daemon(runtime)

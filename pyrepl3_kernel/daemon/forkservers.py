@@ -73,18 +73,23 @@ class ForkServers:
             await server.start()
         return server
 
-    def prepare_own(self) -> None:
+    def prepare_own(self) -> str | None:
         """At daemon start: begin preparing the fork server of the daemon's
         interpreter and environment, with the warm-up code its starter
-        named (``PYREPL3_DAEMON_PREPARE``)."""
+        named (``PYREPL3_DAEMON_PREPARE``); the kernelspec whose pool the
+        starter asked for too (the argv path's), if any."""
         raw = os.environ.pop(PREPARE_ENV, None)
-        warmup_code = ""
+        warmup_code, kernel_name = "", None
         if raw:
             try:
-                warmup_code = str(json.loads(raw).get("warmup_code") or "")
+                fields = json.loads(raw)
+                warmup_code = str(fields.get("warmup_code") or "")
+                if isinstance(fields.get("kernel_name"), str):
+                    kernel_name = fields["kernel_name"]
             except (ValueError, AttributeError):
                 log.warning("ignoring %s: not a JSON object: %r", PREPARE_ENV, raw[:200])
         self.get(sys.executable, dict(os.environ), warmup_code)
+        return kernel_name
 
     def worker_factory(
         self,

@@ -23,6 +23,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 import time
 import uuid
 from typing import Any
@@ -76,6 +77,7 @@ class ManagerDaemon:
         self._socket_id: tuple[int, int] | None = None
         self._server: asyncio.AbstractServer | None = None
         self._inflight = 0  # requests being served
+        self._preparing: asyncio.Future[None] | None = None  # an argv kernelspec's pool
 
     # -- lifecycle ----------------------------------------------------------------
 
@@ -85,7 +87,11 @@ class ManagerDaemon:
         self.exit_policy.usual_runtime_dir = is_usual_runtime_dir(self.paths.lock.parent)
         try:
             await self._listen()
-            self.leases.fork_servers.prepare_own()  # the first kernel is forked too
+            # The first kernel is forked too; an argv launch's kernelspec
+            # gets its pool now, so the next launch is leased warm.
+            kernel_name = self.leases.fork_servers.prepare_own()
+            if kernel_name is not None:
+                self._prepare_pool(kernel_name)
             self.exit_policy.prime()  # its imports now, not on the first lease
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -149,6 +155,10 @@ class ManagerDaemon:
         # No client reaches this daemon any more: a new one may start at
         # once, while this one stops its kernels.
         self._release_lock()
+        if self._preparing is not None:
+            self._preparing.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._preparing
         await self.leases.stop()
 
     async def _watch(self) -> None:
@@ -433,6 +443,27 @@ class ManagerDaemon:
         if lease is None and not missing_ok:
             raise DaemonError("unknown_lease", f"no lease {lease_id!r} (ended, or never existed)")
         return lease
+
+    def _prepare_pool(self, kernel_name: str) -> None:
+        """Warm the pool a handed-off launch of ``kernel_name`` takes its
+        worker from (daemon/handoff.py: this interpreter and environment,
+        no warm-up code), in the background; a failure is logged."""
+
+        async def prepare() -> None:
+            try:
+                await self.leases.prepare(
+                    kernel_name=kernel_name,
+                    python=sys.executable,
+                    env=dict(os.environ),
+                    pool_size=1,
+                    max_kernels=256,
+                    warmup_code="",
+                )
+            except Exception as exc:
+                log.warning("could not prepare the pool of %s: %s", kernel_name, exc)
+
+        task = asyncio.ensure_future(prepare())
+        self._preparing = task  # kept: a task nobody holds may be collected
 
     def _python_of(self, kernel_name: str) -> str:
         from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
