@@ -180,6 +180,26 @@ def test_output_goes_to_the_right_parent(kernel: Frontend, subshell: str) -> Non
     assert "display_data" not in [m["msg_type"] for m in runs[main]]
 
 
+def test_a_result_whose_repr_raises_fails_the_subshell_cell_alone(
+    kernel: Frontend, subshell: str
+) -> None:
+    """As on the main shell (ipykernel's test_execute_reply_error_status): a
+    subshell cell whose result cannot be shown replies an error; the main
+    cell running at the same time replies ok."""
+    kernel.execute(
+        "import threading; sub_done = threading.Event()\n"
+        "class BadRepr:\n    def __repr__(self):\n        1 / 0"
+    )
+    main = send(kernel, "sub_done.wait(60); 'main result'", None)
+    sub = send(kernel, "try:\n    BadRepr()\nfinally:\n    sub_done.set()\nBadRepr()", subshell)
+    got = {r["parent_header"]["msg_id"]: r["content"] for r in replies(kernel, [main, sub])}
+    assert got[sub]["status"] == "error", got[sub]
+    assert got[sub]["ename"] == "ZeroDivisionError"
+    assert got[main]["status"] == "ok", got[main]
+    after = send(kernel, "40 + 2", subshell)
+    assert replies(kernel, [after])[0]["content"]["status"] == "ok"
+
+
 def test_a_cell_awaiting_on_a_subshell_gets_its_comm_message(
     kernel: Frontend, subshell: str
 ) -> None:

@@ -350,7 +350,13 @@ class Worker:
         cells_loop()  # the cell may have made the loop: it is the cells' loop from now on
         if transaction is not None:
             self.transactions.end(transaction, result, silent=req.silent)
-        reply = ExecuteReplyMessage(parent_id=req.id, execution_count=shell.execution_count - 1)
+        self.emit(self.execute_reply(req, result, shell.execution_count - 1))
+
+    def execute_reply(self, req: ExecuteMessage, result: Any, count: int) -> ExecuteReplyMessage:
+        """The reply to a cell that ran on this thread's shell (the main one
+        or a subshell's), from IPython's ``result`` (None: interrupted)."""
+        shell = self.shell
+        reply = ExecuteReplyMessage(parent_id=req.id, execution_count=count)
         if result is not None and result.success and shell.displayhook_error is not None:
             # The cell ran, but its result could not be shown (a __repr__ or
             # formatter raised): an error, as ipykernel replies, so that
@@ -369,7 +375,7 @@ class Worker:
         payload_manager = shell.payload_manager
         reply.payload = self._jsonable(payload_manager.read_payload())
         payload_manager.clear_payload()
-        self.emit(reply)
+        return reply
 
     def _user_expressions(self, expressions: dict[str, Any]) -> dict[str, Any]:
         if not expressions:

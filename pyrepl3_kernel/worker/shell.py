@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import math
 import os
+import threading
 from types import CodeType
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -112,13 +113,26 @@ class WorkerDisplayPublisher(DisplayPublisher):
         outlet.emit(ClearOutputMessage(wait=wait, parent_id=owner(outlet)))
 
 
+#: What a cell's shell thread (the main one, or a subshell's) knows of its
+#: own cell: the shell is shared, the cells run at the same time.
+_cell_state = threading.local()
+
+
 class WorkerDisplayHook(DisplayHook):
     """The value of a cell's last expression becomes a RESULT message."""
 
     _bundle: tuple[dict[str, Any], dict[str, Any]] | None = None
-    #: Between start_displayhook and finish_displayhook: a traceback shown
-    #: meanwhile is a formatter's error (see ZMQInteractiveShell.displayhook_error).
-    in_progress = False
+
+    @property
+    def in_progress(self) -> bool:
+        """Between start_displayhook and finish_displayhook on this thread: a
+        traceback shown meanwhile is a formatter's error (see
+        ZMQInteractiveShell.displayhook_error)."""
+        return bool(getattr(_cell_state, "displayhook_in_progress", False))
+
+    @in_progress.setter
+    def in_progress(self, value: bool) -> None:
+        _cell_state.displayhook_in_progress = value
 
     def start_displayhook(self) -> None:
         self._bundle = None
@@ -199,10 +213,27 @@ class ZMQInteractiveShell(InteractiveShell):
     display_pub_class = Type(WorkerDisplayPublisher)
     outlet = AnyTrait()
     kernel = AnyTrait()
-    _last_traceback: list[str] | None = None
-    #: (ename, evalue) of an error raised while the cell's result was being
-    #: formatted (a ``__repr__`` that raises): the cell's reply is an error.
-    displayhook_error: tuple[str, str] | None = None
+
+    @property
+    def _last_traceback(self) -> list[str] | None:
+        """The traceback this thread's cell showed last (its reply's)."""
+        return getattr(_cell_state, "last_traceback", None)  # type: ignore[no-any-return]
+
+    @_last_traceback.setter
+    def _last_traceback(self, value: list[str] | None) -> None:
+        _cell_state.last_traceback = value
+
+    @property
+    def displayhook_error(self) -> tuple[str, str] | None:
+        """(ename, evalue) of an error raised while this thread's cell's
+        result was being formatted (a ``__repr__`` that raises): the cell's
+        reply is an error."""
+        return getattr(_cell_state, "displayhook_error", None)  # type: ignore[no-any-return]
+
+    @displayhook_error.setter
+    def displayhook_error(self, value: tuple[str, str] | None) -> None:
+        _cell_state.displayhook_error = value
+
     #: Code of the worker's own functions that can be the innermost frames of
     #: a user's traceback (the SIGINT handler that raises KeyboardInterrupt).
     #: They are cut off: a user sees the cell's frames, as with ipykernel,

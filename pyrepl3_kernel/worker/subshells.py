@@ -268,18 +268,7 @@ class SubshellThread(threading.Thread):
         count = shell.execution_count - 1
         if result is not None and result.execution_count is not None:
             count = result.execution_count
-        reply = ExecuteReplyMessage(parent_id=req.id, execution_count=count)
-        if result is not None and result.success:
-            reply.user_expressions = self.worker._user_expressions(req.user_expressions)
-        else:
-            err = None if result is None else (result.error_before_exec or result.error_in_exec)
-            reply.status = "error"
-            reply.ename = type(err).__name__ if err is not None else "KeyboardInterrupt"
-            reply.evalue = str(err) if err is not None else ""
-            reply.traceback = list(shell._last_traceback or [])
-        payload_manager = shell.payload_manager
-        reply.payload = self.worker._jsonable(payload_manager.read_payload())
-        payload_manager.clear_payload()
+        reply = self.worker.execute_reply(req, result, count)
         if self.worker.autosave.dirty:
             # Before the reply: ahead of any request sent after it.
             self.worker._requests.put(self.subshells.wake)
@@ -293,6 +282,8 @@ class SubshellThread(threading.Thread):
 
         shell = self.worker.shell
         shell._last_traceback = None
+        shell.displayhook_error = None
+        shell.displayhook.in_progress = False
         result = None
         try:
             error = None
