@@ -14,7 +14,6 @@ Ops: ``hello``, ``lease``, ``restart``, ``kill``, ``poll``, ``signal``,
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -143,6 +142,8 @@ class DaemonClient:
         """:meth:`call` on the running event loop: no thread per request, so
         a burst of launches in one process reaches the daemon all at once
         (a thread pool would let a handful through at a time)."""
+        import asyncio  # here: an argv launch (sync calls only) does not pay its import
+
         request = {"v": DAEMON_PROTOCOL_VERSION, "op": op, **fields}
         limit = self.timeout if timeout is None else timeout
         try:
@@ -154,6 +155,8 @@ class DaemonClient:
         return _checked(reply)
 
     async def _aexchange(self, request: dict[str, Any]) -> dict[str, Any]:
+        import asyncio
+
         try:
             reader, writer = await asyncio.open_unix_connection(os.fspath(self.paths.socket))
         except (FileNotFoundError, ConnectionRefusedError) as exc:
