@@ -232,7 +232,7 @@ class Worker:
             if interrupted:
                 self._fail(req, "KeyboardInterrupt", "interrupted before it started")
                 continue
-            self._parent = req.id
+            self._parent = output.last_request = req.id
             # What runs for this request writes as its own (tasks a cell
             # starts inherit the id: their output stays the cell's).
             output.cell_parent.set(req.id)

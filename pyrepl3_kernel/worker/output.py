@@ -36,6 +36,12 @@ cell_parent: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "pyrepl3_cell_parent", default=None
 )
 
+#: The request the worker's main thread ran last (set with each request):
+#: where a thread with no cell of its own writes while no request runs, as
+#: ipykernel's global parent does (a thread started by a cell and printing
+#: just after that cell ended is still that cell's).
+last_request: str | None = None
+
 _builtin_print = builtins.print
 
 #: Set on threads whose writes never go through the pipes (the worker's
@@ -48,11 +54,22 @@ def write_through_socket() -> None:
     _through_socket.on = True
 
 
+def _user_thread() -> bool:
+    """A thread of the user's (not the worker's main thread, nor a subshell)."""
+    return threading.current_thread() is not threading.main_thread() and not getattr(
+        _through_socket, "on", False
+    )
+
+
 def owner(outlet: Outlet) -> str | None:
     """The request whose output this code produces: the cell of its context
     (a task, or a thread given a parent with ``set_thread_parent``), else
-    the request the worker is running."""
-    return cell_parent.get() or outlet.parent_id
+    the request the worker is running; for a user's thread while none runs,
+    the last one."""
+    found = cell_parent.get() or outlet.parent_id
+    if found is None and _user_thread():
+        found = last_request
+    return found
 
 
 class CellStream(io.TextIOBase):
@@ -73,6 +90,11 @@ class CellStream(io.TextIOBase):
 
     def write(self, text: str) -> int:
         owner = cell_parent.get()
+        if owner is None and _user_thread():
+            # A thread with no parent of its own: the running request's, or
+            # the last one's if none runs (over the socket, named, so a cell
+            # that ends meanwhile cannot lose it).
+            owner = self._outlet.parent_id or last_request
         # A write for another cell, from a subshell, or from a thread given a
         # parent (``set_thread_parent``) goes over the socket, named: on the
         # pipe it would be the running request's, and a cell ending meanwhile
