@@ -76,15 +76,23 @@ def test_heartbeats_of_one_process_share_a_thread_and_answer_on_their_own_ports(
 
 
 def test_a_heartbeat_stopped_before_it_started_frees_its_port() -> None:
+    import psutil
+
     beat = Heartbeat("tcp://127.0.0.1", 0)
     beat.stop()
     beat.stop()  # idempotent
-    again = Heartbeat("tcp://127.0.0.1", beat.port)
+    # Freed: this process no longer holds the port (another process of the
+    # machine may take a freed port at any time, so a rebind alone would race).
+    held = {c.laddr.port for c in psutil.Process().net_connections("tcp") if c.laddr}
+    assert beat.port not in held
+    probe = socket.socket()
     try:
-        again.start()
-        assert ping(again.port, b"x") == b"x"
+        probe.bind(("127.0.0.1", beat.port))
+    except OSError:  # taken meanwhile by someone else: not by us
+        held = {c.laddr.port for c in psutil.Process().net_connections("tcp") if c.laddr}
+        assert beat.port not in held
     finally:
-        again.stop()
+        probe.close()
 
 
 def test_an_ipc_heartbeat_needs_a_port() -> None:
