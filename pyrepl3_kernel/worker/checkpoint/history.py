@@ -181,6 +181,16 @@ class History:
         seqs = self.seqs()
         return seqs[-1] if seqs else None
 
+    def _remove_states(self, seqs: list[int]) -> None:
+        """Delete the records of states ``seqs`` (their blobs stay)."""
+        for seq in seqs:
+            try:
+                os.remove(self.path(seq))
+            except FileNotFoundError:
+                pass
+            if self._listing is not None and seq in self._listing:
+                self._listing.remove(seq)
+
     def path(self, seq: int) -> str:
         return os.path.join(self.dir, f"{seq:020d}.json")
 
@@ -340,13 +350,7 @@ class History:
             if not (raw.startswith(b"{") and raw.rstrip().endswith(b"}")):
                 return None  # cut short or not a manifest: the full pass
             candidates = {c for c in candidates if c.encode() not in raw}
-        for seq in dropped:
-            try:
-                os.remove(self.path(seq))
-            except FileNotFoundError:
-                pass
-            if self._listing is not None and seq in self._listing:
-                self._listing.remove(seq)
+        self._remove_states(dropped)
         objects = os.path.join(self.store._path, "objects")
         for blob in candidates:
             path = os.path.join(objects, blob)
@@ -390,13 +394,7 @@ class History:
             total += sum(new.values())
             fitting.append(seq)
         dropped += [s for s in kept if s not in fitting]
-        for seq in dropped:
-            try:
-                os.remove(self.path(seq))
-            except FileNotFoundError:
-                pass
-            if self._listing is not None and seq in self._listing:
-                self._listing.remove(seq)
+        self._remove_states(dropped)
         if dropped:  # only a dropped state frees blobs
             self.collect_garbage(manifests)
         return dropped
